@@ -1,0 +1,52 @@
+//! `potluck`: train one text-to-image transformer together over the Internet.
+//!
+//! One binary, one subcommand per job; see `potluck --help`. Errors are reported with what to do
+//! next and map to exit code 1 (2 for bad command-line usage, from clap).
+
+mod cmd;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Pool your hardware with others to train one shared text-to-image transformer.
+#[derive(Debug, Parser)]
+#[command(name = "potluck", version, about, long_about = None)]
+#[command(after_help = "Start with `potluck demo`; each command has its own --help.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log filter (e.g. `info`, `potluck=debug`); also from RUST_LOG.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the built-in demo on the embedded `shapes` data set (a good first command).
+    Demo(cmd::demo::Args),
+    /// Train the tokenizers on a data set and encode it into token shards for training.
+    Prepare(Box<cmd::prepare::Args>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let result = match cli.command {
+        Command::Demo(args) => cmd::demo::run(args),
+        Command::Prepare(args) => cmd::prepare::run(*args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,52 @@
+use std::process::{Command, Output};
+
+pub(crate) fn potluck(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running potluck")
+}
+
+pub(crate) fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn help_lists_every_command_in_one_line() {
+    let out = potluck(&["--help"]);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for command in ["demo", "prepare"] {
+        let line = help
+            .lines()
+            .find(|l| l.trim_start().starts_with(command))
+            .unwrap_or_else(|| panic!("{command} missing from:\n{help}"));
+        assert!(line.len() > command.len() + 10, "no description: {line}");
+    }
+}
+
+#[test]
+fn every_command_help_has_an_example() {
+    for command in ["demo", "prepare"] {
+        let out = potluck(&[command, "--help"]);
+        assert!(out.status.success());
+        assert!(text(&out.stdout).contains("Example: potluck"), "{command}");
+    }
+}
+
+#[test]
+fn a_bad_data_set_name_says_what_to_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("out");
+    let out = potluck(&[
+        "prepare",
+        "--dataset",
+        "squares",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(err.contains("webdataset:PATH"), "{err}");
+}

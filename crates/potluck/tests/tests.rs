@@ -1,0 +1,6 @@
+//! End-to-end tests of the real binary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod cli;
+mod prepare;
