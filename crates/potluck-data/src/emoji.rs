@@ -51,6 +51,7 @@ pub fn fetch(dir: &Path) -> Result<(), Error> {
         let status = Command::new("npm")
             .args(["pack", "--silent", &format!("{package}@{VERSION}")])
             .current_dir(dir)
+            .stdout(std::process::Stdio::null())
             .status()
             .map_err(|e| {
                 Error::Invalid(format!(
