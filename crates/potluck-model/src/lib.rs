@@ -1,9 +1,11 @@
-//! potluck's models, on libtorch through `tch`: the image tokenizer ([`vqvae`]), the text
-//! tokenizer ([`text`]), and the tensor files they live in ([`store`]).
+//! potluck's models, on libtorch through `tch`: the DALL-E-style transformer ([`dalle`]), the
+//! image tokenizer ([`vqvae`]), the text tokenizer ([`text`]), and the tensor files they live
+//! in ([`store`]).
 //!
 //! This is the only crate that knows about tensors. Everything above it (training, averaging,
 //! networking) will see flat `f32` buffers only.
 
+pub mod dalle;
 pub mod device;
 pub mod store;
 pub mod text;
