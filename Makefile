@@ -5,6 +5,7 @@
 #   make test    the whole test suite (what CI runs, after `make lint`)
 #   make build   the release binary, target/release/potluck
 #   make lint    rustfmt and clippy, warnings are errors
+#   make venv-pytorch   PyTorch importable from Python too (for scripts/compare-pytorch.py)
 #
 # CUDA=1 installs the full torch wheel (with its CUDA libraries) and builds the `cuda` feature.
 
@@ -31,7 +32,7 @@ STAMP := $(VENV)/.torch-$(TORCH_VERSION)-$(FLAVOUR)
 LIBTORCH = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch))
 CARGO = LIBTORCH=$(LIBTORCH) cargo
 
-.PHONY: all venv build demo test lint fmt clean-venv
+.PHONY: all venv venv-pytorch build demo test lint fmt clean-venv
 
 all: build
 
@@ -43,6 +44,12 @@ $(STAMP):
 	$(VENV)/bin/pip install --quiet $(TORCH_PIP)
 	rm -f $(VENV)/.torch-*
 	touch $@
+
+# PyTorch's Python side (for scripts/compare-pytorch.py and reference values): torch's own
+# dependencies (~3 GB of CUDA libraries it imports even on the CPU) into the same venv, so the
+# Python side runs the very same libtorch as the binary.
+venv-pytorch: $(STAMP)
+	$(VENV)/bin/pip install --quiet torch==$(TORCH_VERSION) numpy
 
 build: $(STAMP)
 	$(CARGO) build --release $(FEATURES) -p potluck

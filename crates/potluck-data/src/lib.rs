@@ -14,7 +14,9 @@
 //!
 //! Nothing here knows about tensors or models; images are `image::RgbImage`.
 
+pub mod detect;
 pub mod emoji;
+pub mod font;
 pub mod fsutil;
 pub mod grid;
 mod order;

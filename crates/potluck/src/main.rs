@@ -29,6 +29,17 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Train the tokenizers on a data set and encode it into token shards for training.
     Prepare(Box<cmd::prepare::Args>),
+    /// Train the transformer on prepared token shards (`--solo`: on this machine alone).
+    Train(Box<cmd::train::Args>),
+    /// Draw images for text prompts with a trained checkpoint.
+    Generate(cmd::generate::Args),
+    /// Score a checkpoint trained on `shapes`: per-slot and overall accuracy of its drawings.
+    Eval(cmd::eval::Args),
+    /// Print the parameter counts of a model preset as built (unique and effective).
+    ModelInfo(cmd::model_info::Args),
+    /// Measure speed and memory (`bench train`).
+    #[command(subcommand)]
+    Bench(cmd::bench::Bench),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +54,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Prepare(args) => cmd::prepare::run(*args),
+        Command::Train(args) => cmd::train::run(*args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::ModelInfo(args) => cmd::model_info::run(args),
+        Command::Bench(bench) => cmd::bench::run(bench),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,15 @@ fn help_lists_every_command_in_one_line() {
     let out = potluck(&["--help"]);
     assert!(out.status.success());
     let help = text(&out.stdout);
-    for command in ["demo", "prepare"] {
+    for command in [
+        "demo",
+        "prepare",
+        "train",
+        "generate",
+        "eval",
+        "model-info",
+        "bench",
+    ] {
         let line = help
             .lines()
             .find(|l| l.trim_start().starts_with(command))
@@ -28,7 +36,7 @@ fn help_lists_every_command_in_one_line() {
 
 #[test]
 fn every_command_help_has_an_example() {
-    for command in ["demo", "prepare"] {
+    for command in ["demo", "prepare", "train", "generate", "eval", "model-info"] {
         let out = potluck(&[command, "--help"]);
         assert!(out.status.success());
         assert!(text(&out.stdout).contains("Example: potluck"), "{command}");

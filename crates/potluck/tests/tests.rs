@@ -4,3 +4,4 @@
 
 mod cli;
 mod prepare;
+mod train;

@@ -342,6 +342,11 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Replaces the learning-rate schedule (e.g. once the length of a timed run is known).
+    pub fn set_schedule(&mut self, schedule: Schedule) {
+        self.cfg.schedule = schedule;
+    }
+
     /// Sets the step count (e.g. to the global epoch after joining a run).
     pub fn set_steps(&mut self, step: u64) {
         self.step = step;

@@ -1,4 +1,10 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub(crate) mod bench;
 pub(crate) mod demo;
+pub(crate) mod eval;
+pub(crate) mod generate;
+pub(crate) mod model_info;
 pub(crate) mod prepare;
+pub(crate) mod run;
+pub(crate) mod train;

@@ -1,0 +1,170 @@
+//! Training on one machine: accumulate the gradient of a batch over micro-batches, average it,
+//! step the inner optimizer on the flat buffers, write the parameters back.
+
+use std::time::{Duration, Instant};
+
+use potluck_core::{Loss, Trainable};
+
+use crate::optim::{self, Optimizer};
+
+/// Errors of a training step.
+#[derive(Debug, thiserror::Error)]
+pub enum Error<E: std::error::Error + 'static> {
+    #[error("model: {0}")]
+    Model(#[source] E),
+    #[error(transparent)]
+    Optimizer(#[from] optim::Error),
+}
+
+/// What one step did and what it cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Report {
+    /// Step number (1-based).
+    pub step: u64,
+    /// Mean loss over the step's samples, and its parts.
+    pub loss: Loss,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the step was skipped because the gradient was not finite.
+    pub skipped: bool,
+    /// Forward and backward passes, including adding gradients into the flat buffer.
+    pub compute: Duration,
+    /// The optimizer step on the flat buffers.
+    pub optimizer: Duration,
+    /// Writing the parameters back into the model.
+    pub copy: Duration,
+}
+
+/// A model, its optimizer and the flat buffers between them.
+#[derive(Debug)]
+pub struct Solo<T: Trainable> {
+    model: T,
+    optimizer: Optimizer,
+    params: Vec<f32>,
+    grad: Vec<f32>,
+    samples: u64,
+}
+
+impl<T: Trainable> Solo<T> {
+    /// Starts from the model's current parameters.
+    pub fn new(model: T, optimizer: Optimizer) -> Result<Solo<T>, Error<T::Error>> {
+        let n = model.layout().numel();
+        let mut params = vec![0.0; n];
+        model.read_params(&mut params).map_err(Error::Model)?;
+        Ok(Solo {
+            model,
+            optimizer,
+            params,
+            grad: vec![0.0; n],
+            samples: 0,
+        })
+    }
+
+    /// Starts from saved parameters and a count of samples already trained on.
+    pub fn resume(
+        mut model: T,
+        optimizer: Optimizer,
+        params: Vec<f32>,
+        samples: u64,
+    ) -> Result<Solo<T>, Error<T::Error>> {
+        model.write_params(&params).map_err(Error::Model)?;
+        let n = params.len();
+        Ok(Solo {
+            model,
+            optimizer,
+            params,
+            grad: vec![0.0; n],
+            samples,
+        })
+    }
+
+    /// One optimizer step over `micro_batches` (together one batch).
+    pub fn step(&mut self, micro_batches: &[T::Batch]) -> Result<Report, Error<T::Error>> {
+        let started = Instant::now();
+        self.grad.fill(0.0);
+        let mut total = Loss::default();
+        for batch in micro_batches {
+            let loss = self
+                .model
+                .accumulate_gradients(batch, &mut self.grad)
+                .map_err(Error::Model)?;
+            let n = loss.samples as f64;
+            total.total += loss.total * n;
+            total.parts[0] += loss.parts[0] * n;
+            total.parts[1] += loss.parts[1] * n;
+            total.samples += loss.samples;
+        }
+        let n = total.samples.max(1) as f64;
+        total.total /= n;
+        total.parts[0] /= n;
+        total.parts[1] /= n;
+        let inv = 1.0 / n as f32;
+        self.grad.iter_mut().for_each(|g| *g *= inv);
+        let compute = started.elapsed();
+
+        let started = Instant::now();
+        let (info, skipped) = match self.optimizer.step(&mut self.params, &self.grad) {
+            Ok(info) => (info, false),
+            Err(optim::Error::NonFinite { norm }) => {
+                tracing::warn!("step skipped: the gradient is not finite (norm {norm})");
+                let info = optim::StepInfo {
+                    step: self.optimizer.steps(),
+                    lr: 0.0,
+                    grad_norm: norm,
+                };
+                (info, true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let optimizer = started.elapsed();
+        let started = Instant::now();
+        if !skipped {
+            self.model
+                .write_params(&self.params)
+                .map_err(Error::Model)?;
+            self.samples += total.samples as u64;
+        }
+        Ok(Report {
+            step: info.step,
+            loss: total,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            skipped,
+            compute,
+            optimizer,
+            copy: started.elapsed(),
+        })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &T {
+        &self.model
+    }
+
+    /// The model, mutably (for evaluation).
+    pub fn model_mut(&mut self) -> &mut T {
+        &mut self.model
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// The optimizer, mutably (to change its schedule).
+    pub fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.optimizer
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Samples trained on so far.
+    pub fn samples(&self) -> u64 {
+        self.samples
+    }
+}

@@ -1,0 +1,288 @@
+//! `potluck bench train`: how fast a full training step runs (forward, backward, the flat-buffer
+//! copies and the optimizer), next to the sgemm rate of the same machine measured in the same
+//! run, with f32 or 8-bit optimizer state and with or without activation checkpointing.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use potluck_data::tokens::TokenSet;
+use potluck_model::Device;
+use potluck_model::dalle::{Config, Dalle, TokenBatch, Tokens};
+use potluck_model::tch::{self, Kind, Tensor};
+use potluck_train::optim::{self, Optimizer, Precision, Rule, Schedule};
+use potluck_train::solo::Solo;
+use serde::Serialize;
+
+use crate::cmd::train::model_config;
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum Bench {
+    /// Samples/s and GFLOP/s of a training step next to sgemm, per optimizer state and
+    /// checkpointing.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example: potluck bench train --config small --json")]
+pub(crate) struct TrainArgs {
+    /// Model preset (tiny, small, gpt, dalle-1.1b).
+    #[arg(long, default_value = "small")]
+    pub(crate) config: String,
+    /// Prepared data whose token shapes `tiny` and `small` take [default: the shapes defaults].
+    #[arg(long)]
+    pub(crate) data: Option<PathBuf>,
+    /// Samples per step.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) batch: usize,
+    /// Timed steps per variant (after the warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) warmup: usize,
+    /// Only these variants (comma-separated of f32, 8bit, f32+ckpt, 8bit+ckpt) [default: all].
+    #[arg(long)]
+    pub(crate) variants: Option<String>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Variant {
+    name: String,
+    samples_per_s: f64,
+    step_s: f64,
+    gflops: f64,
+    sgemm_fraction: f64,
+    compute_s: f64,
+    optimizer_s: f64,
+    copy_s: f64,
+    optimizer_share: f64,
+    peak_rss_mib: f64,
+    rss_growth_mib: f64,
+    optimizer_state_mib: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Report {
+    config: String,
+    device: String,
+    threads: i32,
+    batch: usize,
+    unique_params: usize,
+    train_gflop_per_sample: f64,
+    sgemm_gflops: f64,
+    variants: Vec<Variant>,
+}
+
+/// Resident-set figures of this process from /proc (MiB); the peak is reset by
+/// [`reset_peak_rss`].
+fn rss() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn reset_peak_rss() {
+    // Writing 5 to clear_refs resets the peak resident set size (Linux ≥ 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// sgemm rate of libtorch on this device, 1024³, all threads: the best of several runs.
+fn sgemm_gflops(device: tch::Device) -> f64 {
+    let n = 1024;
+    let a = Tensor::randn([n, n], (Kind::Float, device));
+    let b = Tensor::randn([n, n], (Kind::Float, device));
+    let mut best = Duration::MAX;
+    for _ in 0..12 {
+        let t = Instant::now();
+        let c = a.matmul(&b);
+        let _ = c.double_value(&[0, 0]);
+        best = best.min(t.elapsed());
+    }
+    2.0 * (n as f64).powi(3) / best.as_secs_f64() / 1e9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+pub(crate) fn run(bench: Bench) -> Result<()> {
+    let Bench::Train(args) = bench;
+    let device = args.device.parse::<Device>()?.tch()?;
+    let base = match &args.data {
+        Some(dir) => model_config(&args.config, &TokenSet::open(dir)?, false)?,
+        None => Config::preset(&args.config, Some(shapes_tokens()))
+            .or_else(|_| Config::preset(&args.config, None))?,
+    };
+    let all = ["f32", "8bit", "f32+ckpt", "8bit+ckpt"];
+    let wanted: Vec<&str> = match &args.variants {
+        Some(list) => list.split(',').map(str::trim).collect(),
+        None => all.to_vec(),
+    };
+    if let Some(bad) = wanted.iter().find(|v| !all.contains(v)) {
+        bail!("unknown variant {bad:?}: one of {}", all.join(", "));
+    }
+    let sgemm = sgemm_gflops(device);
+    let gflop_per_sample = 6.0 * base.forward_macs() / 1e9;
+    let mut variants = Vec::new();
+    for name in wanted {
+        let precision = if name.starts_with("8bit") {
+            Precision::Blockwise8
+        } else {
+            Precision::F32
+        };
+        let config = Config {
+            checkpointing: name.ends_with("+ckpt"),
+            ..base.clone()
+        };
+        reset_peak_rss();
+        let (rss_before, _) = rss();
+        tch::manual_seed(0);
+        let model = Dalle::new(config.clone(), device)?;
+        let opt = Optimizer::new(
+            optim::Config {
+                rule: Rule::Lamb,
+                precision,
+                schedule: Schedule::constant(1e-3),
+                beta1: 0.9,
+                beta2: 0.96,
+                eps: 1e-6,
+                weight_decay: 0.01,
+                bias_correction: true,
+                clamp: 10.0,
+                max_grad_norm: 4.0,
+            },
+            model.layout(),
+        );
+        let state_mib = opt.moments().bytes() as f64 / (1 << 20) as f64;
+        let mut solo = Solo::new(model, opt)?;
+        let batch = random_batch(&config.tokens, args.batch);
+        for _ in 0..args.warmup {
+            solo.step(std::slice::from_ref(&batch))?;
+        }
+        let (mut total, mut compute, mut optimizer, mut copy) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..args.steps.max(1) {
+            let t = Instant::now();
+            let r = solo.step(std::slice::from_ref(&batch))?;
+            total.push(t.elapsed().as_secs_f64());
+            compute.push(r.compute.as_secs_f64());
+            optimizer.push(r.optimizer.as_secs_f64());
+            copy.push(r.copy.as_secs_f64());
+        }
+        let (_, peak) = rss();
+        drop(solo);
+        let step = median(total);
+        let samples_per_s = args.batch as f64 / step;
+        let gflops = samples_per_s * gflop_per_sample;
+        let optimizer_s = median(optimizer);
+        variants.push(Variant {
+            name: name.to_owned(),
+            samples_per_s,
+            step_s: step,
+            gflops,
+            sgemm_fraction: gflops / sgemm,
+            compute_s: median(compute),
+            optimizer_s,
+            copy_s: median(copy),
+            optimizer_share: optimizer_s / step,
+            peak_rss_mib: peak,
+            rss_growth_mib: peak - rss_before,
+            optimizer_state_mib: state_mib,
+        });
+    }
+    let report = Report {
+        config: base.name.clone(),
+        device: args.device.clone(),
+        threads: tch::get_num_threads(),
+        batch: args.batch,
+        unique_params: base.unique_params(),
+        train_gflop_per_sample: gflop_per_sample,
+        sgemm_gflops: sgemm,
+        variants,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    println!(
+        "bench train: {} ({} unique parameters), batch {}, {} on {} threads; {:.2} GFLOP per \
+         sample (forward + backward)",
+        report.config,
+        report.unique_params,
+        report.batch,
+        report.device,
+        report.threads,
+        report.train_gflop_per_sample
+    );
+    println!(
+        "sgemm 1024^3 in the same run: {:.0} GFLOP/s",
+        report.sgemm_gflops
+    );
+    println!(
+        "{:<10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>9} {:>10} {:>10}",
+        "variant",
+        "samples/s",
+        "step s",
+        "GFLOP/s",
+        "of sgemm",
+        "optim s",
+        "copy s",
+        "peak MiB",
+        "state MiB"
+    );
+    for v in &report.variants {
+        println!(
+            "{:<10} {:>10.2} {:>8.3} {:>8.1} {:>7.0}% {:>9.4} {:>9.4} {:>10.0} {:>10.1}",
+            v.name,
+            v.samples_per_s,
+            v.step_s,
+            v.gflops,
+            100.0 * v.sgemm_fraction,
+            v.optimizer_s,
+            v.copy_s,
+            v.peak_rss_mib,
+            v.optimizer_state_mib
+        );
+    }
+    Ok(())
+}
+
+/// A fixed batch of in-range random tokens.
+fn random_batch(t: &Tokens, size: usize) -> TokenBatch {
+    let mut x = 0x5eed_u64;
+    let mut next = |n: usize| {
+        x = potluck_data::mix_seed(x, 7);
+        (x % n as u64) as u16
+    };
+    TokenBatch {
+        text: (0..size * t.text_len).map(|_| next(t.text_vocab)).collect(),
+        image: (0..size * t.image_len())
+            .map(|_| next(t.image_vocab))
+            .collect(),
+        size,
+    }
+}
+
+/// The token shapes `potluck prepare --dataset shapes` makes with its defaults.
+pub(crate) fn shapes_tokens() -> Tokens {
+    Tokens {
+        text_len: 8,
+        text_vocab: 339,
+        image_grid: 8,
+        image_vocab: 512,
+    }
+}
