@@ -348,9 +348,9 @@ mod tests {
             let mut opt = Optimizer::new(cfg, &layout);
             let mut params: Vec<f32> = (0..20).map(|i| i as f32 * 0.1).collect();
             let grad: Vec<f32> = (0..20).map(|i| (i as f32).sin()).collect();
-            opt.step(&mut params, &grad).unwrap();
+            opt.step(&mut params, &mut grad.clone()).unwrap();
             save_one(dir.path(), &params, &opt, 10);
-            opt.step(&mut params, &grad).unwrap();
+            opt.step(&mut params, &mut grad.clone()).unwrap();
             let m = save_one(dir.path(), &params, &opt, 20);
             assert_eq!((m.step, m.samples), (2, 20));
             let (read, loaded) = load_params(dir.path(), &layout).unwrap();

@@ -105,7 +105,7 @@ impl<T: Trainable> Solo<T> {
         let compute = started.elapsed();
 
         let started = Instant::now();
-        let (info, skipped) = match self.optimizer.step(&mut self.params, &self.grad) {
+        let (info, skipped) = match self.optimizer.step(&mut self.params, &mut self.grad) {
             Ok(info) => (info, false),
             Err(optim::Error::NonFinite { norm }) => {
                 tracing::warn!("step skipped: the gradient is not finite (norm {norm})");

@@ -196,34 +196,32 @@ impl Step {
         }
     }
 
-    /// Adds `−scale·u` to `p`, or only measures: returns (Σu², Σp²) before the update.
-    fn apply(
+    /// Writes the direction `u` into `out` (which held the gradient) and returns (Σu², Σp²).
+    fn direction(
         &self,
         m: &[f32],
         v: &[f32],
-        p: &mut [f32],
+        p: &[f32],
+        out: &mut [f32],
         decay: bool,
-        scale: Option<f32>,
     ) -> (f64, f64) {
         let (ic1, ic2, eps) = (1.0 / self.c1, 1.0 / self.c2, self.eps);
         let wd = if decay { self.wd } else { 0.0 };
         let (mut uu, mut pp) = (0.0f32, 0.0f32);
-        match scale {
-            None => {
-                for ((&m, &v), &p) in m.iter().zip(v).zip(p.iter()) {
-                    let u = (m * ic1) / ((v * ic2).sqrt() + eps) + wd * p;
-                    uu += u * u;
-                    pp += p * p;
-                }
-            }
-            Some(s) => {
-                for ((&m, &v), p) in m.iter().zip(v).zip(p.iter_mut()) {
-                    let u = (m * ic1) / ((v * ic2).sqrt() + eps) + wd * *p;
-                    *p -= s * u;
-                }
-            }
+        for (((&m, &v), &p), out) in m.iter().zip(v).zip(p).zip(out.iter_mut()) {
+            let u = (m * ic1) / ((v * ic2).sqrt() + eps) + wd * p;
+            *out = u;
+            uu += u * u;
+            pp += p * p;
         }
         (f64::from(uu), f64::from(pp))
+    }
+}
+
+/// `p −= scale · u`.
+fn descend(p: &mut [f32], u: &[f32], scale: f32) {
+    for (p, &u) in p.iter_mut().zip(u) {
+        *p -= scale * u;
     }
 }
 
@@ -372,8 +370,9 @@ impl Optimizer {
         groups
     }
 
-    /// One step with the averaged gradient `grad`: updates `params` in place.
-    pub fn step(&mut self, params: &mut [f32], grad: &[f32]) -> Result<StepInfo, Error> {
+    /// One step with the averaged gradient `grad`: updates `params` in place. `grad` is used
+    /// as scratch: afterwards it holds the step's direction, not the gradient.
+    pub fn step(&mut self, params: &mut [f32], grad: &mut [f32]) -> Result<StepInfo, Error> {
         if params.len() != self.numel || grad.len() != self.numel {
             return Err(Error::Length {
                 params: params.len(),
@@ -414,10 +413,10 @@ impl Optimizer {
         let groups = self.groups();
         match cfg.rule {
             Rule::AdamW => {
-                self.pass(&groups, params, grad, &k, Pass::Update(None));
+                self.update(&groups, params, grad, &k, Some(lr as f32));
             }
             Rule::Lamb => {
-                let sums = self.pass(&groups, params, grad, &k, Pass::Measure);
+                let sums = self.update(&groups, params, grad, &k, None);
                 let ratios: Vec<f32> = sums
                     .iter()
                     .map(|&(uu, pp)| {
@@ -429,7 +428,7 @@ impl Optimizer {
                         }
                     })
                     .collect();
-                self.pass(&groups, params, grad, &k, Pass::Update(Some(&ratios)));
+                self.descend_scaled(&groups, params, grad, lr as f32, &ratios);
             }
         }
         self.step = t;
@@ -440,24 +439,29 @@ impl Optimizer {
         })
     }
 
-    /// Runs one pass over all units on the threads. `Measure` updates the moments and returns
-    /// per-tensor (Σu², Σp²); `Update(None)` updates the moments and steps (AdamW);
-    /// `Update(Some(ratios))` steps with the moments as they are, scaled per tensor (LAMB).
-    fn pass(
+    /// Updates the moments of every unit and writes its direction into `grad`; with `lr`
+    /// (AdamW) also steps. Returns per-tensor (Σu², Σp²).
+    fn update(
         &mut self,
         groups: &[Range<usize>],
         params: &mut [f32],
-        grad: &[f32],
+        grad: &mut [f32],
         k: &Step,
-        pass: Pass<'_>,
+        lr: Option<f32>,
     ) -> Vec<(f64, f64)> {
-        let lr = self.cfg.schedule.lr(self.step) as f32;
         let units = &self.units;
         let flat_ends: Vec<usize> = groups.iter().map(|g| units[g.end - 1].range.end).collect();
         let unit_ends: Vec<usize> = groups.iter().map(|g| g.end).collect();
-        let entries = self.entries;
         let param_parts = split_at_ends(params, 0, &flat_ends);
-        let mut results = vec![(0.0f64, 0.0f64); entries];
+        let grad_parts = split_at_ends(grad, 0, &flat_ends);
+        // What one thread does to one unit, given its moments as f32 (decoded or not).
+        let work = move |u: &Unit, m: &mut [f32], v: &mut [f32], p: &mut [f32], g: &mut [f32]| {
+            let sums = k.direction(m, v, p, g, u.decay);
+            if let Some(lr) = lr {
+                descend(p, g, lr);
+            }
+            sums
+        };
         let partials: Vec<Vec<(usize, f64, f64)>> = match &mut self.moments {
             Moments::F32 { m, v } => {
                 let m_parts = split_at_ends(m, 0, &flat_ends);
@@ -465,19 +469,19 @@ impl Optimizer {
                 std::thread::scope(|s| {
                     let handles: Vec<_> = groups
                         .iter()
-                        .zip(param_parts)
+                        .zip(param_parts.into_iter().zip(grad_parts))
                         .zip(m_parts.into_iter().zip(v_parts))
-                        .map(|((g, p), (m, v))| {
+                        .map(|((group, (p, g)), (m, v))| {
                             s.spawn(move || {
-                                let base = units[g.start].range.start;
+                                let base = units[group.start].range.start;
                                 let mut out = Vec::new();
-                                for u in &units[g.clone()] {
+                                for u in &units[group.clone()] {
                                     let r = (u.range.start - base)..(u.range.end - base);
-                                    let (m, v, p) =
-                                        (&mut m[r.clone()], &mut v[r.clone()], &mut p[r]);
-                                    let grad = &grad[u.range.clone()];
-                                    let sums = run_unit(k, u, m, v, p, grad, pass, lr);
-                                    out.push((u.entry, sums.0, sums.1));
+                                    let (m, v) = (&mut m[r.clone()], &mut v[r.clone()]);
+                                    let (p, g) = (&mut p[r.clone()], &mut g[r]);
+                                    k.moments(m, v, g);
+                                    let (uu, pp) = work(u, m, v, p, g);
+                                    out.push((u.entry, uu, pp));
                                 }
                                 out
                             })
@@ -502,39 +506,28 @@ impl Optimizer {
                 std::thread::scope(|s| {
                     let handles: Vec<_> = groups
                         .iter()
-                        .zip(param_parts)
+                        .zip(param_parts.into_iter().zip(grad_parts))
                         .zip(m_parts.into_iter().zip(v_parts))
                         .zip(ms_parts.into_iter().zip(vs_parts))
-                        .map(|(((g, p), (mq, vq)), (ms, vs))| {
+                        .map(|(((group, (p, g)), (mq, vq)), (ms, vs))| {
                             s.spawn(move || {
-                                let base = units[g.start].range.start;
+                                let base = units[group.start].range.start;
                                 let mut scratch = Scratch::new();
                                 let mut out = Vec::new();
-                                for (j, u) in units[g.clone()].iter().enumerate() {
+                                for (j, u) in units[group.clone()].iter().enumerate() {
                                     let r = (u.range.start - base)..(u.range.end - base);
                                     let n = r.len();
-                                    let (mq, vq, p) =
-                                        (&mut mq[r.clone()], &mut vq[r.clone()], &mut p[r]);
+                                    let (mq, vq) = (&mut mq[r.clone()], &mut vq[r.clone()]);
+                                    let (p, g) = (&mut p[r.clone()], &mut g[r]);
                                     let (m, v) = (&mut scratch.m[..n], &mut scratch.v[..n]);
                                     Map::signed().dequantize(mq, ms[j], m);
                                     Map::unsigned().dequantize(vq, vs[j], v);
-                                    let grad = &grad[u.range.clone()];
-                                    if !matches!(pass, Pass::Update(Some(_))) {
-                                        k.moments(m, v, grad);
-                                        ms[j] = Map::signed().quantize(m, mq);
-                                        vs[j] = Map::unsigned().quantize(v, vq);
-                                        // Step with what is stored, so both passes agree.
-                                        Map::signed().dequantize(mq, ms[j], m);
-                                        Map::unsigned().dequantize(vq, vs[j], v);
-                                    }
-                                    let sums = match pass {
-                                        Pass::Measure => k.apply(m, v, p, u.decay, None),
-                                        Pass::Update(None) => k.apply(m, v, p, u.decay, Some(lr)),
-                                        Pass::Update(Some(ratios)) => {
-                                            k.apply(m, v, p, u.decay, Some(lr * ratios[u.entry]))
-                                        }
-                                    };
-                                    out.push((u.entry, sums.0, sums.1));
+                                    k.moments(m, v, g);
+                                    // Leaves m and v as stored: the step uses the stored state.
+                                    ms[j] = Map::signed().quantize(m, mq);
+                                    vs[j] = Map::unsigned().quantize(v, vq);
+                                    let (uu, pp) = work(u, m, v, p, g);
+                                    out.push((u.entry, uu, pp));
                                 }
                                 out
                             })
@@ -547,43 +540,37 @@ impl Optimizer {
                 })
             }
         };
+        let mut results = vec![(0.0f64, 0.0f64); self.entries];
         for (entry, uu, pp) in partials.into_iter().flatten() {
             results[entry].0 += uu;
             results[entry].1 += pp;
         }
         results
     }
-}
 
-/// What a pass over the units does.
-#[derive(Debug, Clone, Copy)]
-enum Pass<'a> {
-    Measure,
-    Update(Option<&'a [f32]>),
-}
-
-/// One unit with `f32` moments.
-#[allow(clippy::too_many_arguments)]
-fn run_unit(
-    k: &Step,
-    u: &Unit,
-    m: &mut [f32],
-    v: &mut [f32],
-    p: &mut [f32],
-    grad: &[f32],
-    pass: Pass<'_>,
-    lr: f32,
-) -> (f64, f64) {
-    match pass {
-        Pass::Measure => {
-            k.moments(m, v, grad);
-            k.apply(m, v, p, u.decay, None)
-        }
-        Pass::Update(None) => {
-            k.moments(m, v, grad);
-            k.apply(m, v, p, u.decay, Some(lr))
-        }
-        Pass::Update(Some(ratios)) => k.apply(m, v, p, u.decay, Some(lr * ratios[u.entry])),
+    /// LAMB's second pass: `p −= lr · ratio(tensor) · u` with the directions in `grad`.
+    fn descend_scaled(
+        &self,
+        groups: &[Range<usize>],
+        params: &mut [f32],
+        grad: &[f32],
+        lr: f32,
+        ratios: &[f32],
+    ) {
+        let units = &self.units;
+        let flat_ends: Vec<usize> = groups.iter().map(|g| units[g.end - 1].range.end).collect();
+        let param_parts = split_at_ends(params, 0, &flat_ends);
+        std::thread::scope(|s| {
+            for (group, p) in groups.iter().zip(param_parts) {
+                s.spawn(move || {
+                    let base = units[group.start].range.start;
+                    for u in &units[group.clone()] {
+                        let r = (u.range.start - base)..(u.range.end - base);
+                        descend(&mut p[r], &grad[u.range.clone()], lr * ratios[u.entry]);
+                    }
+                });
+            }
+        });
     }
 }
 
@@ -717,7 +704,7 @@ mod tests {
         let mut opt = Optimizer::new(cfg, &layout()).with_threads(threads);
         let mut p = params();
         for s in 0..3 {
-            opt.step(&mut p, &grads(s)).unwrap();
+            opt.step(&mut p, &mut grads(s)).unwrap();
         }
         p
     }
@@ -770,7 +757,7 @@ mod tests {
                     let mut opt = Optimizer::new(cfg, &layout).with_threads(threads);
                     let mut p: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.007).cos()).collect();
                     for _ in 0..2 {
-                        opt.step(&mut p, &grad).unwrap();
+                        opt.step(&mut p, &mut grad.clone()).unwrap();
                     }
                     results.push(p);
                 }
@@ -786,10 +773,13 @@ mod tests {
         let mut p = params();
         let mut g = grads(0);
         g[3] = f32::NAN;
-        assert!(matches!(opt.step(&mut p, &g), Err(Error::NonFinite { .. })));
+        assert!(matches!(
+            opt.step(&mut p, &mut g),
+            Err(Error::NonFinite { .. })
+        ));
         assert_eq!(p, params());
         assert_eq!(opt.steps(), 0);
-        assert!(opt.step(&mut p, &grads(0)[..5]).is_err());
+        assert!(opt.step(&mut p, &mut grads(0)[..5]).is_err());
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! decade `e`; the largest is exactly 1); **unsigned** (second moments): 256 magnitudes, 0 and
 //! eight decades `10^(e-7) · (0.1 + 0.9·(j+1)/2^e)`, `e = 0..8`.
 //!
-//! Rounding to the nearest level is a table lookup on the top 16 bits of the float plus two
-//! comparisons: a table cell (1/128 relative wide) never holds more than two levels.
+//! Rounding to the nearest level is a table lookup on the top 17 bits of the float plus one
+//! comparison: levels are more than a table cell (1/256 relative) apart.
 
 use std::sync::OnceLock;
 
@@ -21,13 +21,17 @@ pub const BLOCK: usize = 4096;
 #[derive(Debug)]
 pub struct Map {
     levels: Vec<f32>,
-    floor: Vec<u8>,
+    /// `mid[c]`: halfway between level `c` and the next (+∞ after the last).
+    mid: Vec<f32>,
+    /// Per table cell: the level nearest to the cell's start.
+    base: Vec<u8>,
     signed: bool,
 }
 
-/// Index into the lookup table: the top 16 bits of a non-negative float ≤ 1.
+/// Index into the lookup table: the top 17 bits of a non-negative float ≤ 1 (sign, exponent
+/// and 8 mantissa bits: cells 1/256 relative wide).
 fn table_index(x: f32) -> usize {
-    (x.to_bits() >> 16) as usize
+    (x.to_bits() >> 15) as usize
 }
 
 impl Map {
@@ -44,19 +48,22 @@ impl Map {
         if let Some(last) = levels.last_mut() {
             *last = 1.0;
         }
+        let mut mid: Vec<f32> = levels.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+        mid.push(f32::INFINITY);
         let top = table_index(1.0);
-        let mut floor = vec![0u8; top + 1];
+        let mut base = vec![0u8; top + 1];
         let mut c = 0usize;
-        for (i, slot) in floor.iter_mut().enumerate() {
-            let start = f32::from_bits((i as u32) << 16);
-            while c + 1 < levels.len() && levels[c + 1] <= start {
+        for (i, slot) in base.iter_mut().enumerate() {
+            let start = f32::from_bits((i as u32) << 15);
+            while start > mid[c] {
                 c += 1;
             }
             *slot = c as u8;
         }
         Map {
             levels,
-            floor,
+            mid,
+            base,
             signed,
         }
     }
@@ -78,51 +85,58 @@ impl Map {
         &self.levels
     }
 
-    /// Code of the level nearest to `m` ∈ [0, 1].
-    #[inline]
+    /// Code of the level nearest to `m` ∈ [0, 1]: the table gives the level nearest to the
+    /// start of `m`'s cell, and since levels (so midpoints) are more than a cell apart, at most
+    /// one midpoint lies between: one comparison decides.
+    #[inline(always)]
     fn nearest(&self, m: f32) -> usize {
-        let m = m.clamp(0.0, 1.0);
-        let c = usize::from(self.floor[table_index(m)]);
-        // The level above may still be below `m` (within the table cell), or nearer.
-        let mut best = c;
-        for cand in [c + 1, c + 2] {
-            if let Some(&level) = self.levels.get(cand)
-                && (level - m).abs() < (self.levels[best] - m).abs()
-            {
-                best = cand;
-            }
-        }
-        best
+        let c = usize::from(self.base[table_index(m)]);
+        c + usize::from(m > self.mid[c])
     }
 
-    /// Quantizes `values` (one block) into `codes`; returns the block's scale (absmax).
-    pub fn quantize(&self, values: &[f32], codes: &mut [u8]) -> f32 {
+    /// Quantizes `values` (one block) into `codes` and returns the block's scale (absmax);
+    /// `values` is overwritten with what the codes stand for, so the caller can go on with
+    /// exactly the stored state without decoding it again.
+    pub fn quantize(&self, values: &mut [f32], codes: &mut [u8]) -> f32 {
         let absmax = values.iter().fold(0.0f32, |a, &v| a.max(v.abs()));
-        let inv = if absmax > 0.0 && absmax.is_finite() {
-            1.0 / absmax
+        if !(absmax > 0.0 && absmax.is_finite()) {
+            codes.fill(0);
+            values.fill(0.0);
+            return 0.0;
+        }
+        let inv = 1.0 / absmax;
+        if self.signed {
+            for (code, v) in codes.iter_mut().zip(values.iter_mut()) {
+                let m = self.nearest((v.abs() * inv).min(1.0));
+                let level = self.levels[m] * absmax;
+                let negative = *v < 0.0 && m > 0;
+                *code = (m as u8) | (u8::from(negative) << 7);
+                *v = if negative { -level } else { level };
+            }
         } else {
-            0.0
-        };
-        for (code, &v) in codes.iter_mut().zip(values) {
-            let m = self.nearest(v.abs() * inv);
-            *code = if self.signed {
-                (m as u8) | if v < 0.0 && m > 0 { 0x80 } else { 0 }
-            } else {
-                m as u8
-            };
+            for (code, v) in codes.iter_mut().zip(values.iter_mut()) {
+                let m = self.nearest((v.max(0.0) * inv).min(1.0));
+                *code = m as u8;
+                *v = self.levels[m] * absmax;
+            }
         }
         absmax
     }
 
-    /// Turns `codes` of one block with scale `absmax` back into values.
+    /// Turns `codes` of one block with scale `absmax` back into values (one table lookup
+    /// per value: the block's 256 possible values are computed first).
     pub fn dequantize(&self, codes: &[u8], absmax: f32, values: &mut [f32]) {
-        for (v, &code) in values.iter_mut().zip(codes) {
-            *v = if self.signed {
-                let m = self.levels[usize::from(code & 0x7f)] * absmax;
+        let mut table = [0f32; 256];
+        for (code, t) in table.iter_mut().enumerate() {
+            *t = if self.signed {
+                let m = self.levels[code & 0x7f] * absmax;
                 if code & 0x80 != 0 { -m } else { m }
             } else {
-                self.levels[usize::from(code)] * absmax
+                self.levels[code] * absmax
             };
+        }
+        for (v, &code) in values.iter_mut().zip(codes) {
+            *v = table[usize::from(code)];
         }
     }
 }
@@ -161,13 +175,39 @@ mod tests {
             .unwrap()
     }
 
+    #[test]
+    fn lookup_finds_the_nearest_level_around_every_midpoint() {
+        for map in [Map::signed(), Map::unsigned()] {
+            let mut probes: Vec<f32> = (0..=200_000)
+                .map(|i| (i as f32 / 200_000.0).powi(3))
+                .collect();
+            for w in map.levels.windows(2) {
+                let mid = (w[0] + w[1]) / 2.0;
+                probes.extend([
+                    mid,
+                    f32::from_bits(mid.to_bits() + 1),
+                    f32::from_bits(mid.to_bits() - 1),
+                ]);
+            }
+            for m in probes {
+                let got = map.levels[map.nearest(m)];
+                let want = brute_nearest(&map.levels, m);
+                // Equally near (a tie up to rounding) counts as nearest.
+                assert!(
+                    (got - m).abs() <= (want - m).abs() + f32::EPSILON * m,
+                    "{m}: {got} vs {want}"
+                );
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn lookup_finds_the_nearest_level(m in 0.0f32..=1.0) {
             for map in [Map::signed(), Map::unsigned()] {
                 let got = map.levels[map.nearest(m)];
                 let want = brute_nearest(&map.levels, m);
-                prop_assert_eq!((got - m).abs(), (want - m).abs());
+                prop_assert!((got - m).abs() <= (want - m).abs() + f32::EPSILON * m);
             }
         }
 
@@ -177,9 +217,11 @@ mod tests {
         ) {
             let map = Map::signed();
             let mut codes = vec![0u8; values.len()];
-            let absmax = map.quantize(&values, &mut codes);
+            let mut stored = values.clone();
+            let absmax = map.quantize(&mut stored, &mut codes);
             let mut back = vec![0f32; values.len()];
             map.dequantize(&codes, absmax, &mut back);
+            prop_assert_eq!(&stored, &back);
             for (&v, &b) in values.iter().zip(&back) {
                 // Half the widest gap between levels (0.9/64 at the top) times the scale.
                 prop_assert!((v - b).abs() <= absmax * 0.0071 + 1e-6, "{} -> {}", v, b);
@@ -195,12 +237,12 @@ mod tests {
         ) {
             let map = Map::unsigned();
             let mut codes = vec![0u8; values.len()];
-            let absmax = map.quantize(&values, &mut codes);
+            let absmax = map.quantize(&mut values.clone(), &mut codes);
             let mut back = vec![0f32; values.len()];
             map.dequantize(&codes, absmax, &mut back);
             for (&v, &b) in values.iter().zip(&back) {
                 let want = brute_nearest(&map.levels, v * (1.0 / absmax)) * absmax;
-                prop_assert!((b - want).abs() <= want * 1e-6, "{} -> {} not {}", v, b, want);
+                prop_assert!((b - v).abs() <= (want - v).abs() * (1.0 + 1e-5) + 1e-12, "{} -> {} not {}", v, b, want);
             }
         }
     }
@@ -209,7 +251,8 @@ mod tests {
     fn zeros_and_non_finite_scales_do_not_panic() {
         let map = Map::signed();
         let mut codes = [0u8; 4];
-        assert_eq!(map.quantize(&[0.0; 4], &mut codes), 0.0);
+        assert_eq!(map.quantize(&mut [0.0; 4], &mut codes), 0.0);
+        assert_eq!(map.quantize(&mut [f32::NAN; 4], &mut codes), 0.0);
         let mut back = [1.0f32; 4];
         map.dequantize(&codes, 0.0, &mut back);
         assert_eq!(back, [0.0; 4]);
