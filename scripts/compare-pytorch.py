@@ -98,13 +98,12 @@ class Dalle(torch.nn.Module):
             m = torch.tensor([[allowed(t, pattern, q, k) for k in range(length)] for q in range(length)])
             self.masks[pattern] = m
         angles = rotary(t, d // cfg["heads"] // 2, length)
-        self.register_buffer("cos", angles.cos())
-        self.register_buffer("sin", angles.sin())
+        self.register_buffer("rot", torch.polar(torch.ones_like(angles), angles))
 
     def rotate(self, x):
-        p = x.shape[-1] // 2
-        x1, x2 = x[..., :p], x[..., p:]
-        return torch.cat([x1 * self.cos - x2 * self.sin, x2 * self.cos + x1 * self.sin], -1)
+        # Pairs (x[2i], x[2i+1]) as complex numbers, turned by the position's angles.
+        pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * self.rot).flatten(-2)
 
     def forward(self, text, image):
         t, cfg = self.t, self.cfg
@@ -116,7 +115,8 @@ class Dalle(torch.nn.Module):
             u = i % len(cfg["blocks"])
             blk, (na, nf) = self.blocks[u], self.norms[i]
             qkv = blk["qkv"](na(h)).view(b, length, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-            q, k, v = self.rotate(qkv[0]), self.rotate(qkv[1]), qkv[2]
+            qk = self.rotate(qkv[:2])
+            q, k, v = qk[0], qk[1], qkv[2]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks[cfg["blocks"][u]])
             h = h + blk["out"](o.transpose(1, 2).reshape(b, length, d))
             a, g = blk["ff_in"](nf(h)).chunk(2, -1)

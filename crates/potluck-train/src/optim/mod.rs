@@ -157,21 +157,6 @@ pub struct Optimizer {
     threads: usize,
 }
 
-/// Per-thread scratch: a block of each moment and of the direction.
-struct Scratch {
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-impl Scratch {
-    fn new() -> Scratch {
-        Scratch {
-            m: vec![0.0; BLOCK],
-            v: vec![0.0; BLOCK],
-        }
-    }
-}
-
 /// Constants of one step.
 #[derive(Debug, Clone, Copy)]
 struct Step {
@@ -187,6 +172,7 @@ struct Step {
 
 impl Step {
     /// Updates the moments of one unit in place.
+    #[inline(always)]
     fn moments(&self, m: &mut [f32], v: &mut [f32], g: &[f32]) {
         let (b1, b2, s) = (self.b1, self.b2, self.gscale);
         for ((m, v), &g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
@@ -197,6 +183,9 @@ impl Step {
     }
 
     /// Writes the direction `u` into `out` (which held the gradient) and returns (Σu², Σp²).
+    /// The sums run in eight lanes so the loop vectorises (a single running sum would pin the
+    /// order of additions and keep it scalar).
+    #[inline(always)]
     fn direction(
         &self,
         m: &[f32],
@@ -205,20 +194,40 @@ impl Step {
         out: &mut [f32],
         decay: bool,
     ) -> (f64, f64) {
+        const LANES: usize = 8;
         let (ic1, ic2, eps) = (1.0 / self.c1, 1.0 / self.c2, self.eps);
         let wd = if decay { self.wd } else { 0.0 };
-        let (mut uu, mut pp) = (0.0f32, 0.0f32);
-        for (((&m, &v), &p), out) in m.iter().zip(v).zip(p).zip(out.iter_mut()) {
-            let u = (m * ic1) / ((v * ic2).sqrt() + eps) + wd * p;
-            *out = u;
-            uu += u * u;
-            pp += p * p;
+        let n = out.len().min(m.len()).min(v.len()).min(p.len());
+        let (m, v, p, out) = (&m[..n], &v[..n], &p[..n], &mut out[..n]);
+        let mut uu = [0.0f32; LANES];
+        let mut pp = [0.0f32; LANES];
+        let whole = n / LANES * LANES;
+        let lanes = m[..whole]
+            .chunks_exact(LANES)
+            .zip(v[..whole].chunks_exact(LANES))
+            .zip(p[..whole].chunks_exact(LANES))
+            .zip(out[..whole].chunks_exact_mut(LANES));
+        for (((m, v), p), out) in lanes {
+            for i in 0..LANES {
+                let u = (m[i] * ic1) / ((v[i] * ic2).sqrt() + eps) + wd * p[i];
+                out[i] = u;
+                uu[i] += u * u;
+                pp[i] += p[i] * p[i];
+            }
         }
-        (f64::from(uu), f64::from(pp))
+        for i in whole..n {
+            let u = (m[i] * ic1) / ((v[i] * ic2).sqrt() + eps) + wd * p[i];
+            out[i] = u;
+            uu[0] += u * u;
+            pp[0] += p[i] * p[i];
+        }
+        let sum = |a: [f32; LANES]| a.iter().map(|&x| f64::from(x)).sum::<f64>();
+        (sum(uu), sum(pp))
     }
 }
 
 /// `p −= scale · u`.
+#[inline(always)]
 fn descend(p: &mut [f32], u: &[f32], scale: f32) {
     for (p, &u) in p.iter_mut().zip(u) {
         *p -= scale * u;
@@ -454,14 +463,6 @@ impl Optimizer {
         let unit_ends: Vec<usize> = groups.iter().map(|g| g.end).collect();
         let param_parts = split_at_ends(params, 0, &flat_ends);
         let grad_parts = split_at_ends(grad, 0, &flat_ends);
-        // What one thread does to one unit, given its moments as f32 (decoded or not).
-        let work = move |u: &Unit, m: &mut [f32], v: &mut [f32], p: &mut [f32], g: &mut [f32]| {
-            let sums = k.direction(m, v, p, g, u.decay);
-            if let Some(lr) = lr {
-                descend(p, g, lr);
-            }
-            sums
-        };
         let partials: Vec<Vec<(usize, f64, f64)>> = match &mut self.moments {
             Moments::F32 { m, v } => {
                 let m_parts = split_at_ends(m, 0, &flat_ends);
@@ -472,19 +473,14 @@ impl Optimizer {
                         .zip(param_parts.into_iter().zip(grad_parts))
                         .zip(m_parts.into_iter().zip(v_parts))
                         .map(|((group, (p, g)), (m, v))| {
-                            s.spawn(move || {
-                                let base = units[group.start].range.start;
-                                let mut out = Vec::new();
-                                for u in &units[group.clone()] {
-                                    let r = (u.range.start - base)..(u.range.end - base);
-                                    let (m, v) = (&mut m[r.clone()], &mut v[r.clone()]);
-                                    let (p, g) = (&mut p[r.clone()], &mut g[r]);
-                                    k.moments(m, v, g);
-                                    let (uu, pp) = work(u, m, v, p, g);
-                                    out.push((u.entry, uu, pp));
-                                }
-                                out
-                            })
+                            let part = F32Part {
+                                units: &units[group.clone()],
+                                m,
+                                v,
+                                p,
+                                g,
+                            };
+                            s.spawn(move || kernels::f32_part(k, part, lr))
                         })
                         .collect();
                     handles
@@ -510,27 +506,16 @@ impl Optimizer {
                         .zip(m_parts.into_iter().zip(v_parts))
                         .zip(ms_parts.into_iter().zip(vs_parts))
                         .map(|(((group, (p, g)), (mq, vq)), (ms, vs))| {
-                            s.spawn(move || {
-                                let base = units[group.start].range.start;
-                                let mut scratch = Scratch::new();
-                                let mut out = Vec::new();
-                                for (j, u) in units[group.clone()].iter().enumerate() {
-                                    let r = (u.range.start - base)..(u.range.end - base);
-                                    let n = r.len();
-                                    let (mq, vq) = (&mut mq[r.clone()], &mut vq[r.clone()]);
-                                    let (p, g) = (&mut p[r.clone()], &mut g[r]);
-                                    let (m, v) = (&mut scratch.m[..n], &mut scratch.v[..n]);
-                                    Map::signed().dequantize(mq, ms[j], m);
-                                    Map::unsigned().dequantize(vq, vs[j], v);
-                                    k.moments(m, v, g);
-                                    // Leaves m and v as stored: the step uses the stored state.
-                                    ms[j] = Map::signed().quantize(m, mq);
-                                    vs[j] = Map::unsigned().quantize(v, vq);
-                                    let (uu, pp) = work(u, m, v, p, g);
-                                    out.push((u.entry, uu, pp));
-                                }
-                                out
-                            })
+                            let part = Q8Part {
+                                units: &units[group.clone()],
+                                mq,
+                                vq,
+                                ms,
+                                vs,
+                                p,
+                                g,
+                            };
+                            s.spawn(move || kernels::q8_part(k, part, lr))
                         })
                         .collect();
                     handles
@@ -562,15 +547,143 @@ impl Optimizer {
         let param_parts = split_at_ends(params, 0, &flat_ends);
         std::thread::scope(|s| {
             for (group, p) in groups.iter().zip(param_parts) {
-                s.spawn(move || {
-                    let base = units[group.start].range.start;
-                    for u in &units[group.clone()] {
-                        let r = (u.range.start - base)..(u.range.end - base);
-                        descend(&mut p[r], &grad[u.range.clone()], lr * ratios[u.entry]);
-                    }
-                });
+                let units = &units[group.clone()];
+                let g = &grad[units[0].range.start..units[units.len() - 1].range.end];
+                s.spawn(move || kernels::descend_part(units, p, g, lr, ratios));
             }
         });
+    }
+}
+
+/// One thread's share with `f32` moments: slices start at the first unit's offset.
+struct F32Part<'a> {
+    units: &'a [Unit],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    p: &'a mut [f32],
+    g: &'a mut [f32],
+}
+
+/// One thread's share with 8-bit moments; `ms`/`vs` hold one scale per unit.
+struct Q8Part<'a> {
+    units: &'a [Unit],
+    mq: &'a mut [u8],
+    vq: &'a mut [u8],
+    ms: &'a mut [f32],
+    vs: &'a mut [f32],
+    p: &'a mut [f32],
+    g: &'a mut [f32],
+}
+
+/// The per-thread loops, compiled twice: for the baseline x86-64 instruction set and, chosen at
+/// run time where the processor has them, for AVX2 + FMA (wider vectors for every loop).
+mod kernels {
+    use super::{BLOCK, F32Part, Map, Q8Part, Step, Unit, descend};
+
+    type Sums = Vec<(usize, f64, f64)>;
+
+    #[inline(always)]
+    fn f32_body(k: &Step, part: F32Part<'_>, lr: Option<f32>) -> Sums {
+        let base = part.units.first().map_or(0, |u| u.range.start);
+        let mut out = Vec::with_capacity(part.units.len());
+        for u in part.units {
+            let r = (u.range.start - base)..(u.range.end - base);
+            let (m, v) = (&mut part.m[r.clone()], &mut part.v[r.clone()]);
+            let (p, g) = (&mut part.p[r.clone()], &mut part.g[r]);
+            k.moments(m, v, g);
+            let (uu, pp) = k.direction(m, v, p, g, u.decay);
+            if let Some(lr) = lr {
+                descend(p, g, lr);
+            }
+            out.push((u.entry, uu, pp));
+        }
+        out
+    }
+
+    #[inline(always)]
+    fn q8_body(k: &Step, part: Q8Part<'_>, lr: Option<f32>) -> Sums {
+        let base = part.units.first().map_or(0, |u| u.range.start);
+        let mut m = vec![0f32; BLOCK];
+        let mut v = vec![0f32; BLOCK];
+        let mut out = Vec::with_capacity(part.units.len());
+        for (j, u) in part.units.iter().enumerate() {
+            let r = (u.range.start - base)..(u.range.end - base);
+            let n = r.len();
+            let (mq, vq) = (&mut part.mq[r.clone()], &mut part.vq[r.clone()]);
+            let (p, g) = (&mut part.p[r.clone()], &mut part.g[r]);
+            let (m, v) = (&mut m[..n], &mut v[..n]);
+            Map::signed().dequantize(mq, part.ms[j], m);
+            Map::unsigned().dequantize(vq, part.vs[j], v);
+            k.moments(m, v, g);
+            // Leaves m and v as stored: the step uses the stored state.
+            part.ms[j] = Map::signed().quantize(m, mq);
+            part.vs[j] = Map::unsigned().quantize(v, vq);
+            let (uu, pp) = k.direction(m, v, p, g, u.decay);
+            if let Some(lr) = lr {
+                descend(p, g, lr);
+            }
+            out.push((u.entry, uu, pp));
+        }
+        out
+    }
+
+    #[inline(always)]
+    fn descend_body(units: &[Unit], p: &mut [f32], g: &[f32], lr: f32, ratios: &[f32]) {
+        let base = units.first().map_or(0, |u| u.range.start);
+        for u in units {
+            let r = (u.range.start - base)..(u.range.end - base);
+            descend(&mut p[r.clone()], &g[r], lr * ratios[u.entry]);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn wide() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn f32_avx2(k: &Step, part: F32Part<'_>, lr: Option<f32>) -> Sums {
+        f32_body(k, part, lr)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn q8_avx2(k: &Step, part: Q8Part<'_>, lr: Option<f32>) -> Sums {
+        q8_body(k, part, lr)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn descend_avx2(units: &[Unit], p: &mut [f32], g: &[f32], lr: f32, ratios: &[f32]) {
+        descend_body(units, p, g, lr, ratios)
+    }
+
+    pub(super) fn f32_part(k: &Step, part: F32Part<'_>, lr: Option<f32>) -> Sums {
+        #[cfg(target_arch = "x86_64")]
+        if wide() {
+            // SAFETY: the processor has AVX2 and FMA (checked just above).
+            return unsafe { f32_avx2(k, part, lr) };
+        }
+        f32_body(k, part, lr)
+    }
+
+    pub(super) fn q8_part(k: &Step, part: Q8Part<'_>, lr: Option<f32>) -> Sums {
+        #[cfg(target_arch = "x86_64")]
+        if wide() {
+            // SAFETY: the processor has AVX2 and FMA (checked just above).
+            return unsafe { q8_avx2(k, part, lr) };
+        }
+        q8_body(k, part, lr)
+    }
+
+    pub(super) fn descend_part(units: &[Unit], p: &mut [f32], g: &[f32], lr: f32, ratios: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if wide() {
+            // SAFETY: the processor has AVX2 and FMA (checked just above).
+            return unsafe { descend_avx2(units, p, g, lr, ratios) };
+        }
+        descend_body(units, p, g, lr, ratios)
     }
 }
 

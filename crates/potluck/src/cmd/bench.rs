@@ -21,6 +21,78 @@ pub(crate) enum Bench {
     /// Samples/s and GFLOP/s of a training step next to sgemm, per optimizer state and
     /// checkpointing.
     Train(TrainArgs),
+    /// Time of one inner-optimizer step per parameter: AdamW and LAMB, f32 and 8-bit state.
+    Optimizer(OptimizerArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example: potluck bench optimizer --params 42000000")]
+pub(crate) struct OptimizerArgs {
+    /// Parameters (one tensor per 4 M, like a model's large matrices).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub(crate) params: usize,
+    /// Timed steps per variant.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) steps: usize,
+}
+
+fn bench_optimizer(args: &OptimizerArgs) -> Result<()> {
+    use potluck_core::{Layout, Role};
+    let chunk = 4 << 20;
+    let sizes: Vec<usize> = (0..args.params.div_ceil(chunk))
+        .map(|i| chunk.min(args.params - i * chunk))
+        .collect();
+    let layout = Layout::new(
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (format!("t{i}"), vec![n], Role::Weight)),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let n = layout.numel();
+    let grad: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.013).sin() * 1e-3).collect();
+    println!(
+        "inner optimizer on {n} parameters, {} threads",
+        std::thread::available_parallelism().map_or(1, |t| t.get())
+    );
+    println!(
+        "{:<8} {:<6} {:>10} {:>12} {:>12}",
+        "rule", "state", "ms/step", "ns/param", "state bytes/param"
+    );
+    for precision in [Precision::F32, Precision::Blockwise8] {
+        for rule in [Rule::AdamW, Rule::Lamb] {
+            let cfg = optim::Config {
+                rule,
+                precision,
+                ..optim::Config::reference_lamb()
+            };
+            let mut opt = Optimizer::new(cfg, &layout);
+            let mut p: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.007).cos()).collect();
+            let mut g = grad.clone();
+            opt.step(&mut p, &mut g)?;
+            let mut times = Vec::new();
+            for _ in 0..args.steps.max(1) {
+                g.copy_from_slice(&grad);
+                let t = Instant::now();
+                opt.step(&mut p, &mut g)?;
+                times.push(t.elapsed().as_secs_f64());
+            }
+            let per = median(times);
+            println!(
+                "{:<8} {:<6} {:>10.1} {:>12.2} {:>12.2}",
+                format!("{rule:?}"),
+                if precision == Precision::F32 {
+                    "f32"
+                } else {
+                    "8bit"
+                },
+                per * 1e3,
+                per * 1e9 / n as f64,
+                opt.moments().bytes() as f64 / n as f64
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -121,7 +193,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub(crate) fn run(bench: Bench) -> Result<()> {
-    let Bench::Train(args) = bench;
+    let args = match bench {
+        Bench::Train(args) => args,
+        Bench::Optimizer(args) => return bench_optimizer(&args),
+    };
     let device = args.device.parse::<Device>()?.tch()?;
     let base = match &args.data {
         Some(dir) => model_config(&args.config, &TokenSet::open(dir)?, false)?,
