@@ -12,6 +12,17 @@ pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Runs potluck, expecting success; returns its standard output.
+pub(crate) fn ok(args: &[&str]) -> String {
+    let out = potluck(args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "potluck {args:?} failed:\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
 #[test]
 fn help_lists_every_command_in_one_line() {
     let out = potluck(&["--help"]);

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use potluck_data::tokens::TokenSet;
 
-use crate::cli::{potluck, text};
+use crate::cli::ok;
 
 /// Settings small enough for a test: seconds, not minutes.
 const TINY: &[&str] = &[
@@ -22,7 +22,7 @@ const TINY: &[&str] = &[
     "4",
 ];
 
-fn prepare(dataset: &str, out: &Path, extra: &[&str]) -> (String, String) {
+fn prepare(dataset: &str, out: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "prepare",
         "--dataset",
@@ -32,20 +32,14 @@ fn prepare(dataset: &str, out: &Path, extra: &[&str]) -> (String, String) {
     ];
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
-    let result = potluck(&args);
-    let (stdout, stderr) = (text(&result.stdout), text(&result.stderr));
-    assert!(
-        result.status.success(),
-        "prepare failed:\n{stdout}\n{stderr}"
-    );
-    (stdout, stderr)
+    ok(&args)
 }
 
 #[test]
 fn shapes_become_token_shards_that_check_out() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("shapes");
-    let (stdout, _) = prepare(
+    let stdout = prepare(
         "shapes",
         &out,
         &["--images", "300", "--shard-samples", "128"],
@@ -92,7 +86,7 @@ fn a_folder_with_a_broken_image_is_prepared_and_the_skip_reported() {
     std::fs::write(images.join("0007.png"), b"\x89PNG\r\n\x1a\n broken").unwrap();
     let out = dir.path().join("prepared");
     let spec = format!("webdataset:{}", images.display());
-    let (stdout, _) = prepare(&spec, &out, &["--shard-samples", "1000"]);
+    let stdout = prepare(&spec, &out, &["--shard-samples", "1000"]);
     assert!(
         stdout.contains("skipped input: 1 corrupt images"),
         "{stdout}"

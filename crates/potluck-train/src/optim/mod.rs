@@ -591,13 +591,28 @@ mod kernels {
             let (m, v) = (&mut part.m[r.clone()], &mut part.v[r.clone()]);
             let (p, g) = (&mut part.p[r.clone()], &mut part.g[r]);
             k.moments(m, v, g);
-            let (uu, pp) = k.direction(m, v, p, g, u.decay);
-            if let Some(lr) = lr {
-                descend(p, g, lr);
-            }
-            out.push((u.entry, uu, pp));
+            out.push(finish(k, u, m, v, p, g, lr));
         }
         out
+    }
+
+    /// The direction of a unit whose moments are updated (written into `g`), and with `lr`
+    /// the step along it.
+    #[inline(always)]
+    fn finish(
+        k: &Step,
+        u: &Unit,
+        m: &[f32],
+        v: &[f32],
+        p: &mut [f32],
+        g: &mut [f32],
+        lr: Option<f32>,
+    ) -> (usize, f64, f64) {
+        let (uu, pp) = k.direction(m, v, p, g, u.decay);
+        if let Some(lr) = lr {
+            descend(p, g, lr);
+        }
+        (u.entry, uu, pp)
     }
 
     #[inline(always)]
@@ -618,11 +633,7 @@ mod kernels {
             // Leaves m and v as stored: the step uses the stored state.
             part.ms[j] = Map::signed().quantize(m, mq);
             part.vs[j] = Map::unsigned().quantize(v, vq);
-            let (uu, pp) = k.direction(m, v, p, g, u.decay);
-            if let Some(lr) = lr {
-                descend(p, g, lr);
-            }
-            out.push((u.entry, uu, pp));
+            out.push(finish(k, u, m, v, p, g, lr));
         }
         out
     }

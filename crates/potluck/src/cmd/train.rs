@@ -83,6 +83,9 @@ pub(crate) struct Args {
     pub(crate) checkpoint_minutes: f64,
 }
 
+/// Batches of the fixed evaluation at the end of a run.
+const EVAL_BATCHES: usize = 8;
+
 /// What a checkpoint keeps about the run, to resume it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct RunInfo {
@@ -299,6 +302,29 @@ pub(crate) fn run(args: Args) -> Result<()> {
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     let s = smoothed.unwrap_or_default();
+    // The loss on a fixed set of samples (the same for every run on this data), so runs can be
+    // compared without the noise of the training batches.
+    let mut fixed = data.rows(Order::new(u64::MAX, u64::MAX));
+    let mut eval = potluck_core::Loss::default();
+    for _ in 0..EVAL_BATCHES {
+        let rows = (0..args.batch_size.min(micro))
+            .map(|_| {
+                fixed
+                    .next()
+                    .context("the data ran out")?
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<Row>>>()?;
+        let l = potluck_core::Trainable::evaluate(solo.model_mut(), &TokenBatch::from_rows(&rows))?;
+        eval.total += l.total / EVAL_BATCHES as f64;
+        eval.parts[0] += l.parts[0] / EVAL_BATCHES as f64;
+        eval.parts[1] += l.parts[1] / EVAL_BATCHES as f64;
+        eval.samples += l.samples;
+    }
+    println!(
+        "loss on {} fixed samples: {:.4} (text {:.4}, image {:.4})",
+        eval.samples, eval.total, eval.parts[0], eval.parts[1]
+    );
     save(&args, &solo, s, prior_seconds + elapsed)?;
     println!(
         "trained to step {} ({} samples) in {:.1} min, {:.1} samples/s; loss {:.3} (text {:.3}, \
