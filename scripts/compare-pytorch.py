@@ -3,8 +3,9 @@
 
 Both use the same libtorch (the project venv's torch 2.13.0), the same shapes, the same batch and
 the same thread count, so any gap is potluck's own overhead: copies to and from flat buffers, the
-optimizer in Rust, shapes that defeat the fast kernels. PyTorch steps with torch.optim.AdamW
-(foreach); potluck with its LAMB on flat buffers (f32 state), as `potluck bench train` measures.
+optimizer in Rust, shapes that defeat the fast kernels. Both step with AdamW and f32 state:
+PyTorch's torch.optim.AdamW (foreach), potluck's AdamW on flat buffers, as
+`potluck bench train --optimizer adamw` measures.
 
 Usage (from the repository root, after `make build` and `make venv-pytorch`):
 
@@ -151,7 +152,8 @@ def torch_rate(model, opt, text, image, steps, warmup):
 def potluck_rate(args):
     out = subprocess.run(
         [POTLUCK, "bench", "train", "--config", args.config, "--batch", str(args.batch),
-         "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", "f32", "--json"],
+         "--steps", str(args.steps), "--warmup", str(args.warmup), "--variants", "f32",
+         "--optimizer", "adamw", "--json"],
         check=True, capture_output=True, text=True)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     return report["variants"][0]["samples_per_s"], report["sgemm_gflops"], report["train_gflop_per_sample"]

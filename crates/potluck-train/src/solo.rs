@@ -100,24 +100,27 @@ impl<T: Trainable> Solo<T> {
         total.total /= n;
         total.parts[0] /= n;
         total.parts[1] /= n;
-        let inv = 1.0 / n as f32;
-        self.grad.iter_mut().for_each(|g| *g *= inv);
         let compute = started.elapsed();
 
         let started = Instant::now();
-        let (info, skipped) = match self.optimizer.step(&mut self.params, &mut self.grad) {
-            Ok(info) => (info, false),
-            Err(optim::Error::NonFinite { norm }) => {
-                tracing::warn!("step skipped: the gradient is not finite (norm {norm})");
-                let info = optim::StepInfo {
-                    step: self.optimizer.steps(),
-                    lr: 0.0,
-                    grad_norm: norm,
-                };
-                (info, true)
-            }
-            Err(e) => return Err(e.into()),
-        };
+        // The buffer holds the summed gradient; the optimizer divides by the samples as it reads.
+        let (info, skipped) =
+            match self
+                .optimizer
+                .step_scaled(&mut self.params, &mut self.grad, 1.0 / n)
+            {
+                Ok(info) => (info, false),
+                Err(optim::Error::NonFinite { norm }) => {
+                    tracing::warn!("step skipped: the gradient is not finite (norm {norm})");
+                    let info = optim::StepInfo {
+                        step: self.optimizer.steps(),
+                        lr: 0.0,
+                        grad_norm: norm,
+                    };
+                    (info, true)
+                }
+                Err(e) => return Err(e.into()),
+            };
         let optimizer = started.elapsed();
         let started = Instant::now();
         if !skipped {

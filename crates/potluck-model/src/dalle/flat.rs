@@ -51,6 +51,21 @@ fn blob(dst: &mut [f32]) -> Tensor {
     }
 }
 
+/// A CPU tensor over `src`'s memory, only ever read (the source of a copy), with the same
+/// lifetime rule as [`blob`].
+fn source(src: &[f32]) -> Tensor {
+    // SAFETY: as for `blob`; the tensor is only read, and dropped before `src` is released.
+    unsafe {
+        Tensor::from_blob(
+            src.as_ptr().cast::<u8>(),
+            &[src.len() as i64],
+            &[1],
+            Kind::Float,
+            tch::Device::Cpu,
+        )
+    }
+}
+
 impl Dalle {
     fn check_batch(&self, batch: &TokenBatch) -> Result<(), Error> {
         let t = self.cfg.tokens;
@@ -119,10 +134,9 @@ impl Trainable for Dalle {
         self.check_len(params.len())?;
         tch::no_grad(|| {
             for (entry, param) in self.layout.entries().iter().zip(&self.params) {
-                let src = Tensor::from_slice(&params[entry.range()]).view(param.size().as_slice());
-                param
-                    .shallow_clone()
-                    .f_copy_(&src.to_device(param.device()))?;
+                // One copy, straight from the caller's buffer into the parameter.
+                let src = source(&params[entry.range()]).view(param.size().as_slice());
+                param.shallow_clone().f_copy_(&src)?;
             }
             Ok(())
         })

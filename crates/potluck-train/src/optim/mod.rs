@@ -382,6 +382,17 @@ impl Optimizer {
     /// One step with the averaged gradient `grad`: updates `params` in place. `grad` is used
     /// as scratch: afterwards it holds the step's direction, not the gradient.
     pub fn step(&mut self, params: &mut [f32], grad: &mut [f32]) -> Result<StepInfo, Error> {
+        self.step_scaled(params, grad, 1.0)
+    }
+
+    /// [`Optimizer::step`] with the gradient `scale · grad` (a sum of gradients and
+    /// `1 / samples`, say), without a pass over the buffer to scale it first.
+    pub fn step_scaled(
+        &mut self,
+        params: &mut [f32],
+        grad: &mut [f32],
+        scale: f64,
+    ) -> Result<StepInfo, Error> {
         if params.len() != self.numel || grad.len() != self.numel {
             return Err(Error::Length {
                 params: params.len(),
@@ -389,7 +400,7 @@ impl Optimizer {
                 numel: self.numel,
             });
         }
-        let grad_norm = global_norm(grad, self.threads);
+        let grad_norm = global_norm(grad, self.threads) * scale.abs();
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite { norm: grad_norm });
         }
@@ -397,11 +408,12 @@ impl Optimizer {
         let cfg = self.cfg;
         let lr = cfg.schedule.lr(self.step);
         // As PyTorch's clip_grad_norm_: max / (norm + 1e-6), never above 1.
-        let gscale = if cfg.max_grad_norm > 0.0 {
+        let clip = if cfg.max_grad_norm > 0.0 {
             (cfg.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
         } else {
             1.0
         };
+        let gscale = clip * scale;
         let (c1, c2) = if cfg.bias_correction {
             (
                 1.0 - cfg.beta1.powf(t as f64),

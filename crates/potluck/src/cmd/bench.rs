@@ -119,6 +119,9 @@ pub(crate) struct TrainArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+    /// Inner optimizer: lamb or adamw.
+    #[arg(long, default_value = "lamb")]
+    pub(crate) optimizer: String,
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
@@ -211,6 +214,11 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
     if let Some(bad) = wanted.iter().find(|v| !all.contains(v)) {
         bail!("unknown variant {bad:?}: one of {}", all.join(", "));
     }
+    let rule = match args.optimizer.as_str() {
+        "lamb" => Rule::Lamb,
+        "adamw" => Rule::AdamW,
+        other => bail!("unknown optimizer {other:?}: use lamb or adamw"),
+    };
     let sgemm = sgemm_gflops(device);
     let gflop_per_sample = 6.0 * base.forward_macs() / 1e9;
     let mut variants = Vec::new();
@@ -230,7 +238,7 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
         let model = Dalle::new(config.clone(), device)?;
         let opt = Optimizer::new(
             optim::Config {
-                rule: Rule::Lamb,
+                rule,
                 precision,
                 schedule: Schedule::constant(1e-3),
                 beta1: 0.9,
