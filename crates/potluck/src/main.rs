@@ -35,6 +35,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Score a checkpoint trained on `shapes`: per-slot and overall accuracy of its drawings.
     Eval(cmd::eval::Args),
+    /// Make a peer identity file (an ed25519 key), so a peer keeps its id across restarts.
+    Keygen(cmd::keygen::Args),
     /// Print the parameter counts of a model preset as built (unique and effective).
     ModelInfo(cmd::model_info::Args),
     /// Measure speed and memory (`bench train`).
@@ -57,6 +59,7 @@ fn main() -> ExitCode {
         Command::Train(args) => cmd::train::run(*args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Keygen(args) => cmd::keygen::run(args),
         Command::ModelInfo(args) => cmd::model_info::run(args),
         Command::Bench(bench) => cmd::bench::run(bench),
     };

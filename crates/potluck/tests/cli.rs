@@ -55,6 +55,17 @@ fn every_command_help_has_an_example() {
 }
 
 #[test]
+fn keygen_writes_an_identity_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("id.key");
+    let out = ok(&["keygen", "--out", path.to_str().unwrap()]);
+    assert!(out.contains("peer id: 12D3KooW"), "{out}");
+    let again = potluck(&["keygen", "--out", path.to_str().unwrap()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(text(&again.stderr).contains("exists"));
+}
+
+#[test]
 fn a_bad_data_set_name_says_what_to_use() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");

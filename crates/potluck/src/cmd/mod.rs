@@ -4,6 +4,7 @@ pub(crate) mod bench;
 pub(crate) mod demo;
 pub(crate) mod eval;
 pub(crate) mod generate;
+pub(crate) mod keygen;
 pub(crate) mod model_info;
 pub(crate) mod prepare;
 pub(crate) mod run;

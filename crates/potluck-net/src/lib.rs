@@ -1,0 +1,7 @@
+//! potluck's network layer: identities, the libp2p host, and the DHT every other part of a
+//! run coordinates through (progress, matchmaking, state donors, metrics).
+//!
+//! Nothing here knows about models: what travels is records and bytes.
+
+pub mod dht;
+pub mod identity;
