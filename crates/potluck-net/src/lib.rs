@@ -4,4 +4,5 @@
 //! Nothing here knows about models: what travels is records and bytes.
 
 pub mod dht;
+pub mod host;
 pub mod identity;
