@@ -19,7 +19,7 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Log filter (e.g. `info`, `potluck=debug`); also from RUST_LOG.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info,libp2p_swarm=warn")]
     log: String,
 }
 
@@ -39,6 +39,9 @@ enum Command {
     Keygen(cmd::keygen::Args),
     /// Print the parameter counts of a model preset as built (unique and effective).
     ModelInfo(cmd::model_info::Args),
+    /// Run a DHT bootstrap node, or read and write a live run's DHT (`serve`, `put`, `get`).
+    #[command(subcommand)]
+    Dht(cmd::dht::Command),
     /// Measure speed and memory (`bench train`).
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Keygen(args) => cmd::keygen::run(args),
         Command::ModelInfo(args) => cmd::model_info::run(args),
         Command::Bench(bench) => cmd::bench::run(bench),
+        Command::Dht(command) => cmd::dht::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,6 +2,7 @@
 
 pub(crate) mod bench;
 pub(crate) mod demo;
+pub(crate) mod dht;
 pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod keygen;

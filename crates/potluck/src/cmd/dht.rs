@@ -1,0 +1,227 @@
+//! `potluck dht serve|put|get`: a bootstrap node for a run, and debugging access to a live DHT.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use potluck_net::dht::record::{self, Subkey};
+use potluck_net::dht::store::Entry;
+use potluck_net::dht::{Config, Dht};
+use potluck_net::host::{self, Transports};
+use potluck_net::identity;
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Run a bootstrap node (a DHT server) and print the addresses others join through.
+    Serve(ServeArgs),
+    /// Store a value in a live DHT (as a client: this process is gone afterwards).
+    Put(PutArgs),
+    /// Read a key from a live DHT.
+    Get(GetArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck dht serve --listen /ip4/0.0.0.0/tcp/31337 \
+                        --identity bootstrap.key"
+)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (repeat for several) [default: every interface, a free TCP port
+    /// and a free QUIC port].
+    #[arg(long)]
+    pub(crate) listen: Vec<String>,
+    /// Identity file: created if missing, so the node keeps its peer id across restarts.
+    #[arg(long)]
+    pub(crate) identity: Option<PathBuf>,
+    /// Peers of an existing DHT to join (full multiaddrs ending in /p2p/PEER_ID; repeat or
+    /// separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) initial_peers: Vec<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck dht put --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… \
+                        run1.note hello --ttl 600"
+)]
+pub(crate) struct PutArgs {
+    /// Peers of the DHT (full multiaddrs ending in /p2p/PEER_ID; repeat or separate with commas).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) initial_peers: Vec<String>,
+    /// Store under this subkey (a dictionary entry).
+    #[arg(long, conflicts_with = "identity")]
+    pub(crate) subkey: Option<String>,
+    /// Store under the subkey owned by this identity, signed with it.
+    #[arg(long)]
+    pub(crate) identity: Option<PathBuf>,
+    /// Seconds until the value expires.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) ttl: u64,
+    pub(crate) key: String,
+    pub(crate) value: String,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck dht get --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… \
+                        run1.note"
+)]
+pub(crate) struct GetArgs {
+    /// Peers of the DHT (full multiaddrs ending in /p2p/PEER_ID; repeat or separate with commas).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub(crate) initial_peers: Vec<String>,
+    pub(crate) key: String,
+}
+
+fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse().with_context(|| {
+                format!("{a:?} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…)")
+            })
+        })
+        .collect()
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub(crate) fn run(command: Command) -> Result<()> {
+    let rt = runtime()?;
+    match command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Put(args) => rt.block_on(put(args)),
+        Command::Get(args) => rt.block_on(get(args)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let keypair = match &args.identity {
+        Some(path) => identity::load_or_create(path)?,
+        None => identity::generate(),
+    };
+    let listen = if args.listen.is_empty() {
+        vec![
+            "/ip4/0.0.0.0/tcp/0".to_owned(),
+            "/ip4/0.0.0.0/udp/0/quic-v1".to_owned(),
+        ]
+    } else {
+        args.listen.clone()
+    };
+    let mut host_config = host::Config::new(keypair, Transports::Network);
+    host_config.listen = parse_addrs(&listen)?;
+    let dht = Dht::start(host_config, Config::default(), Default::default())
+        .await
+        .map_err(|e| match e {
+            potluck_net::dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
+                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
+            ),
+            e => e.into(),
+        })?;
+    let initial = parse_addrs(&args.initial_peers)?;
+    if !initial.is_empty() {
+        dht.bootstrap(&initial)
+            .await
+            .context("joining through --initial-peers")?;
+    }
+    println!("peer id: {}", dht.peer_id());
+    println!("listening on:");
+    for addr in dht.addrs().await? {
+        println!("  {addr}");
+    }
+    println!("pass one of these as --initial-peers");
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let mut refresh = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = refresh.tick() => {
+                dht.refresh(Duration::from_secs(600)).await;
+                tracing::info!("{} peers in the routing table", dht.routing_len());
+            }
+        }
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
+
+async fn client(initial: &[String]) -> Result<Dht> {
+    let host_config = host::Config::new(identity::generate(), Transports::Network);
+    let dht = Dht::start(
+        host_config,
+        Config {
+            client: true,
+            ..Config::default()
+        },
+        Default::default(),
+    )
+    .await?;
+    let initial = parse_addrs(initial)?;
+    dht.bootstrap(&initial)
+        .await
+        .context("no route to the initial peers: check the addresses and that the nodes run")?;
+    Ok(dht)
+}
+
+async fn put(args: PutArgs) -> Result<()> {
+    let dht = client(&args.initial_peers).await?;
+    let expiration = record::now() + args.ttl * 1000;
+    let value = args.value.clone().into_bytes();
+    let stored = match &args.identity {
+        Some(path) => {
+            let keypair = identity::load(path)?;
+            dht.store_signed(&keypair, args.key.as_bytes(), value, expiration)
+                .await?
+        }
+        None => {
+            let subkey = args
+                .subkey
+                .as_ref()
+                .map(|s| Subkey::Plain(s.clone().into_bytes()));
+            dht.store(args.key.as_bytes(), subkey, value, expiration)
+                .await?
+        }
+    };
+    println!("stored on {stored} nodes, expires in {} s", args.ttl);
+    Ok(())
+}
+
+fn show(value: &[u8]) -> String {
+    match std::str::from_utf8(value) {
+        Ok(s) => format!("{s:?}"),
+        Err(_) => format!("{} bytes", value.len()),
+    }
+}
+
+async fn get(args: GetArgs) -> Result<()> {
+    let dht = client(&args.initial_peers).await?;
+    let now = record::now();
+    match dht.get(args.key.as_bytes()).await? {
+        None => bail!("{} holds nothing (or it expired)", args.key),
+        Some(Entry::Value(item)) => {
+            println!(
+                "{} = {} (expires in {} s)",
+                args.key,
+                show(&item.value),
+                item.expiration.saturating_sub(now) / 1000
+            );
+        }
+        Some(Entry::Dict(d)) => {
+            println!("{}: {} subkeys", args.key, d.len());
+            for (subkey, item) in d {
+                println!(
+                    "  {subkey} = {} (expires in {} s)",
+                    show(&item.value),
+                    item.expiration.saturating_sub(now) / 1000
+                );
+            }
+        }
+    }
+    Ok(())
+}
