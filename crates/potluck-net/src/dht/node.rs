@@ -206,6 +206,10 @@ impl Inbound for Shared {
             RequestBody::Store { records } => ResponseBody::Stored {
                 results: self.store_local(&records, now),
             },
+            RequestBody::StoreNear { target, records } => ResponseBody::StoredNear {
+                results: self.store_local(&records, now),
+                peers: self.closest_infos(&target, &peer),
+            },
         };
         Response { now, body }
     }
@@ -221,10 +225,25 @@ impl Inbound for Shared {
     }
 }
 
+/// What a lookup asks each peer on its way.
+#[derive(Debug, Clone, Copy)]
+enum Ask<'a> {
+    /// Only for closer peers.
+    Nodes,
+    /// For the value of a key, and closer peers.
+    Value(&'a [u8]),
+    /// To store these records, and for closer peers.
+    Store(&'a [Record]),
+}
+
 /// What a lookup found.
 #[derive(Debug, Default)]
 struct Found {
-    /// The closest peers that answered, nearest first.
+    /// Peers that took the records of an `Ask::Store` lookup.
+    stored: HashSet<PeerId>,
+    /// The last refusal of a record, if any.
+    rejection: Option<Rejection>,
+    /// The k closest peers not known to be dead, nearest first.
     closest: Vec<Contact>,
     /// The merged entry, for gets.
     entry: Option<Entry>,
@@ -355,7 +374,8 @@ impl Dht {
         if answered == 0 && !initial.is_empty() {
             return Err(Error::NoBootstrap(errors.join("; ")));
         }
-        self.lookup(routing::peer_id(&self.peer_id()), None).await;
+        self.lookup(routing::peer_id(&self.peer_id()), Ask::Nodes)
+            .await;
         Ok(worst)
     }
 
@@ -367,7 +387,7 @@ impl Dht {
             let random: Id = rand::random();
             let target = lock(&self.shared.table).id_in_bucket(b, random);
             lock(&self.shared.table).touch(b, now);
-            self.lookup(target, None).await;
+            self.lookup(target, Ask::Nodes).await;
         }
     }
 
@@ -406,7 +426,11 @@ impl Dht {
     /// An iterative lookup of `target`: queries the closest known peers α at a time, moving
     /// towards the k closest that answer; with `key`, asks for its value and merges every
     /// answer.
-    async fn lookup(&self, target: Id, key: Option<&[u8]>) -> Found {
+    async fn lookup(&self, target: Id, ask: Ask<'_>) -> Found {
+        let key = match ask {
+            Ask::Value(key) => Some(key),
+            _ => None,
+        };
         let cfg = &self.shared.config;
         #[derive(PartialEq)]
         enum State {
@@ -421,6 +445,7 @@ impl Dht {
         }
         let mut found = Found::default();
         let mut in_flight = FuturesUnordered::new();
+        let (started, mut asked) = (Instant::now(), 0usize);
         loop {
             // The k closest that have not failed: done when all of them answered.
             let live: Vec<&Id> = candidates
@@ -434,10 +459,18 @@ impl Dht {
                 .filter(|d| candidates[**d].1 == State::New)
                 .map(|d| **d)
                 .collect();
-            let all_answered = live
-                .iter()
-                .all(|d| matches!(candidates[*d].1, State::Answered { .. }));
-            if all_answered || (waiting.is_empty() && in_flight.is_empty()) {
+            let answered = |d: &&Id| matches!(candidates[*d].1, State::Answered { .. });
+            let all_answered = live.iter().all(answered);
+            // Converged once the α closest live peers answered (no answer brought anyone closer
+            // than them). A get stops there once it holds a value (stores reach the k closest,
+            // so the nearest hold the latest); a node lookup stops there and hands back the k
+            // closest it knows, the stores that follow check them.
+            let converged = live.iter().take(cfg.alpha).all(answered);
+            let done = match key {
+                Some(_) => converged && found.entry.is_some(),
+                None => converged,
+            };
+            if all_answered || done || (waiting.is_empty() && in_flight.is_empty()) {
                 break;
             }
             for d in waiting
@@ -448,10 +481,15 @@ impl Dht {
                     continue;
                 };
                 *state = State::Asked;
+                asked += 1;
                 let (peer, addrs) = (contact.peer, contact.addrs.clone());
-                let body = match key {
-                    Some(key) => RequestBody::Get { key: key.to_vec() },
-                    None => RequestBody::FindNode { target },
+                let body = match ask {
+                    Ask::Value(key) => RequestBody::Get { key: key.to_vec() },
+                    Ask::Nodes => RequestBody::FindNode { target },
+                    Ask::Store(records) => RequestBody::StoreNear {
+                        target,
+                        records: records.to_vec(),
+                    },
                 };
                 let this = self.clone();
                 in_flight.push(async move { (d, this.call(peer, addrs, body).await) });
@@ -481,6 +519,20 @@ impl Dht {
                         merge_wire(&mut found.entry, key, &e, &self.shared);
                     }
                     closer
+                }
+                Ok(Response {
+                    body: ResponseBody::StoredNear { results, peers },
+                    ..
+                }) => {
+                    *state = State::Answered { had_value: false };
+                    match results.first() {
+                        Some(Ok(()) | Err(Rejection::Stale)) => {
+                            found.stored.insert(contact.peer);
+                        }
+                        Some(Err(e)) => found.rejection = Some(e.clone()),
+                        None => {}
+                    }
+                    peers
                 }
                 Ok(_) | Err(_) => {
                     *state = State::Failed;
@@ -518,14 +570,24 @@ impl Dht {
                 lock(&self.shared.table).seen(peer, addrs, now);
             }
         }
+        tracing::debug!(
+            "lookup: {asked} peers asked in {:.1} ms, value {}",
+            started.elapsed().as_secs_f64() * 1e3,
+            found.entry.is_some()
+        );
         for (contact, state) in candidates.into_values() {
-            if let State::Answered { had_value } = state
-                && found.closest.len() < cfg.k
-            {
-                if !had_value {
-                    found.lacking.push(contact.clone());
+            if found.closest.len() >= cfg.k {
+                break;
+            }
+            match state {
+                State::Failed => {}
+                State::Answered { had_value } => {
+                    if !had_value {
+                        found.lacking.push(contact.clone());
+                    }
+                    found.closest.push(contact);
                 }
-                found.closest.push(contact);
+                State::New | State::Asked => found.closest.push(contact),
             }
         }
         found
@@ -573,8 +635,14 @@ impl Dht {
             &self.shared.config.limits,
             &self.shared.validators,
         )?;
-        let found = self.lookup(routing::id_of(&record.key), None).await;
-        let mut stored = 0;
+        // The lookup stores on the peers it meets near the key; then the k closest it found
+        // that do not hold the record yet get it too.
+        let records = std::slice::from_ref(&record);
+        let found = self
+            .lookup(routing::id_of(&record.key), Ask::Store(records))
+            .await;
+        let mut stored = found.stored.len();
+        let mut last_rejection = found.rejection.clone();
         if !self.shared.config.client {
             let local_distance = routing::distance(
                 &routing::peer_id(&self.shared.local),
@@ -585,22 +653,22 @@ impl Dht {
                 .get(self.shared.config.k.saturating_sub(1))
                 .map(|c| routing::distance(&c.id, &routing::id_of(&record.key)));
             if kth.is_none_or(|kth| local_distance < kth)
-                && self
-                    .shared
-                    .store_local(std::slice::from_ref(&record), record::now())[0]
-                    .is_ok()
+                && self.shared.store_local(records, record::now())[0].is_ok()
             {
                 stored += 1;
             }
         }
         let mut calls = FuturesUnordered::new();
-        for c in &found.closest {
+        for c in found
+            .closest
+            .iter()
+            .filter(|c| !found.stored.contains(&c.peer))
+        {
             let body = RequestBody::Store {
                 records: vec![record.clone()],
             };
             calls.push(self.call(c.peer, c.addrs.clone(), body));
         }
-        let mut last_rejection = None;
         while let Some(result) = calls.next().await {
             if let Ok(Response {
                 body: ResponseBody::Stored { results },
@@ -633,7 +701,7 @@ impl Dht {
         } else {
             lock(&self.shared.store).get(key, now)
         };
-        let found = self.lookup(routing::id_of(key), Some(key)).await;
+        let found = self.lookup(routing::id_of(key), Ask::Value(key)).await;
         if let Some(remote) = &found.entry {
             match &mut entry {
                 Some(e) => e.merge(remote),

@@ -43,6 +43,12 @@ pub enum RequestBody {
     Get { key: Vec<u8> },
     /// Store these records.
     Store { records: Vec<Record> },
+    /// Store these records, and name the peers the responder knows closest to `target` (a
+    /// store's lookup stores on the way).
+    StoreNear {
+        target: [u8; 32],
+        records: Vec<Record>,
+    },
 }
 
 /// What a key holds, as sent: a value, or subkeys with theirs.
@@ -72,6 +78,10 @@ pub enum ResponseBody {
     },
     Stored {
         results: Vec<Result<(), Rejection>>,
+    },
+    StoredNear {
+        results: Vec<Result<(), Rejection>>,
+        peers: Vec<PeerInfo>,
     },
     /// The request was refused as a whole (malformed, over a limit).
     Refused {
@@ -152,7 +162,7 @@ impl Request {
     /// Decodes and checks the count limits of a request frame.
     pub fn decode(frame: &[u8]) -> Result<Request, DecodeError> {
         let r: Request = decode(frame, MAX_REQUEST)?;
-        if let RequestBody::Store { records } = &r.body
+        if let RequestBody::Store { records } | RequestBody::StoreNear { records, .. } = &r.body
             && records.len() > MAX_RECORDS
         {
             return Err(DecodeError::TooMany("records"));
@@ -177,7 +187,7 @@ impl Response {
         if peers.iter().any(|p| p.addrs.len() > MAX_ADDRS) {
             return Err(DecodeError::TooMany("addresses"));
         }
-        if let ResponseBody::Stored { results } = &r.body
+        if let ResponseBody::Stored { results } | ResponseBody::StoredNear { results, .. } = &r.body
             && results.len() > MAX_RECORDS
         {
             return Err(DecodeError::TooMany("results"));

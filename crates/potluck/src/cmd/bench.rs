@@ -23,6 +23,25 @@ pub(crate) enum Bench {
     Train(TrainArgs),
     /// Time of one inner-optimizer step per parameter: AdamW and LAMB, f32 and 8-bit state.
     Optimizer(OptimizerArgs),
+    /// DHT store and get latency and success across many nodes in one process.
+    Dht(DhtArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example: potluck bench dht --nodes 1024 --json")]
+pub(crate) struct DhtArgs {
+    /// Nodes in the DHT.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) nodes: usize,
+    /// Keys stored, then read back (one operation at a time, each from a random node).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) keys: usize,
+    /// Transport between the nodes: memory (in-process) or tcp (loopback).
+    #[arg(long, default_value = "memory")]
+    pub(crate) transport: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -199,6 +218,7 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
     let args = match bench {
         Bench::Train(args) => args,
         Bench::Optimizer(args) => return bench_optimizer(&args),
+        Bench::Dht(args) => return crate::cmd::bench_dht::run(&args),
     };
     let device = args.device.parse::<Device>()?.tch()?;
     let base = match &args.data {
