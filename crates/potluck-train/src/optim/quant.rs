@@ -265,7 +265,9 @@ mod tests {
             map.dequantize(&codes, absmax, &mut back);
             for (&v, &b) in values.iter().zip(&back) {
                 let want = brute_nearest(&map.levels, v * (1.0 / absmax)) * absmax;
-                prop_assert!((b - v).abs() <= (want - v).abs() * (1.0 + 1e-5) + 1e-12, "{} -> {} not {}", v, b, want);
+                // Nearest up to rounding: scaling by the block's absmax moves a tie by a few ulps.
+                let slack = 4.0 * f32::EPSILON * absmax;
+                prop_assert!((b - v).abs() <= (want - v).abs() + slack, "{} -> {} not {}", v, b, want);
             }
         }
     }
