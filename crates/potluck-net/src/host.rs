@@ -343,6 +343,25 @@ impl Host {
         self.peer
     }
 
+    /// Sends a command whose answer comes back on the channel it is built with, and waits at
+    /// most `deadline` for it (`None`: too late).
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<T>) -> Command,
+        deadline: Duration,
+    ) -> Result<Option<T>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(command(reply))
+            .await
+            .map_err(|_| Error::Stopped)?;
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(answer)) => Ok(Some(answer)),
+            Ok(Err(_)) => Err(Error::Stopped),
+            Err(_) => Ok(None),
+        }
+    }
+
     /// Sends `request` to `peer` (dialing `addrs` if not connected) and waits at most
     /// `deadline` for the answer.
     pub async fn rpc(
@@ -352,44 +371,32 @@ impl Host {
         request: Request,
         deadline: Duration,
     ) -> Result<Response, Error> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Rpc {
-                peer,
-                addrs,
-                request,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Stopped),
-            Err(_) => Err(Error::Timeout {
+        let rpc = |reply| Command::Rpc {
+            peer,
+            addrs,
+            request,
+            reply,
+        };
+        self.ask(rpc, deadline)
+            .await?
+            .unwrap_or(Err(Error::Timeout {
                 peer,
                 after: deadline,
-            }),
-        }
+            }))
     }
 
     /// Dials an address (e.g. an initial peer) and waits until connected.
     pub async fn dial(&self, addr: Multiaddr, deadline: Duration) -> Result<(), Error> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Dial {
+        let dial = |reply| Command::Dial {
+            addr: addr.clone(),
+            reply,
+        };
+        self.ask(dial, deadline).await?.unwrap_or_else(|| {
+            Err(Error::Dial {
                 addr: addr.clone(),
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Stopped)?;
-        match tokio::time::timeout(deadline, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Stopped),
-            Err(_) => Err(Error::Dial {
-                addr,
                 reason: format!("no connection within {deadline:?}"),
-            }),
-        }
+            })
+        })
     }
 
     /// The addresses this host listens on.

@@ -1,85 +1,40 @@
 use std::path::Path;
 
-use crate::cli::{potluck, text};
-
-fn ok(args: &[&str]) -> String {
-    let out = potluck(args);
-    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert!(
-        out.status.success(),
-        "potluck {args:?} failed:\n{stdout}\n{stderr}"
-    );
-    stdout
-}
+use crate::cli::{ok, potluck, text};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Runs `potluck` with `words` (split at spaces) followed by `more`.
+fn run(words: &str, more: &[&str]) -> String {
+    let mut args: Vec<&str> = words.split_whitespace().collect();
+    args.extend_from_slice(more);
+    ok(&args)
 }
 
 #[test]
 fn prepare_train_resume_generate_and_eval_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    ok(&[
-        "prepare",
-        "--dataset",
-        "shapes",
-        "--out",
-        s(&data),
-        "--images",
-        "256",
-        "--vq-steps",
-        "20",
-        "--vq-batch",
-        "8",
-        "--held-out",
-        "8",
-        "--vq-images",
-        "64",
-        "--vq-channels",
-        "8",
-        "--codebook",
-        "64",
-    ]);
+    let tiny = "--images 256 --vq-steps 20 --vq-batch 8 --held-out 8 --vq-images 64 \
+                --vq-channels 8 --codebook 64";
+    run(
+        &format!("prepare --dataset shapes {tiny}"),
+        &["--out", s(&data)],
+    );
     let ckpt = dir.path().join("ckpt");
-    let out = ok(&[
-        "train",
-        "--solo",
-        "--data",
-        s(&data),
-        "--config",
-        "tiny",
-        "--out",
-        s(&ckpt),
-        "--steps",
-        "6",
-        "--batch-size",
-        "8",
-        "--micro-batch",
-        "4",
-        "--warmup",
-        "2",
-    ]);
+    let train = |extra: &str| {
+        let words = format!("train --solo --config tiny --batch-size 8 {extra}");
+        run(&words, &["--data", s(&data), "--out", s(&ckpt)])
+    };
+    let out = train("--steps 6 --micro-batch 4 --warmup 2");
     assert!(out.contains("trained to step 6 (48 samples)"), "{out}");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).unwrap()).unwrap();
     assert_eq!(manifest["step"], 6);
     // Resuming continues the step count and the sample count.
-    let out = ok(&[
-        "train",
-        "--solo",
-        "--data",
-        s(&data),
-        "--config",
-        "tiny",
-        "--out",
-        s(&ckpt),
-        "--steps",
-        "9",
-        "--batch-size",
-        "8",
-        "--resume",
-    ]);
+    let out = train("--steps 9 --resume");
     assert!(out.contains("trained to step 9 (72 samples)"), "{out}");
     let files: Vec<String> = std::fs::read_dir(&ckpt)
         .unwrap()
@@ -95,44 +50,29 @@ fn prepare_train_resume_generate_and_eval_end_to_end() {
     );
 
     let grid = dir.path().join("grid.png");
+    let generate = |out_dir: &Path, grid: Option<&Path>| {
+        let mut args = vec!["--checkpoint", s(&ckpt), "--out-dir", s(out_dir)];
+        if let Some(grid) = grid {
+            args.extend(["--out", s(grid)]);
+        }
+        args.extend([
+            "a large red circle in the center",
+            "a small blue square at the top left",
+        ]);
+        run("generate --seed 3", &args);
+    };
     let each = dir.path().join("each");
-    let prompts = [
-        "a large red circle in the center",
-        "a small blue square at the top left",
-    ];
-    let mut args = vec![
-        "generate",
-        "--checkpoint",
-        s(&ckpt),
-        "--seed",
-        "3",
-        "--out",
-        s(&grid),
-        "--out-dir",
-        s(&each),
-    ];
-    args.extend_from_slice(&prompts);
-    ok(&args);
+    generate(&each, Some(&grid));
     let first = image::open(each.join("000.png")).unwrap().to_rgb8();
     assert_eq!(first.dimensions(), (32, 32));
     assert!(each.join("001.png").is_file() && !each.join("002.png").exists());
     assert!(image::open(&grid).unwrap().width() > 64);
     // The same seed draws the same image.
     let again = dir.path().join("again");
-    let mut args = vec![
-        "generate",
-        "--checkpoint",
-        s(&ckpt),
-        "--seed",
-        "3",
-        "--out-dir",
-        s(&again),
-    ];
-    args.extend_from_slice(&prompts);
-    ok(&args);
+    generate(&again, None);
     assert_eq!(image::open(again.join("000.png")).unwrap().to_rgb8(), first);
 
-    let out = ok(&["eval", "--checkpoint", s(&ckpt), "--prompts", "6"]);
+    let out = run("eval --prompts 6", &["--checkpoint", s(&ckpt)]);
     let last = out.lines().last().unwrap();
     let accuracy: f64 = last.strip_prefix("accuracy: ").unwrap().parse().unwrap();
     assert!((0.0..=1.0).contains(&accuracy), "{out}");
