@@ -25,6 +25,8 @@ pub struct Map {
     mid: Vec<f32>,
     /// Per table cell: the level nearest to the cell's start.
     base: Vec<u8>,
+    /// `base` followed by 3 bytes, so 4-byte vector gathers at any cell stay inside it.
+    base_padded: Vec<u8>,
     signed: bool,
 }
 
@@ -64,10 +66,13 @@ impl Map {
             }
             *slot = c as u8;
         }
+        let mut base_padded = base.clone();
+        base_padded.extend([0u8; 3]);
         Map {
             levels,
             mid,
             base,
+            base_padded,
             signed,
         }
     }
@@ -125,20 +130,93 @@ impl Map {
         }
         let inv = 1.0 / absmax;
         let n = values.len().min(codes.len());
-        for (code, v) in codes[..n].iter_mut().zip(values[..n].iter_mut()) {
-            let x = *v;
-            let m = self.nearest((x.abs() * inv).min(1.0));
-            let level = self.levels[m.min(self.levels.len() - 1)] * absmax;
-            if self.signed {
-                let negative = x < 0.0 && m > 0;
-                *code = (m as u8) | (u8::from(negative) << 7);
-                *v = if negative { -level } else { level };
-            } else {
-                *code = m as u8;
-                *v = level;
-            }
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2 (checked just above).
+            done = unsafe { self.round_avx2(&mut values[..n], &mut codes[..n], absmax, inv) };
+        }
+        for (code, v) in codes[done..n].iter_mut().zip(values[done..n].iter_mut()) {
+            (*code, *v) = self.round(*v, absmax, inv);
         }
         absmax
+    }
+
+    /// The code of `x` in a block of scale `absmax` (`inv` = 1 / absmax), and what it stands
+    /// for.
+    #[inline(always)]
+    fn round(&self, x: f32, absmax: f32, inv: f32) -> (u8, f32) {
+        let m = self.nearest((x.abs() * inv).min(1.0));
+        let level = self.levels[m.min(self.levels.len() - 1)] * absmax;
+        if self.signed {
+            let negative = x < 0.0 && m > 0;
+            (
+                (m as u8) | (u8::from(negative) << 7),
+                if negative { -level } else { level },
+            )
+        } else {
+            (m as u8, level)
+        }
+    }
+
+    /// [`Map::round`] eight values at a time with AVX2 gathers; returns how many values it did
+    /// (a multiple of eight), the caller rounds the rest. Bit-for-bit the same results.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn round_avx2(&self, values: &mut [f32], codes: &mut [u8], absmax: f32, inv: f32) -> usize {
+        use std::arch::x86_64::*;
+        let n = values.len() / 8 * 8;
+        // Table lookups read 4 bytes at a byte offset: the table is padded (see `build`).
+        let base = self.base_padded.as_ptr().cast::<i32>();
+        let top = (self.base.len() - 1) as i32;
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let inv = _mm256_set1_ps(inv);
+        let scale = _mm256_set1_ps(absmax);
+        let one = _mm256_set1_ps(1.0);
+        let first = _mm256_set1_epi32(FIRST_CELL as i32);
+        let zero = _mm256_setzero_si256();
+        let topv = _mm256_set1_epi32(top);
+        let low_byte = _mm256_set1_epi32(0xff);
+        let last_level = _mm256_set1_epi32(self.levels.len() as i32 - 1);
+        let mut out = [0i32; 8];
+        for i in (0..n).step_by(8) {
+            // SAFETY (all loads, gathers and stores below): `i + 8 <= n <= values.len()`;
+            // gather indices are clamped into the tables (`base_padded` has 3 bytes of slack
+            // for the 4-byte reads, `mid` and `levels` are indexed by codes below their
+            // lengths).
+            unsafe {
+                let x = _mm256_loadu_ps(values.as_ptr().add(i));
+                let m = _mm256_min_ps(_mm256_mul_ps(_mm256_and_ps(x, abs_mask), inv), one);
+                let cell = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(m), 15), first);
+                let cell = _mm256_min_epi32(_mm256_max_epi32(cell, zero), topv);
+                let c = _mm256_and_si256(_mm256_i32gather_epi32::<1>(base, cell), low_byte);
+                let mid = _mm256_i32gather_ps::<4>(self.mid.as_ptr(), c);
+                let up = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_GT_OQ>(m, mid));
+                let c = _mm256_min_epi32(_mm256_sub_epi32(c, up), last_level);
+                let level = _mm256_mul_ps(_mm256_i32gather_ps::<4>(self.levels.as_ptr(), c), scale);
+                let (code, value) = if self.signed {
+                    let negative = _mm256_and_si256(
+                        _mm256_castps_si256(_mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_setzero_ps())),
+                        _mm256_cmpgt_epi32(c, zero),
+                    );
+                    let code =
+                        _mm256_or_si256(c, _mm256_and_si256(negative, _mm256_set1_epi32(0x80)));
+                    let sign = _mm256_and_si256(negative, _mm256_set1_epi32(i32::MIN));
+                    (
+                        code,
+                        _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(level), sign)),
+                    )
+                } else {
+                    (c, level)
+                };
+                _mm256_storeu_ps(values.as_mut_ptr().add(i), value);
+                _mm256_storeu_si256(out.as_mut_ptr().cast(), code);
+            }
+            for (k, &code) in out.iter().enumerate() {
+                codes[i + k] = code as u8;
+            }
+        }
+        n
     }
 
     /// Turns `codes` of one block with scale `absmax` back into values (one table lookup
@@ -154,10 +232,36 @@ impl Map {
                 self.levels[code] * absmax
             };
         }
-        for (v, &code) in values.iter_mut().zip(codes) {
+        let n = values.len().min(codes.len());
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor has AVX2 (checked just above).
+            done = unsafe { lookup_avx2(&table, &codes[..n], &mut values[..n]) };
+        }
+        for (v, &code) in values[done..n].iter_mut().zip(&codes[done..n]) {
             *v = table[usize::from(code)];
         }
     }
+}
+
+/// `values[i] = table[codes[i]]` eight at a time (AVX2 gathers); returns how many it did.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lookup_avx2(table: &[f32; 256], codes: &[u8], values: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let n = codes.len().min(values.len()) / 8 * 8;
+    for i in (0..n).step_by(8) {
+        // SAFETY: `i + 8 <= n` bounds the 8-byte load and the 8-float store; codes index the
+        // 256-entry table.
+        unsafe {
+            let bytes = _mm_loadl_epi64(codes.as_ptr().add(i).cast());
+            let idx = _mm256_cvtepu8_epi32(bytes);
+            let v = _mm256_i32gather_ps::<4>(table.as_ptr(), idx);
+            _mm256_storeu_ps(values.as_mut_ptr().add(i), v);
+        }
+    }
+    n
 }
 
 #[cfg(test)]
@@ -268,6 +372,48 @@ mod tests {
                 // Nearest up to rounding: scaling by the block's absmax moves a tie by a few ulps.
                 let slack = 4.0 * f32::EPSILON * absmax;
                 prop_assert!((b - v).abs() <= (want - v).abs() + slack, "{} -> {} not {}", v, b, want);
+            }
+        }
+    }
+
+    #[test]
+    fn the_vector_path_rounds_exactly_like_the_scalar_one() {
+        // Values of every magnitude, both signs, around every midpoint.
+        let mut values: Vec<f32> = (0..20_000)
+            .map(|i| ((i as f32) * 0.618).sin() * 10f32.powi(-(i % 9)))
+            .collect();
+        for map in [Map::signed(), Map::unsigned()] {
+            for w in map.levels.windows(2) {
+                let mid = (w[0] + w[1]) / 2.0;
+                values.extend([
+                    mid,
+                    -mid,
+                    f32::from_bits(mid.to_bits() + 1),
+                    f32::from_bits(mid.to_bits() - 1),
+                ]);
+            }
+        }
+        values.push(1.0);
+        for map in [Map::signed(), Map::unsigned()] {
+            let (absmax, inv) = (1.0f32, 1.0f32);
+            for chunk in values.chunks(4096) {
+                let scalar: Vec<(u8, f32)> =
+                    chunk.iter().map(|&x| map.round(x, absmax, inv)).collect();
+                let mut vals = chunk.to_vec();
+                let mut codes = vec![0u8; chunk.len()];
+                let mut done = 0;
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") {
+                    done = unsafe { map.round_avx2(&mut vals, &mut codes, absmax, inv) };
+                }
+                for k in 0..done {
+                    assert_eq!(
+                        (codes[k], vals[k].to_bits()),
+                        (scalar[k].0, scalar[k].1.to_bits()),
+                        "{}",
+                        chunk[k]
+                    );
+                }
             }
         }
     }
