@@ -168,6 +168,8 @@ struct Step {
     c2: f32,
     /// Multiplies the gradient (clipping).
     gscale: f32,
+    /// Raise v̂ to m̂² where it is below (8-bit state: see `direction`).
+    floor_v: bool,
 }
 
 impl Step {
@@ -207,16 +209,27 @@ impl Step {
             .zip(v[..whole].chunks_exact(LANES))
             .zip(p[..whole].chunks_exact(LANES))
             .zip(out[..whole].chunks_exact_mut(LANES));
+        // With 8-bit state a small second moment can round to 0 while its first moment does
+        // not, and m̂/(√0 + ε) would be a huge outlier that dominates LAMB's trust ratio. Since
+        // v̂ ≥ m̂² holds for the exact moments (the mean square bounds the squared mean), the
+        // stored v̂ is raised to m̂² where rounding took it below.
+        let floor = self.floor_v;
+        let dir = |m: f32, v: f32, p: f32| {
+            let mh = m * ic1;
+            let vh = v * ic2;
+            let vh = if floor && mh * mh > vh { mh * mh } else { vh };
+            mh / (vh.sqrt() + eps) + wd * p
+        };
         for (((m, v), p), out) in lanes {
             for i in 0..LANES {
-                let u = (m[i] * ic1) / ((v[i] * ic2).sqrt() + eps) + wd * p[i];
+                let u = dir(m[i], v[i], p[i]);
                 out[i] = u;
                 uu[i] += u * u;
                 pp[i] += p[i] * p[i];
             }
         }
         for i in whole..n {
-            let u = (m[i] * ic1) / ((v[i] * ic2).sqrt() + eps) + wd * p[i];
+            let u = dir(m[i], v[i], p[i]);
             out[i] = u;
             uu[0] += u * u;
             pp[0] += p[i] * p[i];
@@ -430,6 +443,7 @@ impl Optimizer {
             c1: c1 as f32,
             c2: c2 as f32,
             gscale: gscale as f32,
+            floor_v: cfg.precision == Precision::Blockwise8,
         };
         let groups = self.groups();
         match cfg.rule {
@@ -872,6 +886,31 @@ mod tests {
                 assert!((x - y).abs() < 0.01, "{rule:?}: {a:?} vs {b:?}");
             }
         }
+    }
+
+    #[test]
+    fn eight_bit_state_stays_close_with_gradients_over_many_decades() {
+        // One block whose gradients span 1e-9..1: small second moments round to 0 in 8 bits,
+        // which must not turn into outlier steps.
+        let layout = Layout::new([("w", vec![BLOCK], Role::Weight)]).unwrap();
+        let grad: Vec<f32> = (0..BLOCK)
+            .map(|i| 10f32.powi(-((i % 10) as i32)) * if i % 3 == 0 { -1.0 } else { 1.0 })
+            .collect();
+        let run = |precision| {
+            let mut opt = Optimizer::new(config(Rule::Lamb, precision, 0.0), &layout);
+            let mut p: Vec<f32> = (0..BLOCK).map(|i| ((i as f32) * 0.01).cos()).collect();
+            for _ in 0..5 {
+                opt.step(&mut p, &mut grad.clone()).unwrap();
+            }
+            p
+        };
+        let (a, b) = (run(Precision::F32), run(Precision::Blockwise8));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 0.01, "largest difference {worst}");
     }
 
     #[test]
