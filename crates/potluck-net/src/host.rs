@@ -1,24 +1,34 @@
 //! The libp2p host, in-process: a swarm (TCP + noise + yamux and QUIC, or libp2p's in-memory
-//! transport for tests; identify, ping, connection limits, and `/potluck/dht/1` over
-//! request–response) driven by one task, and a [`Host`] handle that talks to it over a bounded
-//! channel.
+//! transport for tests; identify, ping, connection limits, autonat, relay v2 server and client,
+//! dcutr hole punching, `/potluck/dht/1` over request–response and bulk byte streams) driven by
+//! one task, and a [`Host`] handle that talks to it over a bounded channel.
 //!
 //! Inbound requests are answered by an [`Inbound`] handler (the DHT); outbound ones are
 //! [`Host::rpc`], each with its own deadline, so nothing waits forever on a peer.
+//!
+//! Reachability: with [`ClientMode::Auto`] a host serves until autonat finds it unreachable;
+//! then it switches to client mode by itself (it stops advertising [`SERVING`], so peers drop it
+//! from their routing tables) and reserves slots on up to two relays among its peers, whose
+//! circuit addresses it then listens on; dcutr upgrades relayed connections to direct ones
+//! where the NATs allow.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, connection_limits, identify, noise, ping,
-    tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, autonat, connection_limits, dcutr,
+    identify, noise, ping, relay, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -33,15 +43,68 @@ pub enum Transports {
     Memory,
 }
 
+/// Whether a host serves others (answers the DHT, takes part as a full peer) or only asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientMode {
+    /// Serve while reachable; autonat decides (an unreachable host becomes a client).
+    Auto,
+    /// Always a client.
+    On,
+    /// Always serve (a bootstrap node or a peer known to be reachable).
+    Off,
+}
+
+impl std::str::FromStr for ClientMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ClientMode, String> {
+        match s {
+            "auto" => Ok(ClientMode::Auto),
+            "on" => Ok(ClientMode::On),
+            "off" => Ok(ClientMode::Off),
+            _ => Err(format!("client mode `{s}`: use auto, on or off")),
+        }
+    }
+}
+
+/// What a host serving as a relay grants (relay v2). Circuits carry averaging traffic between
+/// peers behind NATs when hole punching fails, so they are sized for tensors, not for pings.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayLimits {
+    pub max_reservations: usize,
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    pub circuit_duration: Duration,
+    pub circuit_bytes: u64,
+}
+
+impl Default for RelayLimits {
+    fn default() -> RelayLimits {
+        RelayLimits {
+            max_reservations: 128,
+            max_circuits: 64,
+            max_circuits_per_peer: 8,
+            circuit_duration: Duration::from_secs(3600),
+            circuit_bytes: 4 << 30,
+        }
+    }
+}
+
 /// How a host is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub keypair: Keypair,
     pub transports: Transports,
-    /// Addresses to listen on (none: dial out only).
+    /// Addresses to listen on (none: dial out only). A relay's circuit address
+    /// (`…/p2p/RELAY/p2p-circuit`) listens through a reservation on that relay.
     pub listen: Vec<Multiaddr>,
-    /// Serve `/potluck/dht/1` to others (false: client mode, we only ask).
-    pub serve: bool,
+    pub client_mode: ClientMode,
+    /// Serve as a relay for peers behind NATs (None: don't).
+    pub relay: Option<RelayLimits>,
+    /// Relays to reserve slots on when unreachable, at most.
+    pub max_relays: usize,
+    /// Wait before the first reachability probe, and between probes.
+    pub nat_boot_delay: Duration,
+    pub nat_retry: Duration,
     /// Hard cap on one request's time; each call also has its own, shorter deadline.
     pub request_timeout: Duration,
     /// Established connections at most, in all and per peer.
@@ -49,6 +112,8 @@ pub struct Config {
     pub max_connections_per_peer: u32,
     /// Connections stay open this long without traffic.
     pub idle_timeout: Duration,
+    /// Inbound bandwidth probes served at once, at most.
+    pub max_probes: usize,
 }
 
 impl Config {
@@ -58,12 +123,78 @@ impl Config {
             keypair,
             transports,
             listen: Vec::new(),
-            serve: true,
+            client_mode: ClientMode::Auto,
+            relay: None,
+            max_relays: 2,
+            nat_boot_delay: Duration::from_secs(2),
+            nat_retry: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             max_connections: 512,
             max_connections_per_peer: 4,
             idle_timeout: Duration::from_secs(60),
+            max_probes: 4,
         }
+    }
+}
+
+/// What autonat concluded about this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nat {
+    /// Not probed yet, or no peer could probe.
+    Unknown,
+    /// Others reached us at one of our addresses.
+    Public,
+    /// Others could not reach us: behind a NAT or a firewall.
+    Private,
+}
+
+/// This host's view of its own reachability.
+#[derive(Debug, Clone)]
+pub struct Reachability {
+    pub nat: Nat,
+    /// Advertising [`SERVING`] (not in client mode).
+    pub serving: bool,
+    /// Circuit addresses reserved on relays.
+    pub relay_addrs: Vec<Multiaddr>,
+    /// Relayed connections that dcutr upgraded to direct ones.
+    pub hole_punches: u64,
+    /// Hole punches that failed.
+    pub hole_punch_failures: u64,
+}
+
+/// Shared between the host task and its handles.
+#[derive(Debug)]
+struct Status {
+    serving: AtomicBool,
+    nat: Mutex<Nat>,
+    relay_addrs: Mutex<Vec<Multiaddr>>,
+    punched: AtomicU64,
+    punch_failed: AtomicU64,
+}
+
+/// The protocol a serving host advertises (through identify); a client host does not, so
+/// nobody puts it in a routing table. Nothing is ever sent on it.
+pub const SERVING: &str = "/potluck/serving/1";
+
+/// Bulk bandwidth probes: the dialer sends a little-endian u64 `n`, then `n` bytes; the
+/// listener answers with `n` once it has read them all.
+pub const PROBE: &str = "/potluck/probe/1";
+
+/// The largest probe a host answers.
+pub const MAX_PROBE: u64 = 1 << 30;
+
+/// A probe's outcome.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Whether every connection to the peer went through a relay.
+    pub relayed: bool,
+}
+
+impl Probe {
+    pub fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
@@ -80,6 +211,10 @@ pub enum Error {
     Timeout { peer: PeerId, after: Duration },
     #[error("could not dial {addr}: {reason}")]
     Dial { addr: Multiaddr, reason: String },
+    #[error("stream to {peer} failed: {reason}")]
+    Stream { peer: PeerId, reason: String },
+    #[error("protocol {0} is already accepted by someone else")]
+    AlreadyAccepted(String),
     #[error("the host has stopped")]
     Stopped,
 }
@@ -88,8 +223,10 @@ pub enum Error {
 pub trait Inbound: Send + Sync + 'static {
     /// The answer to `request` from `peer`.
     fn request(&self, peer: PeerId, request: Request) -> Response;
-    /// `peer` told us its listen addresses and protocols.
-    fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves_dht: bool);
+    /// `peer` told us its listen addresses and whether it serves (advertises [`SERVING`]).
+    fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves: bool);
+    /// This host started (true) or stopped (false) serving.
+    fn serving(&self, _serving: bool) {}
 }
 
 /// The request–response codec of `/potluck/dht/1`: a length-prefixed postcard message, the
@@ -198,6 +335,11 @@ struct Behaviour {
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     dht: request_response::Behaviour<Codec>,
+    streams: libp2p_stream::Behaviour,
+    autonat: Toggle<autonat::Behaviour>,
+    relay: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
 }
 
 enum Command {
@@ -211,6 +353,15 @@ enum Command {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    Connect {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Connections {
+        peer: PeerId,
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
     ListenAddrs {
         reply: oneshot::Sender<Vec<Multiaddr>>,
     },
@@ -220,10 +371,18 @@ enum Command {
 }
 
 /// A handle to a running host; cloning shares it. Dropping every handle stops the host.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Host {
     peer: PeerId,
     commands: mpsc::Sender<Command>,
+    streams: libp2p_stream::Control,
+    status: Arc<Status>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host").field("peer", &self.peer).finish()
+    }
 }
 
 impl std::fmt::Debug for Command {
@@ -231,6 +390,8 @@ impl std::fmt::Debug for Command {
         match self {
             Command::Rpc { peer, .. } => write!(f, "Rpc({peer})"),
             Command::Dial { addr, .. } => write!(f, "Dial({addr})"),
+            Command::Connect { peer, .. } => write!(f, "Connect({peer})"),
+            Command::Connections { peer, .. } => write!(f, "Connections({peer})"),
             Command::ListenAddrs { .. } => f.write_str("ListenAddrs"),
             Command::Disconnect { peer } => write!(f, "Disconnect({peer})"),
         }
@@ -239,11 +400,6 @@ impl std::fmt::Debug for Command {
 
 fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
     let protocol = StreamProtocol::new(wire::PROTOCOL);
-    let support = if cfg.serve {
-        ProtocolSupport::Full
-    } else {
-        ProtocolSupport::Outbound
-    };
     let rr_config = request_response::Config::default()
         .with_request_timeout(cfg.request_timeout)
         .with_max_concurrent_streams(256);
@@ -251,14 +407,57 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
         .with_max_established(Some(cfg.max_connections))
         .with_max_established_per_peer(Some(cfg.max_connections_per_peer))
         .with_max_pending_incoming(Some(cfg.max_connections / 2 + 1));
-    let behaviour = |key: &Keypair| Behaviour {
-        limits: connection_limits::Behaviour::new(limits),
-        identify: identify::Behaviour::new(identify::Config::new(
-            "/potluck/1".into(),
-            key.public(),
-        )),
-        ping: ping::Behaviour::new(ping::Config::new()),
-        dht: request_response::Behaviour::new([(protocol.clone(), support)], rr_config.clone()),
+    // Every network host answers others' reachability probes; only an `Auto` one probes.
+    // (Autonat dials back an IP address, which the in-memory transport has none of.)
+    let autonat_on = cfg.transports == Transports::Network;
+    let nat_config = autonat::Config {
+        use_connected: cfg.client_mode == ClientMode::Auto,
+        boot_delay: cfg.nat_boot_delay,
+        retry_interval: cfg.nat_retry,
+        refresh_interval: cfg.nat_retry * 10,
+        throttle_server_period: cfg.nat_retry,
+        // Swarms on one LAN (private addresses) must be able to probe each other.
+        only_global_ips: false,
+        ..autonat::Config::default()
+    };
+    let relay_limits = cfg.relay;
+    let behaviour = move |key: &Keypair, relay_client: relay::client::Behaviour| {
+        let local = key.public().to_peer_id();
+        Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            identify: identify::Behaviour::new(identify::Config::new(
+                "/potluck/1".into(),
+                key.public(),
+            )),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            // Everyone answers requests; whether a host counts as a server is what it
+            // advertises (SERVING), which can change while it runs.
+            dht: request_response::Behaviour::new(
+                [(protocol.clone(), ProtocolSupport::Full)],
+                rr_config.clone(),
+            ),
+            streams: libp2p_stream::Behaviour::new(),
+            autonat: autonat_on
+                .then(|| autonat::Behaviour::new(local, nat_config.clone()))
+                .into(),
+            relay: relay_limits
+                .map(|l| {
+                    relay::Behaviour::new(
+                        local,
+                        relay::Config {
+                            max_reservations: l.max_reservations,
+                            max_circuits: l.max_circuits,
+                            max_circuits_per_peer: l.max_circuits_per_peer,
+                            max_circuit_duration: l.circuit_duration,
+                            max_circuit_bytes: l.circuit_bytes,
+                            ..relay::Config::default()
+                        },
+                    )
+                })
+                .into(),
+            relay_client,
+            dcutr: dcutr::Behaviour::new(local),
+        }
     };
     let build = |e: String| Error::Build(e);
     let idle = cfg.idle_timeout;
@@ -272,6 +471,8 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
             )
             .map_err(|e| build(e.to_string()))?
             .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| build(e.to_string()))?
             .with_behaviour(behaviour)
             .map_err(|e| build(e.to_string()))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -289,6 +490,8 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
                         .multiplex(yamux::Config::default())
                 })
                 .map_err(|e| build(e.to_string()))?
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| build(e.to_string()))?
                 .with_behaviour(behaviour)
                 .map_err(|e| build(e.to_string()))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
@@ -298,9 +501,14 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
     Ok(swarm)
 }
 
+fn is_relayed(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
 impl Host {
     /// Starts a host on the current tokio runtime; inbound requests go to `inbound`. Returns
-    /// once it listens on every address of `cfg.listen`.
+    /// once it listens on every address of `cfg.listen` (a circuit address: once the relay
+    /// granted the reservation).
     pub async fn start(cfg: Config, inbound: Arc<dyn Inbound>) -> Result<Host, Error> {
         let mut swarm = build_swarm(&cfg)?;
         let mut listening = Vec::new();
@@ -332,15 +540,77 @@ impl Host {
                 }
             }
         }
+        if cfg.client_mode == ClientMode::Off {
+            // Known reachable: our listen addresses are our external ones (a relay serves
+            // only with a confirmed external address).
+            for addr in listening.iter().filter(|a| !is_relayed(a)) {
+                swarm.add_external_address(addr.clone());
+            }
+        }
         let peer = *swarm.local_peer_id();
+        let mut streams = swarm.behaviour().streams.new_control();
+        let serving = cfg.client_mode != ClientMode::On;
+        let status = Arc::new(Status {
+            serving: AtomicBool::new(serving),
+            nat: Mutex::new(Nat::Unknown),
+            relay_addrs: Mutex::new(
+                listening
+                    .iter()
+                    .filter(|a| is_relayed(a))
+                    .cloned()
+                    .collect(),
+            ),
+            punched: AtomicU64::new(0),
+            punch_failed: AtomicU64::new(0),
+        });
+        let marker = if serving {
+            Some(accept(&mut streams, SERVING)?)
+        } else {
+            None
+        };
+        let probes = accept(&mut streams, PROBE)?;
+        tokio::spawn(serve_probes(probes, cfg.max_probes));
+        inbound.serving(serving);
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run(swarm, rx, inbound, listening));
-        Ok(Host { peer, commands: tx })
+        let task = Task {
+            swarm,
+            inbound,
+            listening,
+            status: status.clone(),
+            client_mode: cfg.client_mode,
+            max_relays: cfg.max_relays,
+            marker,
+            control: streams.clone(),
+            pending: HashMap::new(),
+            dials: HashMap::new(),
+            connects: HashMap::new(),
+            connections: HashMap::new(),
+            relays: HashMap::new(),
+            reserved: HashSet::new(),
+        };
+        tokio::spawn(task.run(rx));
+        Ok(Host {
+            peer,
+            commands: tx,
+            streams,
+            status,
+        })
     }
 
     /// This host's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer
+    }
+
+    /// What this host knows of its own reachability.
+    pub fn reachability(&self) -> Reachability {
+        Reachability {
+            nat: *lock(&self.status.nat),
+            serving: self.status.serving.load(Ordering::Relaxed),
+            relay_addrs: lock(&self.status.relay_addrs).clone(),
+            hole_punches: self.status.punched.load(Ordering::Relaxed),
+            hole_punch_failures: self.status.punch_failed.load(Ordering::Relaxed),
+        }
     }
 
     /// Sends a command whose answer comes back on the channel it is built with, and waits at
@@ -399,7 +669,124 @@ impl Host {
         })
     }
 
-    /// The addresses this host listens on.
+    /// Makes sure there is a connection to `peer` (dialing `addrs`, which may be circuit
+    /// addresses through a relay, when there is none).
+    pub async fn connect(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        deadline: Duration,
+    ) -> Result<(), Error> {
+        let connect = |reply| Command::Connect { peer, addrs, reply };
+        self.ask(connect, deadline)
+            .await?
+            .unwrap_or(Err(Error::Timeout {
+                peer,
+                after: deadline,
+            }))
+    }
+
+    /// The remote addresses of the connections to `peer` now.
+    pub async fn connections(&self, peer: PeerId) -> Result<Vec<Multiaddr>, Error> {
+        let connections = |reply| Command::Connections { peer, reply };
+        Ok(self
+            .ask(connections, Duration::from_secs(10))
+            .await?
+            .unwrap_or_default())
+    }
+
+    /// Opens a bulk byte stream to `peer` on `protocol` (connecting first, within `deadline`).
+    /// Yamux's flow control gives backpressure: a writer waits while the reader lags.
+    pub async fn open_stream(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        protocol: &'static str,
+        deadline: Duration,
+    ) -> Result<libp2p::Stream, Error> {
+        let started = Instant::now();
+        self.connect(peer, addrs, deadline).await?;
+        let left = deadline.saturating_sub(started.elapsed());
+        let mut control = self.streams.clone();
+        match tokio::time::timeout(
+            left,
+            control.open_stream(peer, StreamProtocol::new(protocol)),
+        )
+        .await
+        {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(Error::Stream {
+                peer,
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(Error::Timeout {
+                peer,
+                after: deadline,
+            }),
+        }
+    }
+
+    /// Inbound streams on `protocol`, with the peer that opened each. Streams that arrive
+    /// while the previous one has not been taken are dropped (bounded, never queued).
+    pub fn accept(&self, protocol: &'static str) -> Result<libp2p_stream::IncomingStreams, Error> {
+        accept(&mut self.streams.clone(), protocol)
+    }
+
+    /// Sends `bytes` to `peer` over a bulk stream and times it until the peer confirms.
+    pub async fn probe(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        bytes: u64,
+        deadline: Duration,
+    ) -> Result<Probe, Error> {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let failed = |e: std::io::Error| Error::Stream {
+            peer,
+            reason: e.to_string(),
+        };
+        let mut stream = self.open_stream(peer, addrs, PROBE, deadline).await?;
+        // How we are connected as the probe starts (dcutr may add a direct connection while
+        // it runs; the stream stays where it was opened).
+        let connections = self.connections(peer).await?;
+        let relayed = !connections.is_empty() && connections.iter().all(is_relayed);
+        let started = Instant::now();
+        let send = async {
+            stream.write_all(&bytes.to_le_bytes()).await?;
+            let chunk = vec![0x5au8; 64 << 10];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len() as u64) as usize;
+                stream.write_all(&chunk[..n]).await?;
+                left -= n as u64;
+            }
+            stream.flush().await?;
+            let mut answer = [0u8; 8];
+            stream.read_exact(&mut answer).await?;
+            Ok::<u64, std::io::Error>(u64::from_le_bytes(answer))
+        };
+        let confirmed = tokio::time::timeout(deadline, send)
+            .await
+            .map_err(|_| Error::Timeout {
+                peer,
+                after: deadline,
+            })?
+            .map_err(failed)?;
+        let elapsed = started.elapsed();
+        if confirmed != bytes {
+            return Err(Error::Stream {
+                peer,
+                reason: format!("sent {bytes} bytes, the peer confirmed {confirmed}"),
+            });
+        }
+        Ok(Probe {
+            bytes,
+            elapsed,
+            relayed,
+        })
+    }
+
+    /// The addresses this host listens on (relay circuit addresses included).
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
         let (reply, rx) = oneshot::channel();
         self.commands
@@ -415,83 +802,392 @@ impl Host {
     }
 }
 
-/// The host task: owns the swarm, serves commands and events until every handle is gone.
-async fn run(
-    mut swarm: Swarm<Behaviour>,
-    mut commands: mpsc::Receiver<Command>,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn accept(
+    control: &mut libp2p_stream::Control,
+    protocol: &'static str,
+) -> Result<libp2p_stream::IncomingStreams, Error> {
+    control
+        .accept(StreamProtocol::new(protocol))
+        .map_err(|_| Error::AlreadyAccepted(protocol.to_owned()))
+}
+
+/// Answers bandwidth probes, `max` at a time; a probe that stalls for 30 s is dropped.
+async fn serve_probes(mut incoming: libp2p_stream::IncomingStreams, max: usize) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    while let Some((peer, stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("dropping a probe from {peer}: {max} already running");
+            continue;
+        };
+        tokio::spawn(async move {
+            if let Err(e) = answer_probe(stream).await {
+                tracing::debug!("probe from {peer} failed: {e}");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn answer_probe(mut stream: libp2p::Stream) -> std::io::Result<()> {
+    use futures::{AsyncReadExt, AsyncWriteExt};
+    let stall = Duration::from_secs(30);
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "probe stalled");
+    let mut len = [0u8; 8];
+    tokio::time::timeout(stall, stream.read_exact(&mut len))
+        .await
+        .map_err(|_| timed_out())??;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_PROBE {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("probe of {n} bytes over the limit of {MAX_PROBE}"),
+        ));
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let mut left = n;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let got = tokio::time::timeout(stall, stream.read(&mut buf[..want]))
+            .await
+            .map_err(|_| timed_out())??;
+        if got == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        left -= got as u64;
+    }
+    stream.write_all(&n.to_le_bytes()).await?;
+    stream.close().await
+}
+
+/// The host task's state: owns the swarm, serves commands and events until every handle is
+/// gone.
+struct Task {
+    swarm: Swarm<Behaviour>,
     inbound: Arc<dyn Inbound>,
-    mut listening: Vec<Multiaddr>,
-) {
-    let mut pending: HashMap<
-        OutboundRequestId,
-        (PeerId, oneshot::Sender<Result<Response, Error>>),
-    > = HashMap::new();
-    let mut dials: HashMap<
-        libp2p::swarm::ConnectionId,
-        (Multiaddr, oneshot::Sender<Result<(), Error>>),
-    > = HashMap::new();
-    loop {
-        tokio::select! {
-            command = commands.recv() => {
-                let Some(command) = command else { break };
-                match command {
-                    Command::Rpc { peer, addrs, request, reply } => {
-                        let id = swarm.behaviour_mut().dht.send_request_with_addresses(&peer, request, addrs);
-                        pending.insert(id, (peer, reply));
+    listening: Vec<Multiaddr>,
+    status: Arc<Status>,
+    client_mode: ClientMode,
+    max_relays: usize,
+    /// Held while serving: advertises SERVING.
+    marker: Option<libp2p_stream::IncomingStreams>,
+    control: libp2p_stream::Control,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, Error>>>,
+    dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<(), Error>>)>,
+    connects: HashMap<PeerId, Vec<oneshot::Sender<Result<(), Error>>>>,
+    /// Every established connection: its peer, remote address, and whether we dialed it.
+    connections: HashMap<ConnectionId, (PeerId, Multiaddr, bool)>,
+    /// Peers that offer relay service, with an address we reached them at directly.
+    relays: HashMap<PeerId, Multiaddr>,
+    /// Relays we asked for a reservation.
+    reserved: HashSet<PeerId>,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.event(event),
+            }
+        }
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Rpc {
+                peer,
+                addrs,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .dht
+                    .send_request_with_addresses(&peer, request, addrs);
+                self.pending.insert(id, reply);
+            }
+            Command::Dial { addr, reply } => {
+                let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        self.dials.insert(id, (addr, reply));
                     }
-                    Command::Dial { addr, reply } => {
-                        let opts = libp2p::swarm::dial_opts::DialOpts::unknown_peer_id().address(addr.clone()).build();
-                        let id = opts.connection_id();
-                        match swarm.dial(opts) {
-                            Ok(()) => { dials.insert(id, (addr, reply)); }
-                            Err(e) => { let _ = reply.send(Err(Error::Dial { addr, reason: e.to_string() })); }
-                        }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Dial {
+                            addr,
+                            reason: e.to_string(),
+                        }));
                     }
-                    Command::ListenAddrs { reply } => { let _ = reply.send(listening.clone()); }
-                    Command::Disconnect { peer } => { let _ = swarm.disconnect_peer_id(peer); }
                 }
             }
-            event = swarm.select_next_some() => match event {
-                SwarmEvent::Behaviour(BehaviourEvent::Dht(event)) => match event {
-                    request_response::Event::Message { peer, message, .. } => match message {
-                        request_response::Message::Request { request, channel, .. } => {
-                            let response = inbound.request(peer, request);
-                            let _ = swarm.behaviour_mut().dht.send_response(channel, response);
-                        }
-                        request_response::Message::Response { request_id, response } => {
-                            if let Some((_, reply)) = pending.remove(&request_id) {
-                                let _ = reply.send(Ok(response));
-                            }
-                        }
-                    },
-                    request_response::Event::OutboundFailure { request_id, error, peer, .. } => {
-                        if let Some((_, reply)) = pending.remove(&request_id) {
-                            let _ = reply.send(Err(Error::Rpc { peer, reason: error.to_string() }));
-                        }
-                    }
-                    request_response::Event::InboundFailure { peer, error, .. } => {
-                        tracing::debug!("inbound request from {peer} failed: {error}");
-                    }
-                    request_response::Event::ResponseSent { .. } => {}
-                },
-                SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                    let serves = info.protocols.iter().any(|p| p.as_ref() == wire::PROTOCOL);
-                    inbound.identified(peer_id, info.listen_addrs, serves);
+            Command::Connect { peer, addrs, reply } => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
                 }
-                SwarmEvent::ConnectionEstablished { connection_id, .. } => {
-                    if let Some((_, reply)) = dials.remove(&connection_id) {
-                        let _ = reply.send(Ok(()));
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                match self.swarm.dial(opts) {
+                    // Dialing now, or already: the connection (or the failure) answers.
+                    Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                        self.connects.entry(peer).or_default().push(reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(Error::Rpc {
+                            peer,
+                            reason: e.to_string(),
+                        }));
                     }
                 }
-                SwarmEvent::OutgoingConnectionError { connection_id, error, .. } => {
-                    if let Some((addr, reply)) = dials.remove(&connection_id) {
-                        let _ = reply.send(Err(Error::Dial { addr, reason: error.to_string() }));
+            }
+            Command::Connections { peer, reply } => {
+                let addrs = self
+                    .connections
+                    .values()
+                    .filter(|(p, ..)| *p == peer)
+                    .map(|(_, a, _)| a.clone())
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::ListenAddrs { reply } => {
+                let _ = reply.send(self.listening.clone());
+            }
+            Command::Disconnect { peer } => {
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Dht(event)) => self.dht_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                let serves = info.protocols.iter().any(|p| p.as_ref() == SERVING);
+                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+                    let direct = self
+                        .connections
+                        .values()
+                        .find(|(p, a, dialed)| *p == peer_id && *dialed && !is_relayed(a))
+                        .map(|(_, a, _)| a.clone());
+                    if let Some(addr) = direct {
+                        self.relays.insert(peer_id, addr);
+                        self.reserve_relays();
                     }
                 }
-                SwarmEvent::NewListenAddr { address, .. } if !listening.contains(&address) => listening.push(address),
-                SwarmEvent::ExpiredListenAddr { address, .. } => listening.retain(|a| *a != address),
-                _ => {}
+                self.inbound.identified(peer_id, info.listen_addrs, serves);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
+                new,
+                ..
+            })) => {
+                let nat = match new {
+                    autonat::NatStatus::Public(_) => Nat::Public,
+                    autonat::NatStatus::Private => Nat::Private,
+                    autonat::NatStatus::Unknown => Nat::Unknown,
+                };
+                tracing::info!("reachability: {nat:?}");
+                *lock(&self.status.nat) = nat;
+                match nat {
+                    Nat::Private => {
+                        self.set_serving(false);
+                        self.reserve_relays();
+                    }
+                    Nat::Public => self.set_serving(true),
+                    Nat::Unknown => {}
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(
+                relay::client::Event::ReservationReqAccepted { relay_peer_id, .. },
+            )) => tracing::debug!("relay {relay_peer_id} granted a reservation"),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            })) => match result {
+                Ok(_) => {
+                    tracing::info!("hole punched to {remote_peer_id}: direct connection");
+                    self.status.punched.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::debug!("hole punching to {remote_peer_id} failed: {e}");
+                    self.status.punch_failed.fetch_add(1, Ordering::Relaxed);
+                }
             },
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                self.connections.insert(
+                    connection_id,
+                    (
+                        peer_id,
+                        endpoint.get_remote_address().clone(),
+                        endpoint.is_dialer(),
+                    ),
+                );
+                if let Some((_, reply)) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                for reply in self.connects.remove(&peer_id).unwrap_or_default() {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                self.connections.remove(&connection_id);
+                if !self.swarm.is_connected(&peer_id) && self.relays.remove(&peer_id).is_some() {
+                    self.reserved.remove(&peer_id);
+                    self.reserve_relays();
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                if let Some((addr, reply)) = self.dials.remove(&connection_id) {
+                    let _ = reply.send(Err(Error::Dial {
+                        addr,
+                        reason: error.to_string(),
+                    }));
+                }
+                if let Some(peer) = peer_id
+                    && !self.swarm.is_connected(&peer)
+                {
+                    for reply in self.connects.remove(&peer).unwrap_or_default() {
+                        let _ = reply.send(Err(Error::Rpc {
+                            peer,
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } if !self.listening.contains(&address) => {
+                if is_relayed(&address) {
+                    tracing::info!("reachable through a relay at {address}");
+                    lock(&self.status.relay_addrs).push(address.clone());
+                }
+                self.listening.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                lock(&self.status.relay_addrs).retain(|a| *a != address);
+                self.listening.retain(|a| *a != address);
+            }
+            _ => {}
+        }
+    }
+
+    fn dht_event(&mut self, event: request_response::Event<Request, Response>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let response = self.inbound.request(peer, request);
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .dht
+                        .send_response(channel, response);
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(reply) = self.pending.remove(&request_id) {
+                        let _ = reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if let Some(reply) = self.pending.remove(&request_id) {
+                    let _ = reply.send(Err(Error::Rpc {
+                        peer,
+                        reason: error.to_string(),
+                    }));
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!("inbound request from {peer} failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Starts or stops serving (in `Auto` mode only): advertises SERVING or withdraws it, and
+    /// tells the inbound handler. Identify pushes the change to connected peers.
+    fn set_serving(&mut self, serving: bool) {
+        if self.client_mode != ClientMode::Auto
+            || self.status.serving.swap(serving, Ordering::Relaxed) == serving
+        {
+            return;
+        }
+        self.marker = if serving {
+            accept(&mut self.control, SERVING).ok()
+        } else {
+            None
+        };
+        tracing::info!(
+            "{}",
+            if serving {
+                "reachable: serving others"
+            } else {
+                "not reachable: client mode"
+            }
+        );
+        self.inbound.serving(serving);
+    }
+
+    /// Unreachable: listens through up to `max_relays` relays among the connected peers.
+    fn reserve_relays(&mut self) {
+        if *lock(&self.status.nat) != Nat::Private {
+            return;
+        }
+        let candidates: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(p, _)| !self.reserved.contains(p))
+            .map(|(p, a)| (*p, a.clone()))
+            .collect();
+        for (peer, addr) in candidates {
+            if self.reserved.len() >= self.max_relays {
+                break;
+            }
+            let circuit = addr
+                .with_p2p(peer)
+                .unwrap_or_else(|a| a)
+                .with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => {
+                    tracing::info!("reserving a slot on relay {circuit}");
+                    self.reserved.insert(peer);
+                }
+                Err(e) => tracing::debug!("cannot listen on {circuit}: {e}"),
+            }
         }
     }
 }

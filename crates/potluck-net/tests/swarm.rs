@@ -137,7 +137,7 @@ async fn client_mode_nodes_store_and_get_but_stay_out_of_routing_tables() {
     let client = Dht::start_memory(
         Keypair::generate_ed25519(),
         Config {
-            client: true,
+            client_mode: potluck_net::host::ClientMode::On,
             ..Config::default()
         },
     )

@@ -4,5 +4,6 @@
 
 mod cli;
 mod dht;
+mod nat;
 mod prepare;
 mod train;

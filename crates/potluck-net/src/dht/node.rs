@@ -3,6 +3,7 @@
 //! gets.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use super::record::{self, Item, Limits, Record, Rejection, Subkey, Time, Validat
 use super::routing::{self, Contact, Id, Table};
 use super::store::{Entry, Store};
 use super::wire::{self, PeerInfo, Request, RequestBody, Response, ResponseBody, WireEntry};
-use crate::host::{self, Host, Inbound, Transports};
+use crate::host::{self, ClientMode, Host, Inbound, Transports};
 
 /// How a DHT node behaves.
 #[derive(Debug, Clone)]
@@ -23,8 +24,9 @@ pub struct Config {
     pub k: usize,
     /// Parallel queries of a lookup.
     pub alpha: usize,
-    /// Client mode: query and store through others, answer nobody, sit in no routing table.
-    pub client: bool,
+    /// Client mode (query and store through others, answer nobody, sit in no routing table):
+    /// on, off, or decided by reachability.
+    pub client_mode: ClientMode,
     /// Bytes the local store may hold.
     pub store_bytes: usize,
     pub limits: Limits,
@@ -40,7 +42,7 @@ impl Default for Config {
         Config {
             k: 20,
             alpha: 3,
-            client: false,
+            client_mode: ClientMode::Auto,
             store_bytes: 64 << 20,
             limits: Limits::default(),
             ban: Duration::from_secs(60),
@@ -102,6 +104,18 @@ struct Shared {
     rtts: Mutex<Rtts>,
     /// Peers identify says serve the DHT, with their addresses (routing candidates).
     servers: Mutex<HashSet<PeerId>>,
+    /// In client mode now (set by the host as reachability changes).
+    client: AtomicBool,
+}
+
+/// The refusal a client-mode node answers every request with; the asker drops it from its
+/// routing table.
+pub const CLIENT_MODE: &str = "client mode";
+
+impl Shared {
+    fn is_client(&self) -> bool {
+        self.client.load(Ordering::Relaxed)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -183,6 +197,13 @@ impl Shared {
 impl Inbound for Shared {
     fn request(&self, peer: PeerId, request: Request) -> Response {
         let now = record::now();
+        if self.is_client() {
+            let reason = CLIENT_MODE.into();
+            return Response {
+                now,
+                body: ResponseBody::Refused { reason },
+            };
+        }
         if !request.client && lock(&self.servers).contains(&peer) {
             lock(&self.table).seen(peer, Vec::new(), Instant::now());
         }
@@ -214,8 +235,12 @@ impl Inbound for Shared {
         Response { now, body }
     }
 
-    fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves_dht: bool) {
-        if serves_dht {
+    fn serving(&self, serving: bool) {
+        self.client.store(!serving, Ordering::Relaxed);
+    }
+
+    fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves: bool) {
+        if serves {
             lock(&self.servers).insert(peer);
             lock(&self.table).seen(peer, addrs, Instant::now());
         } else {
@@ -273,10 +298,11 @@ impl Dht {
             validators,
             rtts: Mutex::new(Rtts::default()),
             servers: Mutex::new(HashSet::new()),
+            client: AtomicBool::new(config.client_mode == ClientMode::On),
             config,
         });
         let host_config = host::Config {
-            serve: !shared.config.client,
+            client_mode: shared.config.client_mode,
             ..host_config
         };
         let host = Host::start(host_config, shared.clone()).await?;
@@ -412,11 +438,18 @@ impl Dht {
         let deadline = lock(&self.shared.rtts).deadline(&peer);
         let started = Instant::now();
         let request = Request {
-            client: self.shared.config.client,
+            client: self.shared.is_client(),
             body,
         };
         let result = self.host.rpc(peer, addrs, request, deadline).await;
         match &result {
+            Ok(Response {
+                body: ResponseBody::Refused { reason },
+                ..
+            }) if reason == CLIENT_MODE => {
+                lock(&self.shared.servers).remove(&peer);
+                lock(&self.shared.table).remove(&peer);
+            }
             Ok(_) => lock(&self.shared.rtts).observe(peer, started.elapsed()),
             Err(_) => lock(&self.shared.table).failed(&peer, Instant::now()),
         }
@@ -643,7 +676,7 @@ impl Dht {
             .await;
         let mut stored = found.stored.len();
         let mut last_rejection = found.rejection.clone();
-        if !self.shared.config.client {
+        if !self.shared.is_client() {
             let local_distance = routing::distance(
                 &routing::peer_id(&self.shared.local),
                 &routing::id_of(&record.key),
@@ -696,7 +729,7 @@ impl Dht {
     /// The result is cached on the nearest node that lacked it.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, Error> {
         let now = record::now();
-        let mut entry = if self.shared.config.client {
+        let mut entry = if self.shared.is_client() {
             None
         } else {
             lock(&self.shared.store).get(key, now)

@@ -18,6 +18,8 @@ pub(crate) enum Command {
     Put(PutArgs),
     /// Read a key from a live DHT.
     Get(GetArgs),
+    /// Measure the link to a peer: bytes over a bulk stream, direct or through a relay.
+    Probe(ProbeArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -37,6 +39,44 @@ pub(crate) struct ServeArgs {
     /// separate with commas).
     #[arg(long, value_delimiter = ',')]
     pub(crate) initial_peers: Vec<String>,
+    /// auto: serve while others can reach this node, become a client (and listen through a
+    /// relay) when they cannot; on: always a client; off: always serve.
+    #[arg(long, default_value = "off", value_parser = parse_client_mode)]
+    pub(crate) client_mode: host::ClientMode,
+    /// Don't serve as a relay for peers behind NATs.
+    #[arg(long)]
+    pub(crate) no_relay: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck dht probe --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… \
+                        --peer /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…/p2p-circuit/p2p/12D3KooW…"
+)]
+pub(crate) struct ProbeArgs {
+    /// Peers to join first (a relay for a circuit address); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) initial_peers: Vec<String>,
+    /// The peer to measure: a full multiaddr ending in /p2p/PEER_ID (a relay circuit address
+    /// works too).
+    #[arg(long)]
+    pub(crate) peer: String,
+    /// Bytes per round.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub(crate) bytes: u64,
+    /// Rounds (after the first, dcutr may have replaced a relayed connection by a direct one).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// Seconds one round may take.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) timeout: u64,
+    /// Seconds to wait for a hole punch after a relayed round.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) punch_wait: u64,
+}
+
+fn parse_client_mode(s: &str) -> Result<host::ClientMode, String> {
+    s.parse()
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -97,6 +137,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Serve(args) => rt.block_on(serve(args)),
         Command::Put(args) => rt.block_on(put(args)),
         Command::Get(args) => rt.block_on(get(args)),
+        Command::Probe(args) => rt.block_on(probe(args)),
     }
 }
 
@@ -115,7 +156,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let mut host_config = host::Config::new(keypair, Transports::Network);
     host_config.listen = parse_addrs(&listen)?;
-    let dht = Dht::start(host_config, Config::default(), Default::default())
+    host_config.relay = (!args.no_relay).then(host::RelayLimits::default);
+    let config = Config {
+        client_mode: args.client_mode,
+        ..Config::default()
+    };
+    let dht = Dht::start(host_config, config, Default::default())
         .await
         .map_err(|e| match e {
             potluck_net::dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
@@ -138,6 +184,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
     use std::io::Write;
     std::io::stdout().flush()?;
     let mut refresh = tokio::time::interval(Duration::from_secs(60));
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut shown = Shown::default();
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
@@ -145,9 +193,113 @@ async fn serve(args: ServeArgs) -> Result<()> {
                 dht.refresh(Duration::from_secs(600)).await;
                 tracing::info!("{} peers in the routing table", dht.routing_len());
             }
+            _ = watch.tick() => shown.update(&dht.host().reachability())?,
         }
     }
     tracing::info!("stopping");
+    Ok(())
+}
+
+/// What `serve` has printed of its reachability, so it prints changes only.
+#[derive(Debug, Default)]
+struct Shown {
+    nat: Option<host::Nat>,
+    serving: Option<bool>,
+    relay_addrs: Vec<libp2p::Multiaddr>,
+    hole_punches: u64,
+}
+
+impl Shown {
+    fn update(&mut self, now: &host::Reachability) -> Result<()> {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if self.nat != Some(now.nat) && now.nat != host::Nat::Unknown {
+            let nat = match now.nat {
+                host::Nat::Public => "public (others reach this node)",
+                _ => "private (behind a NAT or firewall)",
+            };
+            writeln!(out, "reachability: {nat}")?;
+            self.nat = Some(now.nat);
+        }
+        if self.serving.is_some_and(|s| s != now.serving) {
+            let mode = if now.serving {
+                "serving"
+            } else {
+                "client mode"
+            };
+            writeln!(out, "now in {mode}")?;
+        }
+        self.serving = Some(now.serving);
+        for addr in &now.relay_addrs {
+            if !self.relay_addrs.contains(addr) {
+                writeln!(out, "reachable through a relay: {addr}")?;
+            }
+        }
+        self.relay_addrs = now.relay_addrs.clone();
+        if now.hole_punches > self.hole_punches {
+            writeln!(out, "hole punches: {} direct connections", now.hole_punches)?;
+            self.hole_punches = now.hole_punches;
+        }
+        out.flush()?;
+        Ok(())
+    }
+}
+
+async fn probe(args: ProbeArgs) -> Result<()> {
+    let target: libp2p::Multiaddr = parse_addrs(std::slice::from_ref(&args.peer))?.remove(0);
+    let Some(libp2p::multiaddr::Protocol::P2p(peer)) = target.iter().last() else {
+        bail!("{target} does not end in /p2p/PEER_ID: use the full address the peer printed");
+    };
+    let host_config = host::Config::new(identity::generate(), Transports::Network);
+    let host_config = host::Config {
+        listen: parse_addrs(&[
+            "/ip4/0.0.0.0/tcp/0".to_owned(),
+            "/ip4/0.0.0.0/udp/0/quic-v1".to_owned(),
+        ])?,
+        ..host_config
+    };
+    let config = Config {
+        client_mode: host::ClientMode::On,
+        ..Config::default()
+    };
+    let dht = Dht::start(host_config, config, Default::default()).await?;
+    if !args.initial_peers.is_empty() {
+        dht.bootstrap(&parse_addrs(&args.initial_peers)?)
+            .await
+            .context("no route to the initial peers: check the addresses and that the nodes run")?;
+    }
+    let deadline = Duration::from_secs(args.timeout);
+    for round in 1..=args.rounds {
+        let p = dht
+            .host()
+            .probe(peer, vec![target.clone()], args.bytes, deadline)
+            .await
+            .with_context(|| format!("probing {peer}"))?;
+        println!(
+            "round {round}: {} bytes in {:.3} s = {:.1} MB/s over a {} connection",
+            p.bytes,
+            p.elapsed.as_secs_f64(),
+            p.bytes_per_second() / 1e6,
+            if p.relayed { "relayed" } else { "direct" }
+        );
+        if p.relayed && round < args.rounds {
+            // Give dcutr its chance to replace the relayed connection by a direct one.
+            let before = dht.host().reachability();
+            let tried = |r: &host::Reachability| {
+                r.hole_punches + r.hole_punch_failures
+                    > before.hole_punches + before.hole_punch_failures
+            };
+            let wait = tokio::time::Instant::now() + Duration::from_secs(args.punch_wait);
+            while !tried(&dht.host().reachability()) && tokio::time::Instant::now() < wait {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let r = dht.host().reachability();
+    println!(
+        "hole punches: {} succeeded, {} failed",
+        r.hole_punches, r.hole_punch_failures
+    );
     Ok(())
 }
 
@@ -156,7 +308,7 @@ async fn client(initial: &[String]) -> Result<Dht> {
     let dht = Dht::start(
         host_config,
         Config {
-            client: true,
+            client_mode: host::ClientMode::On,
             ..Config::default()
         },
         Default::default(),

@@ -1,0 +1,137 @@
+//! The host on libp2p's in-memory transport: bulk streams (bytes intact, backpressure) and
+//! relay v2 circuits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use potluck_net::dht::wire::{Request, Response, ResponseBody};
+use potluck_net::host::{self, ClientMode, Host, Inbound, RelayLimits, Transports};
+use sha2::{Digest, Sha256};
+
+/// Answers every request with a refusal: these tests are about bytes, not the DHT.
+struct Nobody;
+
+impl Inbound for Nobody {
+    fn request(&self, _: PeerId, _: Request) -> Response {
+        let reason = "nobody".into();
+        Response {
+            now: 0,
+            body: ResponseBody::Refused { reason },
+        }
+    }
+    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+}
+
+fn memory_addr() -> Multiaddr {
+    Protocol::Memory(rand::random::<u64>() | 1).into()
+}
+
+async fn start(listen: Vec<Multiaddr>, relay: bool) -> Host {
+    let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+    cfg.listen = listen;
+    cfg.client_mode = ClientMode::Off;
+    cfg.relay = relay.then(RelayLimits::default);
+    Host::start(cfg, Arc::new(Nobody)).await.unwrap()
+}
+
+/// Deterministic bytes that a lost, doubled or reordered chunk would change.
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+        .collect()
+}
+
+const BULK: &str = "/potluck-test/bulk/1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_streams_deliver_every_byte_and_a_writer_waits_for_a_slow_reader() {
+    let b = start(vec![memory_addr()], false).await;
+    let a = start(vec![memory_addr()], false).await;
+    let mut incoming = b.accept(BULK).unwrap();
+    let b_addrs = b.listen_addrs().await.unwrap();
+    let data = pattern(64 << 20);
+    let mut out = a
+        .open_stream(b.peer_id(), b_addrs, BULK, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Phase 1: nobody reads. Writes go through until flow control stops them: a write that
+    // blocks for a second means the writer is held back.
+    let mut sent = 0;
+    while sent < data.len() {
+        let end = (sent + (64 << 10)).min(data.len());
+        match tokio::time::timeout(Duration::from_secs(1), out.write(&data[sent..end])).await {
+            Ok(Ok(n)) => sent += n,
+            Ok(Err(e)) => panic!("write failed: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        sent > 0 && sent < 8 << 20,
+        "the writer got {sent} bytes ahead of a reader that reads nothing"
+    );
+    // Phase 2: the reader takes the stream and reads everything; the writer finishes.
+    let (from, mut inbound) = incoming.next().await.unwrap();
+    assert_eq!(from, a.peer_id());
+    let reader = tokio::spawn(async move {
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        loop {
+            let n = inbound.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            total += n;
+        }
+        (total, hash.finalize())
+    });
+    out.write_all(&data[sent..]).await.unwrap();
+    out.close().await.unwrap();
+    let (total, hash) = reader.await.unwrap();
+    assert_eq!(total, data.len());
+    assert_eq!(hash, Sha256::digest(&data));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_reachable_only_through_a_relay_is_reached_and_probed() {
+    let relay = start(vec![memory_addr()], true).await;
+    let relay_addr = relay.listen_addrs().await.unwrap()[0]
+        .clone()
+        .with(Protocol::P2p(relay.peer_id()));
+    // B listens on nothing but a circuit through the relay.
+    let b = start(vec![relay_addr.clone().with(Protocol::P2pCircuit)], false).await;
+    let reach = b.reachability();
+    assert_eq!(reach.relay_addrs.len(), 1, "{reach:?}");
+    let a = start(vec![], false).await;
+    let circuit = relay_addr
+        .with(Protocol::P2pCircuit)
+        .with(Protocol::P2p(b.peer_id()));
+    let probe = a
+        .probe(b.peer_id(), vec![circuit], 1 << 20, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(probe.bytes, 1 << 20);
+    assert!(probe.relayed, "{probe:?}");
+    let connections = a.connections(b.peer_id()).await.unwrap();
+    assert!(
+        connections
+            .iter()
+            .all(|c| c.iter().any(|p| p == Protocol::P2pCircuit)),
+        "{connections:?}"
+    );
+    // A probe over the limit is refused by the listener, not read into memory.
+    let too_big = a
+        .probe(
+            b.peer_id(),
+            vec![],
+            host::MAX_PROBE + 1,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(too_big.is_err());
+}
