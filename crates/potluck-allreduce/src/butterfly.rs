@@ -1,0 +1,1039 @@
+//! The butterfly all-reduce of a flat `f32` buffer over `/potluck/allreduce/1` bulk streams.
+//!
+//! The buffer is split into one part per reducing peer ([`balance`]); each part into chunks of
+//! at most [`Settings::chunk`] values that never cross a codec boundary ([`CodecPlan`]). Every
+//! member opens one stream to every other reducer: on it, it sends its chunks of that
+//! reducer's part (if it sends at all) and reads back the averaged chunks, both at once. A
+//! reducer aggregates chunk by chunk as contributions arrive and sends each averaged chunk to
+//! every member as soon as it is done, so sending, reducing and returning overlap; a reader
+//! runs at most [`Settings::window`] chunks ahead of the slowest live sender, so memory stays
+//! bounded.
+//!
+//! Results are written in place: the averaged chunk replaces the member's own values, which
+//! were sent before (a reducer can't finish a chunk without them).
+//!
+//! Faults: a sender that sends nothing for longer than its measured rate allows (times
+//! [`Settings::slack`]) is excluded by the reducer for the rest of the round; a reducer that
+//! stalls or dies leaves its senders with their own values for the chunks they did not get
+//! back, and their [`Report`] says which those are. The round finishes for everyone else.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::io::{ReadHalf, WriteHalf};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_net::host::{self, Host};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::aggregate::{self, Checks, Contribution, Dropped, Rule};
+use crate::balance::{self, Mode};
+use crate::codec::{self, Codec};
+
+/// The protocol's name.
+pub const PROTOCOL: &str = "/potluck/allreduce/1";
+
+/// Largest control message (hello, ack).
+const MAX_CONTROL: usize = 4096;
+
+/// Largest group.
+pub const MAX_GROUP: usize = 256;
+
+/// What the opener of a stream says first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Hello {
+    round: [u8; 32],
+    /// The opener's index in the group.
+    sender: u32,
+    /// Its weight (samples); 0 for one that only receives.
+    weight: f32,
+}
+
+/// The reducer's answer to a hello.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Ack {
+    Ok,
+    Refused(String),
+}
+
+/// One member of a group.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub peer: PeerId,
+    pub addrs: Vec<Multiaddr>,
+    pub mode: Mode,
+    /// Bytes per second it moves each way (measured).
+    pub rate: f64,
+}
+
+/// A group as every member sees it: the same members in the same order, the same parts.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Names the round (every stream says which round it belongs to).
+    pub round: [u8; 32],
+    pub members: Vec<Member>,
+    /// Values in each member's part (0 for clients), in member order.
+    pub parts: Vec<usize>,
+}
+
+/// Why a group could not be formed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GroupError {
+    #[error(transparent)]
+    Balance(#[from] balance::Error),
+    #[error("a group of {0} is larger than {MAX_GROUP}")]
+    TooLarge(usize),
+}
+
+impl Group {
+    /// A group whose parts are balanced by the members' rates for a buffer of `len` values.
+    pub fn new(round: [u8; 32], members: Vec<Member>, len: usize) -> Result<Group, GroupError> {
+        if members.len() > MAX_GROUP {
+            return Err(GroupError::TooLarge(members.len()));
+        }
+        let peers: Vec<balance::Peer> = members
+            .iter()
+            .map(|m| balance::Peer {
+                mode: m.mode,
+                rate: m.rate,
+            })
+            .collect();
+        let parts = balance::part_sizes(len, &peers)?;
+        Ok(Group {
+            round,
+            members,
+            parts,
+        })
+    }
+
+    /// The values of member `j`'s part.
+    pub fn range(&self, j: usize) -> Range<usize> {
+        let start: usize = self.parts[..j].iter().sum();
+        start..start + self.parts[j]
+    }
+
+    fn len(&self) -> usize {
+        self.parts.iter().sum()
+    }
+
+    fn sends(&self, i: usize) -> bool {
+        self.members[i].mode != Mode::Auxiliary
+    }
+
+    fn index_of(&self, peer: &PeerId) -> Option<usize> {
+        self.members.iter().position(|m| m.peer == *peer)
+    }
+}
+
+/// Which codec each stretch of the buffer travels in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CodecPlan {
+    /// `(end, codec)`: values before `end` (and after the previous end) use `codec`.
+    spans: Vec<(usize, Codec)>,
+}
+
+impl CodecPlan {
+    /// One codec for everything.
+    pub fn uniform(codec: Codec) -> CodecPlan {
+        CodecPlan {
+            spans: vec![(usize::MAX, codec)],
+        }
+    }
+
+    /// As the reference run: tensors (given as consecutive lengths) under `threshold` values
+    /// in `small` (fp16: norms, biases), the others in `large` (8-bit).
+    pub fn by_size(lengths: &[usize], threshold: usize, small: Codec, large: Codec) -> CodecPlan {
+        let mut spans: Vec<(usize, Codec)> = Vec::new();
+        let mut end = 0;
+        for &len in lengths {
+            end += len;
+            let codec = if len < threshold { small } else { large };
+            match spans.last_mut() {
+                Some((e, c)) if *c == codec => *e = end,
+                _ => spans.push((end, codec)),
+            }
+        }
+        spans.push((usize::MAX, large));
+        CodecPlan { spans }
+    }
+
+    /// The codec at `offset`, and where its stretch ends.
+    fn at(&self, offset: usize) -> (Codec, usize) {
+        let i = self.spans.partition_point(|(end, _)| *end <= offset);
+        let (end, codec) = self.spans[i.min(self.spans.len() - 1)];
+        (codec, end)
+    }
+
+    /// `range` cut into chunks of at most `chunk` values, none crossing a codec boundary.
+    fn chunks(&self, range: Range<usize>, chunk: usize) -> Vec<(Range<usize>, Codec)> {
+        let mut out = Vec::new();
+        let mut at = range.start;
+        while at < range.end {
+            let (codec, end) = self.at(at);
+            let stop = range.end.min(end).min(at + chunk.max(1));
+            out.push((at..stop, codec));
+            at = stop;
+        }
+        out
+    }
+}
+
+/// How a round runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Values per chunk, at most.
+    pub chunk: usize,
+    pub plan: CodecPlan,
+    pub rule: Rule,
+    pub checks: Checks,
+    /// Chunks a reducer reads ahead of the slowest live sender.
+    pub window: usize,
+    /// Time to open every stream of the round (connections included).
+    pub open_timeout: Duration,
+    /// The least time a sender may go silent before it is excluded.
+    pub min_stall: Duration,
+    /// How many times the expected time (from measured rates) a chunk may take.
+    pub slack: f64,
+    /// For tests: this member vanishes (as a crash would) at this point of the round.
+    pub fault: Option<Fault>,
+}
+
+/// Where a member vanishes in a round (fault injection for tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// After sending this many chunks (over all its streams).
+    Sending(usize),
+    /// As a reducer, after receiving this many chunks, before averaging any.
+    Reducing(usize),
+    /// As a reducer, after returning this many averaged chunks.
+    Returning(usize),
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            chunk: 1 << 16,
+            plan: CodecPlan::uniform(Codec::None),
+            rule: Rule::Mean,
+            checks: Checks::default(),
+            window: 8,
+            open_timeout: Duration::from_secs(15),
+            min_stall: Duration::from_secs(2),
+            slack: 4.0,
+            fault: None,
+        }
+    }
+}
+
+/// How one part of the buffer came back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartResult {
+    /// The member that reduced it.
+    pub reducer: usize,
+    pub range: Range<usize>,
+    pub chunks: usize,
+    /// Chunks that came back averaged (the rest kept this member's own values).
+    pub chunks_done: usize,
+    /// The least total weight behind any of its chunks.
+    pub weight: f64,
+    /// Members whose contributions made it into every averaged chunk.
+    pub contributors: Vec<usize>,
+}
+
+impl PartResult {
+    pub fn complete(&self) -> bool {
+        self.chunks_done == self.chunks
+    }
+}
+
+/// What a round did, for this member.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub parts: Vec<PartResult>,
+    /// Senders this member's reducer excluded or whose contributions it dropped, and why.
+    pub excluded: Vec<(usize, String)>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Report {
+    /// Whether every part came back averaged.
+    pub fn complete(&self) -> bool {
+        self.parts.iter().all(PartResult::complete)
+    }
+
+    /// The least weight behind any averaged part (what the result stands for).
+    pub fn weight(&self) -> f64 {
+        self.parts
+            .iter()
+            .filter(|p| p.chunks > 0)
+            .map(|p| p.weight)
+            .fold(f64::INFINITY, f64::min)
+    }
+}
+
+/// Errors that stop a round before it starts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("this member is not in the group")]
+    NotAMember,
+    #[error("the buffer has {got} values, the group averages {expected}")]
+    Length { got: usize, expected: usize },
+    #[error(transparent)]
+    Host(#[from] host::Error),
+    #[error("this member vanished as its fault injection said")]
+    Vanished,
+}
+
+/// Counts toward an injected fault and fires it.
+#[derive(Debug)]
+struct Crash {
+    fault: Option<Fault>,
+    sent: std::sync::atomic::AtomicUsize,
+    fired: tokio::sync::Notify,
+}
+
+impl Crash {
+    async fn sent_chunk(&self) {
+        let n = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        self.check(Fault::Sending(n)).await;
+    }
+
+    /// Fires the fault if this is its point, and then never returns (the round is dropped).
+    async fn check(&self, fault: Fault) {
+        if self.fault == Some(fault) {
+            self.fired.notify_one();
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A stream that arrived for a round, after its hello.
+struct Incoming {
+    peer: PeerId,
+    hello: Hello,
+    stream: Stream,
+}
+
+type Rounds = Arc<Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Accepts `/potluck/allreduce/1` streams for the rounds this host runs; one per host.
+#[derive(Clone)]
+pub struct Inbox {
+    host: Host,
+    rounds: Rounds,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
+/// A round's claim on incoming streams; dropping it gives the round up.
+struct Registration {
+    rounds: Rounds,
+    round: [u8; 32],
+    streams: mpsc::Receiver<Incoming>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.rounds).remove(&self.round);
+    }
+}
+
+impl Inbox {
+    /// Starts accepting streams on `host`. The accept loop hands every stream to a task at
+    /// once (libp2p-stream keeps one waiting stream at most; openers retry what it drops).
+    pub fn start(host: &Host) -> Result<Inbox, host::Error> {
+        let mut incoming = host.accept(PROTOCOL)?;
+        let rounds: Rounds = Arc::default();
+        let shared = rounds.clone();
+        tokio::spawn(async move {
+            while let Some((peer, stream)) = incoming.next().await {
+                tokio::spawn(route(peer, stream, shared.clone()));
+            }
+        });
+        Ok(Inbox {
+            host: host.clone(),
+            rounds,
+        })
+    }
+
+    fn register(&self, round: [u8; 32], capacity: usize) -> Registration {
+        let (tx, streams) = mpsc::channel(capacity.max(1));
+        lock(&self.rounds).insert(round, tx);
+        Registration {
+            rounds: self.rounds.clone(),
+            round,
+            streams,
+        }
+    }
+}
+
+/// Reads a hello and hands the stream to its round, or refuses it.
+async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
+    let read = read_message::<Hello>(&mut stream);
+    let Ok(Ok(hello)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
+        return;
+    };
+    let tx = lock(&rounds).get(&hello.round).cloned();
+    let refused = match tx {
+        Some(tx) => match tx.try_send(Incoming {
+            peer,
+            hello,
+            stream,
+        }) {
+            Ok(()) => return,
+            Err(e) => {
+                stream = e.into_inner().stream;
+                "round busy"
+            }
+        },
+        None => "unknown round",
+    };
+    let _ = write_message(&mut stream, &Ack::Refused(refused.into())).await;
+    let _ = stream.close().await;
+}
+
+async fn write_frame<W: futures::AsyncWrite + Unpin>(
+    w: &mut W,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let len = u32::try_from(len)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    w.write_all(&len.to_le_bytes()).await?;
+    for p in parts {
+        w.write_all(p).await?;
+    }
+    w.flush().await
+}
+
+/// Reads one frame of at most `limit` bytes into `buf` (the length checked before reading).
+async fn read_frame<R: futures::AsyncRead + Unpin>(
+    r: &mut R,
+    limit: usize,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the limit of {limit}"),
+        ));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf).await
+}
+
+async fn write_message<W: futures::AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+) -> std::io::Result<()> {
+    let bytes = postcard::to_allocvec(msg)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    write_frame(w, &[&bytes]).await
+}
+
+async fn read_message<T: for<'de> Deserialize<'de>>(
+    r: &mut (impl futures::AsyncRead + Unpin),
+) -> std::io::Result<T> {
+    let mut buf = Vec::new();
+    read_frame(r, MAX_CONTROL, &mut buf).await?;
+    postcard::from_bytes(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// A result frame: the chunk's total weight (f64 LE), a bitmap of the members behind it, then
+/// the encoded chunk.
+fn result_limit(members: usize, values: usize) -> usize {
+    8 + members.div_ceil(8) + codec::HEADER + 4 * values
+}
+
+/// Per-round timing from the members' measured rates.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    min_stall: Duration,
+    slack: f64,
+}
+
+impl Timing {
+    /// How long `bytes` may take over a link of `rate` bytes/s shared `share` ways.
+    fn allow(&self, bytes: usize, rate: f64, share: usize) -> Duration {
+        let expected = bytes as f64 * share.max(1) as f64 / rate.max(1.0);
+        self.min_stall
+            .max(Duration::from_secs_f64((self.slack * expected).min(3600.0)))
+    }
+}
+
+/// Averages `buffer` with the group, as member `me` with `weight`; the result replaces
+/// `buffer` where it came back (see [`Report`]).
+pub async fn all_reduce(
+    inbox: &Inbox,
+    group: &Group,
+    me: usize,
+    weight: f32,
+    buffer: &mut [f32],
+    settings: &Settings,
+) -> Result<Report, Error> {
+    if me >= group.members.len() || group.members[me].peer != inbox.host.peer_id() {
+        return Err(Error::NotAMember);
+    }
+    if buffer.len() != group.len() {
+        return Err(Error::Length {
+            got: buffer.len(),
+            expected: group.len(),
+        });
+    }
+    let registration = inbox.register(group.round, group.members.len());
+    let timing = Timing {
+        min_stall: settings.min_stall,
+        slack: settings.slack,
+    };
+    let weight = if group.sends(me) { weight } else { 0.0 };
+    // Split the buffer into the members' parts.
+    let mut parts: Vec<&mut [f32]> = Vec::with_capacity(group.members.len());
+    let mut rest = buffer;
+    for &len in &group.parts {
+        let (part, tail) = rest.split_at_mut(len);
+        parts.push(part);
+        rest = tail;
+    }
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let crash = Crash {
+        fault: settings.fault,
+        sent: Default::default(),
+        fired: tokio::sync::Notify::new(),
+    };
+    let mut jobs = Vec::new();
+    let mut own = None;
+    for (j, part) in parts.into_iter().enumerate() {
+        if group.parts[j] == 0 {
+            continue;
+        }
+        if j == me {
+            own = Some(part);
+            continue;
+        }
+        jobs.push(exchange(
+            inbox,
+            group,
+            me,
+            j,
+            weight,
+            part,
+            settings,
+            timing,
+            &crash,
+            sent.clone(),
+            received.clone(),
+        ));
+    }
+    let reduce = async {
+        match own {
+            Some(part) => Some(
+                reduce(
+                    registration,
+                    group,
+                    me,
+                    weight,
+                    part,
+                    settings,
+                    timing,
+                    &crash,
+                    sent.clone(),
+                    received.clone(),
+                )
+                .await,
+            ),
+            None => {
+                // No part: refuse whoever opens a stream to us (they keep their values).
+                drop(registration);
+                None
+            }
+        }
+    };
+    let round = async { futures::join!(futures::future::join_all(jobs), reduce) };
+    let (mut results, mine) = tokio::select! {
+        done = round => done,
+        () = crash.fired.notified() => return Err(Error::Vanished),
+    };
+    let mut report = Report::default();
+    if let Some((result, excluded)) = mine {
+        results.push(result);
+        report.excluded = excluded;
+    }
+    results.sort_by_key(|r| r.reducer);
+    report.parts = results;
+    report.bytes_sent = sent.load(std::sync::atomic::Ordering::Relaxed);
+    report.bytes_received = received.load(std::sync::atomic::Ordering::Relaxed);
+    Ok(report)
+}
+
+/// Opens a stream to member `j` and says hello, retrying refusals until the open deadline
+/// (a reducer that has not started the round yet refuses it as unknown).
+async fn open(
+    inbox: &Inbox,
+    group: &Group,
+    me: usize,
+    j: usize,
+    weight: f32,
+    deadline: Instant,
+) -> Result<Stream, String> {
+    let member = &group.members[j];
+    let hello = Hello {
+        round: group.round,
+        sender: me as u32,
+        weight,
+    };
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no stream within the open timeout".into());
+        }
+        let attempt = async {
+            let mut stream = inbox
+                .host
+                .open_stream(member.peer, member.addrs.clone(), PROTOCOL, left)
+                .await
+                .map_err(|e| e.to_string())?;
+            write_message(&mut stream, &hello)
+                .await
+                .map_err(|e| e.to_string())?;
+            match read_message::<Ack>(&mut stream).await {
+                Ok(Ack::Ok) => Ok(stream),
+                Ok(Ack::Refused(why)) => Err(why),
+                // Dropped unread (the accept queue was full) or reset: try again.
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        match tokio::time::timeout(left, attempt).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(why)) => tracing::debug!("opening a stream to member {j}: {why}; retrying"),
+            Err(_) => return Err("no stream within the open timeout".into()),
+        }
+        tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+}
+
+/// This member's side of part `j`: sends its chunks (if it sends) and reads back the averaged
+/// ones into `part`.
+#[allow(clippy::too_many_arguments)]
+async fn exchange(
+    inbox: &Inbox,
+    group: &Group,
+    me: usize,
+    j: usize,
+    weight: f32,
+    part: &mut [f32],
+    settings: &Settings,
+    timing: Timing,
+    crash: &Crash,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> PartResult {
+    let range = group.range(j);
+    let chunks = settings.plan.chunks(range.clone(), settings.chunk);
+    let mut result = PartResult {
+        reducer: j,
+        range: range.clone(),
+        chunks: chunks.len(),
+        chunks_done: 0,
+        weight: f64::INFINITY,
+        contributors: (0..group.members.len()).collect(),
+    };
+    let started = Instant::now();
+    let stream = match open(inbox, group, me, j, weight, started + settings.open_timeout).await {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::warn!(
+                "member {j} (part of {} values) unreachable: {why}",
+                range.len()
+            );
+            result.weight = 0.0;
+            result.contributors.clear();
+            return result;
+        }
+    };
+    let (mut reader, mut writer) = stream.split();
+    // Chunk slices travel from the writer (once sent) to the reader (which overwrites them).
+    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(chunks.len());
+    let mut rest = part;
+    for (r, _) in &chunks {
+        let (head, tail) = rest.split_at_mut(r.len());
+        slices.push(head);
+        rest = tail;
+    }
+    let ready = Mutex::new(std::collections::VecDeque::new());
+    let (count_tx, count_rx) = watch::channel(0usize);
+    let sends = group.sends(me);
+    let n = group.members.len();
+    // The reducer's pace is the slowest member's; the first chunk also waits for every stream.
+    let slowest = group
+        .members
+        .iter()
+        .map(|m| m.rate)
+        .fold(f64::INFINITY, f64::min);
+    let write = async {
+        // Owned here: when the writer stops, the reader stops waiting for its slices.
+        let count_tx = count_tx;
+        let mut buf = Vec::new();
+        for (slice, (_, codec)) in slices.into_iter().zip(&chunks) {
+            if sends {
+                buf.clear();
+                codec::encode(*codec, slice, &mut buf);
+                if let Err(e) = write_frame(&mut writer, &[&buf]).await {
+                    tracing::debug!("sending to member {j}: {e}");
+                    break;
+                }
+                sent.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                crash.sent_chunk().await;
+            }
+            lock(&ready).push_back(slice);
+            count_tx.send_modify(|c| *c += 1);
+        }
+        let _ = writer.close().await;
+    };
+    let read = async {
+        let mut buf = Vec::new();
+        let mut count_rx = count_rx;
+        let mut done = 0;
+        for (i, (r, _)) in chunks.iter().enumerate() {
+            let mut allow = timing.allow(result_limit(n, r.len()), slowest, n);
+            if i == 0 {
+                allow += settings.open_timeout;
+            }
+            let got = tokio::time::timeout(
+                allow,
+                read_frame(&mut reader, result_limit(n, r.len()), &mut buf),
+            )
+            .await;
+            match got {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!("member {j} stopped returning part {j}: {e}");
+                    break;
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "member {j} sent no averaged chunk for {allow:?}: keeping our values"
+                    );
+                    break;
+                }
+            }
+            received.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            // Our slice of this chunk, once the writer is done with it.
+            if count_rx.wait_for(|c| *c > i).await.is_err() {
+                break;
+            }
+            let Some(slice) = lock(&ready).pop_front() else {
+                break;
+            };
+            let bitmap = n.div_ceil(8);
+            if buf.len() < 8 + bitmap {
+                break;
+            }
+            let chunk_weight = f64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+            if codec::decode_into(&buf[8 + bitmap..], slice).is_err() || !chunk_weight.is_finite() {
+                tracing::warn!("member {j} sent a malformed averaged chunk: keeping our values");
+                break;
+            }
+            let members = &buf[8..8 + bitmap];
+            result
+                .contributors
+                .retain(|&m| members[m / 8] & (1 << (m % 8)) != 0);
+            result.weight = result.weight.min(chunk_weight);
+            done += 1;
+        }
+        done
+    };
+    let ((), done) = futures::join!(write, read);
+    result.chunks_done = done;
+    if done == 0 {
+        result.weight = 0.0;
+        result.contributors.clear();
+    }
+    result
+}
+
+/// What a reader task tells the reducer.
+enum Arrival {
+    Chunk {
+        sender: usize,
+        chunk: usize,
+        values: Vec<f32>,
+    },
+    Failed {
+        sender: usize,
+        why: String,
+    },
+}
+
+/// Reads sender `s`'s chunks of our part and passes them on, at most `window` ahead of the
+/// chunks already averaged.
+#[allow(clippy::too_many_arguments)]
+async fn read_contributions(
+    sender: usize,
+    mut reader: ReadHalf<Stream>,
+    chunks: Vec<Range<usize>>,
+    finished: watch::Receiver<usize>,
+    window: usize,
+    allow: Vec<Duration>,
+    arrivals: mpsc::Sender<Arrival>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let mut finished = finished;
+    let mut buf = Vec::new();
+    for (c, range) in chunks.iter().enumerate() {
+        if finished.wait_for(|f| c < f + window).await.is_err() {
+            return;
+        }
+        let limit = codec::HEADER + 4 * range.len();
+        let failed = |why: String| Arrival::Failed { sender, why };
+        let arrival =
+            match tokio::time::timeout(allow[c], read_frame(&mut reader, limit, &mut buf)).await {
+                Err(_) => failed(format!("sent nothing for {:?}", allow[c])),
+                Ok(Err(e)) => failed(e.to_string()),
+                Ok(Ok(())) => {
+                    received.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    let mut values = vec![0f32; range.len()];
+                    match codec::decode_into(&buf, &mut values) {
+                        Ok(_) => Arrival::Chunk {
+                            sender,
+                            chunk: c,
+                            values,
+                        },
+                        Err(e) => failed(e.to_string()),
+                    }
+                }
+            };
+        let stop = matches!(arrival, Arrival::Failed { .. });
+        if arrivals.send(arrival).await.is_err() || stop {
+            return;
+        }
+    }
+}
+
+/// Writes the averaged chunks to one member as they come.
+async fn write_results(mut writer: WriteHalf<Stream>, mut results: mpsc::Receiver<Arc<Vec<u8>>>) {
+    while let Some(frame) = results.recv().await {
+        if write_frame(&mut writer, &[&frame]).await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.close().await;
+}
+
+/// This member's part: takes the streams of the round, aggregates chunk by chunk, returns the
+/// averaged chunks to every member, and writes them into `part`.
+#[allow(clippy::too_many_arguments)]
+async fn reduce(
+    mut registration: Registration,
+    group: &Group,
+    me: usize,
+    weight: f32,
+    part: &mut [f32],
+    settings: &Settings,
+    timing: Timing,
+    crash: &Crash,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> (PartResult, Vec<(usize, String)>) {
+    let n = group.members.len();
+    let range = group.range(me);
+    let chunks = settings.plan.chunks(range.clone(), settings.chunk);
+    let ranges: Vec<Range<usize>> = chunks
+        .iter()
+        .map(|(r, _)| r.start - range.start..r.end - range.start)
+        .collect();
+    let my_rate = group.members[me].rate;
+    let (arrivals_tx, mut arrivals) = mpsc::channel::<Arrival>(4 * n);
+    let (finished_tx, finished_rx) = watch::channel(0usize);
+    let mut writers: Vec<mpsc::Sender<Arc<Vec<u8>>>> = Vec::new();
+    let mut joined = vec![false; n];
+    joined[me] = true;
+    // Senders whose contributions each chunk still waits for.
+    let mut live: Vec<bool> = (0..n).map(|i| i != me && group.sends(i)).collect();
+    let mut excluded: Vec<(usize, String)> = Vec::new();
+    let mut pending: HashMap<usize, Vec<Option<Vec<f32>>>> = HashMap::new();
+    let mut weights = vec![0f32; n];
+    weights[me] = weight;
+    let open_deadline = tokio::time::Instant::now() + settings.open_timeout;
+    let mut result = PartResult {
+        reducer: me,
+        range: range.clone(),
+        chunks: chunks.len(),
+        chunks_done: 0,
+        weight: f64::INFINITY,
+        contributors: (0..n).collect(),
+    };
+    let mut out = Vec::new();
+    let mut frame = Vec::new();
+    let mut done_results: Vec<Arc<Vec<u8>>> = Vec::new();
+    let mut arrived = 0;
+    let mut next = 0;
+    // Until every chunk is averaged, and every member has its stream (late ones get the
+    // averaged chunks so far at once) or the open deadline passed.
+    while next < chunks.len() || joined.iter().any(|j| !j) {
+        // Finish every chunk that has all it waits for.
+        let complete = |c: usize, pending: &HashMap<usize, Vec<Option<Vec<f32>>>>| {
+            (0..n).all(|s| !live[s] || pending.get(&c).is_some_and(|v| v[s].is_some()))
+        };
+        if next < chunks.len() && complete(next, &pending) {
+            let got = pending.remove(&next).unwrap_or_else(|| vec![None; n]);
+            let r = ranges[next].clone();
+            let mut contributions: Vec<Contribution<'_>> = Vec::with_capacity(n);
+            if group.sends(me) {
+                contributions.push(Contribution {
+                    peer: me,
+                    weight,
+                    values: &part[r.clone()],
+                });
+            }
+            for (s, v) in got.iter().enumerate() {
+                if let Some(v) = v {
+                    contributions.push(Contribution {
+                        peer: s,
+                        weight: weights[s],
+                        values: v,
+                    });
+                }
+            }
+            out.resize(r.len(), 0.0);
+            let outcome =
+                aggregate::aggregate(settings.rule, settings.checks, &contributions, &mut out);
+            for (s, why) in &outcome.dropped {
+                if live[*s] {
+                    live[*s] = false;
+                    excluded.push((*s, format!("contribution dropped: {}", describe(why))));
+                }
+            }
+            if outcome.weight > 0.0 {
+                part[r.clone()].copy_from_slice(&out);
+            }
+            result.weight = result.weight.min(outcome.weight);
+            result.contributors.retain(|m| outcome.kept.contains(m));
+            frame.clear();
+            frame.extend_from_slice(&outcome.weight.to_le_bytes());
+            let mut bitmap = vec![0u8; n.div_ceil(8)];
+            for &m in &outcome.kept {
+                bitmap[m / 8] |= 1 << (m % 8);
+            }
+            frame.extend_from_slice(&bitmap);
+            codec::encode(chunks[next].1, &part[r], &mut frame);
+            let shared = Arc::new(frame.clone());
+            for w in &writers {
+                // Bounded by the chunk count: never waits.
+                if w.try_send(shared.clone()).is_ok() {
+                    sent.fetch_add(
+                        4 + shared.len() as u64,
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
+                }
+            }
+            done_results.push(shared);
+            next += 1;
+            result.chunks_done = next;
+            let _ = finished_tx.send(next);
+            crash.check(Fault::Returning(next)).await;
+            continue;
+        }
+        let joining = joined.iter().any(|j| !j);
+        tokio::select! {
+            arrival = arrivals.recv() => match arrival {
+                Some(Arrival::Chunk { sender, chunk, values }) => {
+                    arrived += 1;
+                    crash.check(Fault::Reducing(arrived)).await;
+                    if live[sender] && chunk >= next {
+                        pending.entry(chunk).or_insert_with(|| vec![None; n])[sender] = Some(values);
+                    }
+                }
+                Some(Arrival::Failed { sender, why }) if live[sender] => {
+                    tracing::warn!("excluding member {sender} from part {me}: {why}");
+                    live[sender] = false;
+                    excluded.push((sender, why));
+                }
+                Some(Arrival::Failed { .. }) | None => {}
+            },
+            incoming = registration.streams.recv(), if joining => {
+                let Some(Incoming { peer, hello, mut stream }) = incoming else { continue };
+                let s = hello.sender as usize;
+                if group.index_of(&peer) != Some(s) || joined[s] {
+                    let _ = write_message(&mut stream, &Ack::Refused("not a member of this round".into())).await;
+                    continue;
+                }
+                if write_message(&mut stream, &Ack::Ok).await.is_err() {
+                    continue;
+                }
+                joined[s] = true;
+                weights[s] = if group.sends(s) && hello.weight.is_finite() { hello.weight.max(0.0) } else { 0.0 };
+                let (reader, writer) = stream.split();
+                let (tx, rx) = mpsc::channel(chunks.len().max(1));
+                // Chunks already averaged go out first.
+                for f in &done_results {
+                    let _ = tx.try_send(f.clone());
+                }
+                writers.push(tx);
+                tokio::spawn(write_results(writer, rx));
+                if live[s] {
+                    let sender_rate = group.members[s].rate;
+                    let allow: Vec<Duration> = ranges
+                        .iter()
+                        .map(|r| {
+                            let bytes = codec::HEADER + 4 * r.len();
+                            timing.allow(bytes, sender_rate, n).max(timing.allow(bytes, my_rate, n))
+                        })
+                        .collect();
+                    tokio::spawn(read_contributions(
+                        s,
+                        reader,
+                        ranges.clone(),
+                        finished_rx.clone(),
+                        settings.window,
+                        allow,
+                        arrivals_tx.clone(),
+                        received.clone(),
+                    ));
+                }
+            },
+            _ = tokio::time::sleep_until(open_deadline), if joining => {
+                for s in 0..n {
+                    if !joined[s] {
+                        joined[s] = true;
+                        if live[s] {
+                            live[s] = false;
+                            excluded.push((s, "never opened its stream".into()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop(writers);
+    if result.chunks == 0 {
+        result.weight = 0.0;
+    }
+    (result, excluded)
+}
+
+fn describe(why: &Dropped) -> String {
+    match why {
+        Dropped::NonFinite => "non-finite values".into(),
+        Dropped::BadWeight(w) => format!("bad weight {w}"),
+        Dropped::Norm { norm, limit } => format!("norm {norm} past {limit}"),
+        Dropped::Length { got, expected } => format!("{got} values, {expected} expected"),
+    }
+}

@@ -1,0 +1,342 @@
+//! The butterfly all-reduce among hosts on libp2p's in-memory transport: results against a
+//! local reference average, with codecs, with members that vanish at every phase, with client
+//! and auxiliary members, and with CenteredClip against a peer sending huge values.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use potluck_allreduce::aggregate::Rule;
+use potluck_allreduce::balance::Mode;
+use potluck_allreduce::butterfly::{
+    self, CodecPlan, Error, Fault, Group, Inbox, Member, Report, Settings,
+};
+use potluck_allreduce::codec::Codec;
+use potluck_net::dht::wire::{Request, Response, ResponseBody};
+use potluck_net::host::{self, ClientMode, Host, Inbound, Transports};
+use rand::{Rng, SeedableRng};
+
+struct Nobody;
+
+impl Inbound for Nobody {
+    fn request(&self, _: PeerId, _: Request) -> Response {
+        let reason = "nobody".into();
+        Response {
+            now: 0,
+            body: ResponseBody::Refused { reason },
+        }
+    }
+    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+}
+
+struct Peer {
+    host: Host,
+    inbox: Inbox,
+}
+
+async fn peers(n: usize) -> Vec<Peer> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+        cfg.listen = vec![Protocol::Memory(rand::random::<u64>() | 1).into()];
+        cfg.client_mode = ClientMode::Off;
+        let host = Host::start(cfg, Arc::new(Nobody)).await.unwrap();
+        let inbox = Inbox::start(&host).unwrap();
+        out.push(Peer { host, inbox });
+    }
+    out
+}
+
+async fn group(peers: &[Peer], modes: &[Mode], rates: &[f64], len: usize) -> Group {
+    let mut members = Vec::new();
+    for (i, p) in peers.iter().enumerate() {
+        members.push(Member {
+            peer: p.host.peer_id(),
+            addrs: p.host.listen_addrs().await.unwrap(),
+            mode: modes[i],
+            rate: rates[i],
+        });
+    }
+    Group::new(rand::random(), members, len).unwrap()
+}
+
+fn buffers(n: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect())
+        .collect()
+}
+
+/// The weighted mean of the buffers of `who`.
+fn reference(buffers: &[Vec<f32>], weights: &[f32], who: &[usize]) -> Vec<f32> {
+    let total: f64 = who.iter().map(|&i| f64::from(weights[i])).sum();
+    (0..buffers[0].len())
+        .map(|j| {
+            who.iter()
+                .map(|&i| f64::from(weights[i]) * f64::from(buffers[i][j]))
+                .sum::<f64>()
+                / total
+        })
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// Runs a round on every member whose `run` is true; returns each one's buffer and outcome.
+async fn round(
+    peers: &[Peer],
+    group: &Group,
+    weights: &[f32],
+    inputs: &[Vec<f32>],
+    settings: &[Settings],
+    run: &[bool],
+) -> Vec<(Vec<f32>, Result<Report, Error>)> {
+    let jobs = peers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| run[*i])
+        .map(|(i, p)| {
+            let mut buffer = inputs[i].clone();
+            let (inbox, settings) = (p.inbox.clone(), settings[i].clone());
+            let group = group.clone();
+            let weight = weights[i];
+            tokio::spawn(async move {
+                let report =
+                    butterfly::all_reduce(&inbox, &group, i, weight, &mut buffer, &settings).await;
+                (buffer, report)
+            })
+        });
+    let mut out = Vec::new();
+    for job in futures::future::join_all(jobs).await {
+        out.push(job.unwrap());
+    }
+    out
+}
+
+fn settings(codec: Codec) -> Settings {
+    Settings {
+        chunk: 1000,
+        plan: CodecPlan::uniform(codec),
+        open_timeout: Duration::from_secs(5),
+        min_stall: Duration::from_millis(500),
+        ..Settings::default()
+    }
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_equal_the_reference_average_exactly_and_within_each_codecs_bound() {
+    let n = 4;
+    let len = 10_007;
+    let peers = peers(n).await;
+    let weights = [1.0, 2.0, 3.0, 4.0];
+    let inputs = buffers(n, len, 1);
+    let want = reference(&inputs, &weights, &[0, 1, 2, 3]);
+    for codec in Codec::ALL {
+        let g = group(&peers, &[Mode::Full; 4], &[1e7, 2e7, 3e7, 4e7], len).await;
+        let results = round(
+            &peers,
+            &g,
+            &weights,
+            &inputs,
+            &vec![settings(codec); n],
+            &[true; 4],
+        )
+        .await;
+        // Each contribution and the result are rounded once each: twice the codec's bound on
+        // values in [-1, 1].
+        let bound = if codec.is_exact() {
+            1e-6
+        } else {
+            2.0 * codec.max_error(&[-1.0, 1.0]) + 1e-6
+        };
+        for (i, (buffer, report)) in results.iter().enumerate() {
+            let report = report.as_ref().unwrap();
+            assert!(report.complete(), "{codec:?} member {i}: {report:?}");
+            assert_eq!(report.weight(), 10.0);
+            let diff = max_diff(buffer, &want);
+            assert!(
+                diff <= bound,
+                "{codec:?} member {i}: off by {diff} > {bound}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_and_auxiliaries_get_the_average_of_those_who_send() {
+    let n = 5;
+    let len = 6_000;
+    let peers = peers(n).await;
+    let modes = [
+        Mode::Full,
+        Mode::Client,
+        Mode::Full,
+        Mode::Auxiliary,
+        Mode::Client,
+    ];
+    let g = group(&peers, &modes, &[1e7; 5], len).await;
+    assert_eq!((g.parts[1], g.parts[4]), (0, 0));
+    assert!(g.parts[3] > 0);
+    let weights = [1.0, 1.0, 2.0, 5.0, 3.0];
+    let inputs = buffers(n, len, 2);
+    let want = reference(&inputs, &weights, &[0, 1, 2, 4]);
+    let results = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![settings(Codec::None); n],
+        &[true; 5],
+    )
+    .await;
+    for (i, (buffer, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        assert!(report.complete(), "member {i}: {report:?}");
+        assert_eq!(report.weight(), 7.0, "member {i}");
+        assert!(max_diff(buffer, &want) <= 1e-6, "member {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn part_sizes_follow_measured_rates() {
+    let peers = peers(2).await;
+    let g = group(&peers, &[Mode::Full; 2], &[1e6, 3e6], 4000).await;
+    assert_eq!(g.parts, [1000, 3000]);
+}
+
+/// One member vanishes at `fault` (or never starts); the others finish, with the average of
+/// those who sent where their parts came back and their own values where not.
+async fn one_vanishes(fault: Option<Fault>, n: usize) {
+    // Two chunks of 1,000 per part.
+    let len = 2_000 * n;
+    let peers = peers(n).await;
+    let g = group(&peers, &vec![Mode::Full; n], &vec![1e7; n], len).await;
+    let weights = vec![1.0; n];
+    let inputs = buffers(n, len, 3);
+    let victim = 1;
+    let mut all = vec![settings(Codec::None); n];
+    all[victim].fault = fault;
+    let mut run = vec![true; n];
+    if fault.is_none() {
+        run[victim] = false;
+    }
+    let results = round(&peers, &g, &weights, &inputs, &all, &run).await;
+    let survivors: Vec<usize> = (0..n).filter(|&i| i != victim).collect();
+    let want = reference(&inputs, &weights, &survivors);
+    let everyone = reference(&inputs, &weights, &(0..n).collect::<Vec<_>>());
+    let mut who = 0;
+    for i in 0..n {
+        if !run[i] {
+            continue;
+        }
+        let (buffer, report) = &results[who];
+        who += 1;
+        if i == victim {
+            assert!(
+                matches!(report, Err(Error::Vanished)),
+                "{fault:?}: {report:?}"
+            );
+            continue;
+        }
+        let report = report.as_ref().unwrap();
+        for part in &report.parts {
+            let r = part.range.clone();
+            if part.reducer == victim {
+                // Where the victim's part did not come back, our own values stay.
+                let done: usize = part.chunks_done * 1000;
+                let kept = (r.start + done.min(r.len()))..r.end;
+                assert_eq!(&buffer[kept.clone()], &inputs[i][kept], "{fault:?}");
+                assert!(!part.complete(), "{fault:?}: {part:?}");
+            } else {
+                assert!(part.complete(), "{fault:?} member {i}: {part:?}");
+                // Chunks the victim sent before it vanished count; the others don't wait for
+                // it: each chunk is the mean of everyone, or of the survivors.
+                assert!(
+                    part.weight >= (n - 1) as f64,
+                    "{fault:?} member {i}: {part:?}"
+                );
+                for start in (r.start..r.end).step_by(1000) {
+                    let c = start..(start + 1000).min(r.end);
+                    let without = max_diff(&buffer[c.clone()], &want[c.clone()]);
+                    let with = max_diff(&buffer[c.clone()], &everyone[c]);
+                    assert!(without.min(with) <= 1e-6, "{fault:?} member {i}: {part:?}");
+                }
+            }
+        }
+        // Our own reducer excluded the victim, or took its whole contribution first.
+        let own = report.parts.iter().find(|p| p.reducer == i).unwrap();
+        assert!(
+            own.contributors.contains(&victim) || report.excluded.iter().any(|(s, _)| *s == victim),
+            "{fault:?} member {i}: {report:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_before_sending_is_excluded_and_the_rest_finish() {
+    one_vanishes(None, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_killed_while_sending_is_excluded_and_the_rest_finish() {
+    one_vanishes(Some(Fault::Sending(1)), 5).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reducer_killed_while_reducing_leaves_the_others_their_values_for_its_part() {
+    one_vanishes(Some(Fault::Reducing(1)), 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reducer_killed_while_returning_leaves_the_others_their_values_for_the_rest() {
+    one_vanishes(Some(Fault::Returning(1)), 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn centered_clip_holds_against_a_member_sending_values_a_million_times_too_large() {
+    let n = 4;
+    let len = 4_000;
+    let peers = peers(n).await;
+    let g = group(&peers, &[Mode::Full; 4], &[1e7; 4], len).await;
+    let weights = [1.0; 4];
+    let mut inputs = buffers(n, len, 4);
+    // Honest members close together; member 3 scales its values by 10⁶.
+    for i in 1..3 {
+        inputs[i] = inputs[0].iter().map(|v| v + 0.001 * i as f32).collect();
+    }
+    inputs[3] = inputs[0].iter().map(|v| v * 1e6).collect();
+    let honest = reference(&inputs, &weights, &[0, 1, 2]);
+    let tau = 1.0;
+    let robust = Settings {
+        rule: Rule::CenteredClip {
+            tau,
+            iterations: 20,
+        },
+        checks: potluck_allreduce::aggregate::Checks {
+            max_norm_ratio: f32::INFINITY,
+        },
+        ..settings(Codec::None)
+    };
+    let results = round(&peers, &g, &weights, &inputs, &vec![robust; n], &[true; 4]).await;
+    for (buffer, report) in &results[..3] {
+        assert!(report.as_ref().unwrap().complete());
+        // Per chunk of 1,000 values the pull is at most τ: over the 4 chunks, 2τ in norm.
+        let moved = buffer
+            .iter()
+            .zip(&honest)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        assert!(moved <= 2.0 * tau, "moved by {moved}");
+    }
+}
