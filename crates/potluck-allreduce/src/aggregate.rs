@@ -64,8 +64,22 @@ impl Default for Checks {
     }
 }
 
+/// The Euclidean norm, summed in f64 (no overflow for any f32 input): not finite exactly when
+/// a value is not.
 fn norm(v: &[f32]) -> f32 {
-    v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt() as f32
+    let mut acc = [0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += f64::from(*x) * f64::from(*x);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|x| f64::from(*x).powi(2))
+        .sum();
+    (acc.iter().sum::<f64>() + tail).sqrt() as f32
 }
 
 /// Combines `contributions` into `out` (left as zeros when nothing is kept).
@@ -85,14 +99,14 @@ pub fn aggregate(
             })
         } else if !(c.weight.is_finite() && c.weight >= 0.0) {
             Some(Dropped::BadWeight(c.weight))
-        } else if c.values.iter().any(|v| !v.is_finite()) {
-            Some(Dropped::NonFinite)
         } else {
             None
         };
+        let n = if bad.is_none() { norm(c.values) } else { 0.0 };
         match bad {
             Some(why) => outcome.dropped.push((c.peer, why)),
-            None => kept.push((c, norm(c.values))),
+            None if !n.is_finite() => outcome.dropped.push((c.peer, Dropped::NonFinite)),
+            None => kept.push((c, n)),
         }
     }
     if kept.len() >= 3 {
@@ -111,19 +125,25 @@ pub fn aggregate(
         });
     }
     kept.retain(|(c, _)| c.weight > 0.0);
-    out.fill(0.0);
     outcome.kept = kept.iter().map(|(c, _)| c.peer).collect();
     outcome.weight = kept.iter().map(|(c, _)| f64::from(c.weight)).sum();
     if kept.is_empty() || outcome.weight <= 0.0 {
+        out.fill(0.0);
         return outcome;
     }
     let total = outcome.weight;
     match rule {
         Rule::Mean => {
-            for (c, _) in &kept {
+            for (k, (c, _)) in kept.iter().enumerate() {
                 let w = (f64::from(c.weight) / total) as f32;
-                for (o, v) in out.iter_mut().zip(c.values) {
-                    *o += w * v;
+                if k == 0 {
+                    for (o, v) in out.iter_mut().zip(c.values) {
+                        *o = w * v;
+                    }
+                } else {
+                    for (o, v) in out.iter_mut().zip(c.values) {
+                        *o += w * v;
+                    }
                 }
             }
         }

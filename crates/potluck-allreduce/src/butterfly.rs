@@ -794,6 +794,7 @@ async fn read_contributions(
     allow: Vec<Duration>,
     arrivals: mpsc::Sender<Arrival>,
     received: Arc<std::sync::atomic::AtomicU64>,
+    pool: Pool,
 ) {
     let mut finished = finished;
     let mut buf = Vec::new();
@@ -809,7 +810,7 @@ async fn read_contributions(
                 Ok(Err(e)) => failed(e.to_string()),
                 Ok(Ok(())) => {
                     received.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                    let mut values = vec![0f32; range.len()];
+                    let mut values = pool.take(range.len());
                     match codec::decode_into(&buf, &mut values) {
                         Ok(_) => Arrival::Chunk {
                             sender,
@@ -823,6 +824,28 @@ async fn read_contributions(
         let stop = matches!(arrival, Arrival::Failed { .. });
         if arrivals.send(arrival).await.is_err() || stop {
             return;
+        }
+    }
+}
+
+/// Chunk buffers the reducer is done with, for the readers to fill again (no allocation, no
+/// zeroing per chunk).
+#[derive(Debug, Clone, Default)]
+struct Pool(Arc<Mutex<Vec<Vec<f32>>>>);
+
+impl Pool {
+    const MAX: usize = 64;
+
+    fn take(&self, len: usize) -> Vec<f32> {
+        let mut v = lock(&self.0).pop().unwrap_or_default();
+        v.resize(len, 0.0);
+        v
+    }
+
+    fn give(&self, v: Vec<f32>) {
+        let mut pool = lock(&self.0);
+        if pool.len() < Self::MAX {
+            pool.push(v);
         }
     }
 }
@@ -881,8 +904,8 @@ async fn reduce(
         contributors: (0..n).collect(),
     };
     let mut out = Vec::new();
-    let mut frame = Vec::new();
     let mut done_results: Vec<Arc<Vec<u8>>> = Vec::new();
+    let pool = Pool::default();
     let mut arrived = 0;
     let mut next = 0;
     // Until every chunk is averaged, and every member has its stream (late ones get the
@@ -915,6 +938,7 @@ async fn reduce(
             out.resize(r.len(), 0.0);
             let outcome =
                 aggregate::aggregate(settings.rule, settings.checks, &contributions, &mut out);
+            drop(contributions);
             for (s, why) in &outcome.dropped {
                 if live[*s] {
                     live[*s] = false;
@@ -926,15 +950,19 @@ async fn reduce(
             }
             result.weight = result.weight.min(outcome.weight);
             result.contributors.retain(|m| outcome.kept.contains(m));
-            frame.clear();
-            frame.extend_from_slice(&outcome.weight.to_le_bytes());
+            for v in got.into_iter().flatten() {
+                pool.give(v);
+            }
             let mut bitmap = vec![0u8; n.div_ceil(8)];
             for &m in &outcome.kept {
                 bitmap[m / 8] |= 1 << (m % 8);
             }
+            let codec = chunks[next].1;
+            let mut frame = Vec::with_capacity(8 + bitmap.len() + codec.encoded_len(r.len()));
+            frame.extend_from_slice(&outcome.weight.to_le_bytes());
             frame.extend_from_slice(&bitmap);
-            codec::encode(chunks[next].1, &part[r], &mut frame);
-            let shared = Arc::new(frame.clone());
+            codec::encode(codec, &part[r], &mut frame);
+            let shared = Arc::new(frame);
             for w in &writers {
                 // Bounded by the chunk count: never waits.
                 if w.try_send(shared.clone()).is_ok() {
@@ -944,7 +972,12 @@ async fn reduce(
                     );
                 }
             }
-            done_results.push(shared);
+            // Kept for members yet to open their stream only.
+            if joined.iter().all(|j| *j) {
+                done_results.clear();
+            } else {
+                done_results.push(shared);
+            }
             next += 1;
             result.chunks_done = next;
             let _ = finished_tx.send(next);
@@ -1006,6 +1039,7 @@ async fn reduce(
                         allow,
                         arrivals_tx.clone(),
                         received.clone(),
+                        pool.clone(),
                     ));
                 }
             },

@@ -138,18 +138,24 @@ pub fn encode(codec: Codec, values: &[f32], out: &mut Vec<u8>) {
     out.extend_from_slice(&(n as u32).to_le_bytes());
     match codec {
         Codec::None => {
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
+            let start = out.len();
+            out.resize(start + 4 * n, 0);
+            for (dst, v) in out[start..].chunks_exact_mut(4).zip(values) {
+                dst.copy_from_slice(&v.to_le_bytes());
             }
         }
         Codec::Fp16 => {
-            for v in values {
-                out.extend_from_slice(&f32_to_f16(v.clamp(-F16_MAX, F16_MAX)).to_le_bytes());
+            let start = out.len();
+            out.resize(start + 2 * n, 0);
+            for (dst, v) in out[start..].chunks_exact_mut(2).zip(values) {
+                dst.copy_from_slice(&f32_to_f16(v.clamp(-F16_MAX, F16_MAX)).to_le_bytes());
             }
         }
         Codec::Bf16 => {
-            for v in values {
-                out.extend_from_slice(&f32_to_bf16(*v).to_le_bytes());
+            let start = out.len();
+            out.resize(start + 2 * n, 0);
+            for (dst, v) in out[start..].chunks_exact_mut(2).zip(values) {
+                dst.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
             }
         }
         Codec::Uniform8 => {

@@ -89,6 +89,15 @@ impl Default for RelayLimits {
     }
 }
 
+/// The security handshake a host offers first on TCP (it accepts both; QUIC is always TLS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// Noise XX, ChaCha20-Poly1305.
+    Noise,
+    /// TLS 1.3 (AES-GCM where the CPU has it).
+    Tls,
+}
+
 /// How a host is set up.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -98,6 +107,8 @@ pub struct Config {
     /// (`…/p2p/RELAY/p2p-circuit`) listens through a reservation on that relay.
     pub listen: Vec<Multiaddr>,
     pub client_mode: ClientMode,
+    /// Offered first on TCP.
+    pub security: Security,
     /// Serve as a relay for peers behind NATs (None: don't).
     pub relay: Option<RelayLimits>,
     /// Relays to reserve slots on when unreachable, at most.
@@ -124,6 +135,7 @@ impl Config {
             transports,
             listen: Vec::new(),
             client_mode: ClientMode::Auto,
+            security: Security::Noise,
             relay: None,
             max_relays: 2,
             nat_boot_delay: Duration::from_secs(2),
@@ -461,23 +473,43 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
     };
     let build = |e: String| Error::Build(e);
     let idle = cfg.idle_timeout;
-    let swarm = match cfg.transports {
-        Transports::Network => libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .map_err(|e| build(e.to_string()))?
-            .with_quic()
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| build(e.to_string()))?
-            .with_behaviour(behaviour)
-            .map_err(|e| build(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-            .build(),
-        Transports::Memory => {
+    let tcp = || tcp::Config::default().nodelay(true);
+    let swarm = match (cfg.transports, cfg.security) {
+        (Transports::Network, Security::Noise) => {
+            libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+                .with_tokio()
+                .with_tcp(
+                    tcp(),
+                    (noise::Config::new, libp2p::tls::Config::new),
+                    yamux::Config::default,
+                )
+                .map_err(|e| build(e.to_string()))?
+                .with_quic()
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| build(e.to_string()))?
+                .with_behaviour(behaviour)
+                .map_err(|e| build(e.to_string()))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        }
+        (Transports::Network, Security::Tls) => {
+            libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+                .with_tokio()
+                .with_tcp(
+                    tcp(),
+                    (libp2p::tls::Config::new, noise::Config::new),
+                    yamux::Config::default,
+                )
+                .map_err(|e| build(e.to_string()))?
+                .with_quic()
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| build(e.to_string()))?
+                .with_behaviour(behaviour)
+                .map_err(|e| build(e.to_string()))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        }
+        (Transports::Memory, _) => {
             // Noise, as on TCP (measured here: a libp2p-tls handshake costs more, per fresh
             // connection, than noise's).
             let noise = noise::Config::new(&cfg.keypair).map_err(|e| build(e.to_string()))?;

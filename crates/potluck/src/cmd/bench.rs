@@ -25,6 +25,11 @@ pub(crate) enum Bench {
     Optimizer(OptimizerArgs),
     /// DHT store and get latency and success across many nodes in one process.
     Dht(DhtArgs),
+    /// All-reduce of a buffer among peer processes on loopback, next to plain copies.
+    Allreduce(crate::cmd::bench_allreduce::Args),
+    /// One peer of `bench allreduce` (started by it).
+    #[command(hide = true)]
+    AllreducePeer(crate::cmd::bench_allreduce::PeerArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -176,7 +181,7 @@ struct Report {
 
 /// Resident-set figures of this process from /proc (MiB); the peak is reset by
 /// [`reset_peak_rss`].
-fn rss() -> (f64, f64) {
+pub(crate) fn rss() -> (f64, f64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -219,6 +224,8 @@ pub(crate) fn run(bench: Bench) -> Result<()> {
         Bench::Train(args) => args,
         Bench::Optimizer(args) => return bench_optimizer(&args),
         Bench::Dht(args) => return crate::cmd::bench_dht::run(&args),
+        Bench::Allreduce(args) => return crate::cmd::bench_allreduce::run(&args),
+        Bench::AllreducePeer(args) => return crate::cmd::bench_allreduce::peer(&args),
     };
     let device = args.device.parse::<Device>()?.tch()?;
     let base = match &args.data {

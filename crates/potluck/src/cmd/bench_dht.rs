@@ -118,13 +118,7 @@ async fn bench(args: &DhtArgs) -> Result<Report> {
             found += 1;
         }
     }
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let peak = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0);
+    let peak = crate::cmd::bench::rss().1;
     drop(nodes);
     tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(Report {

@@ -1,6 +1,7 @@
 //! One module per subcommand: its arguments and what it does.
 
 pub(crate) mod bench;
+pub(crate) mod bench_allreduce;
 pub(crate) mod bench_dht;
 pub(crate) mod demo;
 pub(crate) mod dht;

@@ -1,0 +1,625 @@
+//! `potluck bench allreduce`: N peer processes on loopback average a buffer of M floats for R
+//! rounds; per round the wall time, bytes sent per peer, effective throughput and peak RSS per
+//! peer. In the same run, between peers 0 and 1 (the same processes), copies of the buffer's
+//! bytes: raw TCP, and a libp2p stream over TCP with noise and with TLS, for the machine's own
+//! limits without and with encryption.
+//!
+//! The parent talks to its peers over their stdin and stdout, one JSON message per line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use libp2p::{Multiaddr, PeerId};
+use potluck_allreduce::balance::Mode;
+use potluck_allreduce::butterfly::{self, CodecPlan, Group, Inbox, Member, Settings};
+use potluck_allreduce::codec::Codec;
+use potluck_net::host::{self, ClientMode, Host, Security, Transports};
+use potluck_net::identity;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck bench allreduce --peers 4 --numel 16777216 --codec none --rounds 3"
+)]
+pub(crate) struct Args {
+    /// Peer processes.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) peers: usize,
+    /// Floats in the averaged buffer.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub(crate) numel: usize,
+    /// none, fp16, bf16, uniform8 or blockwise8.
+    #[arg(long, default_value = "none")]
+    pub(crate) codec: String,
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// Values per chunk.
+    #[arg(long, default_value_t = 1 << 16)]
+    pub(crate) chunk: usize,
+    /// Security the peers offer first on TCP: noise or tls.
+    #[arg(long, default_value = "noise")]
+    pub(crate) security: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// What the parent says to a peer.
+#[derive(Debug, Serialize, Deserialize)]
+enum ToPeer {
+    Group {
+        members: Vec<(String, Vec<String>)>,
+        me: usize,
+        numel: usize,
+        codec: String,
+        chunk: usize,
+    },
+    Round(usize),
+    /// Every peer at once sends `bytes` to the next one over a libp2p stream (the traffic of
+    /// an all-reduce, without its work).
+    Ring {
+        peer: String,
+        addrs: Vec<String>,
+        bytes: u64,
+    },
+    /// Copy `bytes` to this peer (raw TCP at `tcp`, libp2p streams at `addrs`).
+    Copy {
+        peer: String,
+        addrs: Vec<String>,
+        tcp: String,
+        bytes: u64,
+    },
+    Exit,
+}
+
+/// What a peer says to the parent.
+#[derive(Debug, Serialize, Deserialize)]
+enum FromPeer {
+    Ready {
+        peer: String,
+        addrs: Vec<String>,
+        tcp: String,
+    },
+    Done {
+        round: usize,
+        wall_s: f64,
+        sent: u64,
+        received: u64,
+        complete: bool,
+        max_error: f32,
+        peak_rss_mib: f64,
+    },
+    Copied {
+        tcp_s: f64,
+        noise_s: f64,
+        tls_s: f64,
+    },
+    Rang {
+        wall_s: f64,
+    },
+    Failed(String),
+}
+
+#[derive(Debug, Serialize)]
+struct RoundReport {
+    round: usize,
+    wall_s: f64,
+    sent_per_peer_mb: f64,
+    throughput_mb_s: f64,
+    peak_rss_mib: Vec<f64>,
+    complete: bool,
+    max_error: f32,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    peers: usize,
+    numel: usize,
+    codec: String,
+    security: String,
+    buffer_mib: f64,
+    rounds: Vec<RoundReport>,
+    median_wall_s: f64,
+    tcp_copy_s: f64,
+    noise_copy_s: f64,
+    tls_copy_s: f64,
+    /// Every peer sending what it sends in an all-reduce, at once, to the next peer (median).
+    ring_copy_s: f64,
+    /// Median all-reduce wall time over the ring copy's.
+    ratio_to_ring_copy: f64,
+    hivemind_s: Option<f64>,
+}
+
+/// hivemind 1.1.12's all-reduce on this kind of machine (../shared/ANCHORS.md).
+fn hivemind(peers: usize, numel: usize) -> Option<f64> {
+    match (peers, numel) {
+        (2, n) if n == 16 << 20 => Some(0.56),
+        (2, n) if n == 64 << 20 => Some(2.21),
+        (4, n) if n == 16 << 20 => Some(1.37),
+        (4, n) if n == 64 << 20 => Some(6.33),
+        _ => None,
+    }
+}
+
+struct PeerProc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl PeerProc {
+    fn send(&mut self, msg: &ToPeer) -> Result<()> {
+        writeln!(self.stdin, "{}", serde_json::to_string(msg)?)?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    fn recv(&mut self) -> Result<FromPeer> {
+        let line = self
+            .lines
+            .next()
+            .context("a peer process exited early (see its errors above)")??;
+        match serde_json::from_str(&line)? {
+            FromPeer::Failed(why) => bail!("a peer failed: {why}"),
+            msg => Ok(msg),
+        }
+    }
+}
+
+impl Drop for PeerProc {
+    fn drop(&mut self) {
+        let _ = self.send(&ToPeer::Exit);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn run(args: &Args) -> Result<()> {
+    if args.peers < 2 {
+        bail!("--peers must be at least 2");
+    }
+    args.codec
+        .parse::<Codec>()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let exe = std::env::current_exe()?;
+    // Peers share this machine: each gets its share of the cores as runtime threads.
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = (cores / args.peers).max(1).to_string();
+    let mut procs = Vec::new();
+    for _ in 0..args.peers {
+        let mut child = Command::new(&exe)
+            .args(["bench", "allreduce-peer", "--security", &args.security])
+            .args(["--threads", &threads])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a peer process")?;
+        let stdin = child.stdin.take().context("peer stdin")?;
+        let stdout = child.stdout.take().context("peer stdout")?;
+        procs.push(PeerProc {
+            child,
+            stdin,
+            lines: BufReader::new(stdout).lines(),
+        });
+    }
+    let mut members = Vec::new();
+    let mut tcp = Vec::new();
+    for p in &mut procs {
+        match p.recv()? {
+            FromPeer::Ready {
+                peer,
+                addrs,
+                tcp: t,
+            } => {
+                members.push((peer, addrs));
+                tcp.push(t);
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    for (me, p) in procs.iter_mut().enumerate() {
+        p.send(&ToPeer::Group {
+            members: members.clone(),
+            me,
+            numel: args.numel,
+            codec: args.codec.clone(),
+            chunk: args.chunk,
+        })?;
+    }
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        for p in &mut procs {
+            p.send(&ToPeer::Round(round))?;
+        }
+        let mut walls = Vec::new();
+        let mut sent = 0u64;
+        let mut rss = Vec::new();
+        let mut complete = true;
+        let mut max_error = 0f32;
+        for p in &mut procs {
+            match p.recv()? {
+                FromPeer::Done {
+                    wall_s,
+                    sent: s,
+                    complete: c,
+                    max_error: e,
+                    peak_rss_mib,
+                    ..
+                } => {
+                    walls.push(wall_s);
+                    sent += s;
+                    rss.push(peak_rss_mib);
+                    complete &= c;
+                    max_error = max_error.max(e);
+                }
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+        let wall = walls.iter().copied().fold(0.0, f64::max);
+        rounds.push(RoundReport {
+            round,
+            wall_s: wall,
+            sent_per_peer_mb: sent as f64 / args.peers as f64 / 1e6,
+            throughput_mb_s: (args.numel * 4) as f64 / wall / 1e6,
+            peak_rss_mib: rss,
+            complete,
+            max_error,
+        });
+    }
+    // The same traffic without the all-reduce's work: each peer sends 2(N−1)/N of the
+    // buffer's bytes, all at once, to the next peer.
+    let n = args.peers;
+    let ring_bytes = (2 * (n - 1) * args.numel * 4 / n) as u64;
+    let mut ring = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        for (i, p) in procs.iter_mut().enumerate() {
+            let next = &members[(i + 1) % n];
+            p.send(&ToPeer::Ring {
+                peer: next.0.clone(),
+                addrs: next.1.clone(),
+                bytes: ring_bytes,
+            })?;
+        }
+        let mut wall = 0f64;
+        for p in &mut procs {
+            match p.recv()? {
+                FromPeer::Rang { wall_s } => wall = wall.max(wall_s),
+                other => bail!("unexpected {other:?}"),
+            }
+        }
+        ring.push(wall);
+    }
+    ring.sort_by(f64::total_cmp);
+    let ring_copy_s = ring[ring.len() / 2];
+    procs[0].send(&ToPeer::Copy {
+        peer: members[1].0.clone(),
+        addrs: members[1].1.clone(),
+        tcp: tcp[1].clone(),
+        bytes: (args.numel * 4) as u64,
+    })?;
+    let (tcp_s, noise_s, tls_s) = match procs[0].recv()? {
+        FromPeer::Copied {
+            tcp_s,
+            noise_s,
+            tls_s,
+        } => (tcp_s, noise_s, tls_s),
+        other => bail!("unexpected {other:?}"),
+    };
+    drop(procs);
+    let mut walls: Vec<f64> = rounds.iter().map(|r| r.wall_s).collect();
+    walls.sort_by(f64::total_cmp);
+    let median_wall_s = walls[walls.len() / 2];
+    let report = Report {
+        peers: args.peers,
+        numel: args.numel,
+        codec: args.codec.clone(),
+        security: args.security.clone(),
+        buffer_mib: (args.numel * 4) as f64 / (1 << 20) as f64,
+        rounds,
+        median_wall_s,
+        tcp_copy_s: tcp_s,
+        noise_copy_s: noise_s,
+        tls_copy_s: tls_s,
+        ring_copy_s,
+        ratio_to_ring_copy: median_wall_s / ring_copy_s,
+        hivemind_s: hivemind(args.peers, args.numel),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "all-reduce of {} floats ({:.0} MiB), {} peers on loopback, codec {}, {} first",
+        report.numel, report.buffer_mib, report.peers, report.codec, report.security
+    );
+    println!("round  wall s  sent/peer MB  MB/s   peak RSS per peer (MiB)  complete  max error");
+    for r in &report.rounds {
+        let rss: Vec<String> = r.peak_rss_mib.iter().map(|m| format!("{m:.0}")).collect();
+        println!(
+            "{:>5}  {:>6.3}  {:>12.1}  {:>5.0}  {:<23}  {:<8}  {:.2e}",
+            r.round,
+            r.wall_s,
+            r.sent_per_peer_mb,
+            r.throughput_mb_s,
+            rss.join(" "),
+            r.complete,
+            r.max_error
+        );
+    }
+    let mb = (args.numel * 4) as f64 / 1e6;
+    println!("same bytes between peers 0 and 1 ({mb:.0} MB), same processes:");
+    println!(
+        "  raw TCP copy              {tcp_s:.3} s  ({:.0} MB/s)",
+        mb / tcp_s
+    );
+    println!(
+        "  libp2p stream, noise      {noise_s:.3} s  ({:.0} MB/s)",
+        mb / noise_s
+    );
+    println!(
+        "  libp2p stream, TLS        {tls_s:.3} s  ({:.0} MB/s)",
+        mb / tls_s
+    );
+    println!(
+        "  libp2p streams, ring       {ring_copy_s:.3} s  (every peer sends {:.0} MB to the next, at once)",
+        ring_bytes as f64 / 1e6
+    );
+    println!(
+        "median all-reduce {:.3} s = {:.2}× the ring copy (the same traffic, no work)",
+        report.median_wall_s, report.ratio_to_ring_copy
+    );
+    if let Some(h) = report.hivemind_s {
+        println!(
+            "hivemind 1.1.12, same shape (ANCHORS.md): {h:.2} s: potluck is {:.1}× faster",
+            h / report.median_wall_s
+        );
+    }
+    Ok(())
+}
+
+/// The hidden peer side: `potluck bench allreduce-peer`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct PeerArgs {
+    #[arg(long, default_value = "noise")]
+    pub(crate) security: String,
+    /// Runtime worker threads (the parent gives each peer its share of the cores).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) threads: usize,
+}
+
+fn security(s: &str) -> Result<Security> {
+    match s {
+        "noise" => Ok(Security::Noise),
+        "tls" => Ok(Security::Tls),
+        _ => bail!("security `{s}`: use noise or tls"),
+    }
+}
+
+fn say(msg: &FromPeer) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(msg)?)?;
+    out.flush()?;
+    Ok(())
+}
+
+async fn start_host(security: Security, listen: bool) -> Result<Host> {
+    let mut cfg = host::Config::new(identity::generate(), Transports::Network);
+    cfg.client_mode = ClientMode::Off;
+    cfg.security = security;
+    if listen {
+        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    }
+    Ok(Host::start(cfg, Arc::new(NoDht)).await?)
+}
+
+/// The bench's hosts serve no DHT.
+struct NoDht;
+
+impl host::Inbound for NoDht {
+    fn request(
+        &self,
+        _: PeerId,
+        _: potluck_net::dht::wire::Request,
+    ) -> potluck_net::dht::wire::Response {
+        let reason = "no DHT here".into();
+        potluck_net::dht::wire::Response {
+            now: 0,
+            body: potluck_net::dht::wire::ResponseBody::Refused { reason },
+        }
+    }
+    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+}
+
+/// The value peer `me` starts round `round` with at index `j`; the mean over peers is known.
+fn initial(me: usize, j: usize) -> f32 {
+    (me as f32 + 1.0) * 0.25 + ((j % 1024) as f32) * 1e-3
+}
+
+pub(crate) fn peer(args: &PeerArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        if let Err(e) = peer_main(args).await {
+            let _ = say(&FromPeer::Failed(format!("{e:#}")));
+        }
+    });
+    Ok(())
+}
+
+async fn peer_main(args: &PeerArgs) -> Result<()> {
+    let host = start_host(security(&args.security)?, true).await?;
+    let inbox = Inbox::start(&host)?;
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_addr = tcp.local_addr()?.to_string();
+    tokio::spawn(serve_tcp_copies(tcp));
+    say(&FromPeer::Ready {
+        peer: host.peer_id().to_string(),
+        addrs: host
+            .listen_addrs()
+            .await?
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        tcp: tcp_addr,
+    })?;
+    // Stdin lines arrive on a blocking thread, passed over a bounded channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut group: Option<(Group, usize, Settings)> = None;
+    let mut buffer = Vec::new();
+    while let Some(line) = rx.recv().await {
+        match serde_json::from_str::<ToPeer>(&line)? {
+            ToPeer::Group {
+                members,
+                me,
+                numel,
+                codec,
+                chunk,
+            } => {
+                let members = members
+                    .iter()
+                    .map(|(peer, addrs)| {
+                        Ok(Member {
+                            peer: peer.parse()?,
+                            addrs: addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
+                            mode: Mode::Full,
+                            rate: 1e9,
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let codec: Codec = codec.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                let g = Group::new([0; 32], members, numel)?;
+                let settings = Settings {
+                    chunk,
+                    plan: CodecPlan::uniform(codec),
+                    ..Settings::default()
+                };
+                buffer = vec![0f32; numel];
+                group = Some((g, me, settings));
+            }
+            ToPeer::Round(round) => {
+                let (g, me, settings) = group.as_mut().context("round before group")?;
+                g.round = [round as u8 + 1; 32];
+                let n = g.members.len();
+                for (j, v) in buffer.iter_mut().enumerate() {
+                    *v = initial(*me, j);
+                }
+                let t = Instant::now();
+                let report =
+                    butterfly::all_reduce(&inbox, g, *me, 1.0, &mut buffer, settings).await?;
+                let wall_s = t.elapsed().as_secs_f64();
+                // The mean of `initial` over the peers, in closed form.
+                let offset = (n as f32 + 1.0) * 0.5 * 0.25;
+                let max_error = buffer
+                    .iter()
+                    .enumerate()
+                    .map(|(j, v)| (v - (offset + ((j % 1024) as f32) * 1e-3)).abs())
+                    .fold(0f32, f32::max);
+                say(&FromPeer::Done {
+                    round,
+                    wall_s,
+                    sent: report.bytes_sent,
+                    received: report.bytes_received,
+                    complete: report.complete(),
+                    max_error,
+                    peak_rss_mib: crate::cmd::bench::rss().1,
+                })?;
+            }
+            ToPeer::Ring { peer, addrs, bytes } => {
+                let peer: PeerId = peer.parse()?;
+                let addrs: Vec<Multiaddr> =
+                    addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                let probe = host
+                    .probe(peer, addrs, bytes, Duration::from_secs(600))
+                    .await?;
+                say(&FromPeer::Rang {
+                    wall_s: probe.elapsed.as_secs_f64(),
+                })?;
+            }
+            ToPeer::Copy {
+                peer,
+                addrs,
+                tcp,
+                bytes,
+            } => {
+                let peer: PeerId = peer.parse()?;
+                let addrs: Vec<Multiaddr> =
+                    addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                let tcp_s = tcp_copy(&tcp, bytes).await?;
+                let deadline = Duration::from_secs(600);
+                let mut stream_s = Vec::new();
+                for s in [Security::Noise, Security::Tls] {
+                    // A dialer's first offer is what gets negotiated (both sides accept both).
+                    let dialer = start_host(s, false).await?;
+                    let probe = dialer.probe(peer, addrs.clone(), bytes, deadline).await?;
+                    stream_s.push(probe.elapsed.as_secs_f64());
+                }
+                say(&FromPeer::Copied {
+                    tcp_s,
+                    noise_s: stream_s[0],
+                    tls_s: stream_s[1],
+                })?;
+            }
+            ToPeer::Exit => break,
+        }
+    }
+    Ok(())
+}
+
+/// Reads `u64 n` then `n` bytes per connection, answers one byte.
+async fn serve_tcp_copies(listener: tokio::net::TcpListener) {
+    while let Ok((mut socket, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut len = [0u8; 8];
+            if socket.read_exact(&mut len).await.is_err() {
+                return;
+            }
+            let mut left = u64::from_le_bytes(len).min(host::MAX_PROBE);
+            let mut buf = vec![0u8; 1 << 16];
+            while left > 0 {
+                let want = left.min(buf.len() as u64) as usize;
+                match socket.read(&mut buf[..want]).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => left -= n as u64,
+                }
+            }
+            let _ = socket.write_all(&[1]).await;
+        });
+    }
+}
+
+async fn tcp_copy(addr: &str, bytes: u64) -> Result<f64> {
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    socket.set_nodelay(true)?;
+    let t = Instant::now();
+    socket.write_all(&bytes.to_le_bytes()).await?;
+    let chunk = vec![0x5au8; 1 << 16];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        socket.write_all(&chunk[..n]).await?;
+        left -= n as u64;
+    }
+    let mut ack = [0u8; 1];
+    socket.read_exact(&mut ack).await?;
+    Ok(t.elapsed().as_secs_f64())
+}
