@@ -1,6 +1,7 @@
 //! Averaging flat `f32` buffers among peers: per-chunk compression codecs ([`codec`]), part
 //! sizes from measured rates ([`balance`]), aggregation rules ([`aggregate`]) and the
-//! butterfly all-reduce over the host's bulk streams ([`butterfly`]).
+//! butterfly all-reduce over the host's bulk streams ([`butterfly`]); groups form through the
+//! DHT ([`matchmaking`]).
 //!
 //! Nothing here knows about models or networks: what comes in is `f32` slices and bytes.
 
@@ -8,3 +9,4 @@ pub mod aggregate;
 pub mod balance;
 pub mod butterfly;
 pub mod codec;
+pub mod matchmaking;

@@ -1,0 +1,369 @@
+//! Matchmaking over the DHT: the peers that want to average in a round find each other and
+//! agree on groups, every member with the same ordered member list (and so the same parts).
+//!
+//! 1. **Declare.** Before the round's deadline each peer stores a signed offer (addresses,
+//!    mode, measured rate) under its own subkey of `RUN/avg/ROUND`. A peer that cannot declare
+//!    at least [`Settings::declare_ahead`] before the deadline is late: it waits for the next
+//!    round ([`Error::TooLate`]).
+//! 2. **Partition.** At the deadline every peer reads the offers and cuts them, ordered by
+//!    `SHA-256(round, peer)`, into ⌈n / target⌉ groups of nearly equal size. The order changes
+//!    every round, so a swarm larger than one group regroups every round (Moshpit-style random
+//!    regrouping: averages mix across groups over rounds).
+//! 3. **Agree.** The leader of a group (its smallest peer id) publishes the member list under
+//!    its subkey of `RUN/avg/ROUND/groups`; members take the published group that holds them
+//!    (the smallest leader's, should views have differed). If no group holding a member
+//!    appears within [`Settings::grace`], the leaders it waited for are presumed gone: it
+//!    partitions again without them, and leads if it is now a leader. A leader's failure
+//!    costs one grace period, never the round.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use potluck_net::dht::record::{self, Subkey, Time};
+use potluck_net::dht::store::Entry;
+use potluck_net::dht::{self, Dht};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::balance::Mode;
+use crate::butterfly::{Group, GroupError, MAX_GROUP, Member};
+
+/// How groups are formed.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Groups aim at this size (more peers: more groups).
+    pub target: usize,
+    /// A group smaller than this does not average.
+    pub min_size: usize,
+    /// An offer must be stored this long before the deadline.
+    pub declare_ahead: Duration,
+    /// How long a member waits for its leader before presuming it gone.
+    pub grace: Duration,
+    /// How often the DHT is read while waiting.
+    pub poll: Duration,
+    /// Leader failures tolerated in one round.
+    pub attempts: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            target: 16,
+            min_size: 2,
+            declare_ahead: Duration::from_millis(500),
+            grace: Duration::from_secs(3),
+            poll: Duration::from_millis(100),
+            attempts: 3,
+        }
+    }
+}
+
+/// What a peer offers for a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Offer {
+    pub addrs: Vec<Vec<u8>>,
+    pub mode: WireMode,
+    pub rate: f64,
+}
+
+/// [`Mode`] on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireMode {
+    Full,
+    Client,
+    Auxiliary,
+}
+
+impl From<Mode> for WireMode {
+    fn from(m: Mode) -> WireMode {
+        match m {
+            Mode::Full => WireMode::Full,
+            Mode::Client => WireMode::Client,
+            Mode::Auxiliary => WireMode::Auxiliary,
+        }
+    }
+}
+
+impl From<WireMode> for Mode {
+    fn from(m: WireMode) -> Mode {
+        match m {
+            WireMode::Full => Mode::Full,
+            WireMode::Client => Mode::Client,
+            WireMode::Auxiliary => Mode::Auxiliary,
+        }
+    }
+}
+
+/// A leader's published group: members in order, with their offers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Published {
+    members: Vec<(Vec<u8>, Offer)>,
+}
+
+/// Why no group was formed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("too late for round {round}: its deadline is {left_ms} ms away; join the next round")]
+    TooLate { round: u64, left_ms: i64 },
+    #[error("only {got} peers in the group, {min} needed")]
+    NotEnough { got: usize, min: usize },
+    #[error("no leader published a group holding this peer")]
+    NoGroup,
+    #[error(transparent)]
+    Dht(#[from] dht::Error),
+    #[error(transparent)]
+    Group(#[from] GroupError),
+}
+
+fn declare_key(run: &str, round: u64) -> Vec<u8> {
+    format!("{run}/avg/{round}").into_bytes()
+}
+
+fn groups_key(run: &str, round: u64) -> Vec<u8> {
+    format!("{run}/avg/{round}/groups").into_bytes()
+}
+
+/// The offers (or published groups) under `key`, by owner, signatures checked by the DHT.
+async fn owned<T: for<'de> Deserialize<'de>>(
+    dht: &Dht,
+    key: &[u8],
+) -> Result<BTreeMap<PeerId, T>, dht::Error> {
+    let mut out = BTreeMap::new();
+    if let Some(Entry::Dict(d)) = dht.get(key).await? {
+        for (subkey, item) in d {
+            let Subkey::Owner(owner) = subkey else {
+                continue;
+            };
+            let (Ok(peer), Ok(value)) = (
+                PeerId::from_bytes(&owner),
+                postcard::from_bytes::<T>(&item.value),
+            ) else {
+                continue;
+            };
+            out.insert(peer, value);
+        }
+    }
+    Ok(out)
+}
+
+/// The groups `peers` fall into in `round`: ordered by `SHA-256(round, peer)`, cut into
+/// ⌈n / target⌉ nearly equal groups; each group sorted by peer id (its leader first).
+pub fn partition(round: u64, peers: &[PeerId], target: usize) -> Vec<Vec<PeerId>> {
+    let mut order: Vec<([u8; 32], PeerId)> = peers
+        .iter()
+        .map(|p| {
+            let mut h = Sha256::new();
+            h.update(round.to_le_bytes());
+            h.update(p.to_bytes());
+            (h.finalize().into(), *p)
+        })
+        .collect();
+    order.sort();
+    let n = order.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let count = n.div_ceil(target.clamp(1, MAX_GROUP));
+    let mut groups = Vec::with_capacity(count);
+    let mut at = 0;
+    for g in 0..count {
+        let size = n / count + usize::from(g < n % count);
+        let mut group: Vec<PeerId> = order[at..at + size].iter().map(|(_, p)| *p).collect();
+        group.sort();
+        groups.push(group);
+        at += size;
+    }
+    groups
+}
+
+/// A peer's part in matchmaking.
+#[derive(Debug)]
+pub struct Matchmaker<'a> {
+    pub dht: &'a Dht,
+    pub keypair: &'a Keypair,
+    /// Names the run (and so the keys).
+    pub run: &'a str,
+    pub settings: Settings,
+}
+
+impl Matchmaker<'_> {
+    /// Stores this peer's offer for `round` (deadline `deadline`, wall-clock ms).
+    pub async fn declare(&self, round: u64, deadline: Time, offer: &Offer) -> Result<(), Error> {
+        let left_ms = deadline as i64 - record::now() as i64;
+        if left_ms < self.settings.declare_ahead.as_millis() as i64 {
+            return Err(Error::TooLate { round, left_ms });
+        }
+        let value = postcard::to_allocvec(offer).unwrap_or_default();
+        let expiration = deadline + 60_000;
+        self.dht
+            .store_signed(
+                self.keypair,
+                &declare_key(self.run, round),
+                value,
+                expiration,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Declares, waits for the deadline, and agrees on this peer's group for `round`; its
+    /// parts balanced for a buffer of `len` values.
+    pub async fn form_group(
+        &self,
+        round: u64,
+        deadline: Time,
+        offer: &Offer,
+        len: usize,
+    ) -> Result<Group, Error> {
+        self.declare(round, deadline, offer).await?;
+        let wait = deadline.saturating_sub(record::now());
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        self.agree(round, deadline, len).await
+    }
+
+    /// After the deadline: partition, publish as a leader, take the published group.
+    pub async fn agree(&self, round: u64, deadline: Time, len: usize) -> Result<Group, Error> {
+        let me = self.keypair.public().to_peer_id();
+        let offers: BTreeMap<PeerId, Offer> =
+            owned(self.dht, &declare_key(self.run, round)).await?;
+        let mut gone: HashSet<PeerId> = HashSet::new();
+        for _ in 0..self.settings.attempts.max(1) {
+            let alive: Vec<PeerId> = offers
+                .keys()
+                .filter(|p| !gone.contains(p) || **p == me)
+                .copied()
+                .collect();
+            let groups = partition(round, &alive, self.settings.target);
+            let Some(mine) = groups.iter().find(|g| g.contains(&me)) else {
+                return Err(Error::NoGroup);
+            };
+            if mine[0] == me {
+                let published = Published {
+                    members: mine
+                        .iter()
+                        .filter_map(|p| offers.get(p).map(|o| (p.to_bytes(), o.clone())))
+                        .collect(),
+                };
+                let value = postcard::to_allocvec(&published).unwrap_or_default();
+                self.dht
+                    .store_signed(
+                        self.keypair,
+                        &groups_key(self.run, round),
+                        value,
+                        deadline + 60_000,
+                    )
+                    .await?;
+            }
+            let until = tokio::time::Instant::now() + self.settings.grace;
+            loop {
+                if let Some(group) = self.published_group(round, me, len).await? {
+                    return Ok(group);
+                }
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(self.settings.poll).await;
+            }
+            tracing::warn!(
+                "round {round}: leader {} published no group in {:?}; regrouping without it",
+                mine[0],
+                self.settings.grace
+            );
+            gone.insert(mine[0]);
+        }
+        Err(Error::NoGroup)
+    }
+
+    /// The published group holding `me` whose leader has the smallest id, as a [`Group`].
+    async fn published_group(
+        &self,
+        round: u64,
+        me: PeerId,
+        len: usize,
+    ) -> Result<Option<Group>, Error> {
+        let published: BTreeMap<PeerId, Published> =
+            owned(self.dht, &groups_key(self.run, round)).await?;
+        for (leader, group) in published {
+            let mut members = Vec::new();
+            for (id, offer) in &group.members {
+                let Ok(peer) = PeerId::from_bytes(id) else {
+                    continue;
+                };
+                members.push(Member {
+                    peer,
+                    addrs: offer
+                        .addrs
+                        .iter()
+                        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                        .collect(),
+                    mode: offer.mode.into(),
+                    rate: offer.rate,
+                });
+            }
+            // A leader leads its own group: it must be in it, first.
+            if members.first().map(|m| m.peer) != Some(leader)
+                || !members.iter().any(|m| m.peer == me)
+            {
+                continue;
+            }
+            if members.len() < self.settings.min_size {
+                return Err(Error::NotEnough {
+                    got: members.len(),
+                    min: self.settings.min_size,
+                });
+            }
+            let mut id = Sha256::new();
+            id.update(self.run.as_bytes());
+            id.update(round.to_le_bytes());
+            for m in &members {
+                id.update(m.peer.to_bytes());
+            }
+            return Ok(Some(Group::new(id.finalize().into(), members, len)?));
+        }
+        Ok(None)
+    }
+}
+
+/// The offer of a peer listening on `addrs`.
+pub fn offer(addrs: &[Multiaddr], mode: Mode, rate: f64) -> Offer {
+    Offer {
+        addrs: addrs.iter().map(|a| a.to_vec()).collect(),
+        mode: mode.into(),
+        rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partitions_cover_everyone_once_in_nearly_equal_groups_and_change_every_round() {
+        let peers: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
+        let r1 = partition(1, &peers, 4);
+        let sizes: Vec<usize> = r1.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [4, 3, 3]);
+        let mut all: Vec<PeerId> = r1.concat();
+        all.sort();
+        let mut want = peers.clone();
+        want.sort();
+        assert_eq!(all, want);
+        for g in &r1 {
+            assert!(g.windows(2).all(|w| w[0] < w[1]), "leader first");
+        }
+        // The same view gives the same groups; another round, other groups.
+        assert_eq!(partition(1, &peers, 4), r1);
+        let changed = (2..6).any(|r| {
+            let mut a = partition(r, &peers, 4);
+            let mut b = r1.clone();
+            a.sort();
+            b.sort();
+            a != b
+        });
+        assert!(changed);
+        assert_eq!(partition(1, &peers, 16).len(), 1);
+        assert!(partition(1, &[], 4).is_empty());
+    }
+}

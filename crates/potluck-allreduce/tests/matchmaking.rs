@@ -1,0 +1,159 @@
+//! Matchmaking among DHT nodes on the in-memory transport, then averaging in the groups.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use libp2p::identity::Keypair;
+use potluck_allreduce::balance::Mode;
+use potluck_allreduce::butterfly::{self, Inbox, Settings};
+use potluck_allreduce::matchmaking::{self, Error, Matchmaker};
+use potluck_net::dht::{self, Dht, record};
+
+struct Node {
+    dht: Dht,
+    keypair: Keypair,
+    inbox: Inbox,
+}
+
+async fn nodes(n: usize) -> Vec<Node> {
+    let mut out: Vec<Node> = Vec::new();
+    for _ in 0..n {
+        let keypair = Keypair::generate_ed25519();
+        let dht = Dht::start_memory(keypair.clone(), dht::Config::default())
+            .await
+            .unwrap();
+        if let Some(first) = out.first() {
+            dht.bootstrap(&first.dht.addrs().await.unwrap())
+                .await
+                .unwrap();
+        }
+        let inbox = Inbox::start(dht.host()).unwrap();
+        out.push(Node {
+            dht,
+            keypair,
+            inbox,
+        });
+    }
+    let boot = out[0].dht.addrs().await.unwrap();
+    futures::future::join_all(out.iter().map(|n| n.dht.bootstrap(&boot))).await;
+    out
+}
+
+fn settings(target: usize) -> matchmaking::Settings {
+    matchmaking::Settings {
+        target,
+        grace: std::time::Duration::from_millis(1500),
+        ..matchmaking::Settings::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_agree_on_groups_and_average_within_them() {
+    let nodes = nodes(8).await;
+    let len = 3000;
+    let deadline = record::now() + 2000;
+    let jobs = nodes.iter().enumerate().map(|(i, node)| async move {
+        let mm = Matchmaker {
+            dht: &node.dht,
+            keypair: &node.keypair,
+            run: "test-run",
+            settings: settings(4),
+        };
+        let addrs = node.dht.addrs().await.unwrap();
+        let offer = matchmaking::offer(&addrs, Mode::Full, 1e7);
+        let group = mm.form_group(7, deadline, &offer, len).await.unwrap();
+        let me = group
+            .members
+            .iter()
+            .position(|m| m.peer == node.dht.peer_id())
+            .unwrap();
+        let mut buffer = vec![i as f32; len];
+        let report = butterfly::all_reduce(
+            &node.inbox,
+            &group,
+            me,
+            1.0,
+            &mut buffer,
+            &Settings::default(),
+        )
+        .await
+        .unwrap();
+        assert!(report.complete(), "{report:?}");
+        (group, buffer)
+    });
+    let results = futures::future::join_all(jobs).await;
+    // Two groups of four: every member of a group has the same list, and the mean of the
+    // group's inputs (each node's input is its index).
+    let index = |p: &libp2p::PeerId| nodes.iter().position(|n| n.dht.peer_id() == *p).unwrap();
+    let mut lists: Vec<Vec<libp2p::PeerId>> = Vec::new();
+    for (group, buffer) in &results {
+        let list: Vec<libp2p::PeerId> = group.members.iter().map(|m| m.peer).collect();
+        assert_eq!(list.len(), 4);
+        let mean = list.iter().map(|p| index(p) as f32).sum::<f32>() / 4.0;
+        assert!(buffer.iter().all(|v| (v - mean).abs() < 1e-6));
+        if !lists.contains(&list) {
+            lists.push(list);
+        }
+    }
+    assert_eq!(lists.len(), 2, "{lists:?}");
+    let mut everyone: Vec<_> = lists.concat();
+    everyone.sort();
+    everyone.dedup();
+    assert_eq!(everyone.len(), 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_leader_costs_one_grace_period_not_the_round() {
+    let nodes = nodes(5).await;
+    let deadline = record::now() + 1500;
+    let round = 3;
+    // The leader (smallest peer id) declares, then goes silent.
+    let leader = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
+    fn mm(node: &Node) -> Matchmaker<'_> {
+        Matchmaker {
+            dht: &node.dht,
+            keypair: &node.keypair,
+            run: "test-run",
+            settings: settings(8),
+        }
+    }
+    let leader_offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+    mm(leader)
+        .declare(round, deadline, &leader_offer)
+        .await
+        .unwrap();
+    let others: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.dht.peer_id() != leader.dht.peer_id())
+        .collect();
+    let jobs = others.iter().map(|node| async {
+        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(node)
+            .form_group(round, deadline, &offer, 100)
+            .await
+            .unwrap()
+    });
+    let groups = futures::future::join_all(jobs).await;
+    for g in &groups {
+        let list: Vec<_> = g.members.iter().map(|m| m.peer).collect();
+        assert_eq!(list.len(), 4);
+        assert!(!list.contains(&leader.dht.peer_id()));
+        assert_eq!(g.round, groups[0].round);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_peer_waits_for_the_next_round() {
+    let nodes = nodes(2).await;
+    let mm = Matchmaker {
+        dht: &nodes[0].dht,
+        keypair: &nodes[0].keypair,
+        run: "test-run",
+        settings: settings(8),
+    };
+    let offer = matchmaking::offer(&[], Mode::Full, 1e7);
+    let late = mm.declare(1, record::now() + 100, &offer).await;
+    assert!(
+        matches!(late, Err(Error::TooLate { round: 1, .. })),
+        "{late:?}"
+    );
+}
