@@ -40,9 +40,19 @@ pub(crate) struct Args {
     /// Values per chunk.
     #[arg(long, default_value_t = 1 << 16)]
     pub(crate) chunk: usize,
+    /// Chunks a reducer reads ahead of its slowest sender.
+    #[arg(long, default_value_t = 8)]
+    pub(crate) window: usize,
     /// Security the peers offer first on TCP: noise or tls.
     #[arg(long, default_value = "noise")]
     pub(crate) security: String,
+    /// Run peer i in network namespace PREFIX{i} at 10.98.0.{i+1}, as `scripts/slowlinks.sh`
+    /// builds them (slow links; needs root).
+    #[arg(long)]
+    pub(crate) netns: Option<String>,
+    /// The link rate of --netns in Mbit/s, for the butterfly limit printed beside.
+    #[arg(long)]
+    pub(crate) link_mbit: Option<f64>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
@@ -57,6 +67,7 @@ enum ToPeer {
         numel: usize,
         codec: String,
         chunk: usize,
+        window: usize,
     },
     Round(usize),
     /// Every peer at once sends `bytes` to the next one over a libp2p stream (the traffic of
@@ -131,6 +142,8 @@ struct Report {
     ring_copy_s: f64,
     /// Median all-reduce wall time over the ring copy's.
     ratio_to_ring_copy: f64,
+    /// With --link-mbit: the time to move what one peer sends at the link's rate.
+    butterfly_limit_s: Option<f64>,
     hivemind_s: Option<f64>,
 }
 
@@ -197,10 +210,22 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads = (cores / args.peers).max(1).to_string();
     let mut procs = Vec::new();
-    for _ in 0..args.peers {
-        let mut child = Command::new(&exe)
+    for i in 0..args.peers {
+        let mut command = match &args.netns {
+            Some(prefix) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{prefix}{i}")]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        let ip = match &args.netns {
+            Some(_) => format!("10.98.0.{}", i + 1),
+            None => "127.0.0.1".to_owned(),
+        };
+        let mut child = command
             .args(["bench", "allreduce-peer", "--security", &args.security])
-            .args(["--threads", &threads])
+            .args(["--threads", &threads, "--ip", &ip])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -235,6 +260,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             numel: args.numel,
             codec: args.codec.clone(),
             chunk: args.chunk,
+            window: args.window,
         })?;
     }
     let mut rounds = Vec::new();
@@ -333,6 +359,9 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         tls_copy_s: tls_s,
         ring_copy_s,
         ratio_to_ring_copy: median_wall_s / ring_copy_s,
+        butterfly_limit_s: args
+            .link_mbit
+            .map(|mbit| (2 * (n - 1) * args.numel * 4 / n) as f64 * 8.0 / (mbit * 1e6)),
         hivemind_s: hivemind(args.peers, args.numel),
     };
     if args.json {
@@ -340,8 +369,17 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "all-reduce of {} floats ({:.0} MiB), {} peers on loopback, codec {}, {} first",
-        report.numel, report.buffer_mib, report.peers, report.codec, report.security
+        "all-reduce of {} floats ({:.0} MiB), {} peers {}, codec {}, {} first",
+        report.numel,
+        report.buffer_mib,
+        report.peers,
+        if args.netns.is_some() {
+            "in network namespaces"
+        } else {
+            "on loopback"
+        },
+        report.codec,
+        report.security
     );
     println!("round  wall s  sent/peer MB  MB/s   peak RSS per peer (MiB)  complete  max error");
     for r in &report.rounds {
@@ -379,7 +417,15 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         "median all-reduce {:.3} s = {:.2}× the ring copy (the same traffic, no work)",
         report.median_wall_s, report.ratio_to_ring_copy
     );
-    if let Some(h) = report.hivemind_s {
+    if let Some(limit) = report.butterfly_limit_s {
+        println!(
+            "butterfly limit at {} Mbit/s (what one peer sends, uncompressed): {limit:.3} s; \
+             the all-reduce takes {:.2}× that",
+            args.link_mbit.unwrap_or_default(),
+            report.median_wall_s / limit
+        );
+    }
+    if let Some(h) = report.hivemind_s.filter(|_| args.netns.is_none()) {
         println!(
             "hivemind 1.1.12, same shape (ANCHORS.md): {h:.2} s: potluck is {:.1}× faster",
             h / report.median_wall_s
@@ -396,6 +442,9 @@ pub(crate) struct PeerArgs {
     /// Runtime worker threads (the parent gives each peer its share of the cores).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// The address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub(crate) ip: String,
 }
 
 fn security(s: &str) -> Result<Security> {
@@ -413,12 +462,12 @@ fn say(msg: &FromPeer) -> Result<()> {
     Ok(())
 }
 
-async fn start_host(security: Security, listen: bool) -> Result<Host> {
+async fn start_host(security: Security, listen: Option<&str>) -> Result<Host> {
     let mut cfg = host::Config::new(identity::generate(), Transports::Network);
     cfg.client_mode = ClientMode::Off;
     cfg.security = security;
-    if listen {
-        cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    if let Some(ip) = listen {
+        cfg.listen = vec![format!("/ip4/{ip}/tcp/0").parse()?];
     }
     Ok(Host::start(cfg, Arc::new(NoDht)).await?)
 }
@@ -460,9 +509,9 @@ pub(crate) fn peer(args: &PeerArgs) -> Result<()> {
 }
 
 async fn peer_main(args: &PeerArgs) -> Result<()> {
-    let host = start_host(security(&args.security)?, true).await?;
+    let host = start_host(security(&args.security)?, Some(&args.ip)).await?;
     let inbox = Inbox::start(&host)?;
-    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tcp = tokio::net::TcpListener::bind((args.ip.as_str(), 0)).await?;
     let tcp_addr = tcp.local_addr()?.to_string();
     tokio::spawn(serve_tcp_copies(tcp));
     say(&FromPeer::Ready {
@@ -494,6 +543,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 numel,
                 codec,
                 chunk,
+                window,
             } => {
                 let members = members
                     .iter()
@@ -510,6 +560,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 let g = Group::new([0; 32], members, numel)?;
                 let settings = Settings {
                     chunk,
+                    window,
                     plan: CodecPlan::uniform(codec),
                     ..Settings::default()
                 };
@@ -569,7 +620,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 let mut stream_s = Vec::new();
                 for s in [Security::Noise, Security::Tls] {
                     // A dialer's first offer is what gets negotiated (both sides accept both).
-                    let dialer = start_host(s, false).await?;
+                    let dialer = start_host(s, None).await?;
                     let probe = dialer.probe(peer, addrs.clone(), bytes, deadline).await?;
                     stream_s.push(probe.elapsed.as_secs_f64());
                 }
