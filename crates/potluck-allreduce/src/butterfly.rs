@@ -257,9 +257,17 @@ pub struct Report {
     pub excluded: Vec<(usize, String)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    pub elapsed: Duration,
 }
 
 impl Report {
+    /// This member's measured throughput in the round: bytes moved each way per second (what
+    /// its next offer should carry as its rate).
+    pub fn rate(&self) -> f64 {
+        let bytes = self.bytes_sent.max(self.bytes_received) as f64;
+        bytes / self.elapsed.as_secs_f64().max(1e-6)
+    }
+
     /// Whether every part came back averaged.
     pub fn complete(&self) -> bool {
         self.parts.iter().all(PartResult::complete)
@@ -460,6 +468,42 @@ fn result_limit(members: usize, values: usize) -> usize {
     8 + members.div_ceil(8) + codec::HEADER + 4 * values
 }
 
+/// Parses a result frame for a chunk of `out.len()` values in a group of `members`: the
+/// chunk's total weight and the members behind it; the averaged values go into `out`
+/// (untouched on error).
+pub fn parse_result(
+    frame: &[u8],
+    members: usize,
+    out: &mut [f32],
+) -> Result<(f64, Vec<usize>), codec::Error> {
+    let bitmap = members.div_ceil(8);
+    if frame.len() < 8 + bitmap {
+        return Err(codec::Error::Short { len: frame.len() });
+    }
+    let mut weight = [0u8; 8];
+    weight.copy_from_slice(&frame[..8]);
+    let weight = f64::from_le_bytes(weight);
+    if !(weight.is_finite() && weight >= 0.0) {
+        return Err(codec::Error::BadScale);
+    }
+    let bits = &frame[8..8 + bitmap];
+    let behind = (0..members)
+        .filter(|m| bits[m / 8] & (1 << (m % 8)) != 0)
+        .collect();
+    codec::decode_into(&frame[8 + bitmap..], out)?;
+    Ok((weight, behind))
+}
+
+/// Decodes the control messages of `/potluck/allreduce/1` (hello, ack) from bytes, as a
+/// reducer and an opener do; for fuzzing.
+#[doc(hidden)]
+pub fn decode_control(bytes: &[u8]) -> (bool, bool) {
+    (
+        postcard::from_bytes::<Hello>(bytes).is_ok(),
+        postcard::from_bytes::<Ack>(bytes).is_ok(),
+    )
+}
+
 /// Per-round timing from the members' measured rates.
 #[derive(Debug, Clone, Copy)]
 struct Timing {
@@ -486,6 +530,40 @@ pub async fn all_reduce(
     buffer: &mut [f32],
     settings: &Settings,
 ) -> Result<Report, Error> {
+    run(inbox, group, me, weight, buffer, None, settings).await
+}
+
+/// [`all_reduce`] with error feedback for lossy codecs: what compression left out of this
+/// member's values in one round (kept in `residual`, as long as the buffer, zero at first) is
+/// added to what it sends in the next.
+pub async fn all_reduce_with_feedback(
+    inbox: &Inbox,
+    group: &Group,
+    me: usize,
+    weight: f32,
+    buffer: &mut [f32],
+    residual: &mut [f32],
+    settings: &Settings,
+) -> Result<Report, Error> {
+    if residual.len() != buffer.len() {
+        return Err(Error::Length {
+            got: residual.len(),
+            expected: buffer.len(),
+        });
+    }
+    run(inbox, group, me, weight, buffer, Some(residual), settings).await
+}
+
+async fn run(
+    inbox: &Inbox,
+    group: &Group,
+    me: usize,
+    weight: f32,
+    buffer: &mut [f32],
+    residual: Option<&mut [f32]>,
+    settings: &Settings,
+) -> Result<Report, Error> {
+    let started = Instant::now();
     if me >= group.members.len() || group.members[me].peer != inbox.host.peer_id() {
         return Err(Error::NotAMember);
     }
@@ -503,11 +581,21 @@ pub async fn all_reduce(
     let weight = if group.sends(me) { weight } else { 0.0 };
     // Split the buffer into the members' parts.
     let mut parts: Vec<&mut [f32]> = Vec::with_capacity(group.members.len());
+    let mut residuals: Vec<Option<&mut [f32]>> = Vec::with_capacity(group.members.len());
     let mut rest = buffer;
+    let mut rest_residual = residual;
     for &len in &group.parts {
         let (part, tail) = rest.split_at_mut(len);
         parts.push(part);
         rest = tail;
+        match rest_residual.take() {
+            Some(r) => {
+                let (head, tail) = r.split_at_mut(len);
+                residuals.push(Some(head));
+                rest_residual = Some(tail);
+            }
+            None => residuals.push(None),
+        }
     }
     let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -518,7 +606,7 @@ pub async fn all_reduce(
     };
     let mut jobs = Vec::new();
     let mut own = None;
-    for (j, part) in parts.into_iter().enumerate() {
+    for (j, (part, residual)) in parts.into_iter().zip(residuals).enumerate() {
         if group.parts[j] == 0 {
             continue;
         }
@@ -533,6 +621,7 @@ pub async fn all_reduce(
             j,
             weight,
             part,
+            residual,
             settings,
             timing,
             &crash,
@@ -578,6 +667,7 @@ pub async fn all_reduce(
     report.parts = results;
     report.bytes_sent = sent.load(std::sync::atomic::Ordering::Relaxed);
     report.bytes_received = received.load(std::sync::atomic::Ordering::Relaxed);
+    report.elapsed = started.elapsed();
     Ok(report)
 }
 
@@ -639,6 +729,7 @@ async fn exchange(
     j: usize,
     weight: f32,
     part: &mut [f32],
+    residual: Option<&mut [f32]>,
     settings: &Settings,
     timing: Timing,
     crash: &Crash,
@@ -677,6 +768,7 @@ async fn exchange(
         slices.push(head);
         rest = tail;
     }
+    let mut residual = residual;
     let ready = Mutex::new(std::collections::VecDeque::new());
     let (count_tx, count_rx) = watch::channel(0usize);
     let sends = group.sends(me);
@@ -691,10 +783,18 @@ async fn exchange(
         // Owned here: when the writer stops, the reader stops waiting for its slices.
         let count_tx = count_tx;
         let mut buf = Vec::new();
+        let mut at = 0;
         for (slice, (_, codec)) in slices.into_iter().zip(&chunks) {
             if sends {
                 buf.clear();
-                codec::encode(*codec, slice, &mut buf);
+                match residual.as_deref_mut() {
+                    Some(r) if !codec.is_exact() => {
+                        let r = &mut r[at..at + slice.len()];
+                        codec::encode_with_feedback(*codec, slice, r, &mut buf);
+                    }
+                    _ => codec::encode(*codec, slice, &mut buf),
+                }
+                at += slice.len();
                 if let Err(e) = write_frame(&mut writer, &[&buf]).await {
                     tracing::debug!("sending to member {j}: {e}");
                     break;
@@ -742,21 +842,19 @@ async fn exchange(
             let Some(slice) = lock(&ready).pop_front() else {
                 break;
             };
-            let bitmap = n.div_ceil(8);
-            if buf.len() < 8 + bitmap {
-                break;
+            match parse_result(&buf, n, slice) {
+                Ok((chunk_weight, members)) => {
+                    result.contributors.retain(|m| members.contains(m));
+                    result.weight = result.weight.min(chunk_weight);
+                    done += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "member {j} sent a bad averaged chunk ({e}): keeping our values"
+                    );
+                    break;
+                }
             }
-            let chunk_weight = f64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
-            if codec::decode_into(&buf[8 + bitmap..], slice).is_err() || !chunk_weight.is_finite() {
-                tracing::warn!("member {j} sent a malformed averaged chunk: keeping our values");
-                break;
-            }
-            let members = &buf[8..8 + bitmap];
-            result
-                .contributors
-                .retain(|&m| members[m / 8] & (1 << (m % 8)) != 0);
-            result.weight = result.weight.min(chunk_weight);
-            done += 1;
         }
         done
     };

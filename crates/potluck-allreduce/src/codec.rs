@@ -201,7 +201,7 @@ pub fn peek(chunk: &[u8]) -> Result<(Codec, usize), Error> {
     Ok((codec, n))
 }
 
-/// Decodes a chunk of exactly `out.len()` values into `out`.
+/// Decodes a chunk of exactly `out.len()` values into `out`; on error `out` is untouched.
 pub fn decode_into(chunk: &[u8], out: &mut [f32]) -> Result<Codec, Error> {
     let (codec, n) = peek(chunk)?;
     if n != out.len() {
@@ -247,12 +247,15 @@ pub fn decode_into(chunk: &[u8], out: &mut [f32]) -> Result<Codec, Error> {
         Codec::Blockwise8 => {
             let blocks = n.div_ceil(BLOCK);
             let (scales, codes) = payload.split_at(4 * blocks);
-            for (i, (o, c)) in out.chunks_mut(BLOCK).zip(codes.chunks(BLOCK)).enumerate() {
+            // Every scale checked before a value is written: on error `out` is untouched.
+            if (0..blocks).any(|i| {
                 let absmax = f32_at(scales, 4 * i);
-                if !absmax.is_finite() || absmax < 0.0 {
-                    return Err(Error::BadScale);
-                }
-                let scale = absmax / 127.0;
+                !absmax.is_finite() || absmax < 0.0
+            }) {
+                return Err(Error::BadScale);
+            }
+            for (i, (o, c)) in out.chunks_mut(BLOCK).zip(codes.chunks(BLOCK)).enumerate() {
+                let scale = f32_at(scales, 4 * i) / 127.0;
                 for (o, q) in o.iter_mut().zip(c) {
                     *o = f32::from(*q as i8) * scale;
                 }
@@ -280,19 +283,24 @@ impl Feedback {
     /// error left from last time, and keeps this time's error.
     pub fn encode(&mut self, codec: Codec, offset: usize, values: &[f32], out: &mut Vec<u8>) {
         let residual = &mut self.residual[offset..offset + values.len()];
-        let corrected: Vec<f32> = values
-            .iter()
-            .zip(residual.iter())
-            .map(|(v, r)| v + r)
-            .collect();
-        let start = out.len();
-        encode(codec, &corrected, out);
-        let mut sent = vec![0f32; values.len()];
-        // Our own encoding always decodes.
-        if decode_into(&out[start..], &mut sent).is_ok() {
-            for ((r, c), s) in residual.iter_mut().zip(&corrected).zip(&sent) {
-                *r = if (c - s).is_finite() { c - s } else { 0.0 };
-            }
+        encode_with_feedback(codec, values, residual, out);
+    }
+}
+
+/// Encodes `values + residual` and leaves in `residual` what this encoding left out.
+pub fn encode_with_feedback(codec: Codec, values: &[f32], residual: &mut [f32], out: &mut Vec<u8>) {
+    let corrected: Vec<f32> = values
+        .iter()
+        .zip(residual.iter())
+        .map(|(v, r)| v + r)
+        .collect();
+    let start = out.len();
+    encode(codec, &corrected, out);
+    let mut sent = vec![0f32; values.len()];
+    // Our own encoding always decodes.
+    if decode_into(&out[start..], &mut sent).is_ok() {
+        for ((r, c), s) in residual.iter_mut().zip(&corrected).zip(&sent) {
+            *r = if (c - s).is_finite() { c - s } else { 0.0 };
         }
     }
 }
@@ -449,9 +457,13 @@ mod tests {
             decode_into(&huge, &mut out),
             Err(Error::Count { .. })
         ));
+        // A bad scale in the last block: refused, and nothing written.
         let mut nan_scale = bytes;
-        nan_scale[HEADER..HEADER + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let last = HEADER + 4 * (1000usize.div_ceil(BLOCK) - 1);
+        nan_scale[last..last + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        out.fill(7.0);
         assert_eq!(decode_into(&nan_scale, &mut out), Err(Error::BadScale));
+        assert!(out.iter().all(|v| *v == 7.0));
     }
 
     #[test]

@@ -340,3 +340,79 @@ async fn centered_clip_holds_against_a_member_sending_values_a_million_times_too
         assert!(moved <= 2.0 * tau, "moved by {moved}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_feedback_cancels_what_8_bit_rounding_leaves_out_over_rounds() {
+    let n = 3;
+    let len = 3_000;
+    let peers = peers(n).await;
+    let inputs: Vec<Vec<f32>> = (0..n)
+        .map(|p| {
+            (0..len)
+                .map(|j| 0.3 + ((j * 7 + p * 13) % 97) as f32 * 1e-3)
+                .collect()
+        })
+        .collect();
+    let want = reference(&inputs, &[1.0; 3], &[0, 1, 2]);
+    let rounds = 24;
+    let mut worst = Vec::new();
+    for feedback in [false, true] {
+        let g = group(&peers, &[Mode::Full; 3], &[1e7; 3], len).await;
+        let mut residuals = vec![vec![0f32; len]; n];
+        let mut sums = vec![vec![0f64; len]; n];
+        for round in 0..rounds {
+            let mut g = g.clone();
+            g.round[0] = round as u8;
+            let jobs = (0..n).map(|i| {
+                let (inbox, g) = (peers[i].inbox.clone(), g.clone());
+                let mut buffer = inputs[i].clone();
+                let mut residual = std::mem::take(&mut residuals[i]);
+                tokio::spawn(async move {
+                    let s = settings(Codec::Blockwise8);
+                    let report = if feedback {
+                        butterfly::all_reduce_with_feedback(
+                            &inbox,
+                            &g,
+                            i,
+                            1.0,
+                            &mut buffer,
+                            &mut residual,
+                            &s,
+                        )
+                        .await
+                    } else {
+                        butterfly::all_reduce(&inbox, &g, i, 1.0, &mut buffer, &s).await
+                    };
+                    assert!(report.unwrap().complete());
+                    (buffer, residual)
+                })
+            });
+            for (i, job) in futures::future::join_all(jobs)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                let (buffer, residual) = job.unwrap();
+                residuals[i] = residual;
+                for (s, v) in sums[i].iter_mut().zip(&buffer) {
+                    *s += f64::from(*v);
+                }
+            }
+        }
+        // On each member's own part the result is exact but for the others' rounding: its
+        // average over the rounds shows what feedback cancels.
+        let mut err = 0f64;
+        for (i, sum) in sums.iter().enumerate() {
+            for j in g.range(i) {
+                err = err.max((sum[j] / rounds as f64 - f64::from(want[j])).abs());
+            }
+        }
+        worst.push(err);
+    }
+    assert!(
+        worst[1] < 0.25 * worst[0],
+        "without {}, with feedback {}",
+        worst[0],
+        worst[1]
+    );
+}
