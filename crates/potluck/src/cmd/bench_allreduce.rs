@@ -69,7 +69,11 @@ enum ToPeer {
         chunk: usize,
         window: usize,
     },
-    Round(usize),
+    /// Run round `round` with the members' measured rates (bytes/s), for the parts.
+    Round {
+        round: usize,
+        rates: Vec<f64>,
+    },
     /// Every peer at once sends `bytes` to the next one over a libp2p stream (the traffic of
     /// an all-reduce, without its work).
     Ring {
@@ -103,6 +107,8 @@ enum FromPeer {
         complete: bool,
         max_error: f32,
         peak_rss_mib: f64,
+        /// What this round measured: bytes moved each way per second.
+        rate: f64,
     },
     Copied {
         tcp_s: f64,
@@ -263,11 +269,33 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             window: args.window,
         })?;
     }
+    // Rates for the first round's parts and timeouts: a short ring of probes (each peer's
+    // rate sending to the next); later rounds use what the previous one measured.
+    let probe_bytes = 4u64 << 20;
+    for (i, p) in procs.iter_mut().enumerate() {
+        let next = &members[(i + 1) % args.peers];
+        p.send(&ToPeer::Ring {
+            peer: next.0.clone(),
+            addrs: next.1.clone(),
+            bytes: probe_bytes,
+        })?;
+    }
+    let mut rates = Vec::new();
+    for p in &mut procs {
+        match p.recv()? {
+            FromPeer::Rang { wall_s } => rates.push(probe_bytes as f64 / wall_s.max(1e-6)),
+            other => bail!("unexpected {other:?}"),
+        }
+    }
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         for p in &mut procs {
-            p.send(&ToPeer::Round(round))?;
+            p.send(&ToPeer::Round {
+                round,
+                rates: rates.clone(),
+            })?;
         }
+        let mut measured = Vec::new();
         let mut walls = Vec::new();
         let mut sent = 0u64;
         let mut rss = Vec::new();
@@ -281,8 +309,10 @@ pub(crate) fn run(args: &Args) -> Result<()> {
                     complete: c,
                     max_error: e,
                     peak_rss_mib,
+                    rate,
                     ..
                 } => {
+                    measured.push(rate);
                     walls.push(wall_s);
                     sent += s;
                     rss.push(peak_rss_mib);
@@ -292,6 +322,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
                 other => bail!("unexpected {other:?}"),
             }
         }
+        rates = measured;
         let wall = walls.iter().copied().fold(0.0, f64::max);
         rounds.push(RoundReport {
             round,
@@ -552,6 +583,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                             peer: peer.parse()?,
                             addrs: addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?,
                             mode: Mode::Full,
+                            // Replaced by measured rates before every round.
                             rate: 1e9,
                         })
                     })
@@ -567,9 +599,13 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 buffer = vec![0f32; numel];
                 group = Some((g, me, settings));
             }
-            ToPeer::Round(round) => {
+            ToPeer::Round { round, rates } => {
                 let (g, me, settings) = group.as_mut().context("round before group")?;
-                g.round = [round as u8 + 1; 32];
+                let mut members = g.members.clone();
+                for (m, r) in members.iter_mut().zip(&rates) {
+                    m.rate = *r;
+                }
+                *g = Group::new([round as u8 + 1; 32], members, buffer.len())?;
                 let n = g.members.len();
                 for (j, v) in buffer.iter_mut().enumerate() {
                     *v = initial(*me, j);
@@ -593,6 +629,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                     complete: report.complete(),
                     max_error,
                     peak_rss_mib: crate::cmd::bench::rss().1,
+                    rate: report.rate(),
                 })?;
             }
             ToPeer::Ring { peer, addrs, bytes } => {
