@@ -98,6 +98,8 @@ enum FromPeer {
         peer: String,
         addrs: Vec<String>,
         tcp: String,
+        /// Resident set before the buffer exists (this binary links libtorch).
+        idle_rss_mib: f64,
     },
     Done {
         round: usize,
@@ -139,6 +141,10 @@ struct Report {
     codec: String,
     security: String,
     buffer_mib: f64,
+    /// Each peer's resident set before its buffer existed.
+    idle_rss_mib: Vec<f64>,
+    /// The largest peak over idle, per MiB of buffer.
+    above_idle_per_buffer: f64,
     rounds: Vec<RoundReport>,
     median_wall_s: f64,
     tcp_copy_s: f64,
@@ -246,15 +252,18 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     }
     let mut members = Vec::new();
     let mut tcp = Vec::new();
+    let mut idle = Vec::new();
     for p in &mut procs {
         match p.recv()? {
             FromPeer::Ready {
                 peer,
                 addrs,
                 tcp: t,
+                idle_rss_mib,
             } => {
                 members.push((peer, addrs));
                 tcp.push(t);
+                idle.push(idle_rss_mib);
             }
             other => bail!("unexpected {other:?}"),
         }
@@ -377,12 +386,19 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     let mut walls: Vec<f64> = rounds.iter().map(|r| r.wall_s).collect();
     walls.sort_by(f64::total_cmp);
     let median_wall_s = walls[walls.len() / 2];
+    let buffer_mib = (args.numel * 4) as f64 / (1 << 20) as f64;
+    let above_idle = rounds
+        .iter()
+        .flat_map(|r| r.peak_rss_mib.iter().zip(&idle).map(|(p, i)| p - i))
+        .fold(0f64, f64::max);
     let report = Report {
         peers: args.peers,
         numel: args.numel,
         codec: args.codec.clone(),
         security: args.security.clone(),
-        buffer_mib: (args.numel * 4) as f64 / (1 << 20) as f64,
+        buffer_mib,
+        idle_rss_mib: idle.clone(),
+        above_idle_per_buffer: above_idle / buffer_mib,
         rounds,
         median_wall_s,
         tcp_copy_s: tcp_s,
@@ -426,6 +442,11 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             r.max_error
         );
     }
+    let idle_max = idle.iter().copied().fold(0f64, f64::max);
+    println!(
+        "peak RSS above each peer's idle {idle_max:.0} MiB: at most {above_idle:.0} MiB = {:.2}× the {buffer_mib:.0} MiB buffer",
+        report.above_idle_per_buffer
+    );
     let mb = (args.numel * 4) as f64 / 1e6;
     println!("same bytes between peers 0 and 1 ({mb:.0} MB), same processes:");
     println!(
@@ -554,6 +575,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
             .map(|a| a.to_string())
             .collect(),
         tcp: tcp_addr,
+        idle_rss_mib: crate::cmd::bench::rss().0,
     })?;
     // Stdin lines arrive on a blocking thread, passed over a bounded channel.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(4);
