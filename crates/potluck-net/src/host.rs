@@ -703,19 +703,42 @@ impl Host {
 
     /// Makes sure there is a connection to `peer` (dialing `addrs`, which may be circuit
     /// addresses through a relay, when there is none).
+    ///
+    /// Two peers that dial each other at the same moment from their listen ports (TCP port
+    /// reuse, which hole punching needs) can meet in one TCP simultaneous open where both act
+    /// as the initiator and the security handshake fails: a failed dial is retried after a
+    /// random pause (a connection the other side made meanwhile is then used).
     pub async fn connect(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         deadline: Duration,
     ) -> Result<(), Error> {
-        let connect = |reply| Command::Connect { peer, addrs, reply };
-        self.ask(connect, deadline)
-            .await?
-            .unwrap_or(Err(Error::Timeout {
+        let started = Instant::now();
+        let mut attempt = 0;
+        loop {
+            let left = deadline.saturating_sub(started.elapsed());
+            let connect = |reply| Command::Connect {
                 peer,
-                after: deadline,
-            }))
+                addrs: addrs.clone(),
+                reply,
+            };
+            let result = self
+                .ask(connect, left)
+                .await?
+                .unwrap_or(Err(Error::Timeout {
+                    peer,
+                    after: deadline,
+                }));
+            attempt += 1;
+            let pause = Duration::from_millis(rand::random_range(10..150));
+            match result {
+                Err(Error::Rpc { .. }) if attempt < 4 && started.elapsed() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// The remote addresses of the connections to `peer` now.

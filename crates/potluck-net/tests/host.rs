@@ -135,3 +135,29 @@ async fn a_peer_reachable_only_through_a_relay_is_reached_and_probed() {
         .await;
     assert!(too_big.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_dialing_each_other_at_once_over_tcp_both_connect() {
+    // With port reuse both dials can become one TCP simultaneous open in which both sides
+    // start the security handshake as initiators; connect() must get past it.
+    for _ in 0..10 {
+        let tcp = || {
+            let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
+            cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            cfg.client_mode = ClientMode::Off;
+            Host::start(cfg, Arc::new(Nobody))
+        };
+        let (a, b) = (tcp().await.unwrap(), tcp().await.unwrap());
+        let (a_addrs, b_addrs) = (
+            a.listen_addrs().await.unwrap(),
+            b.listen_addrs().await.unwrap(),
+        );
+        let deadline = Duration::from_secs(10);
+        let (ab, ba) = tokio::join!(
+            a.connect(b.peer_id(), b_addrs, deadline),
+            b.connect(a.peer_id(), a_addrs, deadline)
+        );
+        ab.unwrap();
+        ba.unwrap();
+    }
+}
