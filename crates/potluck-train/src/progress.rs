@@ -1,0 +1,235 @@
+//! Progress tracking over the DHT, the clock of collaborative training: every peer publishes a
+//! signed [`Report`] (its epoch, the samples it accumulated in it, its samples/s, when) under
+//! its own subkey of `RUN/progress`; every peer reads everyone's and estimates the swarm's
+//! state ([`swarm_state`]): the epoch, the samples gathered toward the target batch, and when
+//! the target will be reached, so matchmaking can be scheduled ahead of it.
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use potluck_net::dht::record::{self, Subkey, Time};
+use potluck_net::dht::store::Entry;
+use potluck_net::dht::{self, Dht};
+use serde::{Deserialize, Serialize};
+
+/// What one peer says of its progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// The global epoch it is accumulating gradients for.
+    pub epoch: u64,
+    /// Samples it accumulated in that epoch so far.
+    pub samples: u64,
+    /// Its recent throughput.
+    pub samples_per_second: f64,
+    /// Wall clock (ms) when `samples` was counted.
+    pub time: Time,
+}
+
+/// The swarm as one peer estimates it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwarmState {
+    /// The latest epoch any live peer reports.
+    pub epoch: u64,
+    /// Samples gathered toward the target in that epoch, extrapolated to now.
+    pub samples: u64,
+    /// Samples/s of the peers in that epoch.
+    pub samples_per_second: f64,
+    /// Live peers (reports not older than the staleness limit), and those in the epoch.
+    pub peers: usize,
+    pub in_epoch: usize,
+    /// Estimated time until the target is reached (zero once it is; `None` with no rate).
+    pub eta: Option<Duration>,
+}
+
+impl SwarmState {
+    /// Whether the epoch's target batch is reached.
+    pub fn ready(&self, target: u64) -> bool {
+        self.samples >= target
+    }
+}
+
+/// Estimates the swarm's state at `now` from `reports`; reports older than `stale` are of
+/// peers presumed gone. A peer's samples are extrapolated by its rate since its report, up to
+/// `stale` (a peer that stopped reporting stops counting).
+pub fn swarm_state(
+    reports: &[(PeerId, Report)],
+    now: Time,
+    target: u64,
+    stale: Duration,
+) -> SwarmState {
+    let stale_ms = stale.as_millis() as u64;
+    let live: Vec<&Report> = reports
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r.time + stale_ms >= now && r.samples_per_second.is_finite())
+        .collect();
+    let epoch = live.iter().map(|r| r.epoch).max().unwrap_or(0);
+    let current: Vec<&&Report> = live.iter().filter(|r| r.epoch == epoch).collect();
+    let samples: f64 = current
+        .iter()
+        .map(|r| {
+            let since = now.saturating_sub(r.time).min(stale_ms) as f64 / 1000.0;
+            r.samples as f64 + r.samples_per_second.max(0.0) * since
+        })
+        .sum();
+    let rate: f64 = current.iter().map(|r| r.samples_per_second.max(0.0)).sum();
+    let samples = samples.min(u64::MAX as f64) as u64;
+    let eta = if samples >= target {
+        Some(Duration::ZERO)
+    } else if rate > 0.0 {
+        Some(Duration::from_secs_f64(
+            ((target - samples) as f64 / rate).min(1e9),
+        ))
+    } else {
+        None
+    };
+    SwarmState {
+        epoch,
+        samples,
+        samples_per_second: rate,
+        peers: live.len(),
+        in_epoch: current.len(),
+        eta,
+    }
+}
+
+/// Publishes this peer's reports and reads the swarm's, under `RUN/progress`.
+#[derive(Debug)]
+pub struct Tracker<'a> {
+    pub dht: &'a Dht,
+    pub keypair: &'a Keypair,
+    pub run: &'a str,
+    /// How long a report stays in the DHT (and counts).
+    pub ttl: Duration,
+}
+
+impl Tracker<'_> {
+    fn key(&self) -> Vec<u8> {
+        format!("{}/progress", self.run).into_bytes()
+    }
+
+    /// Stores `report` under this peer's signed subkey.
+    pub async fn publish(&self, report: &Report) -> Result<(), dht::Error> {
+        let value = postcard::to_allocvec(report).unwrap_or_default();
+        let expiration = record::now() + self.ttl.as_millis() as u64;
+        self.dht
+            .store_signed(self.keypair, &self.key(), value, expiration)
+            .await?;
+        Ok(())
+    }
+
+    /// Every peer's latest report (signatures checked by the DHT; undecodable ones skipped).
+    pub async fn fetch(&self) -> Result<Vec<(PeerId, Report)>, dht::Error> {
+        let mut out = Vec::new();
+        if let Some(Entry::Dict(d)) = self.dht.get(&self.key()).await? {
+            for (subkey, item) in d {
+                let Subkey::Owner(owner) = subkey else {
+                    continue;
+                };
+                if let (Ok(peer), Ok(report)) = (
+                    PeerId::from_bytes(&owner),
+                    postcard::from_bytes::<Report>(&item.value),
+                ) {
+                    out.push((peer, report));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The swarm's state now, toward `target` samples.
+    pub async fn state(&self, target: u64) -> Result<SwarmState, dht::Error> {
+        let reports = self.fetch().await?;
+        Ok(swarm_state(&reports, record::now(), target, self.ttl))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(epoch: u64, samples: u64, rate: f64, time: Time) -> (PeerId, Report) {
+        (
+            PeerId::random(),
+            Report {
+                epoch,
+                samples,
+                samples_per_second: rate,
+                time,
+            },
+        )
+    }
+
+    #[test]
+    fn the_swarm_counts_live_peers_of_the_latest_epoch_extrapolated_to_now() {
+        let now = 100_000;
+        let stale = Duration::from_secs(30);
+        let reports = [
+            report(5, 100, 10.0, now - 2_000), // 100 + 20
+            report(5, 50, 30.0, now - 1_000),  // 50 + 30
+            report(4, 400, 50.0, now - 1_000), // behind: catching up, not counted
+            report(6, 10, 5.0, now - 100_000), // gone (stale): its epoch does not count
+            report(5, 0, f64::NAN, now),       // nonsense rate: ignored
+        ];
+        let s = swarm_state(&reports, now, 1000, stale);
+        assert_eq!(s.epoch, 5);
+        assert_eq!(s.samples, 200);
+        assert_eq!(s.samples_per_second, 40.0);
+        assert_eq!((s.peers, s.in_epoch), (3, 2));
+        assert_eq!(s.eta, Some(Duration::from_secs(20)));
+        assert!(!s.ready(1000));
+        assert!(s.ready(200));
+        // A peer that stops reporting counts its rate for `stale` at most.
+        let quiet = [report(1, 0, 10.0, now - 29_000)];
+        assert_eq!(swarm_state(&quiet, now, 1000, stale).samples, 290);
+        let none = swarm_state(&[], now, 1000, stale);
+        assert_eq!((none.epoch, none.samples, none.eta), (0, 0, None));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn peers_see_each_others_signed_reports_through_the_dht() {
+        let mut nodes: Vec<(Dht, Keypair)> = Vec::new();
+        for _ in 0..3 {
+            let key = Keypair::generate_ed25519();
+            let node = Dht::start_memory(key.clone(), dht::Config::default())
+                .await
+                .unwrap();
+            if let Some((first, _)) = nodes.first() {
+                node.bootstrap(&first.addrs().await.unwrap()).await.unwrap();
+            }
+            nodes.push((node, key));
+        }
+        let now = record::now();
+        for (i, (node, key)) in nodes.iter().enumerate() {
+            let tracker = Tracker {
+                dht: node,
+                keypair: key,
+                run: "run",
+                ttl: Duration::from_secs(60),
+            };
+            let report = Report {
+                epoch: 3,
+                samples: 100 * (i as u64 + 1),
+                samples_per_second: 0.0,
+                time: now,
+            };
+            tracker.publish(&report).await.unwrap();
+        }
+        let (node, key) = &nodes[2];
+        let tracker = Tracker {
+            dht: node,
+            keypair: key,
+            run: "run",
+            ttl: Duration::from_secs(60),
+        };
+        let reports = tracker.fetch().await.unwrap();
+        assert_eq!(reports.len(), 3);
+        for (node, _) in &nodes {
+            assert!(reports.iter().any(|(p, _)| *p == node.peer_id()));
+        }
+        let state = tracker.state(600).await.unwrap();
+        assert_eq!((state.epoch, state.samples, state.in_epoch), (3, 600, 3));
+        assert!(state.ready(600));
+    }
+}
