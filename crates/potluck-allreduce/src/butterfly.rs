@@ -290,8 +290,9 @@ pub struct Report {
 }
 
 impl Report {
-    /// This member's measured throughput in the round: bytes moved each way per second (what
-    /// its next offer should carry as its rate).
+    /// This member's achieved throughput in the round: bytes moved each way per second. A
+    /// lower bound on its capacity, and it follows the part it was given: balancing parts on
+    /// it round after round feeds back (measure capacity with [`Host::probe`] instead).
     pub fn rate(&self) -> f64 {
         let bytes = self.bytes_sent.max(self.bytes_received) as f64;
         bytes / self.elapsed.as_secs_f64().max(1e-6)
@@ -355,7 +356,18 @@ struct Incoming {
     stream: Stream,
 }
 
-type Rounds = Arc<Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>>;
+/// The rounds running on a host, and a wake-up for streams waiting for theirs to start.
+#[derive(Default)]
+struct RoundsInner {
+    map: Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>,
+    registered: tokio::sync::Notify,
+}
+
+type Rounds = Arc<RoundsInner>;
+
+/// How long a stream for a round that has not started here yet waits for it (members start a
+/// round at slightly different moments; holding the stream beats refusing and backing off).
+const HOLD: Duration = Duration::from_secs(5);
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -383,7 +395,7 @@ struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.rounds).remove(&self.round);
+        lock(&self.rounds.map).remove(&self.round);
     }
 }
 
@@ -407,7 +419,8 @@ impl Inbox {
 
     fn register(&self, round: [u8; 32], capacity: usize) -> Registration {
         let (tx, streams) = mpsc::channel(capacity.max(1));
-        lock(&self.rounds).insert(round, tx);
+        lock(&self.rounds.map).insert(round, tx);
+        self.rounds.registered.notify_waiters();
         Registration {
             rounds: self.rounds.clone(),
             round,
@@ -422,7 +435,19 @@ async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
     let Ok(Ok(hello)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
         return;
     };
-    let tx = lock(&rounds).get(&hello.round).cloned();
+    // The round may start here a moment later than at the opener: wait for it a while.
+    let until = tokio::time::Instant::now() + HOLD;
+    let tx = loop {
+        let registered = rounds.registered.notified();
+        tokio::pin!(registered);
+        registered.as_mut().enable();
+        if let Some(tx) = lock(&rounds.map).get(&hello.round).cloned() {
+            break Some(tx);
+        }
+        if tokio::time::timeout_at(until, registered).await.is_err() {
+            break None;
+        }
+    };
     let refused = match tx {
         Some(tx) => match tx.try_send(Incoming {
             peer,

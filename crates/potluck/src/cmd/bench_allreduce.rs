@@ -278,8 +278,8 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             window: args.window,
         })?;
     }
-    // Rates for the first round's parts and timeouts: a short ring of probes (each peer's
-    // rate sending to the next); later rounds use what the previous one measured.
+    // Rates for the parts and timeouts: a short ring of probes before the first round (each
+    // peer's rate sending to the next).
     let probe_bytes = 4u64 << 20;
     for (i, p) in procs.iter_mut().enumerate() {
         let next = &members[(i + 1) % args.peers];
@@ -304,7 +304,6 @@ pub(crate) fn run(args: &Args) -> Result<()> {
                 rates: rates.clone(),
             })?;
         }
-        let mut measured = Vec::new();
         let mut walls = Vec::new();
         let mut sent = 0u64;
         let mut rss = Vec::new();
@@ -318,10 +317,8 @@ pub(crate) fn run(args: &Args) -> Result<()> {
                     complete: c,
                     max_error: e,
                     peak_rss_mib,
-                    rate,
                     ..
                 } => {
-                    measured.push(rate);
                     walls.push(wall_s);
                     sent += s;
                     rss.push(peak_rss_mib);
@@ -331,7 +328,9 @@ pub(crate) fn run(args: &Args) -> Result<()> {
                 other => bail!("unexpected {other:?}"),
             }
         }
-        rates = measured;
+        // Not fed back from the rounds: a round's achieved rate follows the part it was given
+        // (a bigger part moves more bytes in the same time), which would skew the parts round
+        // after round. The probes measure capacity.
         let wall = walls.iter().copied().fold(0.0, f64::max);
         rounds.push(RoundReport {
             round,
