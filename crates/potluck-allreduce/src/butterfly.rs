@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{self, Checks, Contribution, Dropped, Rule};
 use crate::balance::{self, Mode};
+pub use crate::codec::CodecPlan;
 use crate::codec::{self, Codec};
 
 /// The protocol's name.
@@ -125,88 +126,6 @@ impl Group {
 
     fn index_of(&self, peer: &PeerId) -> Option<usize> {
         self.members.iter().position(|m| m.peer == *peer)
-    }
-}
-
-/// Which codec each stretch of the buffer travels in.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CodecPlan {
-    /// `(end, codec)`: values before `end` (and after the previous end) use `codec`.
-    spans: Vec<(usize, Codec)>,
-}
-
-impl CodecPlan {
-    /// One codec for everything.
-    pub fn uniform(codec: Codec) -> CodecPlan {
-        CodecPlan {
-            spans: vec![(usize::MAX, codec)],
-        }
-    }
-
-    /// As the reference run: tensors (given as consecutive lengths) under `threshold` values
-    /// in `small` (fp16: norms, biases), the others in `large` (8-bit).
-    pub fn by_size(lengths: &[usize], threshold: usize, small: Codec, large: Codec) -> CodecPlan {
-        let mut spans: Vec<(usize, Codec)> = Vec::new();
-        let mut end = 0;
-        for &len in lengths {
-            end += len;
-            let codec = if len < threshold { small } else { large };
-            match spans.last_mut() {
-                Some((e, c)) if *c == codec => *e = end,
-                _ => spans.push((end, codec)),
-            }
-        }
-        spans.push((usize::MAX, large));
-        CodecPlan { spans }
-    }
-
-    /// As the reference run, from a model's layout: norms, biases and tensors under
-    /// `threshold` values in `small` (fp16), the others (weights, embeddings) in `large`
-    /// (8-bit). Entries are taken in buffer order.
-    pub fn for_layout(
-        layout: &potluck_core::Layout,
-        threshold: usize,
-        small: Codec,
-        large: Codec,
-    ) -> CodecPlan {
-        use potluck_core::Role;
-        let mut entries: Vec<&potluck_core::Entry> = layout.entries().iter().collect();
-        entries.sort_by_key(|e| e.offset);
-        let mut spans: Vec<(usize, Codec)> = Vec::new();
-        for e in entries {
-            let codec = match e.role {
-                Role::Norm | Role::Bias => small,
-                _ if e.numel() < threshold => small,
-                _ => large,
-            };
-            let end = e.offset + e.numel();
-            match spans.last_mut() {
-                Some((last, c)) if *c == codec => *last = end,
-                _ => spans.push((end, codec)),
-            }
-        }
-        spans.push((usize::MAX, large));
-        CodecPlan { spans }
-    }
-
-    /// The codec at `offset`, and where its stretch ends.
-    fn at(&self, offset: usize) -> (Codec, usize) {
-        let i = self.spans.partition_point(|(end, _)| *end <= offset);
-        let (end, codec) = self.spans[i.min(self.spans.len() - 1)];
-        (codec, end)
-    }
-
-    /// `range` cut into chunks of at most `chunk` values, none crossing a codec boundary.
-    fn chunks(&self, range: Range<usize>, chunk: usize) -> Vec<(Range<usize>, Codec)> {
-        let mut out = Vec::new();
-        let mut at = range.start;
-        while at < range.end {
-            let (codec, end) = self.at(at);
-            let stop = range.end.min(end).min(at + chunk.max(1));
-            out.push((at..stop, codec));
-            at = stop;
-        }
-        out
     }
 }
 
@@ -1221,40 +1140,5 @@ fn describe(why: &Dropped) -> String {
         Dropped::BadWeight(w) => format!("bad weight {w}"),
         Dropped::Norm { norm, limit } => format!("norm {norm} past {limit}"),
         Dropped::Length { got, expected } => format!("{got} values, {expected} expected"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn plans_cut_chunks_at_codec_boundaries_and_follow_roles_and_sizes() {
-        use potluck_core::{Layout, Role};
-        let layout = Layout::new([
-            ("emb", vec![1000, 8], Role::Embedding),
-            ("norm", vec![8], Role::Norm),
-            ("w", vec![8, 8], Role::Weight),
-            ("big", vec![300, 10], Role::Weight),
-        ])
-        .unwrap();
-        let plan = CodecPlan::for_layout(&layout, 100, Codec::Fp16, Codec::Blockwise8);
-        assert_eq!(plan.at(0), (Codec::Blockwise8, 8000));
-        assert_eq!(plan.at(8000), (Codec::Fp16, 8072));
-        assert_eq!(plan.at(8071).0, Codec::Fp16);
-        assert_eq!(plan.at(8072).0, Codec::Blockwise8);
-        let chunks = plan.chunks(7990..8100, 50);
-        let cut: Vec<(Range<usize>, Codec)> = vec![
-            (7990..8000, Codec::Blockwise8),
-            (8000..8050, Codec::Fp16),
-            (8050..8072, Codec::Fp16),
-            (8072..8100, Codec::Blockwise8),
-        ];
-        assert_eq!(chunks, cut);
-        let sizes = CodecPlan::by_size(&[10, 1000, 5], 100, Codec::Fp16, Codec::Bf16);
-        assert_eq!(sizes.at(0), (Codec::Fp16, 10));
-        assert_eq!(sizes.at(10), (Codec::Bf16, 1010));
-        assert_eq!(sizes.at(1012).0, Codec::Fp16);
-        assert_eq!(CodecPlan::uniform(Codec::None).chunks(0..5, 2).len(), 3);
     }
 }

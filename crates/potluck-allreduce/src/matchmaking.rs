@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use potluck_net::dht::record::{self, Subkey, Time};
-use potluck_net::dht::store::Entry;
+use potluck_net::dht::record::{self, Time};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -125,29 +124,6 @@ fn groups_key(run: &str, round: u64) -> Vec<u8> {
     format!("{run}/avg/{round}/groups").into_bytes()
 }
 
-/// The offers (or published groups) under `key`, by owner, signatures checked by the DHT.
-async fn owned<T: for<'de> Deserialize<'de>>(
-    dht: &Dht,
-    key: &[u8],
-) -> Result<BTreeMap<PeerId, T>, dht::Error> {
-    let mut out = BTreeMap::new();
-    if let Some(Entry::Dict(d)) = dht.get(key).await? {
-        for (subkey, item) in d {
-            let Subkey::Owner(owner) = subkey else {
-                continue;
-            };
-            let (Ok(peer), Ok(value)) = (
-                PeerId::from_bytes(&owner),
-                postcard::from_bytes::<T>(&item.value),
-            ) else {
-                continue;
-            };
-            out.insert(peer, value);
-        }
-    }
-    Ok(out)
-}
-
 /// The groups `peers` fall into in `round`: ordered by `SHA-256(round, peer)`, cut into
 /// ⌈n / target⌉ nearly equal groups; each group sorted by peer id (its leader first).
 pub fn partition(round: u64, peers: &[PeerId], target: usize) -> Vec<Vec<PeerId>> {
@@ -226,8 +202,12 @@ impl Matchmaker<'_> {
     /// After the deadline: partition, publish as a leader, take the published group.
     pub async fn agree(&self, round: u64, deadline: Time, len: usize) -> Result<Group, Error> {
         let me = self.keypair.public().to_peer_id();
-        let offers: BTreeMap<PeerId, Offer> =
-            owned(self.dht, &declare_key(self.run, round)).await?;
+        let offers: BTreeMap<PeerId, Offer> = self
+            .dht
+            .get_owned(&declare_key(self.run, round))
+            .await?
+            .into_iter()
+            .collect();
         let mut gone: HashSet<PeerId> = HashSet::new();
         for _ in 0..self.settings.attempts.max(1) {
             let alive: Vec<PeerId> = offers
@@ -283,8 +263,12 @@ impl Matchmaker<'_> {
         me: PeerId,
         len: usize,
     ) -> Result<Option<Group>, Error> {
-        let published: BTreeMap<PeerId, Published> =
-            owned(self.dht, &groups_key(self.run, round)).await?;
+        let published: BTreeMap<PeerId, Published> = self
+            .dht
+            .get_owned(&groups_key(self.run, round))
+            .await?
+            .into_iter()
+            .collect();
         for (leader, group) in published {
             let mut members = Vec::new();
             for (id, offer) in &group.members {

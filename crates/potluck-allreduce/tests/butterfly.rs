@@ -9,29 +9,14 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
 use potluck_allreduce::aggregate::Rule;
 use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::{
     self, CodecPlan, Error, Fault, Group, Inbox, Member, Report, Settings,
 };
 use potluck_allreduce::codec::Codec;
-use potluck_net::dht::wire::{Request, Response, ResponseBody};
-use potluck_net::host::{self, ClientMode, Host, Inbound, Transports};
+use potluck_net::host::{self, ClientMode, Host, NoDht, Transports};
 use rand::{Rng, SeedableRng};
-
-struct Nobody;
-
-impl Inbound for Nobody {
-    fn request(&self, _: PeerId, _: Request) -> Response {
-        let reason = "nobody".into();
-        Response {
-            now: 0,
-            body: ResponseBody::Refused { reason },
-        }
-    }
-    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
-}
 
 struct Peer {
     host: Host,
@@ -44,7 +29,7 @@ async fn peers(n: usize) -> Vec<Peer> {
         let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
         cfg.listen = vec![Protocol::Memory(rand::random::<u64>() | 1).into()];
         cfg.client_mode = ClientMode::Off;
-        let host = Host::start(cfg, Arc::new(Nobody)).await.unwrap();
+        let host = Host::start(cfg, Arc::new(NoDht)).await.unwrap();
         let inbox = Inbox::start(&host).unwrap();
         out.push(Peer { host, inbox });
     }

@@ -241,6 +241,23 @@ pub trait Inbound: Send + Sync + 'static {
     fn serving(&self, _serving: bool) {}
 }
 
+/// An [`Inbound`] for hosts that serve no DHT (benchmarks, tests): it refuses every request
+/// and ignores what identify learns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoDht;
+
+impl Inbound for NoDht {
+    fn request(&self, _: PeerId, _: Request) -> Response {
+        let reason = "no DHT here".into();
+        Response {
+            now: 0,
+            body: crate::dht::wire::ResponseBody::Refused { reason },
+        }
+    }
+
+    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+}
+
 /// The request–response codec of `/potluck/dht/1`: a length-prefixed postcard message, the
 /// length checked before anything is read.
 #[derive(Debug, Clone, Default)]
@@ -473,41 +490,32 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
     };
     let build = |e: String| Error::Build(e);
     let idle = cfg.idle_timeout;
-    let tcp = || tcp::Config::default().nodelay(true);
+    // The two TCP security orders are different types: one builder, written once.
+    macro_rules! network {
+        ($security:expr) => {
+            libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    $security,
+                    yamux::Config::default,
+                )
+                .map_err(|e| build(e.to_string()))?
+                .with_quic()
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| build(e.to_string()))?
+                .with_behaviour(behaviour)
+                .map_err(|e| build(e.to_string()))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        };
+    }
     let swarm = match (cfg.transports, cfg.security) {
         (Transports::Network, Security::Noise) => {
-            libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
-                .with_tokio()
-                .with_tcp(
-                    tcp(),
-                    (noise::Config::new, libp2p::tls::Config::new),
-                    yamux::Config::default,
-                )
-                .map_err(|e| build(e.to_string()))?
-                .with_quic()
-                .with_relay_client(noise::Config::new, yamux::Config::default)
-                .map_err(|e| build(e.to_string()))?
-                .with_behaviour(behaviour)
-                .map_err(|e| build(e.to_string()))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-                .build()
+            network!((noise::Config::new, libp2p::tls::Config::new))
         }
         (Transports::Network, Security::Tls) => {
-            libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
-                .with_tokio()
-                .with_tcp(
-                    tcp(),
-                    (libp2p::tls::Config::new, noise::Config::new),
-                    yamux::Config::default,
-                )
-                .map_err(|e| build(e.to_string()))?
-                .with_quic()
-                .with_relay_client(noise::Config::new, yamux::Config::default)
-                .map_err(|e| build(e.to_string()))?
-                .with_behaviour(behaviour)
-                .map_err(|e| build(e.to_string()))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-                .build()
+            network!((libp2p::tls::Config::new, noise::Config::new))
         }
         (Transports::Memory, _) => {
             // Noise, as on TCP (measured here: a libp2p-tls handshake costs more, per fresh

@@ -5,26 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
-use potluck_net::dht::wire::{Request, Response, ResponseBody};
-use potluck_net::host::{self, ClientMode, Host, Inbound, RelayLimits, Transports};
+use potluck_net::host::{self, ClientMode, Host, NoDht, RelayLimits, Transports};
 use sha2::{Digest, Sha256};
-
-/// Answers every request with a refusal: these tests are about bytes, not the DHT.
-struct Nobody;
-
-impl Inbound for Nobody {
-    fn request(&self, _: PeerId, _: Request) -> Response {
-        let reason = "nobody".into();
-        Response {
-            now: 0,
-            body: ResponseBody::Refused { reason },
-        }
-    }
-    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
-}
 
 fn memory_addr() -> Multiaddr {
     Protocol::Memory(rand::random::<u64>() | 1).into()
@@ -35,7 +20,7 @@ async fn start(listen: Vec<Multiaddr>, relay: bool) -> Host {
     cfg.listen = listen;
     cfg.client_mode = ClientMode::Off;
     cfg.relay = relay.then(RelayLimits::default);
-    Host::start(cfg, Arc::new(Nobody)).await.unwrap()
+    Host::start(cfg, Arc::new(NoDht)).await.unwrap()
 }
 
 /// Deterministic bytes that a lost, doubled or reordered chunk would change.
@@ -145,7 +130,7 @@ async fn peers_dialing_each_other_at_once_over_tcp_both_connect() {
             let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
             cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
             cfg.client_mode = ClientMode::Off;
-            Host::start(cfg, Arc::new(Nobody))
+            Host::start(cfg, Arc::new(NoDht))
         };
         let (a, b) = (tcp().await.unwrap(), tcp().await.unwrap());
         let (a_addrs, b_addrs) = (

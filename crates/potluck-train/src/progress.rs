@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_net::dht::record::{self, Subkey, Time};
-use potluck_net::dht::store::Entry;
+use potluck_net::dht::record::{self, Time};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 
@@ -121,21 +120,7 @@ impl Tracker<'_> {
 
     /// Every peer's latest report (signatures checked by the DHT; undecodable ones skipped).
     pub async fn fetch(&self) -> Result<Vec<(PeerId, Report)>, dht::Error> {
-        let mut out = Vec::new();
-        if let Some(Entry::Dict(d)) = self.dht.get(&self.key()).await? {
-            for (subkey, item) in d {
-                let Subkey::Owner(owner) = subkey else {
-                    continue;
-                };
-                if let (Ok(peer), Ok(report)) = (
-                    PeerId::from_bytes(&owner),
-                    postcard::from_bytes::<Report>(&item.value),
-                ) {
-                    out.push((peer, report));
-                }
-            }
-        }
-        Ok(out)
+        self.dht.get_owned(&self.key()).await
     }
 
     /// The swarm's state now, toward `target` samples.

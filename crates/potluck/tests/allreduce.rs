@@ -47,19 +47,8 @@ fn peer_processes_average_over_loopback() {
 
 #[test]
 fn peer_processes_average_over_shaped_links_in_namespaces() {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ["ip", "tc"].iter().all(|t| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {t}")])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !root || !tools {
-        eprintln!("skipped: shaped links need root, ip and tc");
+    if let Some(why) = crate::cli::missing_root_or(&["ip", "tc"]) {
+        eprintln!("skipped: shaped links need root, ip and tc: {why}");
         return;
     }
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/slowlinks.sh");

@@ -80,3 +80,25 @@ fn a_bad_data_set_name_says_what_to_use() {
     let err = text(&out.stderr);
     assert!(err.contains("webdataset:PATH"), "{err}");
 }
+
+/// Why this machine can't run a test that needs root and these tools, if it can't.
+pub(crate) fn missing_root_or(tools: &[&str]) -> Option<String> {
+    use std::process::{Command, Stdio};
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        return Some("not root".into());
+    }
+    tools
+        .iter()
+        .find(|tool| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|tool| format!("no `{tool}`"))
+}

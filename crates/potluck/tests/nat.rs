@@ -14,28 +14,6 @@ fn natlab() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/natlab.sh")
 }
 
-/// Why this machine can't run the test, if it can't.
-fn unsupported() -> Option<String> {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    if !root {
-        return Some("not root".into());
-    }
-    for tool in ["ip", "iptables"] {
-        let found = Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !found {
-            return Some(format!("no `{tool}` (apt-get install iproute2 iptables)"));
-        }
-    }
-    None
-}
-
 /// The namespaces, removed when dropped.
 struct Lab(String);
 
@@ -130,7 +108,7 @@ impl Drop for Proc {
 
 #[test]
 fn peers_behind_nats_go_client_reserve_a_relay_exchange_data_and_punch_holes() {
-    if let Some(why) = unsupported() {
+    if let Some(why) = crate::cli::missing_root_or(&["ip", "iptables"]) {
         eprintln!("skipped: the NAT test needs root, ip and iptables: {why}");
         return;
     }

@@ -756,6 +756,32 @@ impl Dht {
     }
 }
 
+impl Dht {
+    /// The values under `key`'s owner subkeys, decoded as postcard `T`, by owner (signatures
+    /// checked on the way in; values that don't decode are skipped): the pattern of every
+    /// per-peer record (offers, progress reports).
+    pub async fn get_owned<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Vec<(PeerId, T)>, Error> {
+        let mut out = Vec::new();
+        if let Some(Entry::Dict(d)) = self.get(key).await? {
+            for (subkey, item) in d {
+                let Subkey::Owner(owner) = subkey else {
+                    continue;
+                };
+                if let (Ok(peer), Ok(value)) = (
+                    PeerId::from_bytes(&owner),
+                    postcard::from_bytes::<T>(&item.value),
+                ) {
+                    out.push((peer, value));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Merges a replica's answer into what a get found, keeping only records that pass the checks
 /// (a node may lie).
 fn merge_wire(found: &mut Option<Entry>, key: &[u8], e: &WireEntry, shared: &Shared) {

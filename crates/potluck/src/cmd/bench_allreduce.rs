@@ -520,25 +520,7 @@ async fn start_host(security: Security, listen: Option<&str>) -> Result<Host> {
     if let Some(ip) = listen {
         cfg.listen = vec![format!("/ip4/{ip}/tcp/0").parse()?];
     }
-    Ok(Host::start(cfg, Arc::new(NoDht)).await?)
-}
-
-/// The bench's hosts serve no DHT.
-struct NoDht;
-
-impl host::Inbound for NoDht {
-    fn request(
-        &self,
-        _: PeerId,
-        _: potluck_net::dht::wire::Request,
-    ) -> potluck_net::dht::wire::Response {
-        let reason = "no DHT here".into();
-        potluck_net::dht::wire::Response {
-            now: 0,
-            body: potluck_net::dht::wire::ResponseBody::Refused { reason },
-        }
-    }
-    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+    Ok(Host::start(cfg, Arc::new(host::NoDht)).await?)
 }
 
 /// The value peer `me` starts round `round` with at index `j`; the mean over peers is known.
