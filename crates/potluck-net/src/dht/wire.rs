@@ -2,6 +2,8 @@
 //! length (an unsigned LEB128 varint), the length checked against the limit before anything is
 //! allocated. See docs/PROTOCOL.md.
 
+use libp2p::StreamProtocol;
+use libp2p::request_response;
 use serde::{Deserialize, Serialize};
 
 use super::record::{Item, Record, Rejection, Subkey, Time};
@@ -193,6 +195,106 @@ impl Response {
             return Err(DecodeError::TooMany("results"));
         }
         Ok(r)
+    }
+}
+
+/// The request–response codec of `/potluck/dht/1`: a length-prefixed postcard message, the
+/// length checked before anything is read.
+#[derive(Debug, Clone, Default)]
+pub struct Codec;
+
+async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
+    io: &mut T,
+    limit: usize,
+) -> std::io::Result<Vec<u8>> {
+    use futures::AsyncReadExt;
+    let mut prefix = Vec::with_capacity(5);
+    loop {
+        let mut b = [0u8; 1];
+        io.read_exact(&mut b).await?;
+        prefix.push(b[0]);
+        if b[0] & 0x80 == 0 {
+            break;
+        }
+        if prefix.len() == 5 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bad length prefix",
+            ));
+        }
+    }
+    let (len, _) =
+        read_len(&prefix).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    if len > limit {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes over the limit of {limit}"),
+        ));
+    }
+    let mut frame = prefix;
+    let start = frame.len();
+    frame.resize(start + len, 0);
+    io.read_exact(&mut frame[start..]).await?;
+    Ok(frame)
+}
+
+async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
+    io: &mut T,
+    frame: &[u8],
+) -> std::io::Result<()> {
+    use futures::AsyncWriteExt;
+    io.write_all(frame).await?;
+    io.close().await
+}
+
+impl request_response::Codec for Codec {
+    type Protocol = StreamProtocol;
+    type Request = Request;
+    type Response = Response;
+
+    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Request>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let frame = read_frame(io, MAX_REQUEST).await?;
+        Request::decode(&frame).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    async fn read_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> std::io::Result<Response>
+    where
+        T: futures::AsyncRead + Unpin + Send,
+    {
+        let frame = read_frame(io, MAX_RESPONSE).await?;
+        Response::decode(&frame)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    }
+
+    async fn write_request<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Request,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &encode(&req)).await
+    }
+
+    async fn write_response<T>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: Response,
+    ) -> std::io::Result<()>
+    where
+        T: futures::AsyncWrite + Unpin + Send,
+    {
+        write_frame(io, &encode(&res)).await
     }
 }
 
