@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use futures::io::{ReadHalf, WriteHalf};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_net::frame::{read_frame, read_message, write_frame, write_message};
 use potluck_net::host::{self, Host};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -350,7 +351,7 @@ impl Inbox {
 
 /// Reads a hello and hands the stream to its round, or refuses it.
 async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
-    let read = read_message::<Hello>(&mut stream);
+    let read = read_control::<Hello>(&mut stream);
     let Ok(Ok(hello)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
         return;
     };
@@ -385,54 +386,10 @@ async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
     let _ = stream.close().await;
 }
 
-async fn write_frame<W: futures::AsyncWrite + Unpin>(
-    w: &mut W,
-    parts: &[&[u8]],
-) -> std::io::Result<()> {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let len = u32::try_from(len)
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
-    w.write_all(&len.to_le_bytes()).await?;
-    for p in parts {
-        w.write_all(p).await?;
-    }
-    w.flush().await
-}
-
-/// Reads one frame of at most `limit` bytes into `buf` (the length checked before reading).
-async fn read_frame<R: futures::AsyncRead + Unpin>(
-    r: &mut R,
-    limit: usize,
-    buf: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes over the limit of {limit}"),
-        ));
-    }
-    buf.resize(len, 0);
-    r.read_exact(buf).await
-}
-
-async fn write_message<W: futures::AsyncWrite + Unpin, T: Serialize>(
-    w: &mut W,
-    msg: &T,
-) -> std::io::Result<()> {
-    let bytes = postcard::to_allocvec(msg)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    write_frame(w, &[&bytes]).await
-}
-
-async fn read_message<T: for<'de> Deserialize<'de>>(
+async fn read_control<T: for<'de> Deserialize<'de>>(
     r: &mut (impl futures::AsyncRead + Unpin),
 ) -> std::io::Result<T> {
-    let mut buf = Vec::new();
-    read_frame(r, MAX_CONTROL, &mut buf).await?;
-    postcard::from_bytes(&buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+    read_message(r, MAX_CONTROL).await
 }
 
 /// A result frame: the chunk's total weight (f64 LE), a bitmap of the members behind it, then
@@ -675,7 +632,7 @@ async fn open(
             write_message(&mut stream, &hello)
                 .await
                 .map_err(|e| e.to_string())?;
-            match read_message::<Ack>(&mut stream).await {
+            match read_control::<Ack>(&mut stream).await {
                 Ok(Ack::Ok) => Ok(stream),
                 Ok(Ack::Refused(why)) => Err(why),
                 // Dropped unread (the accept queue was full) or reset: try again.

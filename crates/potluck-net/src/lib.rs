@@ -4,5 +4,6 @@
 //! Nothing here knows about models: what travels is records and bytes.
 
 pub mod dht;
+pub mod frame;
 pub mod host;
 pub mod identity;

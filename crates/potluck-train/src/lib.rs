@@ -3,6 +3,8 @@
 //! over the DHT ([`progress`]). The collaborative optimizer joins this crate with the network.
 
 pub mod checkpoint;
+pub mod collab;
 pub mod optim;
 pub mod progress;
 pub mod solo;
+pub mod sync;

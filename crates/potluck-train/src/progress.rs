@@ -23,6 +23,8 @@ pub struct Report {
     pub samples_per_second: f64,
     /// Wall clock (ms) when `samples` was counted.
     pub time: Time,
+    /// Where it can be reached (multiaddrs as bytes): it serves its state there.
+    pub addrs: Vec<Vec<u8>>,
 }
 
 /// The swarm as one peer estimates it.
@@ -142,6 +144,7 @@ mod tests {
                 samples,
                 samples_per_second: rate,
                 time,
+                addrs: Vec::new(),
             },
         )
     }
@@ -198,6 +201,7 @@ mod tests {
                 samples: 100 * (i as u64 + 1),
                 samples_per_second: 0.0,
                 time: now,
+                addrs: Vec::new(),
             };
             tracker.publish(&report).await.unwrap();
         }

@@ -29,7 +29,7 @@ enum Command {
     Demo(cmd::demo::Args),
     /// Train the tokenizers on a data set and encode it into token shards for training.
     Prepare(Box<cmd::prepare::Args>),
-    /// Train the transformer on prepared token shards (`--solo`: on this machine alone).
+    /// Train the transformer with a swarm (`--run-id`), or on this machine alone (`--solo`).
     Train(Box<cmd::train::Args>),
     /// Draw images for text prompts with a trained checkpoint.
     Generate(cmd::generate::Args),

@@ -1,9 +1,10 @@
-//! End-to-end tests of the real binary.
+//! End-to-end tests of the real binary, and collaborative training in one process.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 mod allreduce;
 mod cli;
+mod collab;
 mod dht;
 mod nat;
 mod prepare;

@@ -118,3 +118,125 @@ fn training_without_solo_or_with_a_bad_preset_says_what_to_do() {
         text(&out.stderr)
     );
 }
+
+/// Starts `potluck` with `args`, reading its standard output on a thread; returns the child and
+/// a channel of its lines.
+fn spawn(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Waits for `child` and returns its whole standard output (the rest of `lines` included).
+fn finish(
+    mut child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    mut seen: Vec<String>,
+) -> String {
+    use std::io::Read;
+    let status = child.wait().unwrap();
+    seen.extend(lines.iter());
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let out = seen.join("\n");
+    assert!(status.success(), "{out}\n{err}");
+    out
+}
+
+#[test]
+fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    run(
+        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
+         --vq-images 64 --vq-channels 8 --codebook 64",
+        &["--out", s(&data)],
+    );
+    let common = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--run-id",
+            "pair",
+            "--config",
+            "tiny",
+            "--target-batch-size",
+            "32",
+            "--micro-batch",
+            "8",
+            "--epochs",
+            "12",
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    let mut args = common(&one);
+    args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (first, lines) = spawn(&args);
+    // The first peer prints where it listens before it trains.
+    let mut seen = Vec::new();
+    let addr = loop {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the first peer printed no address");
+        seen.push(line.clone());
+        if let Some(a) = line.trim().strip_prefix("listening on ") {
+            break a.to_owned();
+        }
+    };
+    let mut args = common(&two);
+    args.extend(["--initial-peers".into(), addr]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let second = ok(&args);
+    let first = finish(first, lines, seen);
+    for out in [&first, &second] {
+        assert!(out.contains("trained to epoch 12"), "{out}");
+    }
+    assert!(
+        second.contains("downloaded the swarm's state at epoch"),
+        "{second}"
+    );
+    // Both hold the same parameters: the same loss on the fixed samples, to the last digit.
+    let fixed = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("loss on "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no fixed loss in {out}"))
+    };
+    assert_eq!(fixed(&first), fixed(&second));
+    for ckpt in [&one, &two] {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(ckpt.join("checkpoint.json")).unwrap()).unwrap();
+        assert_eq!(manifest["step"], 12, "{manifest}");
+        assert_eq!(manifest["extra"]["run_id"], "pair");
+    }
+}

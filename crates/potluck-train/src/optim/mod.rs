@@ -315,6 +315,11 @@ impl Optimizer {
         &self.cfg
     }
 
+    /// Values it steps (the layout's length).
+    pub fn numel(&self) -> usize {
+        self.numel
+    }
+
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step

@@ -85,6 +85,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     );
     train::run(train::Args {
         solo: true,
+        swarm: Default::default(),
         data: data.clone(),
         config: "small".into(),
         out: ckpt.clone(),

@@ -11,4 +11,5 @@ pub(crate) mod keygen;
 pub(crate) mod model_info;
 pub(crate) mod prepare;
 pub(crate) mod run;
+pub(crate) mod together;
 pub(crate) mod train;

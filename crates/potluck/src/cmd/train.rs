@@ -19,13 +19,18 @@ use crate::progress::Progress;
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
-    after_help = "Example: potluck train --solo --data data/shapes --config small \
-                        --out runs/small --minutes 20"
+    after_help = "Example: potluck train --run-id shapes1 --data data/shapes \
+                        --out runs/peer1 --epochs 200
+Others join it: potluck train --run-id shapes1 --data data/shapes --out runs/peer2 \
+                        --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… --epochs 200
+Alone: potluck train --solo --data data/shapes --config small --out runs/small --minutes 20"
 )]
 pub(crate) struct Args {
-    /// Train on this machine alone (collaborative training arrives with the network).
-    #[arg(long)]
+    /// Train on this machine alone.
+    #[arg(long, conflicts_with = "run_id")]
     pub(crate) solo: bool,
+    #[command(flatten)]
+    pub(crate) swarm: crate::cmd::together::SwarmArgs,
     /// A directory written by `potluck prepare`.
     #[arg(long)]
     pub(crate) data: PathBuf,
@@ -38,13 +43,14 @@ pub(crate) struct Args {
     /// Stop after this many minutes.
     #[arg(long, conflicts_with = "steps")]
     pub(crate) minutes: Option<f64>,
-    /// Stop after this many optimizer steps (in all, counting resumed ones).
-    #[arg(long)]
+    /// Stop after this many optimizer steps (in all, counting resumed ones); with --run-id,
+    /// after this global epoch.
+    #[arg(long, visible_alias = "epochs")]
     pub(crate) steps: Option<u64>,
     /// Continue from the checkpoint in --out.
     #[arg(long)]
     pub(crate) resume: bool,
-    /// Samples per optimizer step.
+    /// Samples per optimizer step (alone; a run's is --target-batch-size).
     #[arg(long, default_value_t = 64)]
     pub(crate) batch_size: usize,
     /// Samples per forward/backward pass (gradients accumulate up to --batch-size).
@@ -84,21 +90,21 @@ pub(crate) struct Args {
 }
 
 /// Batches of the fixed evaluation at the end of a run.
-const EVAL_BATCHES: usize = 8;
+pub(crate) const EVAL_BATCHES: usize = 8;
 
 /// What a checkpoint keeps about the run, to resume it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct RunInfo {
-    data: PathBuf,
-    seed: u64,
-    batch_size: usize,
-    loss: f64,
-    text_loss: f64,
-    image_loss: f64,
-    seconds: f64,
+pub(crate) struct RunInfo {
+    pub(crate) data: PathBuf,
+    pub(crate) seed: u64,
+    pub(crate) batch_size: usize,
+    pub(crate) loss: f64,
+    pub(crate) text_loss: f64,
+    pub(crate) image_loss: f64,
+    pub(crate) seconds: f64,
 }
 
-fn optimizer_config(args: &Args) -> Result<optim::Config> {
+pub(crate) fn optimizer_config(args: &Args) -> Result<optim::Config> {
     let rule = match args.optimizer.as_str() {
         "lamb" => Rule::Lamb,
         "adamw" => Rule::AdamW,
@@ -153,8 +159,13 @@ pub(crate) fn model_config(name: &str, data: &TokenSet, checkpointing: bool) -> 
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
+    if args.swarm.run_id.is_some() {
+        return crate::cmd::together::run(args);
+    }
     if !args.solo {
-        bail!("collaborative training is not built yet: add --solo to train on this machine alone");
+        bail!(
+            "say --run-id ID to train with others (add --initial-peers to join them), or --solo to train on this machine alone"
+        );
     }
     let device = args.device.parse::<Device>()?.tch()?;
     let data = TokenSet::open(&args.data)
@@ -302,25 +313,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     let s = smoothed.unwrap_or_default();
-    // The loss on a fixed set of samples (the same for every run on this data), so runs can be
-    // compared without the noise of the training batches.
-    let mut fixed = data.rows(Order::new(u64::MAX, u64::MAX));
-    let mut eval = potluck_core::Loss::default();
-    for _ in 0..EVAL_BATCHES {
-        let rows = (0..args.batch_size.min(micro))
-            .map(|_| {
-                fixed
-                    .next()
-                    .context("the data ran out")?
-                    .map_err(anyhow::Error::from)
-            })
-            .collect::<Result<Vec<Row>>>()?;
-        let l = potluck_core::Trainable::evaluate(solo.model_mut(), &TokenBatch::from_rows(&rows))?;
-        eval.total += l.total / EVAL_BATCHES as f64;
-        eval.parts[0] += l.parts[0] / EVAL_BATCHES as f64;
-        eval.parts[1] += l.parts[1] / EVAL_BATCHES as f64;
-        eval.samples += l.samples;
-    }
+    let eval = fixed_loss(&data, solo.model_mut(), args.batch_size.min(micro))?;
     println!(
         "loss on {} fixed samples: {:.4} (text {:.4}, image {:.4})",
         eval.samples, eval.total, eval.parts[0], eval.parts[1]
@@ -356,22 +349,66 @@ fn save(args: &Args, solo: &Solo<Dalle>, loss: (f64, f64, f64), seconds: f64) ->
         image_loss: loss.2,
         seconds,
     };
-    let extra = serde_json::json!({
-        "run": info,
-        "optimizer": solo.optimizer().config(),
-        "model": solo.model().config(),
-    });
-    checkpoint::save(
+    save_state(
         &args.out,
+        solo.model(),
+        solo.params(),
+        solo.optimizer(),
+        solo.samples(),
+        serde_json::json!({ "run": info }),
+    )
+}
+
+/// Writes a checkpoint of `model` with `params` and `optimizer`'s state into `dir`; `extra`
+/// (an object) is kept in its manifest beside the optimizer and model configurations.
+pub(crate) fn save_state(
+    dir: &std::path::Path,
+    model: &Dalle,
+    params: &[f32],
+    optimizer: &Optimizer,
+    samples: u64,
+    mut extra: serde_json::Value,
+) -> Result<()> {
+    extra["optimizer"] = serde_json::to_value(optimizer.config())?;
+    extra["model"] = serde_json::to_value(model.config())?;
+    checkpoint::save(
+        dir,
         Save {
-            layout: solo.model().layout(),
-            params: solo.params(),
-            optimizer: Some(solo.optimizer()),
-            samples: solo.samples(),
-            model_meta: run::model_meta(solo.model().config())?,
+            layout: model.layout(),
+            params,
+            optimizer: Some(optimizer),
+            samples,
+            model_meta: run::model_meta(model.config())?,
             extra,
         },
     )
-    .with_context(|| format!("writing checkpoint {}", args.out.display()))?;
+    .with_context(|| format!("writing checkpoint {}", dir.display()))?;
     Ok(())
+}
+
+/// The loss on a fixed set of samples (the same for every run on this data), so runs can be
+/// compared without the noise of the training batches.
+pub(crate) fn fixed_loss(
+    data: &TokenSet,
+    model: &mut Dalle,
+    batch: usize,
+) -> Result<potluck_core::Loss> {
+    let mut fixed = data.rows(Order::new(u64::MAX, u64::MAX));
+    let mut eval = potluck_core::Loss::default();
+    for _ in 0..EVAL_BATCHES {
+        let rows = (0..batch)
+            .map(|_| {
+                fixed
+                    .next()
+                    .context("the data ran out")?
+                    .map_err(anyhow::Error::from)
+            })
+            .collect::<Result<Vec<Row>>>()?;
+        let l = potluck_core::Trainable::evaluate(model, &TokenBatch::from_rows(&rows))?;
+        eval.total += l.total / EVAL_BATCHES as f64;
+        eval.parts[0] += l.parts[0] / EVAL_BATCHES as f64;
+        eval.parts[1] += l.parts[1] / EVAL_BATCHES as f64;
+        eval.samples += l.samples;
+    }
+    Ok(eval)
 }

@@ -1,0 +1,867 @@
+//! The collaborative optimizer: many peers train one model as if it were one large batch.
+//!
+//! Every peer accumulates gradients of its own samples into a flat buffer and publishes its
+//! progress ([`progress`]) in the background. When the swarm is estimated to reach the
+//! target batch within [`Settings::lead`], the first peer to see it proposes a deadline at the
+//! estimated end under `RUN/close/EPOCH` (every peer takes the earliest proposal) and every
+//! peer starts forming its group for that deadline ([`matchmaking`]) while it computes on.
+//! Peers stop computing once the target is estimated reached, then average their mean
+//! gradients weighted by their sample counts
+//! ([`butterfly`]), and take the same inner step (LAMB by default) with the schedule of the
+//! *global* epoch. Every `state_every` epochs the group then averages the parameters too, so
+//! peers that ever stepped alone are pulled back together.
+//!
+//! A peer that joins, or that finds the swarm an epoch ahead of it, downloads the state from
+//! the peers that report the newest epoch ([`sync`]); each peer serves its own state after
+//! every step. A peer alone in the swarm steps alone as soon as its own samples reach the
+//! target. A step whose averaged gradient is not finite is skipped by everyone alike (they
+//! all hold the same gradient), and the epoch still advances.
+
+use std::time::{Duration, Instant};
+
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use potluck_allreduce::balance::Mode;
+use potluck_allreduce::butterfly::{self, Group, Inbox};
+use potluck_allreduce::matchmaking::{self, Matchmaker};
+use potluck_core::{Loss, Trainable};
+use potluck_net::dht::record::{self, Time};
+use potluck_net::dht::{self, Dht};
+use tokio::sync::watch;
+
+use crate::optim::{self, Optimizer};
+use crate::progress::{self, SwarmState, Tracker};
+use crate::sync::{self, Donor, Partial, Shelf, Snapshot};
+
+/// How a peer takes part.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Names the run (every DHT key and round).
+    pub run: String,
+    /// Samples the swarm gathers per epoch (one optimizer step).
+    pub target_batch: u64,
+    /// How often progress is published and the swarm's read.
+    pub report_every: Duration,
+    /// How long before the estimated end of an epoch its averaging deadline is proposed (so
+    /// the group is formed when the target is reached); at least one report interval plus the
+    /// matchmaking's `declare_ahead` is always left.
+    pub lead: Duration,
+    pub matchmaking: matchmaking::Settings,
+    pub averaging: butterfly::Settings,
+    pub mode: Mode,
+    /// Average the parameters (and `f32` moments) every this many epochs; 0: never.
+    pub state_every: u64,
+    /// Bytes per second this peer moves each way (for the parts it reduces).
+    pub rate: f64,
+    pub sync: sync::Settings,
+    /// Bytes per chunk of the state it serves.
+    pub chunk_bytes: usize,
+    /// How long a starting peer looks for a swarm before it starts one.
+    pub join_wait: Duration,
+}
+
+impl Settings {
+    /// Defaults for a run named `run` with `target_batch` samples per epoch.
+    pub fn new(run: &str, target_batch: u64) -> Settings {
+        Settings {
+            run: run.into(),
+            target_batch,
+            report_every: Duration::from_millis(500),
+            lead: Duration::from_secs(2),
+            matchmaking: matchmaking::Settings::default(),
+            averaging: butterfly::Settings::default(),
+            mode: Mode::Full,
+            state_every: 10,
+            rate: 1e8,
+            sync: sync::Settings::default(),
+            chunk_bytes: 1 << 20,
+            join_wait: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Errors that stop training.
+#[derive(Debug, thiserror::Error)]
+pub enum Error<E: std::error::Error + 'static> {
+    #[error("model: {0}")]
+    Model(#[source] E),
+    #[error("data: {0}")]
+    Data(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Optimizer(#[from] optim::Error),
+    #[error(transparent)]
+    Dht(#[from] dht::Error),
+    #[error(transparent)]
+    Host(#[from] potluck_net::host::Error),
+    #[error("state download: {0}")]
+    Sync(#[from] sync::Error),
+}
+
+/// The network side of a peer: its DHT node (and host), the all-reduce inbox, the state it
+/// serves.
+#[derive(Debug, Clone)]
+pub struct Net {
+    pub dht: Dht,
+    pub keypair: Keypair,
+    pub inbox: Inbox,
+    pub shelf: Shelf,
+}
+
+impl Net {
+    /// Starts the all-reduce inbox and the state server on `dht`'s host.
+    pub fn start(dht: Dht, keypair: Keypair) -> Result<Net, potluck_net::host::Error> {
+        let inbox = Inbox::start(dht.host())?;
+        let shelf = Shelf::default();
+        sync::serve(dht.host(), shelf.clone(), sync::Serving::default())?;
+        Ok(Net {
+            dht,
+            keypair,
+            inbox,
+            shelf,
+        })
+    }
+}
+
+/// What this peer tells the progress task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Local {
+    epoch: u64,
+    samples: u64,
+    rate: f64,
+    /// Whether it holds the swarm's state (only then it reports, and serves).
+    publish: bool,
+}
+
+/// What the progress task learned of the swarm.
+#[derive(Debug, Clone)]
+struct View {
+    state: SwarmState,
+    /// When the state was estimated.
+    at: Instant,
+    /// Other live peers, their epochs and addresses (donors of their epoch's state).
+    others: Vec<(u64, Donor)>,
+}
+
+impl View {
+    /// Samples of `epoch` the swarm is estimated to hold now.
+    fn estimate(&self, epoch: u64) -> f64 {
+        if self.state.epoch != epoch {
+            return 0.0;
+        }
+        self.state.samples as f64 + self.state.samples_per_second * self.at.elapsed().as_secs_f64()
+    }
+
+    fn newest(&self) -> u64 {
+        self.others.iter().map(|(e, _)| *e).max().unwrap_or(0)
+    }
+}
+
+/// An averaging round under way: its group forming in the background.
+struct Round {
+    epoch: u64,
+    deadline: Time,
+    group: tokio::task::JoinHandle<Result<Group, matchmaking::Error>>,
+}
+
+/// What happened at an epoch boundary.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    /// The epoch just finished (the step number taken).
+    pub epoch: u64,
+    /// This peer's samples in it, and the swarm's (the weight behind the average).
+    pub samples: u64,
+    pub swarm_samples: f64,
+    /// Members of the group (1: it stepped alone).
+    pub group: usize,
+    /// Why it stepped alone, if it did though others were around.
+    pub alone_because: Option<String>,
+    pub loss: Loss,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    /// Whether the parameters were averaged too.
+    pub state_averaged: bool,
+    /// Time from the end of computing to the new parameters.
+    pub averaging: Duration,
+}
+
+/// What one [`Collab::tick`] did.
+#[derive(Debug, Clone)]
+pub enum Tick {
+    /// A micro-batch was computed: its mean loss.
+    Computed(Loss),
+    /// The epoch ended: the step taken.
+    Epoch(EpochReport),
+    /// The swarm was ahead: its state was downloaded.
+    Synced(sync::Report, u64),
+    /// Waiting for the swarm (target reached elsewhere, averaging not due yet).
+    Waited,
+}
+
+/// A peer of a collaborative run.
+pub struct Collab<T: Trainable> {
+    model: T,
+    optimizer: Optimizer,
+    params: Vec<f32>,
+    grad: Vec<f32>,
+    net: Net,
+    settings: Settings,
+    /// Samples and summed loss accumulated in this epoch.
+    samples: u64,
+    loss: Loss,
+    /// Samples trained on by the swarm up to this epoch (as the state says).
+    swarm_samples: u64,
+    local: watch::Sender<Local>,
+    view: watch::Receiver<Option<View>>,
+    round: Option<Round>,
+    pending: Pending,
+    /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
+    missed: Option<u64>,
+    /// Seconds per micro-batch (smoothed), and samples/s (smoothed).
+    micro_time: Option<f64>,
+    rate: f64,
+    started_computing: Option<Instant>,
+}
+
+impl<T: Trainable> std::fmt::Debug for Collab<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collab")
+            .field("epoch", &self.epoch())
+            .field("samples", &self.samples)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A proposal for an epoch's deadline, rounded so concurrent proposals tend to agree.
+fn deadline_after(lead: Duration) -> Time {
+    let t = record::now() + lead.as_millis() as u64;
+    t.div_ceil(100) * 100
+}
+
+/// The round the progress task started for the compute loop to take.
+type Pending = std::sync::Arc<std::sync::Mutex<Option<Round>>>;
+
+/// Publishes this peer's progress and reads the swarm's until either side is dropped; when
+/// the swarm reaches the target of this peer's epoch, agrees on the deadline and starts
+/// forming the group at once (whatever the compute loop is doing).
+async fn progress_loop(
+    net: Net,
+    settings: Settings,
+    addrs: Vec<Multiaddr>,
+    len: usize,
+    mut local: watch::Receiver<Local>,
+    view: watch::Sender<Option<View>>,
+    pending: Pending,
+) {
+    let me = net.dht.peer_id();
+    let ttl = (settings.report_every * 4).max(Duration::from_secs(3));
+    let tracker = Tracker {
+        dht: &net.dht,
+        keypair: &net.keypair,
+        run: &settings.run,
+        ttl,
+    };
+    let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
+    let mut closing: Option<(u64, Time)> = None;
+    // A deadline must leave every peer time to see it (one report) and to declare.
+    let min_lead =
+        settings.report_every + settings.matchmaking.declare_ahead + Duration::from_millis(200);
+    loop {
+        let l = *local.borrow_and_update();
+        if l.publish {
+            let report = progress::Report {
+                epoch: l.epoch,
+                samples: l.samples,
+                samples_per_second: l.rate,
+                time: record::now(),
+                addrs: wire_addrs.clone(),
+            };
+            if let Err(e) = tracker.publish(&report).await {
+                tracing::debug!("publishing progress: {e}");
+            }
+        }
+        match tracker.fetch().await {
+            Ok(mut reports) => {
+                let now = record::now();
+                // Our own report, as we know it now (the DHT's copy may lag).
+                reports.retain(|(p, _)| *p != me);
+                let others: Vec<(u64, Donor)> = reports
+                    .iter()
+                    .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
+                    .map(|(peer, r)| {
+                        let addrs = r
+                            .addrs
+                            .iter()
+                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                            .collect();
+                        (r.epoch, Donor { peer: *peer, addrs })
+                    })
+                    .collect();
+                if l.publish {
+                    reports.push((
+                        me,
+                        progress::Report {
+                            epoch: l.epoch,
+                            samples: l.samples,
+                            samples_per_second: l.rate,
+                            time: now,
+                            addrs: Vec::new(),
+                        },
+                    ));
+                }
+                let state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
+                // Once any peer closed this epoch, this one joins the round too, whatever its
+                // own estimate says; it proposes a deadline only when it sees the target met.
+                if closing.is_none_or(|(e, _)| e != l.epoch) && l.publish && !others.is_empty() {
+                    let propose = (state.epoch == l.epoch)
+                        .then_some(state.eta)
+                        .flatten()
+                        .filter(|eta| *eta <= settings.lead.max(min_lead))
+                        .map(|eta| deadline_after(eta.max(min_lead)));
+                    match close(&net, &settings, l.epoch, propose).await {
+                        Ok(None) => {}
+                        Ok(Some(deadline)) => {
+                            closing = Some((l.epoch, deadline));
+                            let round =
+                                start_round(&net, &settings, &addrs, len, l.epoch, deadline);
+                            *lock(&pending) = Some(round);
+                        }
+                        Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
+                    }
+                }
+                let v = View {
+                    state,
+                    at: Instant::now(),
+                    others,
+                };
+                if view.send(Some(v)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!("reading progress: {e}"),
+        }
+        // Wake at the next report, or at once when this peer's epoch or wish to report changes.
+        let until = tokio::time::Instant::now() + settings.report_every;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => break,
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = *local.borrow();
+                    if now.epoch != l.epoch || now.publish != l.publish || (now.rate == 0.0) != (l.rate == 0.0) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts forming `epoch`'s group by `deadline` in the background.
+fn start_round(
+    net: &Net,
+    settings: &Settings,
+    addrs: &[Multiaddr],
+    len: usize,
+    epoch: u64,
+    deadline: Time,
+) -> Round {
+    let net = net.clone();
+    let mm_settings = settings.matchmaking.clone();
+    let run = settings.run.clone();
+    let offer = matchmaking::offer(addrs, settings.mode, settings.rate);
+    let group = tokio::spawn(async move {
+        let mm = Matchmaker {
+            dht: &net.dht,
+            keypair: &net.keypair,
+            run: &run,
+            settings: mm_settings,
+        };
+        mm.form_group(epoch, deadline, &offer, len).await
+    });
+    Round {
+        epoch,
+        deadline,
+        group,
+    }
+}
+
+/// The deadline of `epoch`'s averaging: the earliest proposal under `RUN/close/EPOCH`; if
+/// there is none, this peer's `propose`al, if any.
+async fn close(
+    net: &Net,
+    settings: &Settings,
+    epoch: u64,
+    propose: Option<Time>,
+) -> Result<Option<Time>, dht::Error> {
+    let key = format!("{}/close/{epoch}", settings.run).into_bytes();
+    let earliest = |v: Vec<(PeerId, Time)>| v.into_iter().map(|(_, t)| t).min();
+    if let Some(t) = earliest(net.dht.get_owned(&key).await?) {
+        return Ok(Some(t));
+    }
+    let Some(mine) = propose else {
+        return Ok(None);
+    };
+    let value = postcard::to_allocvec(&mine).unwrap_or_default();
+    net.dht
+        .store_signed(&net.keypair, &key, value, mine + 60_000)
+        .await?;
+    Ok(Some(
+        earliest(net.dht.get_owned(&key).await?)
+            .unwrap_or(mine)
+            .min(mine),
+    ))
+}
+
+impl<T: Trainable> Collab<T> {
+    /// Joins the run: downloads the swarm's state if there is a swarm, or starts one from the
+    /// model's parameters and `optimizer` as they are.
+    pub async fn join(
+        model: T,
+        optimizer: Optimizer,
+        net: Net,
+        settings: Settings,
+    ) -> Result<Collab<T>, Error<T::Error>> {
+        let n = model.layout().numel();
+        let mut params = vec![0.0; n];
+        model.read_params(&mut params).map_err(Error::Model)?;
+        let addrs = net.dht.addrs().await?;
+        let epoch = optimizer.steps();
+        let (local, local_rx) = watch::channel(Local {
+            epoch,
+            samples: 0,
+            rate: 0.0,
+            publish: false,
+        });
+        let (view_tx, view) = watch::channel(None);
+        let pending = Pending::default();
+        tokio::spawn(progress_loop(
+            net.clone(),
+            settings.clone(),
+            addrs,
+            n,
+            local_rx,
+            view_tx,
+            pending.clone(),
+        ));
+        let mut collab = Collab {
+            model,
+            optimizer,
+            params,
+            grad: vec![0.0; n],
+            net,
+            settings,
+            samples: 0,
+            loss: Loss::default(),
+            swarm_samples: 0,
+            local,
+            view,
+            round: None,
+            pending,
+            missed: None,
+            micro_time: None,
+            rate: 0.0,
+            started_computing: None,
+        };
+        // Look for a swarm; download its state if there is one.
+        let until = tokio::time::Instant::now() + collab.settings.join_wait;
+        loop {
+            let seen = collab.view.borrow().as_ref().map(|v| !v.others.is_empty());
+            match seen {
+                Some(true) => {
+                    collab.sync().await?;
+                    break;
+                }
+                Some(false) if tokio::time::Instant::now() >= until => break,
+                _ => {}
+            }
+            if tokio::time::timeout_at(until, collab.view.changed())
+                .await
+                .is_err()
+                && collab.view.borrow().is_none()
+            {
+                break;
+            }
+        }
+        collab.shelve();
+        collab.report(true);
+        Ok(collab)
+    }
+
+    /// The global epoch this peer is in (optimizer steps taken).
+    pub fn epoch(&self) -> u64 {
+        self.optimizer.steps()
+    }
+
+    /// The model.
+    pub fn model(&self) -> &T {
+        &self.model
+    }
+
+    /// The model, mutably (for evaluation).
+    pub fn model_mut(&mut self) -> &mut T {
+        &mut self.model
+    }
+
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    pub fn params(&self) -> &[f32] {
+        &self.params
+    }
+
+    /// Samples per epoch.
+    pub fn target(&self) -> u64 {
+        self.settings.target_batch
+    }
+
+    /// Samples the swarm trained on up to this epoch.
+    pub fn swarm_samples(&self) -> u64 {
+        self.swarm_samples
+    }
+
+    /// The swarm as last seen: its state and how many other peers are live.
+    pub fn swarm(&self) -> Option<(SwarmState, usize)> {
+        self.view
+            .borrow()
+            .as_ref()
+            .map(|v| (v.state.clone(), v.others.len()))
+    }
+
+    fn report(&self, publish: bool) {
+        self.local.send_replace(Local {
+            epoch: self.epoch(),
+            samples: self.samples,
+            rate: self.rate,
+            publish,
+        });
+    }
+
+    fn shelve(&self) {
+        self.net.shelf.put(Snapshot::take(
+            &self.params,
+            &self.optimizer,
+            self.swarm_samples,
+            self.settings.chunk_bytes,
+        ));
+    }
+
+    /// Downloads the newest state from the peers that report it and installs it.
+    async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
+        let mut partial = Partial::default();
+        let mut last = None;
+        for _ in 0..3 {
+            let donors: Vec<Donor> = {
+                let view = self.view.borrow();
+                let Some(v) = view.as_ref() else { break };
+                let newest = v.newest();
+                v.others
+                    .iter()
+                    .filter(|(e, _)| *e == newest)
+                    .map(|(_, d)| d.clone())
+                    .collect()
+            };
+            let shape = sync::Shape::of(&self.optimizer);
+            match sync::download(
+                self.net.dht.host(),
+                &donors,
+                shape,
+                &mut partial,
+                &self.settings.sync,
+            )
+            .await
+            {
+                Ok((snapshot, report)) => {
+                    snapshot.install(&mut self.params, &mut self.optimizer)?;
+                    self.model
+                        .write_params(&self.params)
+                        .map_err(Error::Model)?;
+                    self.swarm_samples = snapshot.samples;
+                    self.grad.fill(0.0);
+                    self.samples = 0;
+                    self.loss = Loss::default();
+                    self.missed = None;
+                    tracing::info!(
+                        "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
+                        snapshot.epoch,
+                        report.bytes / 1_000_000,
+                        report.elapsed.as_secs_f64(),
+                        report.per_donor.iter().filter(|&&n| n > 0).count()
+                    );
+                    self.shelve();
+                    self.report(true);
+                    return Ok(report);
+                }
+                Err(sync::Error::Mismatch(why)) => return Err(sync::Error::Mismatch(why).into()),
+                Err(e) => {
+                    tracing::warn!("state download failed, retrying: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(sync::Error::NoDonors).into())
+    }
+
+    /// Does the next thing due: downloads the state if the swarm is ahead, averages and steps
+    /// if the epoch's deadline has come, computes one micro-batch from `next` if the swarm
+    /// still needs samples, or waits a moment.
+    pub async fn tick(
+        &mut self,
+        next: &mut dyn FnMut() -> Result<T::Batch, Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Result<Tick, Error<T::Error>> {
+        let view = self.view.borrow().clone();
+        let epoch = self.epoch();
+        // Behind the swarm: fetch its state (our gradients are for old parameters).
+        if self.round.is_none()
+            && let Some(v) = &view
+            && v.newest() > epoch
+        {
+            let report = self.sync().await?;
+            return Ok(Tick::Synced(report, self.epoch()));
+        }
+        let micro = self.micro_time.unwrap_or(0.0);
+        let now = record::now();
+        // A round forming: finish the epoch when its deadline is here (or it failed early).
+        if let Some(round) = &self.round
+            && (round.group.is_finished() || now >= round.deadline)
+        {
+            return self.finish_epoch().await.map(Tick::Epoch);
+        }
+        let alone = view.as_ref().is_none_or(|v| v.others.is_empty());
+        if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
+            return self.finish_epoch().await.map(Tick::Epoch);
+        }
+        if let Some(round) = lock(&self.pending).take() {
+            if round.epoch == epoch && self.missed != Some(epoch) && self.round.is_none() {
+                self.round = Some(round);
+            } else {
+                round.group.abort();
+            }
+        }
+        // Compute unless the swarm is estimated to have the target by the middle of the next
+        // micro-batch, or the round's deadline comes first. Until the view shows this epoch,
+        // the others are taken to be as far as this peer is.
+        let (swarm, swarm_rate) = view.as_ref().map_or((self.samples as f64, 0.0), |v| {
+            let others = v.estimate(epoch);
+            let floor = (self.samples * (v.others.len() as u64 + 1)) as f64;
+            (others.max(floor), v.state.samples_per_second)
+        });
+        let enough = !alone
+            && swarm + swarm_rate.max(0.0) * micro * 0.5 >= self.settings.target_batch as f64;
+        let deadline = self.round.as_ref().map(|r| r.deadline);
+        let fits = deadline.is_none_or(|d| now as f64 + 1000.0 * micro < d as f64);
+        if enough || !fits {
+            if self.rate != 0.0 {
+                self.rate_paused();
+            }
+            let mut wait = self.settings.report_every;
+            if let Some(d) = deadline {
+                wait = wait.min(Duration::from_millis(d.saturating_sub(now)));
+            }
+            let mut view = self.view.clone();
+            let _ = tokio::time::timeout(wait, view.changed()).await;
+            return Ok(Tick::Waited);
+        }
+        let batch = next().map_err(Error::Data)?;
+        let started = Instant::now();
+        let loss = self
+            .model
+            .accumulate_gradients(&batch, &mut self.grad)
+            .map_err(Error::Model)?;
+        let took = started.elapsed().as_secs_f64();
+        let n = loss.samples as u64;
+        self.micro_time = Some(self.micro_time.map_or(took, |p| 0.8 * p + 0.2 * took));
+        // Samples per second of wall time while computing (gaps between ticks included).
+        let since = self
+            .started_computing
+            .map_or(took, |s| s.elapsed().as_secs_f64())
+            .max(1e-6);
+        let inst = n as f64 / since;
+        self.rate = if self.rate > 0.0 {
+            0.8 * self.rate + 0.2 * inst
+        } else {
+            inst
+        };
+        self.started_computing = Some(Instant::now());
+        self.samples += n;
+        let w = loss.samples as f64;
+        self.loss.total += loss.total * w;
+        self.loss.parts[0] += loss.parts[0] * w;
+        self.loss.parts[1] += loss.parts[1] * w;
+        self.loss.samples += loss.samples;
+        self.report(true);
+        Ok(Tick::Computed(loss))
+    }
+
+    /// Tells the swarm this peer stopped computing for the epoch (its rate no longer counts).
+    fn rate_paused(&mut self) {
+        self.started_computing = None;
+        self.local.send_replace(Local {
+            epoch: self.epoch(),
+            samples: self.samples,
+            rate: 0.0,
+            publish: true,
+        });
+    }
+
+    /// Averages the epoch's gradient with the group (or not, alone) and steps.
+    async fn finish_epoch(&mut self) -> Result<EpochReport, Error<T::Error>> {
+        let started = Instant::now();
+        let epoch = self.epoch();
+        let group = match self.round.take() {
+            Some(round) => match round.group.await {
+                Ok(Ok(group)) => Ok(group),
+                Ok(Err(matchmaking::Error::TooLate { .. })) => {
+                    // This peer cannot take part: it keeps its gradient, the swarm moves on,
+                    // and it will download the new state.
+                    tracing::info!("too late for epoch {}'s averaging", round.epoch);
+                    self.missed = Some(round.epoch);
+                    Err("too late to join the group".to_string())
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+            None => Err(String::new()),
+        };
+        if self.missed == Some(epoch) {
+            self.report(true);
+            return Ok(self.missed_report(epoch, started));
+        }
+        // The mean gradient of this peer's samples, weighted by their count.
+        let samples = self.samples;
+        if samples > 0 {
+            let inv = 1.0 / samples as f32;
+            self.grad.iter_mut().for_each(|g| *g *= inv);
+        }
+        let mut swarm_samples = samples as f64;
+        let mut group_size = 1;
+        let mut alone_because = None;
+        let mut averaged: Option<(Group, usize)> = None;
+        match group {
+            Ok(group) => {
+                let me = group
+                    .members
+                    .iter()
+                    .position(|m| m.peer == self.net.dht.peer_id());
+                if let Some(me) = me {
+                    match butterfly::all_reduce(
+                        &self.net.inbox,
+                        &group,
+                        me,
+                        samples as f32,
+                        &mut self.grad,
+                        &self.settings.averaging,
+                    )
+                    .await
+                    {
+                        Ok(report) => {
+                            swarm_samples = report.weight();
+                            group_size = group.members.len();
+                            if !report.complete() {
+                                tracing::warn!(
+                                    "epoch {epoch}: parts of the gradient kept local values: {:?}",
+                                    report.excluded
+                                );
+                            }
+                            averaged = Some((group, me));
+                        }
+                        Err(e) => alone_because = Some(e.to_string()),
+                    }
+                } else {
+                    alone_because = Some("not in its own group".into());
+                }
+            }
+            Err(why) if !why.is_empty() => alone_because = Some(why),
+            Err(_) => {}
+        }
+        if let Some(why) = &alone_because {
+            tracing::warn!("epoch {epoch}: stepping alone ({why})");
+        }
+        let (info, skipped) = match self.optimizer.step(&mut self.params, &mut self.grad) {
+            Ok(info) => (info, false),
+            Err(optim::Error::NonFinite { norm }) => {
+                tracing::warn!("epoch {epoch}: the averaged gradient is not finite, step skipped");
+                self.optimizer.set_steps(epoch + 1);
+                let info = optim::StepInfo {
+                    step: epoch + 1,
+                    lr: 0.0,
+                    grad_norm: norm,
+                };
+                (info, true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut state_averaged = false;
+        if let Some((group, me)) = &averaged
+            && self.settings.state_every > 0
+            && (epoch + 1).is_multiple_of(self.settings.state_every)
+        {
+            let mut round = group.clone();
+            round.round[31] ^= 0x5a;
+            match butterfly::all_reduce(
+                &self.net.inbox,
+                &round,
+                *me,
+                1.0,
+                &mut self.params,
+                &self.settings.averaging,
+            )
+            .await
+            {
+                Ok(r) => state_averaged = r.complete(),
+                Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
+            }
+        }
+        self.model
+            .write_params(&self.params)
+            .map_err(Error::Model)?;
+        let n = self.loss.samples.max(1) as f64;
+        let loss = Loss {
+            total: self.loss.total / n,
+            parts: [self.loss.parts[0] / n, self.loss.parts[1] / n],
+            samples: self.loss.samples,
+        };
+        self.swarm_samples += swarm_samples.max(0.0) as u64;
+        self.samples = 0;
+        self.loss = Loss::default();
+        self.grad.fill(0.0);
+        self.shelve();
+        self.report(true);
+        Ok(EpochReport {
+            epoch: info.step,
+            samples,
+            swarm_samples,
+            group: group_size,
+            alone_because,
+            loss,
+            lr: info.lr,
+            grad_norm: info.grad_norm,
+            skipped,
+            state_averaged,
+            averaging: started.elapsed(),
+        })
+    }
+
+    fn missed_report(&self, epoch: u64, started: Instant) -> EpochReport {
+        EpochReport {
+            epoch,
+            samples: self.samples,
+            swarm_samples: 0.0,
+            group: 0,
+            alone_because: Some("too late for the group: will download the state".into()),
+            loss: Loss::default(),
+            lr: 0.0,
+            grad_norm: 0.0,
+            skipped: true,
+            state_averaged: false,
+            averaging: started.elapsed(),
+        }
+    }
+}

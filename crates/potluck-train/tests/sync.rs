@@ -1,0 +1,166 @@
+//! State downloads from several donors, with one that vanishes and one that lies.
+
+use libp2p::identity::Keypair;
+use potluck_core::{Layout, Role};
+use potluck_net::dht::{self, Dht};
+use potluck_train::optim::{Config, Optimizer, Precision};
+use potluck_train::sync::{self, Donor, Partial, Serving, Shape, Shelf, Snapshot};
+
+fn state(seed: f32) -> (Vec<f32>, Optimizer) {
+    let layout = Layout::new([
+        ("w", vec![300, 200], Role::Weight),
+        ("b", vec![200], Role::Bias),
+    ])
+    .unwrap();
+    let cfg = Config {
+        precision: Precision::Blockwise8,
+        ..Config::reference_lamb()
+    };
+    let mut opt = Optimizer::new(cfg, &layout);
+    let mut params: Vec<f32> = (0..layout.numel())
+        .map(|i| (i as f32 * seed).sin())
+        .collect();
+    let mut grad: Vec<f32> = (0..layout.numel()).map(|i| (i as f32).cos()).collect();
+    for _ in 0..2 {
+        opt.step(&mut params, &mut grad.clone()).unwrap();
+        grad.iter_mut().for_each(|g| *g *= 0.5);
+    }
+    (params, opt)
+}
+
+async fn donor(snapshot: Snapshot, serving: Serving) -> (Dht, Donor) {
+    let dht = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let shelf = Shelf::default();
+    shelf.put(snapshot);
+    sync::serve(dht.host(), shelf, serving).unwrap();
+    let donor = Donor {
+        peer: dht.peer_id(),
+        addrs: dht.addrs().await.unwrap(),
+    };
+    (dht, donor)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
+    let (params, opt) = state(1.0);
+    let chunk = 16 << 10;
+    let take = || Snapshot::take(&params, &opt, 1234, chunk);
+    // Same shape, other values: every chunk it sends fails the manifest's hashes.
+    let (liar_params, liar_opt) = state(2.0);
+    let (_a, honest) = donor(take(), Serving::default()).await;
+    let (_b, vanishing) = donor(
+        take(),
+        Serving {
+            vanish_after: Some(3),
+        },
+    )
+    .await;
+    let (_c, liar) = donor(
+        Snapshot::take(&liar_params, &liar_opt, 1234, chunk),
+        Serving::default(),
+    )
+    .await;
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let (_, mut fresh) = state(3.0);
+    fresh.set_steps(0);
+    let shape = Shape::of(&fresh);
+    let mut partial = Partial::default();
+    let donors = [honest.clone(), vanishing.clone(), liar.clone()];
+    let (snapshot, report) = sync::download(
+        me.host(),
+        &donors,
+        shape,
+        &mut partial,
+        &sync::Settings::default(),
+    )
+    .await
+    .unwrap();
+    let mut got = vec![0.0; params.len()];
+    snapshot.install(&mut got, &mut fresh).unwrap();
+    assert_eq!(got, params);
+    assert_eq!(fresh.moments(), opt.moments());
+    assert_eq!((fresh.steps(), snapshot.samples), (2, 1234));
+    let total: usize = report.per_donor.iter().sum();
+    assert_eq!(total, shape.bytes().div_ceil(chunk as u64) as usize);
+    assert!(report.per_donor[1] <= 3, "{report:?}");
+    assert_eq!(report.per_donor[2], 0, "{report:?}");
+    let dropped: Vec<_> = report.dropped.iter().map(|(p, _)| *p).collect();
+    assert!(dropped.contains(&vanishing.peer), "{report:?}");
+    assert!(dropped.contains(&liar.peer), "{report:?}");
+    assert!(!dropped.contains(&honest.peer), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_carries_on_where_a_failed_one_stopped() {
+    let (params, opt) = state(1.0);
+    let chunk = 16 << 10;
+    let (_a, only) = donor(
+        Snapshot::take(&params, &opt, 7, chunk),
+        Serving {
+            vanish_after: Some(4),
+        },
+    )
+    .await;
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let (_, fresh) = state(3.0);
+    let shape = Shape::of(&fresh);
+    let mut partial = Partial::default();
+    let err = sync::download(
+        me.host(),
+        std::slice::from_ref(&only),
+        shape,
+        &mut partial,
+        &sync::Settings::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, sync::Error::Incomplete { got: 4, .. }),
+        "{err}"
+    );
+    // Another donor of the same state: only the missing chunks are fetched.
+    let (_b, other) = donor(Snapshot::take(&params, &opt, 7, chunk), Serving::default()).await;
+    let (snapshot, report) = sync::download(
+        me.host(),
+        &[other],
+        shape,
+        &mut partial,
+        &sync::Settings::default(),
+    )
+    .await
+    .unwrap();
+    let total = shape.bytes().div_ceil(chunk as u64) as usize;
+    assert_eq!(report.per_donor, vec![total - 4]);
+    assert_eq!(snapshot.state().0, params);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_of_another_shape_is_refused_before_downloading() {
+    let (params, opt) = state(1.0);
+    let (_a, d) = donor(
+        Snapshot::take(&params, &opt, 0, 1 << 20),
+        Serving::default(),
+    )
+    .await;
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let mut shape = Shape::of(&opt);
+    shape.numel += 1;
+    let err = sync::download(
+        me.host(),
+        &[d],
+        shape,
+        &mut Partial::default(),
+        &sync::Settings::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, sync::Error::Mismatch(_)), "{err}");
+}

@@ -1,0 +1,5 @@
+//! State sync among peers in one process, over libp2p's in-memory transport.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod sync;

@@ -1,0 +1,339 @@
+//! `potluck train --run-id ID`: train with a swarm. The first peer of a run starts it (no
+//! initial peers needed); others join through any peer's address, download the swarm's state
+//! and take part from the next epoch on.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use potluck_allreduce::balance::Mode;
+use potluck_data::Order;
+use potluck_data::tokens::{Row, TokenSet};
+use potluck_model::Device;
+use potluck_model::dalle::{Dalle, TokenBatch};
+use potluck_net::dht::{self, Dht};
+use potluck_net::host::{self, ClientMode, Transports};
+use potluck_net::identity;
+use potluck_train::collab::{self, Collab, Net, Tick};
+use potluck_train::optim::Optimizer;
+use serde_json::json;
+
+use crate::cmd::run;
+use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
+
+/// What joining a run takes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SwarmArgs {
+    /// Train with the swarm of this run (peers of one run share this name).
+    #[arg(long)]
+    pub(crate) run_id: Option<String>,
+    /// Peers of the run to join through (full multiaddrs ending in /p2p/PEER_ID; repeat or
+    /// separate with commas). The first peer of a run needs none.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) initial_peers: Vec<String>,
+    /// Addresses to listen on [default: every interface, a free TCP port].
+    #[arg(long)]
+    pub(crate) listen: Vec<String>,
+    /// Identity file: created if missing, so the peer keeps its id across restarts.
+    #[arg(long)]
+    pub(crate) identity: Option<PathBuf>,
+    /// Samples the swarm gathers per epoch (one optimizer step for everyone).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) target_batch_size: u64,
+    /// auto: serve while others can reach this peer; on: a client (behind a NAT: sends and
+    /// receives, reduces no part); off: always serve.
+    #[arg(long, default_value = "auto", value_parser = parse_client_mode)]
+    pub(crate) client_mode: ClientMode,
+    /// Average the parameters every this many epochs (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) state_every: u64,
+    /// Compute this many times slower than this machine can (to try uneven peers).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) throttle: f64,
+}
+
+impl Default for SwarmArgs {
+    /// Not in a swarm (for `--solo` callers), with the flags' defaults.
+    fn default() -> SwarmArgs {
+        SwarmArgs {
+            run_id: None,
+            initial_peers: Vec::new(),
+            listen: Vec::new(),
+            identity: None,
+            target_batch_size: 256,
+            client_mode: ClientMode::Auto,
+            state_every: 10,
+            throttle: 1.0,
+        }
+    }
+}
+
+fn parse_client_mode(s: &str) -> Result<ClientMode, String> {
+    s.parse()
+}
+
+fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
+    addrs
+        .iter()
+        .map(|a| {
+            a.parse().with_context(|| {
+                format!("{a:?} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…)")
+            })
+        })
+        .collect()
+}
+
+/// A seed every peer of the run derives alike (so peers that start together start equal).
+fn run_seed(run: &str, seed: u64) -> u64 {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(run.as_bytes());
+    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) ^ seed
+}
+
+pub(crate) fn run(args: Args) -> Result<()> {
+    let Some(run_id) = args.swarm.run_id.clone() else {
+        bail!("--run-id is required to train with others");
+    };
+    if args.resume {
+        bail!("--resume is for --solo runs: a swarm peer takes the swarm's state when it joins");
+    }
+    if !(1.0..=1000.0).contains(&args.swarm.throttle) {
+        bail!("--throttle must be between 1 and 1000");
+    }
+    let device = args.device.parse::<Device>()?.tch()?;
+    let data = TokenSet::open(&args.data)
+        .with_context(|| format!("opening prepared data {}", args.data.display()))?;
+    let micro = args.micro_batch.unwrap_or(16).max(1);
+    let config = model_config(&args.config, &data, args.checkpointing)?;
+    potluck_model::tch::manual_seed(run_seed(&run_id, args.seed) as i64);
+    let model = Dalle::new(config.clone(), device)?;
+    let opt_cfg = optimizer_config(&args)?;
+    let optimizer = Optimizer::new(opt_cfg, model.layout());
+    run::copy_tokenizers(&args.data, &args.out)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(train(args, run_id, data, model, optimizer, micro))
+}
+
+async fn train(
+    args: Args,
+    run_id: String,
+    data: TokenSet,
+    model: Dalle,
+    optimizer: Optimizer,
+    micro: usize,
+) -> Result<()> {
+    let swarm = &args.swarm;
+    let keypair = match &swarm.identity {
+        Some(path) => identity::load_or_create(path)?,
+        None => identity::generate(),
+    };
+    let listen = if swarm.listen.is_empty() {
+        vec!["/ip4/0.0.0.0/tcp/0".to_owned()]
+    } else {
+        swarm.listen.clone()
+    };
+    let mut host_config = host::Config::new(keypair.clone(), Transports::Network);
+    host_config.listen = parse_addrs(&listen)?;
+    let dht_config = dht::Config {
+        client_mode: swarm.client_mode,
+        ..dht::Config::default()
+    };
+    let dht = Dht::start(host_config, dht_config, Default::default())
+        .await
+        .map_err(|e| match e {
+            dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
+                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
+            ),
+            e => e.into(),
+        })?;
+    let initial = parse_addrs(&swarm.initial_peers)?;
+    if !initial.is_empty() {
+        dht.bootstrap(&initial).await.with_context(|| {
+            format!(
+                "could not reach any of --initial-peers {}: check the addresses and that a peer \
+                 of the run is up there",
+                swarm.initial_peers.join(",")
+            )
+        })?;
+    }
+    println!("peer id: {}", dht.peer_id());
+    for addr in dht.addrs().await? {
+        println!("  listening on {addr}");
+    }
+    let net = Net::start(dht.clone(), keypair)?;
+    let mut settings = collab::Settings::new(&run_id, swarm.target_batch_size);
+    settings.mode = if swarm.client_mode == ClientMode::On {
+        Mode::Client
+    } else {
+        Mode::Full
+    };
+    settings.state_every = swarm.state_every;
+    let config = model.config().clone();
+    let mut peer = Collab::join(model, optimizer, net, settings)
+        .await
+        .context("joining the run")?;
+    println!(
+        "run {run_id}: {} ({} unique parameters), target batch {} samples, at epoch {}",
+        config.name,
+        config.unique_params(),
+        swarm.target_batch_size,
+        peer.epoch()
+    );
+
+    // Each peer reads the data in its own order.
+    let order = Order::new(args.seed, rand::random());
+    let mut rows = data.rows(order);
+    let throttle = swarm.throttle;
+    let mut next = || -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
+        let rows = (0..micro)
+            .map(|_| rows.next().ok_or("the data ran out")?.map_err(Into::into))
+            .collect::<Result<Vec<Row>, Box<dyn std::error::Error + Send + Sync>>>()?;
+        Ok(TokenBatch::from_rows(&rows))
+    };
+
+    let started = Instant::now();
+    let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
+    let mut view = View::new(args.steps, limit);
+    let mut last_checkpoint = Instant::now();
+    let mut computed = 0u64;
+    let mut compute_time = Duration::ZERO;
+    let mut last_loss = None;
+    loop {
+        if args.steps.is_some_and(|n| peer.epoch() >= n)
+            || limit.is_some_and(|l| started.elapsed() >= l)
+        {
+            break;
+        }
+        let t = Instant::now();
+        let tick = tokio::select! {
+            tick = peer.tick(&mut next) => tick?,
+            _ = tokio::signal::ctrl_c() => {
+                println!("interrupted: writing a final checkpoint");
+                break;
+            }
+        };
+        match tick {
+            Tick::Computed(loss) => {
+                let took = t.elapsed();
+                computed += loss.samples as u64;
+                compute_time += took;
+                if throttle > 1.0 {
+                    tokio::time::sleep(took.mul_f64(throttle - 1.0)).await;
+                }
+            }
+            Tick::Epoch(r) => {
+                if r.loss.samples > 0 {
+                    last_loss = Some(r.loss.total);
+                }
+                tracing::debug!("{r:?}");
+            }
+            Tick::Synced(report, epoch) => {
+                println!(
+                    "downloaded the swarm's state at epoch {epoch}: {:.1} MB in {:.1} s",
+                    report.bytes as f64 / 1e6,
+                    report.elapsed.as_secs_f64()
+                );
+            }
+            Tick::Waited => {}
+        }
+        view.show(&peer, started, computed, last_loss);
+        if last_checkpoint.elapsed().as_secs_f64() >= args.checkpoint_minutes * 60.0 {
+            save(&args, &peer, &run_id, started, last_loss)?;
+            last_checkpoint = Instant::now();
+        }
+    }
+    view.finish();
+    let elapsed = started.elapsed().as_secs_f64();
+    let eval = fixed_loss(&data, peer.model_mut(), micro.min(64))?;
+    println!(
+        "loss on {} fixed samples: {:.4} (text {:.4}, image {:.4})",
+        eval.samples, eval.total, eval.parts[0], eval.parts[1]
+    );
+    save(&args, &peer, &run_id, started, last_loss)?;
+    println!(
+        "trained to epoch {} ({} swarm samples; {computed} here, {:.1} samples/s computing, \
+         {:.0}% of the time) in {:.1} min",
+        peer.epoch(),
+        peer.swarm_samples(),
+        computed as f64 / compute_time.as_secs_f64().max(1e-9),
+        100.0 * compute_time.as_secs_f64() / elapsed.max(1e-9),
+        elapsed / 60.0,
+    );
+    println!("checkpoint: {}", args.out.display());
+    Ok(())
+}
+
+fn save(
+    args: &Args,
+    peer: &Collab<Dalle>,
+    run_id: &str,
+    started: Instant,
+    loss: Option<f64>,
+) -> Result<()> {
+    save_state(
+        &args.out,
+        peer.model(),
+        peer.params(),
+        peer.optimizer(),
+        peer.swarm_samples(),
+        json!({
+            "run_id": run_id,
+            "epoch": peer.epoch(),
+            "data": args.data,
+            "loss": loss,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    )
+}
+
+/// The progress view of one peer: epoch, local samples, the swarm toward its target, loss,
+/// peers online.
+struct View {
+    bar: crate::progress::Progress,
+    epochs: Option<u64>,
+    limit: Option<Duration>,
+}
+
+impl View {
+    fn new(epochs: Option<u64>, limit: Option<Duration>) -> View {
+        let len = match (limit, epochs) {
+            (Some(l), _) => l.as_secs(),
+            (None, Some(n)) => n,
+            (None, None) => u64::MAX,
+        };
+        View {
+            bar: crate::progress::Progress::new(len, "training"),
+            epochs,
+            limit,
+        }
+    }
+
+    fn show(&mut self, peer: &Collab<Dalle>, started: Instant, computed: u64, loss: Option<f64>) {
+        let pos = if self.limit.is_some() || self.epochs.is_none() {
+            started.elapsed().as_secs()
+        } else {
+            peer.epoch()
+        };
+        self.bar.update(pos, || {
+            let (swarm, peers) = match peer.swarm() {
+                Some((s, others)) => (
+                    format!("{}/{} samples", s.samples, peer.target()),
+                    others + 1,
+                ),
+                None => ("?".into(), 1),
+            };
+            let loss = loss.map_or("-".into(), |l| format!("{l:.3}"));
+            format!(
+                "epoch {} | swarm {swarm} | {peers} peers | here {computed} samples | loss {loss}",
+                peer.epoch()
+            )
+        });
+    }
+
+    fn finish(self) {
+        self.bar.finish();
+    }
+}
