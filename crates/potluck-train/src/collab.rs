@@ -56,6 +56,9 @@ pub struct Settings {
     pub sync: sync::Settings,
     /// Bytes per chunk of the state it serves.
     pub chunk_bytes: usize,
+    /// Delayed parameter updates: average and step in the background while the next epoch's
+    /// gradients are computed (on parameters one step stale).
+    pub delayed: bool,
     /// How long a starting peer looks for a swarm before it starts one.
     pub join_wait: Duration,
 }
@@ -75,6 +78,7 @@ impl Settings {
             rate: 1e8,
             sync: sync::Settings::default(),
             chunk_bytes: 1 << 20,
+            delayed: false,
             join_wait: Duration::from_secs(3),
         }
     }
@@ -215,6 +219,11 @@ pub struct Collab<T: Trainable> {
     view: watch::Receiver<Option<View>>,
     round: Option<Round>,
     pending: Pending,
+    /// The global epoch this peer computes gradients for.
+    epoch: u64,
+    /// A step running in the background (delayed updates), and a spare gradient buffer.
+    busy: Option<tokio::task::JoinHandle<Result<Stepped, optim::Error>>>,
+    spare: Vec<f32>,
     /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
     missed: Option<u64>,
     /// Seconds per micro-batch (smoothed), and samples/s (smoothed).
@@ -229,6 +238,148 @@ impl<T: Trainable> std::fmt::Debug for Collab<T> {
             .field("epoch", &self.epoch())
             .field("samples", &self.samples)
             .finish_non_exhaustive()
+    }
+}
+
+/// One epoch's averaging and step, with everything it needs (so it can run in the
+/// background while the next epoch's gradients are computed).
+struct Job {
+    epoch: u64,
+    /// The group, or why there is none ("" when alone).
+    group: Result<Group, String>,
+    /// This peer's mean gradient.
+    grad: Vec<f32>,
+    samples: u64,
+    loss: Loss,
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    net: Net,
+    averaging: butterfly::Settings,
+    state_every: u64,
+    started: Instant,
+}
+
+/// What a [`Job`] gives back.
+struct Stepped {
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    /// The gradient buffer, for reuse.
+    scratch: Vec<f32>,
+    report: EpochReport,
+}
+
+impl Job {
+    async fn run(self) -> Result<Stepped, optim::Error> {
+        let Job {
+            epoch,
+            group,
+            mut grad,
+            samples,
+            loss,
+            mut params,
+            mut optimizer,
+            net,
+            averaging,
+            state_every,
+            started,
+        } = self;
+        let mut swarm_samples = samples as f64;
+        let mut group_size = 1;
+        let mut alone_because = None;
+        let mut averaged: Option<(Group, usize)> = None;
+        match group {
+            Ok(group) => match group
+                .members
+                .iter()
+                .position(|m| m.peer == net.dht.peer_id())
+            {
+                Some(me) => {
+                    match butterfly::all_reduce(
+                        &net.inbox,
+                        &group,
+                        me,
+                        samples as f32,
+                        &mut grad,
+                        &averaging,
+                    )
+                    .await
+                    {
+                        Ok(report) => {
+                            swarm_samples = report.weight();
+                            group_size = group.members.len();
+                            if !report.complete() {
+                                tracing::warn!(
+                                    "epoch {epoch}: parts of the gradient kept local values: {:?}",
+                                    report.excluded
+                                );
+                            }
+                            averaged = Some((group, me));
+                        }
+                        Err(e) => alone_because = Some(e.to_string()),
+                    }
+                }
+                None => alone_because = Some("not in its own group".into()),
+            },
+            Err(why) if !why.is_empty() => alone_because = Some(why),
+            Err(_) => {}
+        }
+        if let Some(why) = &alone_because {
+            tracing::warn!("epoch {epoch}: stepping alone ({why})");
+        }
+        // The step is a few hundred milliseconds of arithmetic: off the async workers.
+        let (optimizer_back, params_back, grad_back, result) =
+            tokio::task::spawn_blocking(move || {
+                let result = optimizer.step(&mut params, &mut grad);
+                (optimizer, params, grad, result)
+            })
+            .await
+            .map_err(|_| optim::Error::NonFinite { norm: f64::NAN })?;
+        (optimizer, params, grad) = (optimizer_back, params_back, grad_back);
+        let (info, skipped) = match result {
+            Ok(info) => (info, false),
+            Err(optim::Error::NonFinite { norm }) => {
+                tracing::warn!("epoch {epoch}: the averaged gradient is not finite, step skipped");
+                optimizer.set_steps(epoch + 1);
+                let info = optim::StepInfo {
+                    step: epoch + 1,
+                    lr: 0.0,
+                    grad_norm: norm,
+                };
+                (info, true)
+            }
+            Err(e) => return Err(e),
+        };
+        let mut state_averaged = false;
+        if let Some((group, me)) = &averaged
+            && state_every > 0
+            && (epoch + 1).is_multiple_of(state_every)
+        {
+            let mut round = group.clone();
+            round.round[31] ^= 0x5a;
+            match butterfly::all_reduce(&net.inbox, &round, *me, 1.0, &mut params, &averaging).await
+            {
+                Ok(r) => state_averaged = r.complete(),
+                Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
+            }
+        }
+        Ok(Stepped {
+            params,
+            optimizer,
+            scratch: grad,
+            report: EpochReport {
+                epoch: info.step,
+                samples,
+                swarm_samples,
+                group: group_size,
+                alone_because,
+                loss,
+                lr: info.lr,
+                grad_norm: info.grad_norm,
+                skipped,
+                state_averaged,
+                averaging: started.elapsed(),
+            },
+        })
     }
 }
 
@@ -464,6 +615,9 @@ impl<T: Trainable> Collab<T> {
             view,
             round: None,
             pending,
+            epoch,
+            busy: None,
+            spare: Vec::new(),
             missed: None,
             micro_time: None,
             rate: 0.0,
@@ -496,7 +650,7 @@ impl<T: Trainable> Collab<T> {
 
     /// The global epoch this peer is in (optimizer steps taken).
     pub fn epoch(&self) -> u64 {
-        self.optimizer.steps()
+        self.epoch
     }
 
     /// The model.
@@ -580,6 +734,7 @@ impl<T: Trainable> Collab<T> {
             {
                 Ok((snapshot, report)) => {
                     snapshot.install(&mut self.params, &mut self.optimizer)?;
+                    self.epoch = snapshot.epoch;
                     self.model
                         .write_params(&self.params)
                         .map_err(Error::Model)?;
@@ -616,10 +771,17 @@ impl<T: Trainable> Collab<T> {
         &mut self,
         next: &mut dyn FnMut() -> Result<T::Batch, Box<dyn std::error::Error + Send + Sync>>,
     ) -> Result<Tick, Error<T::Error>> {
+        // A step done in the background: its parameters go in now (between micro-batches).
+        if self.busy.as_ref().is_some_and(|b| b.is_finished())
+            && let Some(report) = self.settle().await?
+        {
+            return Ok(Tick::Epoch(report));
+        }
         let view = self.view.borrow().clone();
         let epoch = self.epoch();
         // Behind the swarm: fetch its state (our gradients are for old parameters).
         if self.round.is_none()
+            && self.busy.is_none()
             && let Some(v) = &view
             && v.newest() > epoch
         {
@@ -632,11 +794,11 @@ impl<T: Trainable> Collab<T> {
         if let Some(round) = &self.round
             && (round.group.is_finished() || now >= round.deadline)
         {
-            return self.finish_epoch().await.map(Tick::Epoch);
+            return self.finish_epoch().await;
         }
         let alone = view.as_ref().is_none_or(|v| v.others.is_empty());
         if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
-            return self.finish_epoch().await.map(Tick::Epoch);
+            return self.finish_epoch().await;
         }
         if let Some(round) = lock(&self.pending).take() {
             if round.epoch == epoch && self.missed != Some(epoch) && self.round.is_none() {
@@ -711,142 +873,96 @@ impl<T: Trainable> Collab<T> {
         });
     }
 
-    /// Averages the epoch's gradient with the group (or not, alone) and steps.
-    async fn finish_epoch(&mut self) -> Result<EpochReport, Error<T::Error>> {
+    /// Ends the epoch: averages its gradient with the group (or not, alone) and steps, here
+    /// and now, or in the background with delayed updates (then the report comes with a later
+    /// tick, once the new parameters are in).
+    async fn finish_epoch(&mut self) -> Result<Tick, Error<T::Error>> {
         let started = Instant::now();
-        let epoch = self.epoch();
+        let epoch = self.epoch;
         let group = match self.round.take() {
             Some(round) => match round.group.await {
                 Ok(Ok(group)) => Ok(group),
                 Ok(Err(matchmaking::Error::TooLate { .. })) => {
-                    // This peer cannot take part: it keeps its gradient, the swarm moves on,
-                    // and it will download the new state.
+                    // This peer cannot take part: the swarm moves on without it, and it will
+                    // download the new state.
                     tracing::info!("too late for epoch {}'s averaging", round.epoch);
                     self.missed = Some(round.epoch);
-                    Err("too late to join the group".to_string())
+                    self.report(true);
+                    return Ok(Tick::Epoch(self.missed_report(epoch, started)));
                 }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(e) => Err(e.to_string()),
             },
             None => Err(String::new()),
         };
-        if self.missed == Some(epoch) {
-            self.report(true);
-            return Ok(self.missed_report(epoch, started));
-        }
-        // The mean gradient of this peer's samples, weighted by their count.
+        // One step at a time: the previous epoch's must be in before this one starts.
+        let earlier = self.settle().await?;
+        // The mean gradient of this peer's samples (weighted by their count in the average).
         let samples = self.samples;
+        let mut grad = std::mem::replace(&mut self.grad, std::mem::take(&mut self.spare));
+        if grad.len() != self.params.len() {
+            grad = vec![0.0; self.params.len()];
+        }
+        if self.grad.len() != grad.len() {
+            self.grad = vec![0.0; grad.len()];
+        }
         if samples > 0 {
             let inv = 1.0 / samples as f32;
-            self.grad.iter_mut().for_each(|g| *g *= inv);
+            grad.iter_mut().for_each(|g| *g *= inv);
         }
-        let mut swarm_samples = samples as f64;
-        let mut group_size = 1;
-        let mut alone_because = None;
-        let mut averaged: Option<(Group, usize)> = None;
-        match group {
-            Ok(group) => {
-                let me = group
-                    .members
-                    .iter()
-                    .position(|m| m.peer == self.net.dht.peer_id());
-                if let Some(me) = me {
-                    match butterfly::all_reduce(
-                        &self.net.inbox,
-                        &group,
-                        me,
-                        samples as f32,
-                        &mut self.grad,
-                        &self.settings.averaging,
-                    )
-                    .await
-                    {
-                        Ok(report) => {
-                            swarm_samples = report.weight();
-                            group_size = group.members.len();
-                            if !report.complete() {
-                                tracing::warn!(
-                                    "epoch {epoch}: parts of the gradient kept local values: {:?}",
-                                    report.excluded
-                                );
-                            }
-                            averaged = Some((group, me));
-                        }
-                        Err(e) => alone_because = Some(e.to_string()),
-                    }
-                } else {
-                    alone_because = Some("not in its own group".into());
-                }
-            }
-            Err(why) if !why.is_empty() => alone_because = Some(why),
-            Err(_) => {}
-        }
-        if let Some(why) = &alone_because {
-            tracing::warn!("epoch {epoch}: stepping alone ({why})");
-        }
-        let (info, skipped) = match self.optimizer.step(&mut self.params, &mut self.grad) {
-            Ok(info) => (info, false),
-            Err(optim::Error::NonFinite { norm }) => {
-                tracing::warn!("epoch {epoch}: the averaged gradient is not finite, step skipped");
-                self.optimizer.set_steps(epoch + 1);
-                let info = optim::StepInfo {
-                    step: epoch + 1,
-                    lr: 0.0,
-                    grad_norm: norm,
-                };
-                (info, true)
-            }
-            Err(e) => return Err(e.into()),
+        let n = self.loss.samples.max(1) as f64;
+        let job = Job {
+            epoch,
+            group,
+            grad,
+            samples,
+            loss: Loss {
+                total: self.loss.total / n,
+                parts: [self.loss.parts[0] / n, self.loss.parts[1] / n],
+                samples: self.loss.samples,
+            },
+            params: self.params.clone(),
+            optimizer: self.optimizer.clone(),
+            net: self.net.clone(),
+            averaging: self.settings.averaging.clone(),
+            state_every: self.settings.state_every,
+            started,
         };
-        let mut state_averaged = false;
-        if let Some((group, me)) = &averaged
-            && self.settings.state_every > 0
-            && (epoch + 1).is_multiple_of(self.settings.state_every)
-        {
-            let mut round = group.clone();
-            round.round[31] ^= 0x5a;
-            match butterfly::all_reduce(
-                &self.net.inbox,
-                &round,
-                *me,
-                1.0,
-                &mut self.params,
-                &self.settings.averaging,
-            )
-            .await
-            {
-                Ok(r) => state_averaged = r.complete(),
-                Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
-            }
+        self.epoch += 1;
+        self.samples = 0;
+        self.loss = Loss::default();
+        self.report(true);
+        if self.settings.delayed {
+            self.busy = Some(tokio::spawn(job.run()));
+            return Ok(earlier.map_or(Tick::Waited, Tick::Epoch));
         }
+        let stepped = job.run().await?;
+        self.install(stepped).map(Tick::Epoch)
+    }
+
+    /// Waits for a step running in the background and installs its result.
+    pub async fn settle(&mut self) -> Result<Option<EpochReport>, Error<T::Error>> {
+        let Some(busy) = self.busy.take() else {
+            return Ok(None);
+        };
+        let stepped = busy
+            .await
+            .map_err(|e| Error::Data(format!("the step task failed: {e}").into()))??;
+        self.install(stepped).map(Some)
+    }
+
+    /// Takes a finished step's parameters and optimizer state.
+    fn install(&mut self, stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
+        self.params = stepped.params;
+        self.optimizer = stepped.optimizer;
+        self.spare = stepped.scratch;
+        self.spare.fill(0.0);
         self.model
             .write_params(&self.params)
             .map_err(Error::Model)?;
-        let n = self.loss.samples.max(1) as f64;
-        let loss = Loss {
-            total: self.loss.total / n,
-            parts: [self.loss.parts[0] / n, self.loss.parts[1] / n],
-            samples: self.loss.samples,
-        };
-        self.swarm_samples += swarm_samples.max(0.0) as u64;
-        self.samples = 0;
-        self.loss = Loss::default();
-        self.grad.fill(0.0);
+        self.swarm_samples += stepped.report.swarm_samples.max(0.0) as u64;
         self.shelve();
-        self.report(true);
-        Ok(EpochReport {
-            epoch: info.step,
-            samples,
-            swarm_samples,
-            group: group_size,
-            alone_because,
-            loss,
-            lr: info.lr,
-            grad_norm: info.grad_norm,
-            skipped,
-            state_averaged,
-            averaging: started.elapsed(),
-        })
+        Ok(stepped.report)
     }
 
     fn missed_report(&self, epoch: u64, started: Instant) -> EpochReport {

@@ -63,8 +63,8 @@ fn model(params: &[f32]) -> Dalle {
 }
 
 const EPOCHS: u64 = 50;
-const TARGET: u64 = 64;
-const MICRO: usize = 8;
+const TARGET: u64 = 128;
+const MICRO: usize = 16;
 const PEERS: usize = 4;
 
 fn eval(m: &mut Dalle) -> f64 {
@@ -74,6 +74,16 @@ fn eval(m: &mut Dalle) -> f64 {
 
 #[test]
 fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
+    together(false, 0.02);
+}
+
+/// With delayed updates, gradients are one step stale: the loss follows less closely.
+#[test]
+fn four_peers_with_delayed_updates_hold_identical_parameters_and_learn() {
+    together(true, 0.2);
+}
+
+fn together(delayed: bool, tolerance: f64) {
     potluck_model::tch::set_num_threads(1);
     potluck_model::tch::manual_seed(1);
     let cfg = Config::preset("tiny", Some(TOKENS)).unwrap();
@@ -84,19 +94,25 @@ fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
         p
     };
 
-    // One peer alone with batch TARGET.
-    let solo_model = model(&init);
-    let opt = optimizer(solo_model.layout());
-    let mut solo = Solo::new(solo_model, opt).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(100);
-    let first = eval(solo.model_mut());
-    for _ in 0..EPOCHS {
-        let micro: Vec<TokenBatch> = (0..TARGET as usize / MICRO)
-            .map(|_| batch(&mut rng, MICRO))
-            .collect();
-        solo.step(&micro).unwrap();
-    }
-    let solo_loss = eval(solo.model_mut());
+    // One peer alone with batch TARGET; the mean of three data orders (one order's loss
+    // scatters by about half a percent).
+    let first = eval(&mut model(&init));
+    let solo_loss = (100..103u64)
+        .map(|seed| {
+            let m = model(&init);
+            let opt = optimizer(m.layout());
+            let mut solo = Solo::new(m, opt).unwrap();
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            for _ in 0..EPOCHS {
+                let micro: Vec<TokenBatch> = (0..TARGET as usize / MICRO)
+                    .map(|_| batch(&mut rng, MICRO))
+                    .collect();
+                solo.step(&micro).unwrap();
+            }
+            eval(solo.model_mut())
+        })
+        .sum::<f64>()
+        / 3.0;
 
     // Four peers, each with its own data.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -134,6 +150,7 @@ fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
                     settings.matchmaking.poll = Duration::from_millis(20);
                     settings.matchmaking.grace = Duration::from_secs(2);
                     settings.chunk_bytes = 64 << 10;
+                    settings.delayed = delayed;
                     let m = model(&init);
                     let opt = optimizer(m.layout());
                     let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
@@ -145,12 +162,16 @@ fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
                     while peer.epoch() < EPOCHS {
                         match peer.tick(&mut next).await.unwrap() {
                             Tick::Epoch(r) => {
-                                at.push((peer.epoch(), peer.params().to_vec()));
+                                at.push((r.epoch, peer.params().to_vec()));
                                 epochs.push(r);
                             }
                             Tick::Synced(_, e) => at.push((e, peer.params().to_vec())),
                             _ => {}
                         }
+                    }
+                    if let Some(r) = peer.settle().await.unwrap() {
+                        at.push((r.epoch, peer.params().to_vec()));
+                        epochs.push(r);
                     }
                     let loss = eval(peer.model_mut());
                     done.wait();
@@ -204,14 +225,15 @@ fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
     // The loss follows the solo run's within 2%.
     let swarm_loss = results[0].2;
     println!(
-        "loss: initial {first:.4}, solo {solo_loss:.4}, swarm {swarm_loss:.4}, mean swarm batch {mean_batch:.1}"
+        "delayed {delayed}: loss initial {first:.4}, solo {solo_loss:.4}, swarm {swarm_loss:.4}, \
+         mean swarm batch {mean_batch:.1}"
     );
     assert!(
         solo_loss < 0.8 * first,
         "solo did not learn: {first} -> {solo_loss}"
     );
     assert!(
-        (swarm_loss - solo_loss).abs() <= 0.02 * solo_loss,
+        (swarm_loss - solo_loss).abs() <= tolerance * solo_loss,
         "swarm {swarm_loss} vs solo {solo_loss}"
     );
 }

@@ -119,51 +119,84 @@ fn training_without_solo_or_with_a_bad_preset_says_what_to_do() {
     );
 }
 
-/// Starts `potluck` with `args`, reading its standard output on a thread; returns the child and
-/// a channel of its lines.
-fn spawn(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    (child, rx)
+/// A `potluck` process whose output is read on threads (so its pipes never fill).
+pub(crate) struct Peer {
+    child: std::process::Child,
+    /// Its standard output, line by line.
+    pub(crate) lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    stderr: Option<std::thread::JoinHandle<String>>,
 }
 
-/// Waits for `child` and returns its whole standard output (the rest of `lines` included).
-fn finish(
-    mut child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    mut seen: Vec<String>,
-) -> String {
-    use std::io::Read;
-    let status = child.wait().unwrap();
-    seen.extend(lines.iter());
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let out = seen.join("\n");
-    assert!(status.success(), "{out}\n{err}");
-    out
+impl Peer {
+    pub(crate) fn spawn(args: &[&str]) -> Peer {
+        use std::io::{BufRead, Read};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::sync_channel(1 << 16);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = stderr.read_to_string(&mut err);
+            err
+        });
+        Peer {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr: Some(stderr),
+        }
+    }
+
+    /// Waits for a line starting with `prefix` (within a minute) and returns the rest of it.
+    pub(crate) fn wait_for(&mut self, prefix: &str) -> String {
+        loop {
+            let line = self
+                .lines
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("no line {prefix:?} in {:?}", self.seen));
+            self.seen.push(line.clone());
+            if let Some(rest) = line.trim().strip_prefix(prefix) {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    /// Kills it (SIGKILL).
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit successfully; returns its whole standard output.
+    pub(crate) fn finish(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        self.seen.extend(self.lines.iter());
+        let err = self
+            .stderr
+            .take()
+            .map(|t| t.join().unwrap())
+            .unwrap_or_default();
+        let out = self.seen.join("\n");
+        assert!(status.success(), "{out}\n{err}");
+        out
+    }
 }
 
 #[test]
@@ -201,23 +234,14 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
     let mut args = common(&one);
     args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (first, lines) = spawn(&args);
+    let mut first = Peer::spawn(&args);
     // The first peer prints where it listens before it trains.
-    let mut seen = Vec::new();
-    let addr = loop {
-        let line = lines
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the first peer printed no address");
-        seen.push(line.clone());
-        if let Some(a) = line.trim().strip_prefix("listening on ") {
-            break a.to_owned();
-        }
-    };
+    let addr = first.wait_for("listening on ");
     let mut args = common(&two);
     args.extend(["--initial-peers".into(), addr]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let second = ok(&args);
-    let first = finish(first, lines, seen);
+    let first = first.finish();
     for out in [&first, &second] {
         assert!(out.contains("trained to epoch 12"), "{out}");
     }
@@ -239,4 +263,100 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
         assert_eq!(manifest["step"], 12, "{manifest}");
         assert_eq!(manifest["extra"]["run_id"], "pair");
     }
+}
+
+#[test]
+fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    run(
+        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
+         --vq-images 64 --vq-channels 8 --codebook 64",
+        &["--out", s(&data)],
+    );
+    // A bootstrap node that stays: peers come and go.
+    let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
+    const EPOCHS: &str = "30";
+    let start = |i: usize| {
+        let out = dir.path().join(format!("peer{i}"));
+        let args = [
+            "train",
+            "--run-id",
+            "churn",
+            "--config",
+            "tiny",
+            "--target-batch-size",
+            "64",
+            "--micro-batch",
+            "8",
+            "--warmup",
+            "5",
+            "--epochs",
+            EPOCHS,
+            "--state-every",
+            "5",
+            "--initial-peers",
+            &addr,
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ];
+        let mut peer = Peer::spawn(&args);
+        peer.wait_for("run churn:");
+        peer
+    };
+    let mut live: std::collections::VecDeque<(usize, Peer)> =
+        (0..4).map(|i| (i, start(i))).collect();
+    // Every few seconds the oldest peer is killed (SIGKILL) and a fresh one joins.
+    for i in 4..7 {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let (_, oldest) = live.pop_front().unwrap();
+        oldest.kill();
+        live.push_back((i, start(i)));
+    }
+    let mut fixed = Vec::new();
+    for (i, peer) in live {
+        let out = peer.finish();
+        assert!(out.contains(&format!("trained to epoch {EPOCHS}")), "{out}");
+        assert!(!out.contains("not finite"), "{out}");
+        if i >= 4 {
+            assert!(
+                out.contains("downloaded the swarm's state at epoch"),
+                "{out}"
+            );
+        }
+        let loss: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("loss on ")?
+                    .split(": ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no fixed loss in {out}"));
+        assert!(loss.is_finite(), "{out}");
+        fixed.push(loss);
+        // The one original peer left saw the loss fall over the run.
+        if i == 3 {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("training loss "))
+                .unwrap_or_else(|| panic!("{out}"));
+            let v: Vec<f64> = line
+                .split(' ')
+                .filter_map(|w| w.trim_end_matches(',').parse().ok())
+                .collect();
+            assert!(v.len() == 2 && v[1] < v[0], "{line}");
+        }
+    }
+    // The peers hold (nearly) the same model: their parameters were averaged at the end.
+    let (lo, hi) = fixed
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(hi - lo <= 0.01 * lo, "fixed losses {fixed:?}");
+    boot.kill();
 }

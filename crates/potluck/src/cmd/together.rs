@@ -47,6 +47,10 @@ pub(crate) struct SwarmArgs {
     /// Average the parameters every this many epochs (0: never).
     #[arg(long, default_value_t = 10)]
     pub(crate) state_every: u64,
+    /// Average and step in the background while the next epoch's gradients are computed
+    /// (on parameters one step stale): less idle time, slightly noisier learning.
+    #[arg(long)]
+    pub(crate) delayed_updates: bool,
     /// Compute this many times slower than this machine can (to try uneven peers).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) throttle: f64,
@@ -63,6 +67,7 @@ impl Default for SwarmArgs {
             target_batch_size: 256,
             client_mode: ClientMode::Auto,
             state_every: 10,
+            delayed_updates: false,
             throttle: 1.0,
         }
     }
@@ -171,6 +176,7 @@ async fn train(
         Mode::Full
     };
     settings.state_every = swarm.state_every;
+    settings.delayed = swarm.delayed_updates;
     let config = model.config().clone();
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
@@ -201,6 +207,8 @@ async fn train(
     let mut computed = 0u64;
     let mut compute_time = Duration::ZERO;
     let mut last_loss = None;
+    let mut first_loss = None;
+    let mut non_finite = 0u64;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
             || limit.is_some_and(|l| started.elapsed() >= l)
@@ -227,7 +235,9 @@ async fn train(
             Tick::Epoch(r) => {
                 if r.loss.samples > 0 {
                     last_loss = Some(r.loss.total);
+                    first_loss.get_or_insert(r.loss.total);
                 }
+                non_finite += u64::from(r.skipped && r.group > 0);
                 tracing::debug!("{r:?}");
             }
             Tick::Synced(report, epoch) => {
@@ -246,6 +256,12 @@ async fn train(
         }
     }
     view.finish();
+    // With delayed updates the last step may still be running.
+    if let Some(r) = peer.settle().await?
+        && r.loss.samples > 0
+    {
+        last_loss = Some(r.loss.total);
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let eval = fixed_loss(&data, peer.model_mut(), micro.min(64))?;
     println!(
@@ -262,6 +278,12 @@ async fn train(
         100.0 * compute_time.as_secs_f64() / elapsed.max(1e-9),
         elapsed / 60.0,
     );
+    if let (Some(first), Some(last)) = (first_loss, last_loss) {
+        println!("training loss {first:.4} in its first epoch here, {last:.4} in its last");
+    }
+    if non_finite > 0 {
+        println!("{non_finite} steps skipped: the averaged gradient was not finite");
+    }
     println!("checkpoint: {}", args.out.display());
     Ok(())
 }
