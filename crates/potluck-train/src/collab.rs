@@ -130,6 +130,8 @@ impl Net {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Local {
     epoch: u64,
+    /// Steps in the state it serves.
+    held: u64,
     samples: u64,
     rate: f64,
     /// Whether it holds the swarm's state (only then it reports, and serves).
@@ -142,8 +144,9 @@ struct View {
     state: SwarmState,
     /// When the state was estimated.
     at: Instant,
-    /// Other live peers, their epochs and addresses (donors of their epoch's state).
-    others: Vec<(u64, Donor)>,
+    /// Other live peers: the epochs they compute for and hold the state of, and their
+    /// addresses (donors of that state).
+    others: Vec<(u64, u64, Donor)>,
 }
 
 impl View {
@@ -155,8 +158,9 @@ impl View {
         self.state.samples as f64 + self.state.samples_per_second * self.at.elapsed().as_secs_f64()
     }
 
+    /// The newest state another peer holds.
     fn newest(&self) -> u64 {
-        self.others.iter().map(|(e, _)| *e).max().unwrap_or(0)
+        self.others.iter().map(|(_, h, _)| *h).max().unwrap_or(0)
     }
 }
 
@@ -425,6 +429,7 @@ async fn progress_loop(
                 samples: l.samples,
                 samples_per_second: l.rate,
                 time: record::now(),
+                held: l.held,
                 addrs: wire_addrs.clone(),
             };
             if let Err(e) = tracker.publish(&report).await {
@@ -436,7 +441,7 @@ async fn progress_loop(
                 let now = record::now();
                 // Our own report, as we know it now (the DHT's copy may lag).
                 reports.retain(|(p, _)| *p != me);
-                let others: Vec<(u64, Donor)> = reports
+                let others: Vec<(u64, u64, Donor)> = reports
                     .iter()
                     .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
                     .map(|(peer, r)| {
@@ -445,7 +450,7 @@ async fn progress_loop(
                             .iter()
                             .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
                             .collect();
-                        (r.epoch, Donor { peer: *peer, addrs })
+                        (r.epoch, r.held, Donor { peer: *peer, addrs })
                     })
                     .collect();
                 if l.publish {
@@ -456,6 +461,7 @@ async fn progress_loop(
                             samples: l.samples,
                             samples_per_second: l.rate,
                             time: now,
+                            held: l.held,
                             addrs: Vec::new(),
                         },
                     ));
@@ -586,6 +592,7 @@ impl<T: Trainable> Collab<T> {
         let epoch = optimizer.steps();
         let (local, local_rx) = watch::channel(Local {
             epoch,
+            held: epoch,
             samples: 0,
             rate: 0.0,
             publish: false,
@@ -692,6 +699,7 @@ impl<T: Trainable> Collab<T> {
     fn report(&self, publish: bool) {
         self.local.send_replace(Local {
             epoch: self.epoch(),
+            held: self.optimizer.steps(),
             samples: self.samples,
             rate: self.rate,
             publish,
@@ -711,15 +719,21 @@ impl<T: Trainable> Collab<T> {
     async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
         let mut partial = Partial::default();
         let mut last = None;
-        for _ in 0..3 {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                // Fresh reports: the donors that failed may be gone from them.
+                let mut view = self.view.clone();
+                view.borrow_and_update();
+                let _ = tokio::time::timeout(2 * self.settings.report_every, view.changed()).await;
+            }
             let donors: Vec<Donor> = {
                 let view = self.view.borrow();
                 let Some(v) = view.as_ref() else { break };
                 let newest = v.newest();
                 v.others
                     .iter()
-                    .filter(|(e, _)| *e == newest)
-                    .map(|(_, d)| d.clone())
+                    .filter(|(_, h, _)| *h == newest)
+                    .map(|(_, _, d)| d.clone())
                     .collect()
             };
             let shape = sync::Shape::of(&self.optimizer);
@@ -779,14 +793,21 @@ impl<T: Trainable> Collab<T> {
         }
         let view = self.view.borrow().clone();
         let epoch = self.epoch();
-        // Behind the swarm: fetch its state (our gradients are for old parameters).
+        // Behind the swarm: fetch its state (our gradients are for old parameters). A failed
+        // download is tried again later: donors come and go.
         if self.round.is_none()
             && self.busy.is_none()
             && let Some(v) = &view
-            && v.newest() > epoch
+            && v.newest() > self.optimizer.steps()
         {
-            let report = self.sync().await?;
-            return Ok(Tick::Synced(report, self.epoch()));
+            return match self.sync().await {
+                Ok(report) => Ok(Tick::Synced(report, self.epoch())),
+                Err(Error::Sync(e)) if !matches!(e, sync::Error::Mismatch(_)) => {
+                    tracing::warn!("could not download the swarm's state, will try again: {e}");
+                    Ok(Tick::Waited)
+                }
+                Err(e) => Err(e),
+            };
         }
         let micro = self.micro_time.unwrap_or(0.0);
         let now = record::now();
@@ -819,7 +840,9 @@ impl<T: Trainable> Collab<T> {
             && swarm + swarm_rate.max(0.0) * micro * 0.5 >= self.settings.target_batch as f64;
         let deadline = self.round.as_ref().map(|r| r.deadline);
         let fits = deadline.is_none_or(|d| now as f64 + 1000.0 * micro < d as f64);
-        if enough || !fits {
+        // An auxiliary peer computes nothing: it averages and keeps the state.
+        let idle = self.settings.mode == Mode::Auxiliary;
+        if idle || enough || !fits {
             if self.rate != 0.0 {
                 self.rate_paused();
             }
@@ -867,6 +890,7 @@ impl<T: Trainable> Collab<T> {
         self.started_computing = None;
         self.local.send_replace(Local {
             epoch: self.epoch(),
+            held: self.optimizer.steps(),
             samples: self.samples,
             rate: 0.0,
             publish: true,

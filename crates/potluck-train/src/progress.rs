@@ -23,6 +23,8 @@ pub struct Report {
     pub samples_per_second: f64,
     /// Wall clock (ms) when `samples` was counted.
     pub time: Time,
+    /// Steps in the state it serves (its epoch, or one less while its step is under way).
+    pub held: u64,
     /// Where it can be reached (multiaddrs as bytes): it serves its state there.
     pub addrs: Vec<Vec<u8>>,
 }
@@ -144,6 +146,7 @@ mod tests {
                 samples,
                 samples_per_second: rate,
                 time,
+                held: epoch,
                 addrs: Vec::new(),
             },
         )
@@ -201,6 +204,7 @@ mod tests {
                 samples: 100 * (i as u64 + 1),
                 samples_per_second: 0.0,
                 time: now,
+                held: 3,
                 addrs: Vec::new(),
             };
             tracker.publish(&report).await.unwrap();

@@ -1,5 +1,5 @@
 //! State sync: a peer that joins a run, or that fell behind, downloads the swarm's training
-//! state (parameters, optimizer moments, epoch, schedule) from several donors at once over
+//! state (parameters, optimizer moments, epoch, optimizer settings) from several donors at once over
 //! `/potluck/state/1` bulk streams.
 //!
 //! Every peer that trains is a donor of its last epoch's state: after each step it publishes a
@@ -26,7 +26,7 @@ use potluck_net::host::{self, Host};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::optim::{Moments, Optimizer, Precision, Schedule};
+use crate::optim::{self, Moments, Optimizer, Precision};
 
 /// The protocol's name.
 pub const PROTOCOL: &str = "/potluck/state/1";
@@ -47,7 +47,9 @@ pub struct Manifest {
     pub epoch: u64,
     /// Samples the swarm trained on to reach it.
     pub samples: u64,
-    pub schedule: Schedule,
+    /// The run's optimizer settings (rule, schedule, betas, decay…): a peer that joins adopts
+    /// them, so every peer takes the same step.
+    pub config: optim::Config,
     pub numel: u64,
     pub precision: Precision,
     /// Blockwise scales per moment (0 with `f32` moments).
@@ -118,7 +120,7 @@ pub enum Error {
 pub struct Snapshot {
     pub epoch: u64,
     pub samples: u64,
-    pub schedule: Schedule,
+    pub config: optim::Config,
     shape: Shape,
     chunk: usize,
     bytes: Vec<u8>,
@@ -164,7 +166,7 @@ impl Snapshot {
         Snapshot {
             epoch: optimizer.steps(),
             samples,
-            schedule: optimizer.config().schedule,
+            config: *optimizer.config(),
             shape,
             chunk: chunk.clamp(1, MAX_CHUNK),
             bytes,
@@ -187,7 +189,7 @@ impl Snapshot {
         Manifest {
             epoch: self.epoch,
             samples: self.samples,
-            schedule: self.schedule,
+            config: self.config,
             numel: self.shape.numel,
             precision: self.shape.precision,
             scales: self.shape.scales,
@@ -225,7 +227,7 @@ impl Snapshot {
         (f32s(params), moments)
     }
 
-    /// Installs the state into `params` and `optimizer` (epoch, moments, schedule).
+    /// Installs the state into `params` and `optimizer` (epoch, moments, settings).
     pub fn install(
         &self,
         params: &mut [f32],
@@ -239,7 +241,7 @@ impl Snapshot {
             });
         }
         optimizer.restore(moments, self.epoch)?;
-        optimizer.set_schedule(self.schedule);
+        optimizer.adopt(self.config)?;
         params.copy_from_slice(&p);
         Ok(())
     }
@@ -284,6 +286,8 @@ enum Response {
 pub struct Serving {
     /// Vanish (close every stream, answer nothing more) after serving this many chunks.
     pub vanish_after: Option<usize>,
+    /// Wait this long before each chunk (a slow donor).
+    pub delay: Option<Duration>,
 }
 
 /// Serves `shelf` on `host` until the host stops. Each stream answers requests in order.
@@ -339,6 +343,9 @@ async fn answer(
                 {
                     let _ = stream.close().await;
                     return Ok(());
+                }
+                if let Some(d) = serving.delay {
+                    tokio::time::sleep(d).await;
                 }
                 let start = index as usize * s.chunk;
                 let end = (start + s.chunk).min(s.bytes.len());
@@ -435,6 +442,7 @@ fn check(manifest: &Manifest, shape: &Shape) -> Result<(), Error> {
     let mismatch = |why: String| Err(Error::Mismatch(why));
     if manifest.numel != shape.numel
         || manifest.precision != shape.precision
+        || manifest.config.precision != shape.precision
         || manifest.scales != shape.scales
     {
         return mismatch(format!(
@@ -595,7 +603,7 @@ pub async fn download(
     let snapshot = Snapshot {
         epoch: manifest.epoch,
         samples: manifest.samples,
-        schedule: manifest.schedule,
+        config: manifest.config,
         shape,
         chunk: manifest.chunk as usize,
         bytes: state,

@@ -49,11 +49,17 @@ async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
     let take = || Snapshot::take(&params, &opt, 1234, chunk);
     // Same shape, other values: every chunk it sends fails the manifest's hashes.
     let (liar_params, liar_opt) = state(2.0);
-    let (_a, honest) = donor(take(), Serving::default()).await;
+    // The honest donor is slow, so the others surely get to fetch chunks.
+    let slow = Serving {
+        delay: Some(std::time::Duration::from_millis(20)),
+        ..Serving::default()
+    };
+    let (_a, honest) = donor(take(), slow).await;
     let (_b, vanishing) = donor(
         take(),
         Serving {
             vanish_after: Some(3),
+            ..slow
         },
     )
     .await;
@@ -102,6 +108,7 @@ async fn a_download_carries_on_where_a_failed_one_stopped() {
         Snapshot::take(&params, &opt, 7, chunk),
         Serving {
             vanish_after: Some(4),
+            ..Serving::default()
         },
     )
     .await;

@@ -31,6 +31,8 @@ enum Command {
     Prepare(Box<cmd::prepare::Args>),
     /// Train the transformer with a swarm (`--run-id`), or on this machine alone (`--solo`).
     Train(Box<cmd::train::Args>),
+    /// Help a run without computing: average, serve its state, keep rolling checkpoints.
+    Aux(Box<cmd::aux::Args>),
     /// Draw images for text prompts with a trained checkpoint.
     Generate(cmd::generate::Args),
     /// Score a checkpoint trained on `shapes`: per-slot and overall accuracy of its drawings.
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => cmd::demo::run(args),
         Command::Prepare(args) => cmd::prepare::run(*args),
         Command::Train(args) => cmd::train::run(*args),
+        Command::Aux(args) => cmd::aux::run(*args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Keygen(args) => cmd::keygen::run(args),

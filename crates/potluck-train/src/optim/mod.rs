@@ -94,6 +94,8 @@ pub enum Error {
     NonFinite { norm: f64 },
     #[error("optimizer state of {got} values does not fit a layout of {want}")]
     State { got: usize, want: usize },
+    #[error("optimizer state kept as {got:?}, this optimizer keeps {want:?}")]
+    Precision { got: Precision, want: Precision },
 }
 
 /// What a step did.
@@ -370,6 +372,19 @@ impl Optimizer {
     /// Replaces the learning-rate schedule (e.g. once the length of a timed run is known).
     pub fn set_schedule(&mut self, schedule: Schedule) {
         self.cfg.schedule = schedule;
+    }
+
+    /// Takes another optimizer's settings (a run's, when joining it); the moments' precision
+    /// must be this one's.
+    pub fn adopt(&mut self, cfg: Config) -> Result<(), Error> {
+        if cfg.precision != self.cfg.precision {
+            return Err(Error::Precision {
+                got: cfg.precision,
+                want: self.cfg.precision,
+            });
+        }
+        self.cfg = cfg;
+        Ok(())
     }
 
     /// Sets the step count (e.g. to the global epoch after joining a run).

@@ -14,6 +14,7 @@ use potluck_model::dalle::{Dalle, TokenBatch};
 use potluck_net::dht::{self, Dht};
 use potluck_net::host::{self, ClientMode, Transports};
 use potluck_net::identity;
+use potluck_train::checkpoint;
 use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use serde_json::json;
@@ -21,12 +22,9 @@ use serde_json::json;
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
 
-/// What joining a run takes.
+/// Where a peer is on the network and how it joins.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct SwarmArgs {
-    /// Train with the swarm of this run (peers of one run share this name).
-    #[arg(long)]
-    pub(crate) run_id: Option<String>,
+pub(crate) struct NetArgs {
     /// Peers of the run to join through (full multiaddrs ending in /p2p/PEER_ID; repeat or
     /// separate with commas). The first peer of a run needs none.
     #[arg(long, value_delimiter = ',')]
@@ -37,16 +35,37 @@ pub(crate) struct SwarmArgs {
     /// Identity file: created if missing, so the peer keeps its id across restarts.
     #[arg(long)]
     pub(crate) identity: Option<PathBuf>,
-    /// Samples the swarm gathers per epoch (one optimizer step for everyone).
-    #[arg(long, default_value_t = 256)]
-    pub(crate) target_batch_size: u64,
     /// auto: serve while others can reach this peer; on: a client (behind a NAT: sends and
     /// receives, reduces no part); off: always serve.
     #[arg(long, default_value = "auto", value_parser = parse_client_mode)]
     pub(crate) client_mode: ClientMode,
+}
+
+/// How a run's epochs go (every peer of a run gives the same).
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Samples the swarm gathers per epoch (one optimizer step for everyone).
+    #[arg(long, default_value_t = 256)]
+    pub(crate) target_batch_size: u64,
     /// Average the parameters every this many epochs (0: never).
     #[arg(long, default_value_t = 10)]
     pub(crate) state_every: u64,
+}
+
+/// What joining a run takes.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct SwarmArgs {
+    /// Train with the swarm of this run (peers of one run share this name).
+    #[arg(long)]
+    pub(crate) run_id: Option<String>,
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+    /// Start a new swarm from this checkpoint (its parameters, optimizer state and epoch), as
+    /// an aux peer keeps them; a swarm already running gives its own state instead.
+    #[arg(long)]
+    pub(crate) init: Option<PathBuf>,
     /// Average and step in the background while the next epoch's gradients are computed
     /// (on parameters one step stale): less idle time, slightly noisier learning.
     #[arg(long)]
@@ -61,12 +80,17 @@ impl Default for SwarmArgs {
     fn default() -> SwarmArgs {
         SwarmArgs {
             run_id: None,
-            initial_peers: Vec::new(),
-            listen: Vec::new(),
-            identity: None,
-            target_batch_size: 256,
-            client_mode: ClientMode::Auto,
-            state_every: 10,
+            net: NetArgs {
+                initial_peers: Vec::new(),
+                listen: Vec::new(),
+                identity: None,
+                client_mode: ClientMode::Auto,
+            },
+            run: RunArgs {
+                target_batch_size: 256,
+                state_every: 10,
+            },
+            init: None,
             delayed_updates: false,
             throttle: 1.0,
         }
@@ -95,6 +119,76 @@ fn run_seed(run: &str, seed: u64) -> u64 {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) ^ seed
 }
 
+/// Starts this peer's DHT node (and host) and joins through the initial peers; prints where
+/// it listens.
+pub(crate) async fn start_dht(args: &NetArgs) -> Result<(Dht, libp2p::identity::Keypair)> {
+    let keypair = match &args.identity {
+        Some(path) => identity::load_or_create(path)?,
+        None => identity::generate(),
+    };
+    let listen = if args.listen.is_empty() {
+        vec!["/ip4/0.0.0.0/tcp/0".to_owned()]
+    } else {
+        args.listen.clone()
+    };
+    let mut host_config = host::Config::new(keypair.clone(), Transports::Network);
+    host_config.listen = parse_addrs(&listen)?;
+    let dht_config = dht::Config {
+        client_mode: args.client_mode,
+        ..dht::Config::default()
+    };
+    let dht = Dht::start(host_config, dht_config, Default::default())
+        .await
+        .map_err(|e| match e {
+            dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
+                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
+            ),
+            e => e.into(),
+        })?;
+    let initial = parse_addrs(&args.initial_peers)?;
+    if !initial.is_empty() {
+        dht.bootstrap(&initial).await.with_context(|| {
+            format!(
+                "could not reach any of --initial-peers {}: check the addresses and that a peer \
+                 of the run is up there",
+                args.initial_peers.join(",")
+            )
+        })?;
+    }
+    println!("peer id: {}", dht.peer_id());
+    for addr in dht.addrs().await? {
+        println!("  listening on {addr}");
+    }
+    Ok((dht, keypair))
+}
+
+/// The collaborative optimizer's settings for a run.
+pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
+    let mut settings = collab::Settings::new(run_id, run.target_batch_size);
+    settings.state_every = run.state_every;
+    settings
+}
+
+/// Loads a checkpoint's parameters and optimizer state into `model` and `optimizer`.
+pub(crate) fn init_from(
+    dir: &std::path::Path,
+    model: &mut Dalle,
+    optimizer: &mut Optimizer,
+) -> Result<()> {
+    use potluck_core::Trainable;
+    let (manifest, params) = checkpoint::load_params(dir, model.layout())
+        .with_context(|| format!("reading --init checkpoint {}", dir.display()))?;
+    checkpoint::load_optimizer(dir, &manifest, optimizer).with_context(|| {
+        format!(
+            "{}: its optimizer state does not fit (same --config and --state as the run?)",
+            dir.display()
+        )
+    })?;
+    model.write_params(&params)?;
+    println!("starting from {} at epoch {}", dir.display(), manifest.step);
+    Ok(())
+}
+
 pub(crate) fn run(args: Args) -> Result<()> {
     let Some(run_id) = args.swarm.run_id.clone() else {
         bail!("--run-id is required to train with others");
@@ -111,9 +205,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let micro = args.micro_batch.unwrap_or(16).max(1);
     let config = model_config(&args.config, &data, args.checkpointing)?;
     potluck_model::tch::manual_seed(run_seed(&run_id, args.seed) as i64);
-    let model = Dalle::new(config.clone(), device)?;
+    let mut model = Dalle::new(config.clone(), device)?;
     let opt_cfg = optimizer_config(&args)?;
-    let optimizer = Optimizer::new(opt_cfg, model.layout());
+    let mut optimizer = Optimizer::new(opt_cfg, model.layout());
+    if let Some(dir) = &args.swarm.init {
+        init_from(dir, &mut model, &mut optimizer)?;
+    }
     run::copy_tokenizers(&args.data, &args.out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,51 +228,14 @@ async fn train(
     micro: usize,
 ) -> Result<()> {
     let swarm = &args.swarm;
-    let keypair = match &swarm.identity {
-        Some(path) => identity::load_or_create(path)?,
-        None => identity::generate(),
-    };
-    let listen = if swarm.listen.is_empty() {
-        vec!["/ip4/0.0.0.0/tcp/0".to_owned()]
-    } else {
-        swarm.listen.clone()
-    };
-    let mut host_config = host::Config::new(keypair.clone(), Transports::Network);
-    host_config.listen = parse_addrs(&listen)?;
-    let dht_config = dht::Config {
-        client_mode: swarm.client_mode,
-        ..dht::Config::default()
-    };
-    let dht = Dht::start(host_config, dht_config, Default::default())
-        .await
-        .map_err(|e| match e {
-            dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
-                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
-            ),
-            e => e.into(),
-        })?;
-    let initial = parse_addrs(&swarm.initial_peers)?;
-    if !initial.is_empty() {
-        dht.bootstrap(&initial).await.with_context(|| {
-            format!(
-                "could not reach any of --initial-peers {}: check the addresses and that a peer \
-                 of the run is up there",
-                swarm.initial_peers.join(",")
-            )
-        })?;
-    }
-    println!("peer id: {}", dht.peer_id());
-    for addr in dht.addrs().await? {
-        println!("  listening on {addr}");
-    }
+    let (dht, keypair) = start_dht(&swarm.net).await?;
     let net = Net::start(dht.clone(), keypair)?;
-    let mut settings = collab::Settings::new(&run_id, swarm.target_batch_size);
-    settings.mode = if swarm.client_mode == ClientMode::On {
+    let mut settings = collab_settings(&run_id, &swarm.run);
+    settings.mode = if swarm.net.client_mode == ClientMode::On {
         Mode::Client
     } else {
         Mode::Full
     };
-    settings.state_every = swarm.state_every;
     settings.delayed = swarm.delayed_updates;
     let config = model.config().clone();
     let mut peer = Collab::join(model, optimizer, net, settings)
@@ -185,7 +245,7 @@ async fn train(
         "run {run_id}: {} ({} unique parameters), target batch {} samples, at epoch {}",
         config.name,
         config.unique_params(),
-        swarm.target_batch_size,
+        swarm.run.target_batch_size,
         peer.epoch()
     );
 

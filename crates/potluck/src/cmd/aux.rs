@@ -1,0 +1,176 @@
+//! `potluck aux`: a peer that computes nothing. It keeps the swarm's state (it averages with
+//! every group as an auxiliary member: it reduces a part and adds no weight), serves it to
+//! newcomers, and keeps a rolling set of checkpoints of it, from which a whole swarm can be
+//! restarted (`potluck train --init DIR`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use potluck_allreduce::balance::Mode;
+use potluck_data::tokens::TokenSet;
+use potluck_model::Device;
+use potluck_model::dalle::{Dalle, TokenBatch};
+use potluck_train::collab::{Collab, Net, Tick};
+use potluck_train::optim::{self, Optimizer, Precision, Rule, Schedule};
+use serde_json::json;
+
+use crate::cmd::run;
+use crate::cmd::together::{NetArgs, RunArgs, collab_settings, init_from, start_dht};
+use crate::cmd::train::{model_config, save_state};
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck aux --run-id shapes1 --data data/shapes \
+                        --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… \
+                        --checkpoint-dir runs/aux --keep 3"
+)]
+pub(crate) struct Args {
+    /// The run to help.
+    #[arg(long)]
+    pub(crate) run_id: String,
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
+    #[command(flatten)]
+    pub(crate) run: RunArgs,
+    /// A directory written by `potluck prepare` (the model's shapes and the tokenizers that go
+    /// into each checkpoint).
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Model preset of the run.
+    #[arg(long, default_value = "small")]
+    pub(crate) config: String,
+    /// Optimizer state precision of the run: 8bit or f32.
+    #[arg(long, default_value = "8bit")]
+    pub(crate) state: String,
+    /// Where checkpoints go: one directory per kept epoch, `epoch-NNNNNNN`.
+    #[arg(long)]
+    pub(crate) checkpoint_dir: PathBuf,
+    /// Checkpoints kept (the oldest go first).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) keep: usize,
+    /// Epochs between checkpoints.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) every: u64,
+    /// Stop after this global epoch (default: run until interrupted).
+    #[arg(long)]
+    pub(crate) epochs: Option<u64>,
+    /// Start a new swarm from this checkpoint if none is running.
+    #[arg(long)]
+    pub(crate) init: Option<PathBuf>,
+}
+
+pub(crate) fn run(args: Args) -> Result<()> {
+    let data = TokenSet::open(&args.data)
+        .with_context(|| format!("opening prepared data {}", args.data.display()))?;
+    let config = model_config(&args.config, &data, false)?;
+    let mut model = Dalle::new(config, Device::Cpu.tch()?)?;
+    let precision = match args.state.as_str() {
+        "8bit" => Precision::Blockwise8,
+        "f32" => Precision::F32,
+        other => anyhow::bail!("unknown optimizer state {other:?}: use 8bit or f32"),
+    };
+    // The swarm's own settings replace these when its state is downloaded.
+    let cfg = optim::Config {
+        rule: Rule::Lamb,
+        precision,
+        schedule: Schedule::constant(0.0),
+        ..optim::Config::reference_lamb()
+    };
+    let mut optimizer = Optimizer::new(cfg, potluck_core::Trainable::layout(&model));
+    if let Some(dir) = &args.init {
+        init_from(dir, &mut model, &mut optimizer)?;
+    }
+    std::fs::create_dir_all(&args.checkpoint_dir)
+        .with_context(|| format!("creating {}", args.checkpoint_dir.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(serve(args, model, optimizer))
+}
+
+async fn serve(args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
+    let (dht, keypair) = start_dht(&args.net).await?;
+    let net = Net::start(dht, keypair)?;
+    let mut settings = collab_settings(&args.run_id, &args.run);
+    settings.mode = Mode::Auxiliary;
+    let mut peer = Collab::join(model, optimizer, net, settings)
+        .await
+        .context("joining the run")?;
+    println!(
+        "aux for run {}: at epoch {}, checkpoints every {} epochs into {}",
+        args.run_id,
+        peer.epoch(),
+        args.every,
+        args.checkpoint_dir.display()
+    );
+    let started = Instant::now();
+    let mut never = || -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
+        Err("an aux peer computes nothing".into())
+    };
+    loop {
+        if args.epochs.is_some_and(|n| peer.epoch() >= n) {
+            break;
+        }
+        let tick = tokio::select! {
+            tick = peer.tick(&mut never) => tick?,
+            _ = tokio::signal::ctrl_c() => break,
+        };
+        let epoch = match tick {
+            Tick::Epoch(r) if !r.skipped || r.group > 0 => r.epoch,
+            Tick::Synced(_, epoch) => {
+                println!("downloaded the swarm's state at epoch {epoch}");
+                epoch
+            }
+            _ => continue,
+        };
+        if epoch > 0 && epoch.is_multiple_of(args.every) {
+            let dir = checkpoint(&args, &peer, epoch, started)?;
+            println!("epoch {epoch}: checkpoint {}", dir.display());
+        }
+    }
+    let epoch = peer.epoch();
+    let dir = checkpoint(&args, &peer, epoch, started)?;
+    println!("stopped at epoch {epoch}: checkpoint {}", dir.display());
+    Ok(())
+}
+
+/// Writes the state of `epoch` into `DIR/epoch-NNNNNNN` and drops the oldest beyond `--keep`.
+fn checkpoint(args: &Args, peer: &Collab<Dalle>, epoch: u64, started: Instant) -> Result<PathBuf> {
+    let dir = args.checkpoint_dir.join(format!("epoch-{epoch:07}"));
+    run::copy_tokenizers(&args.data, &dir)?;
+    save_state(
+        &dir,
+        peer.model(),
+        peer.params(),
+        peer.optimizer(),
+        peer.swarm_samples(),
+        json!({
+            "run_id": args.run_id,
+            "epoch": epoch,
+            "data": args.data,
+            "seconds": started.elapsed().as_secs_f64(),
+        }),
+    )?;
+    prune(&args.checkpoint_dir, args.keep.max(1))?;
+    Ok(dir)
+}
+
+fn prune(root: &Path, keep: usize) -> Result<()> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(root)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("epoch-"))
+        })
+        .collect();
+    dirs.sort();
+    let excess = dirs.len().saturating_sub(keep);
+    for old in &dirs[..excess] {
+        std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
