@@ -19,6 +19,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use potluck_allreduce::balance::Mode;
@@ -56,6 +57,9 @@ pub struct Settings {
     pub sync: sync::Settings,
     /// Bytes per chunk of the state it serves.
     pub chunk_bytes: usize,
+    /// How long after the deadline a round averages even if the swarm has not reached the
+    /// target (peers left, or the estimate was far off).
+    pub max_wait: Duration,
     /// Delayed parameter updates: average and step in the background while the next epoch's
     /// gradients are computed (on parameters one step stale).
     pub delayed: bool,
@@ -79,6 +83,7 @@ impl Settings {
             sync: sync::Settings::default(),
             chunk_bytes: 1 << 20,
             delayed: false,
+            max_wait: Duration::from_secs(30),
             join_wait: Duration::from_secs(3),
         }
     }
@@ -169,6 +174,8 @@ struct Round {
     epoch: u64,
     deadline: Time,
     group: tokio::task::JoinHandle<Result<Group, matchmaking::Error>>,
+    /// The group's outcome once formed.
+    formed: Option<Result<Group, String>>,
 }
 
 /// What happened at an epoch boundary.
@@ -387,6 +394,21 @@ impl Job {
     }
 }
 
+/// Why a peer missed a round's group.
+const TOO_LATE: &str = "too late to join the group";
+
+/// A group task's outcome, its errors as text ([`TOO_LATE`] for a peer that declared late).
+fn formed(
+    done: Result<Result<Group, matchmaking::Error>, tokio::task::JoinError>,
+) -> Result<Group, String> {
+    match done {
+        Ok(Ok(group)) => Ok(group),
+        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(TOO_LATE.into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A proposal for an epoch's deadline, rounded so concurrent proposals tend to agree.
 fn deadline_after(lead: Duration) -> Time {
     let t = record::now() + lead.as_millis() as u64;
@@ -546,6 +568,7 @@ fn start_round(
         epoch,
         deadline,
         group,
+        formed: None,
     }
 }
 
@@ -791,7 +814,8 @@ impl<T: Trainable> Collab<T> {
         {
             return Ok(Tick::Epoch(report));
         }
-        let view = self.view.borrow().clone();
+        // Marked seen, so waiting below waits for the next view.
+        let view = self.view.borrow_and_update().clone();
         let epoch = self.epoch();
         // Behind the swarm: fetch its state (our gradients are for old parameters). A failed
         // download is tried again later: donors come and go.
@@ -811,11 +835,25 @@ impl<T: Trainable> Collab<T> {
         }
         let micro = self.micro_time.unwrap_or(0.0);
         let now = record::now();
-        // A round forming: finish the epoch when its deadline is here (or it failed early).
-        if let Some(round) = &self.round
-            && (round.group.is_finished() || now >= round.deadline)
-        {
-            return self.finish_epoch().await;
+        // A round: its group forms by the deadline; the averaging starts once the swarm has
+        // the target (or the epoch overran by `max_wait`). A peer too late to join the group
+        // ends the epoch at once (it will download the new state).
+        if let Some(round) = &mut self.round {
+            if round.formed.is_none()
+                && round.group.is_finished()
+                && let Some(done) = (&mut round.group).now_or_never()
+            {
+                round.formed = Some(formed(done));
+            }
+            let too_late = matches!(&round.formed, Some(Err(e)) if e == TOO_LATE);
+            let ready = view.as_ref().is_some_and(|v| {
+                v.state.epoch > epoch
+                    || (v.state.epoch == epoch && v.state.ready(self.settings.target_batch))
+            });
+            let overdue = now >= round.deadline + self.settings.max_wait.as_millis() as u64;
+            if too_late || (round.formed.is_some() && (ready || overdue)) {
+                return self.finish_epoch().await;
+            }
         }
         let alone = view.as_ref().is_none_or(|v| v.others.is_empty());
         if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
@@ -829,29 +867,40 @@ impl<T: Trainable> Collab<T> {
             }
         }
         // Compute unless the swarm is estimated to have the target by the middle of the next
-        // micro-batch, or the round's deadline comes first. Until the view shows this epoch,
+        // micro-batch. Until the view shows this epoch,
         // the others are taken to be as far as this peer is.
         let (swarm, swarm_rate) = view.as_ref().map_or((self.samples as f64, 0.0), |v| {
-            let others = v.estimate(epoch);
-            let floor = (self.samples * (v.others.len() as u64 + 1)) as f64;
-            (others.max(floor), v.state.samples_per_second)
+            if v.state.epoch >= epoch {
+                (
+                    v.estimate(epoch).max(self.samples as f64),
+                    v.state.samples_per_second,
+                )
+            } else {
+                ((self.samples * (v.others.len() as u64 + 1)) as f64, 0.0)
+            }
         });
         let enough = !alone
             && swarm + swarm_rate.max(0.0) * micro * 0.5 >= self.settings.target_batch as f64;
-        let deadline = self.round.as_ref().map(|r| r.deadline);
-        let fits = deadline.is_none_or(|d| now as f64 + 1000.0 * micro < d as f64);
         // An auxiliary peer computes nothing: it averages and keeps the state.
         let idle = self.settings.mode == Mode::Auxiliary;
-        if idle || enough || !fits {
+        if idle || enough {
             if self.rate != 0.0 {
                 self.rate_paused();
             }
-            let mut wait = self.settings.report_every;
-            if let Some(d) = deadline {
-                wait = wait.min(Duration::from_millis(d.saturating_sub(now)));
+            // Until the swarm's view changes, or the group forms.
+            let view = &mut self.view;
+            let wait = tokio::time::sleep(self.settings.report_every);
+            match self.round.as_mut().filter(|r| r.formed.is_none()) {
+                Some(round) => tokio::select! {
+                    done = &mut round.group => round.formed = Some(formed(done)),
+                    _ = view.changed() => {}
+                    _ = wait => {}
+                },
+                None => tokio::select! {
+                    _ = view.changed() => {}
+                    _ = wait => {}
+                },
             }
-            let mut view = self.view.clone();
-            let _ = tokio::time::timeout(wait, view.changed()).await;
             return Ok(Tick::Waited);
         }
         let batch = next().map_err(Error::Data)?;
@@ -904,9 +953,8 @@ impl<T: Trainable> Collab<T> {
         let started = Instant::now();
         let epoch = self.epoch;
         let group = match self.round.take() {
-            Some(round) => match round.group.await {
-                Ok(Ok(group)) => Ok(group),
-                Ok(Err(matchmaking::Error::TooLate { .. })) => {
+            Some(round) => match round.formed {
+                Some(Err(e)) if e == TOO_LATE => {
                     // This peer cannot take part: the swarm moves on without it, and it will
                     // download the new state.
                     tracing::info!("too late for epoch {}'s averaging", round.epoch);
@@ -914,8 +962,8 @@ impl<T: Trainable> Collab<T> {
                     self.report(true);
                     return Ok(Tick::Epoch(self.missed_report(epoch, started)));
                 }
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Some(formed) => formed,
+                None => Err("the group did not form".into()),
             },
             None => Err(String::new()),
         };

@@ -360,3 +360,139 @@ fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
     assert!(hi - lo <= 0.01 * lo, "fixed losses {fixed:?}");
     boot.kill();
 }
+
+/// Prepares a tiny `shapes` data set in `dir` (seconds).
+fn tiny_data(dir: &Path) -> std::path::PathBuf {
+    let data = dir.join("data");
+    run(
+        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
+         --vq-images 64 --vq-channels 8 --codebook 64",
+        &["--out", s(&data)],
+    );
+    data
+}
+
+/// `train` arguments for a tiny swarm peer of run `run`.
+fn peer_args(run_id: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--run-id",
+        run_id,
+        "--config",
+        "tiny",
+        "--micro-batch",
+        "8",
+        "--warmup",
+        "5",
+        "--data",
+        s(data),
+        "--out",
+        s(out),
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    args
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// The number before `word` in the line starting with `prefix`.
+fn figure(out: &str, prefix: &str, word: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in {out}"));
+    let words: Vec<&str> = line.split(' ').collect();
+    let at = words
+        .iter()
+        .position(|w| w.trim_end_matches(';') == word)
+        .unwrap_or_else(|| panic!("no {word:?} in {line}"));
+    words[at - 1]
+        .trim_start_matches('(')
+        .parse()
+        .unwrap_or_else(|_| panic!("no number before {word:?} in {line}"))
+}
+
+#[test]
+fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let common = ["--target-batch-size", "48", "--epochs", "8"];
+    let mut a_args = peer_args("aux", &data, &dir.path().join("a"), &common);
+    a_args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+    let mut first = Peer::spawn(&strs(&a_args));
+    let addr = first.wait_for("listening on ");
+    let ckpts = dir.path().join("aux");
+    let aux = Peer::spawn(&[
+        "aux",
+        "--run-id",
+        "aux",
+        "--config",
+        "tiny",
+        "--data",
+        s(&data),
+        "--initial-peers",
+        &addr,
+        "--target-batch-size",
+        "48",
+        "--checkpoint-dir",
+        s(&ckpts),
+        "--every",
+        "3",
+        "--keep",
+        "2",
+        "--epochs",
+        "8",
+    ]);
+    let mut b_args = peer_args("aux", &data, &dir.path().join("b"), &common);
+    b_args.extend(["--initial-peers".into(), addr.clone()]);
+    let b = Peer::spawn(&strs(&b_args)).finish();
+    let a = first.finish();
+    let aux = aux.finish();
+    assert!(aux.contains("stopped at epoch 8"), "{aux}");
+    // Rolling: epochs 3 and 6 were written, then 8 at the stop; two are kept.
+    let mut kept: Vec<String> = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["epoch-0000006", "epoch-0000008"], "{aux}");
+    // The aux peer holds the swarm's model: the same loss on the fixed samples.
+    let last = ckpts.join("epoch-0000008");
+    let fixed = |out: &str| figure(out, "loss on ", "fixed") as u64;
+    assert_eq!(fixed(&a), fixed(&b));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(last.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(manifest["step"], 8);
+    // The checkpoint is complete: it draws.
+    let drawn = dir.path().join("drawn");
+    ok(&[
+        "generate",
+        "--checkpoint",
+        s(&last),
+        "--out-dir",
+        s(&drawn),
+        "a small red circle in the center",
+    ]);
+    assert!(drawn.join("000.png").exists());
+    // A new swarm (everyone gone) starts from it at epoch 8.
+    let resumed = ok(&strs(&peer_args(
+        "aux",
+        &data,
+        &dir.path().join("c"),
+        &[
+            "--target-batch-size",
+            "48",
+            "--epochs",
+            "10",
+            "--init",
+            s(&last),
+        ],
+    )));
+    assert!(resumed.contains("at epoch 8"), "{resumed}");
+    assert!(resumed.contains("trained to epoch 10"), "{resumed}");
+}

@@ -70,9 +70,10 @@ pub(crate) struct SwarmArgs {
     /// (on parameters one step stale): less idle time, slightly noisier learning.
     #[arg(long)]
     pub(crate) delayed_updates: bool,
-    /// Compute this many times slower than this machine can (to try uneven peers).
-    #[arg(long, default_value_t = 1.0)]
-    pub(crate) throttle: f64,
+    /// Act as a machine this many times slower (to try uneven peers): every micro-batch's
+    /// forward and backward passes run this many times, the extra results thrown away.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) throttle: u32,
 }
 
 impl Default for SwarmArgs {
@@ -92,7 +93,7 @@ impl Default for SwarmArgs {
             },
             init: None,
             delayed_updates: false,
-            throttle: 1.0,
+            throttle: 1,
         }
     }
 }
@@ -196,7 +197,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     if args.resume {
         bail!("--resume is for --solo runs: a swarm peer takes the swarm's state when it joins");
     }
-    if !(1.0..=1000.0).contains(&args.swarm.throttle) {
+    if !(1..=1000).contains(&args.swarm.throttle) {
         bail!("--throttle must be between 1 and 1000");
     }
     let device = args.device.parse::<Device>()?.tch()?;
@@ -253,12 +254,19 @@ async fn train(
     let order = Order::new(args.seed, rand::random());
     let mut rows = data.rows(order);
     let throttle = swarm.throttle;
+    // The last micro-batch, for --throttle's extra passes.
+    let last = std::cell::RefCell::new(None);
     let mut next = || -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
         let rows = (0..micro)
             .map(|_| rows.next().ok_or("the data ran out")?.map_err(Into::into))
             .collect::<Result<Vec<Row>, Box<dyn std::error::Error + Send + Sync>>>()?;
-        Ok(TokenBatch::from_rows(&rows))
+        let batch = TokenBatch::from_rows(&rows);
+        if throttle > 1 {
+            *last.borrow_mut() = Some(batch.clone());
+        }
+        Ok(batch)
     };
+    let mut scratch = Vec::new();
 
     let started = Instant::now();
     let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
@@ -288,8 +296,14 @@ async fn train(
                 let took = t.elapsed();
                 computed += loss.samples as u64;
                 compute_time += took;
-                if throttle > 1.0 {
-                    tokio::time::sleep(took.mul_f64(throttle - 1.0)).await;
+                if let Some(batch) = last.borrow_mut().take() {
+                    use potluck_core::Trainable;
+                    scratch.resize(peer.params().len(), 0.0);
+                    for _ in 1..throttle {
+                        peer.model_mut()
+                            .accumulate_gradients(&batch, &mut scratch)?;
+                    }
+                    compute_time += t.elapsed() - took;
                 }
             }
             Tick::Epoch(r) => {
@@ -298,7 +312,20 @@ async fn train(
                     first_loss.get_or_insert(r.loss.total);
                 }
                 non_finite += u64::from(r.skipped && r.group > 0);
-                tracing::debug!("{r:?}");
+                tracing::info!(
+                    "epoch {} done: {:.0} samples ({} here) in a group of {}{}, loss {:.3}, \
+                     lr {:.2e}, {:.2} s from the deadline to new parameters",
+                    r.epoch,
+                    r.swarm_samples,
+                    r.samples,
+                    r.group,
+                    r.alone_because
+                        .as_deref()
+                        .map_or(String::new(), |w| format!(" ({w})")),
+                    r.loss.total,
+                    r.lr,
+                    r.averaging.as_secs_f64()
+                );
             }
             Tick::Synced(report, epoch) => {
                 println!(
