@@ -36,6 +36,7 @@ fn help_lists_every_command_in_one_line() {
         "eval",
         "model-info",
         "bench",
+        "aux",
     ] {
         let line = help
             .lines()
@@ -47,7 +48,15 @@ fn help_lists_every_command_in_one_line() {
 
 #[test]
 fn every_command_help_has_an_example() {
-    for command in ["demo", "prepare", "train", "generate", "eval", "model-info"] {
+    for command in [
+        "demo",
+        "prepare",
+        "train",
+        "aux",
+        "generate",
+        "eval",
+        "model-info",
+    ] {
         let out = potluck(&[command, "--help"]);
         assert!(out.status.success());
         assert!(text(&out.stdout).contains("Example: potluck"), "{command}");

@@ -61,6 +61,8 @@ pub(crate) struct Args {
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {
+    // It computes nothing but the state's arithmetic: one kernel thread is plenty.
+    crate::cmd::train::set_threads(Some(1));
     let data = TokenSet::open(&args.data)
         .with_context(|| format!("opening prepared data {}", args.data.display()))?;
     let config = model_config(&args.config, &data, false)?;

@@ -102,6 +102,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         weight_decay: 0.01,
         checkpointing: false,
         device: "cpu".into(),
+        threads: None,
         seed: args.seed,
         checkpoint_minutes: 5.0,
     })?;

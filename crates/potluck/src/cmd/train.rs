@@ -81,6 +81,10 @@ pub(crate) struct Args {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub(crate) device: String,
+    /// CPU threads for the model's kernels [default: every core]. Give each of several peers
+    /// on one machine its share: oversubscribed kernel threads spin and run ~20× slower.
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
     /// Seed of the initial weights and the data order.
     #[arg(long, default_value_t = 0)]
     pub(crate) seed: u64,
@@ -158,10 +162,19 @@ pub(crate) fn model_config(name: &str, data: &TokenSet, checkpointing: bool) -> 
     Ok(config)
 }
 
+/// Sets the model's CPU threads, if asked.
+pub(crate) fn set_threads(threads: Option<usize>) {
+    if let Some(n) = threads {
+        potluck_model::tch::set_num_threads(n.max(1) as i32);
+    }
+}
+
 pub(crate) fn run(args: Args) -> Result<()> {
     if args.swarm.run_id.is_some() {
+        set_threads(args.threads);
         return crate::cmd::together::run(args);
     }
+    set_threads(args.threads);
     if !args.solo {
         bail!(
             "say --run-id ID to train with others (add --initial-peers to join them), or --solo to train on this machine alone"
