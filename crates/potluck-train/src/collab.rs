@@ -235,6 +235,8 @@ pub struct Collab<T: Trainable> {
     /// A step running in the background (delayed updates), and a spare gradient buffer.
     busy: Option<tokio::task::JoinHandle<Result<Stepped, optim::Error>>>,
     spare: Vec<f32>,
+    /// The download it joined with, if it found a swarm.
+    joined: Option<sync::Report>,
     /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
     missed: Option<u64>,
     /// Seconds per micro-batch (smoothed), and samples/s (smoothed).
@@ -648,6 +650,7 @@ impl<T: Trainable> Collab<T> {
             epoch,
             busy: None,
             spare: Vec::new(),
+            joined: None,
             missed: None,
             micro_time: None,
             rate: 0.0,
@@ -659,7 +662,7 @@ impl<T: Trainable> Collab<T> {
             let seen = collab.view.borrow().as_ref().map(|v| !v.others.is_empty());
             match seen {
                 Some(true) => {
-                    collab.sync().await?;
+                    collab.joined = Some(collab.sync().await?);
                     break;
                 }
                 Some(false) if tokio::time::Instant::now() >= until => break,
@@ -699,6 +702,11 @@ impl<T: Trainable> Collab<T> {
 
     pub fn params(&self) -> &[f32] {
         &self.params
+    }
+
+    /// The state download it joined with (none if it started the swarm).
+    pub fn joined(&self) -> Option<&sync::Report> {
+        self.joined.as_ref()
     }
 
     /// Samples per epoch.

@@ -74,16 +74,17 @@ fn eval(m: &mut Dalle) -> f64 {
 
 #[test]
 fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
-    together(false, 0.02);
+    together(false, 0.02, 1.5);
 }
 
-/// With delayed updates, gradients are one step stale: the loss follows less closely.
+/// With delayed updates, gradients are one step stale: the loss follows less closely; the
+/// step running beside the computing makes the swarm's estimates noisier (larger epochs).
 #[test]
 fn four_peers_with_delayed_updates_hold_identical_parameters_and_learn() {
-    together(true, 0.2);
+    together(true, 0.2, 2.0);
 }
 
-fn together(delayed: bool, tolerance: f64) {
+fn together(delayed: bool, tolerance: f64, max_batch: f64) {
     potluck_model::tch::set_num_threads(1);
     potluck_model::tch::manual_seed(1);
     let cfg = Config::preset("tiny", Some(TOKENS)).unwrap();
@@ -218,7 +219,7 @@ fn together(delayed: bool, tolerance: f64) {
     assert!(odd.len() * 10 <= reports.len(), "{odd:?}");
     let mean_batch = reports.iter().map(|r| r.swarm_samples).sum::<f64>() / reports.len() as f64;
     assert!(
-        (0.8 * TARGET as f64..1.5 * TARGET as f64).contains(&mean_batch),
+        (0.8 * TARGET as f64..max_batch * TARGET as f64).contains(&mean_batch),
         "mean swarm batch {mean_batch}"
     );
     assert!(reports.iter().all(|r| !r.skipped));

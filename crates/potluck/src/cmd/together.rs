@@ -242,6 +242,14 @@ async fn train(
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
         .context("joining the run")?;
+    if let Some(r) = peer.joined() {
+        println!(
+            "downloaded the swarm's state at epoch {}: {:.1} MB in {:.1} s",
+            peer.epoch(),
+            r.bytes as f64 / 1e6,
+            r.elapsed.as_secs_f64()
+        );
+    }
     println!(
         "run {run_id}: {} ({} unique parameters), target batch {} samples, at epoch {}",
         config.name,
