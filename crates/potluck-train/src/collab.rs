@@ -5,17 +5,20 @@
 //! target batch within [`Settings::lead`], the first peer to see it proposes a deadline at the
 //! estimated end under `RUN/close/EPOCH` (every peer takes the earliest proposal) and every
 //! peer starts forming its group for that deadline ([`matchmaking`]) while it computes on.
-//! Peers stop computing once the target is estimated reached, then average their mean
-//! gradients weighted by their sample counts
-//! ([`butterfly`]), and take the same inner step (LAMB by default) with the schedule of the
-//! *global* epoch. Every `state_every` epochs the group then averages the parameters too, so
-//! peers that ever stepped alone are pulled back together.
+//! Peers stop computing once the target is estimated reached; once the group is formed and
+//! the reports show the target reached (or [`Settings::max_wait`] passed the deadline), they
+//! average their mean gradients weighted by their sample counts ([`butterfly`]) and take the
+//! same inner step (LAMB by default) with the schedule of the *global* epoch. Every
+//! `state_every` epochs the group then averages the parameters too, so peers that ever
+//! stepped alone are pulled back together. With [`Settings::delayed`] the averaging and the
+//! step run in the background while the next epoch's gradients are computed.
 //!
-//! A peer that joins, or that finds the swarm an epoch ahead of it, downloads the state from
-//! the peers that report the newest epoch ([`sync`]); each peer serves its own state after
-//! every step. A peer alone in the swarm steps alone as soon as its own samples reach the
-//! target. A step whose averaged gradient is not finite is skipped by everyone alike (they
-//! all hold the same gradient), and the epoch still advances.
+//! A peer that joins, or that finds another holding a newer state than its own, downloads
+//! the state from the peers that hold the newest ([`sync`]); each peer serves its own state
+//! after every step. A peer alone in the swarm steps alone as soon as its own samples reach
+//! the target. A step whose averaged gradient is not finite is skipped by everyone alike
+//! (they all hold the same gradient), and the epoch still advances. An auxiliary peer
+//! ([`Mode::Auxiliary`]) computes nothing: it averages, keeps and serves the state.
 
 use std::time::{Duration, Instant};
 
@@ -152,6 +155,8 @@ struct View {
     /// Other live peers: the epochs they compute for and hold the state of, and their
     /// addresses (donors of that state).
     others: Vec<(u64, u64, Donor)>,
+    /// No other peer seen for a good while: this peer steps alone.
+    alone: bool,
 }
 
 impl View {
@@ -433,7 +438,10 @@ async fn progress_loop(
     pending: Pending,
 ) {
     let me = net.dht.peer_id();
+    // Reports live this long. A loaded machine may publish late: a peer that seems gone for
+    // a moment must not make the others step alone (see `alone` below).
     let ttl = (settings.report_every * 4).max(Duration::from_secs(3));
+    let mut last_others: Option<Instant> = None;
     let tracker = Tracker {
         dht: &net.dht,
         keypair: &net.keypair,
@@ -510,10 +518,16 @@ async fn progress_loop(
                         Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
                     }
                 }
+                if !others.is_empty() {
+                    last_others = Some(Instant::now());
+                }
+                // Alone only when no other peer has been seen for two report lifetimes.
+                let alone = last_others.is_none_or(|t| t.elapsed() >= 2 * ttl);
                 let v = View {
                     state,
                     at: Instant::now(),
                     others,
+                    alone,
                 };
                 if view.send(Some(v)).is_err() {
                     return;
@@ -863,7 +877,7 @@ impl<T: Trainable> Collab<T> {
                 return self.finish_epoch().await;
             }
         }
-        let alone = view.as_ref().is_none_or(|v| v.others.is_empty());
+        let alone = view.as_ref().is_none_or(|v| v.alone);
         if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
             return self.finish_epoch().await;
         }
