@@ -155,6 +155,28 @@ pub struct Loss {
     pub samples: usize,
 }
 
+impl Loss {
+    /// Adds `other` weighted by its samples: a running sum that [`Loss::mean`] turns back into
+    /// per-sample figures.
+    pub fn add_weighted(&mut self, other: &Loss) {
+        let n = other.samples as f64;
+        self.total += other.total * n;
+        self.parts[0] += other.parts[0] * n;
+        self.parts[1] += other.parts[1] * n;
+        self.samples += other.samples;
+    }
+
+    /// The per-sample mean of a sum made by [`Loss::add_weighted`].
+    pub fn mean(&self) -> Loss {
+        let n = self.samples.max(1) as f64;
+        Loss {
+            total: self.total / n,
+            parts: [self.parts[0] / n, self.parts[1] / n],
+            samples: self.samples,
+        }
+    }
+}
+
 /// A model that optimizers, averaging and checkpoints drive through flat buffers.
 pub trait Trainable {
     /// What one call of [`Trainable::accumulate_gradients`] consumes.

@@ -947,11 +947,7 @@ impl<T: Trainable> Collab<T> {
         };
         self.started_computing = Some(Instant::now());
         self.samples += n;
-        let w = loss.samples as f64;
-        self.loss.total += loss.total * w;
-        self.loss.parts[0] += loss.parts[0] * w;
-        self.loss.parts[1] += loss.parts[1] * w;
-        self.loss.samples += loss.samples;
+        self.loss.add_weighted(&loss);
         self.report(true);
         Ok(Tick::Computed(loss))
     }
@@ -1004,17 +1000,12 @@ impl<T: Trainable> Collab<T> {
             let inv = 1.0 / samples as f32;
             grad.iter_mut().for_each(|g| *g *= inv);
         }
-        let n = self.loss.samples.max(1) as f64;
         let job = Job {
             epoch,
             group,
             grad,
             samples,
-            loss: Loss {
-                total: self.loss.total / n,
-                parts: [self.loss.parts[0] / n, self.loss.parts[1] / n],
-                samples: self.loss.samples,
-            },
+            loss: self.loss.mean(),
             params: self.params.clone(),
             optimizer: self.optimizer.clone(),
             net: self.net.clone(),

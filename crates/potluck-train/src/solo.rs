@@ -84,22 +84,16 @@ impl<T: Trainable> Solo<T> {
     pub fn step(&mut self, micro_batches: &[T::Batch]) -> Result<Report, Error<T::Error>> {
         let started = Instant::now();
         self.grad.fill(0.0);
-        let mut total = Loss::default();
+        let mut sum = Loss::default();
         for batch in micro_batches {
             let loss = self
                 .model
                 .accumulate_gradients(batch, &mut self.grad)
                 .map_err(Error::Model)?;
-            let n = loss.samples as f64;
-            total.total += loss.total * n;
-            total.parts[0] += loss.parts[0] * n;
-            total.parts[1] += loss.parts[1] * n;
-            total.samples += loss.samples;
+            sum.add_weighted(&loss);
         }
+        let total = sum.mean();
         let n = total.samples.max(1) as f64;
-        total.total /= n;
-        total.parts[0] /= n;
-        total.parts[1] /= n;
         let compute = started.elapsed();
 
         let started = Instant::now();

@@ -202,12 +202,7 @@ impl Peer {
 #[test]
 fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    run(
-        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
-         --vq-images 64 --vq-channels 8 --codebook 64",
-        &["--out", s(&data)],
-    );
+    let data = tiny_data(dir.path());
     let common = |out: &Path| -> Vec<String> {
         [
             "train",
@@ -270,12 +265,7 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
 #[test]
 fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    run(
-        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
-         --vq-images 64 --vq-channels 8 --codebook 64",
-        &["--out", s(&data)],
-    );
+    let data = tiny_data(dir.path());
     // A bootstrap node that stays: peers come and go.
     let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
     let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));

@@ -113,7 +113,7 @@ pub(crate) struct GetArgs {
     pub(crate) key: String,
 }
 
-fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
+pub(crate) fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
     addrs
         .iter()
         .map(|a| {

@@ -19,6 +19,7 @@ use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use serde_json::json;
 
+use crate::cmd::dht::parse_addrs;
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
 
@@ -100,17 +101,6 @@ impl Default for SwarmArgs {
 
 fn parse_client_mode(s: &str) -> Result<ClientMode, String> {
     s.parse()
-}
-
-fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
-    addrs
-        .iter()
-        .map(|a| {
-            a.parse().with_context(|| {
-                format!("{a:?} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…)")
-            })
-        })
-        .collect()
 }
 
 /// A seed every peer of the run derives alike (so peers that start together start equal).
