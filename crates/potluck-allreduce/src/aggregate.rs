@@ -109,6 +109,9 @@ pub fn aggregate(
             None => kept.push((c, n)),
         }
     }
+    // Only contributions with weight count: a peer with no samples sends zeros, which would
+    // drag the median down and make every real contribution look absurd.
+    kept.retain(|(c, _)| c.weight > 0.0);
     if kept.len() >= 3 {
         let mut norms: Vec<f32> = kept.iter().map(|(_, n)| *n).collect();
         norms.sort_by(f32::total_cmp);
@@ -124,7 +127,6 @@ pub fn aggregate(
             ok
         });
     }
-    kept.retain(|(c, _)| c.weight > 0.0);
     outcome.kept = kept.iter().map(|(c, _)| c.peer).collect();
     outcome.weight = kept.iter().map(|(c, _)| f64::from(c.weight)).sum();
     if kept.is_empty() || outcome.weight <= 0.0 {
@@ -228,6 +230,24 @@ mod tests {
         assert_eq!(out, [3.0, 0.0]);
         assert_eq!(o.weight, 3.0);
         assert_eq!(o.kept, [0, 1]);
+    }
+
+    /// Peers that computed nothing this round send zeros with weight 0: they must not make
+    /// the others' norms look absurd (the median of the norms counts only weighted ones).
+    #[test]
+    fn empty_contributions_do_not_drag_the_norm_check() {
+        let values = vec![vec![0.0; 4], vec![0.0; 4], vec![2.0; 4], vec![1.0; 4]];
+        let mut out = [0f32; 4];
+        let o = aggregate(
+            Rule::Mean,
+            Checks::default(),
+            &contributions(&values, &[0.0, 0.0, 1.0, 3.0]),
+            &mut out,
+        );
+        assert!(o.dropped.is_empty(), "{:?}", o.dropped);
+        assert_eq!(o.kept, [2, 3]);
+        assert_eq!(o.weight, 4.0);
+        assert_eq!(out, [1.25; 4]);
     }
 
     #[test]

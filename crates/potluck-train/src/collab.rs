@@ -150,6 +150,8 @@ struct Local {
 #[derive(Debug, Clone)]
 struct View {
     state: SwarmState,
+    /// The same, of the other peers alone (this peer's own count is exact where it computes).
+    others_state: SwarmState,
     /// When the state was estimated.
     at: Instant,
     /// Other live peers: the epochs they compute for and hold the state of, and their
@@ -160,12 +162,19 @@ struct View {
 }
 
 impl View {
-    /// Samples of `epoch` the swarm is estimated to hold now.
-    fn estimate(&self, epoch: u64) -> f64 {
-        if self.state.epoch != epoch {
-            return 0.0;
+    /// Samples of `epoch` the swarm is estimated to hold now when this peer holds `mine` and
+    /// computes `rate` samples/s, and the rate of the others. Live peers whose reports are
+    /// not in `epoch` yet (still stepping, or their report on its way) are taken to be as far
+    /// and as fast as this one.
+    fn estimate(&self, epoch: u64, mine: u64, rate: f64) -> (f64, f64) {
+        let lagging = self.others.iter().filter(|(e, _, _)| *e < epoch).count() as f64;
+        let (mut samples, mut others_rate) = (mine as f64 * (1.0 + lagging), rate * lagging);
+        if self.others_state.epoch == epoch {
+            let r = self.others_state.samples_per_second;
+            samples += self.others_state.samples as f64 + r * self.at.elapsed().as_secs_f64();
+            others_rate += r;
         }
-        self.state.samples as f64 + self.state.samples_per_second * self.at.elapsed().as_secs_f64()
+        (samples, others_rate)
     }
 
     /// The newest state another peer holds.
@@ -246,6 +255,8 @@ pub struct Collab<T: Trainable> {
     missed: Option<u64>,
     /// Seconds per micro-batch (smoothed), and samples/s (smoothed).
     micro_time: Option<f64>,
+    /// Samples in the last micro-batch.
+    micro_samples: u64,
     rate: f64,
     started_computing: Option<Instant>,
 }
@@ -485,6 +496,7 @@ async fn progress_loop(
                         (r.epoch, r.held, Donor { peer: *peer, addrs })
                     })
                     .collect();
+                let others_state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
                 if l.publish {
                     reports.push((
                         me,
@@ -525,6 +537,7 @@ async fn progress_loop(
                 let alone = last_others.is_none_or(|t| t.elapsed() >= 2 * ttl);
                 let v = View {
                     state,
+                    others_state,
                     at: Instant::now(),
                     others,
                     alone,
@@ -667,6 +680,7 @@ impl<T: Trainable> Collab<T> {
             joined: None,
             missed: None,
             micro_time: None,
+            micro_samples: 0,
             rate: 0.0,
             started_computing: None,
         };
@@ -888,21 +902,16 @@ impl<T: Trainable> Collab<T> {
                 round.group.abort();
             }
         }
-        // Compute unless the swarm is estimated to have the target by the middle of the next
-        // micro-batch. Until the view shows this epoch,
-        // the others are taken to be as far as this peer is.
-        let (swarm, swarm_rate) = view.as_ref().map_or((self.samples as f64, 0.0), |v| {
-            if v.state.epoch >= epoch {
-                (
-                    v.estimate(epoch).max(self.samples as f64),
-                    v.state.samples_per_second,
-                )
-            } else {
-                ((self.samples * (v.others.len() as u64 + 1)) as f64, 0.0)
-            }
+        // The swarm's samples now, and the others' rate: they go on computing during this
+        // peer's next micro-batch, which it computes only if the swarm would still fall short
+        // of the target by more than half of it (each peer deciding so keeps the overshoot
+        // near half a micro-batch per peer).
+        let (swarm, others_rate) = view.as_ref().map_or((self.samples as f64, 0.0), |v| {
+            v.estimate(epoch, self.samples, self.rate)
         });
-        let enough = !alone
-            && swarm + swarm_rate.max(0.0) * micro * 0.5 >= self.settings.target_batch as f64;
+        let mine = self.micro_samples as f64;
+        let enough =
+            !alone && swarm + others_rate * micro + mine * 0.5 >= self.settings.target_batch as f64;
         // An auxiliary peer computes nothing: it averages and keeps the state.
         let idle = self.settings.mode == Mode::Auxiliary;
         if idle || enough {
@@ -934,6 +943,7 @@ impl<T: Trainable> Collab<T> {
         let took = started.elapsed().as_secs_f64();
         let n = loss.samples as u64;
         self.micro_time = Some(self.micro_time.map_or(took, |p| 0.8 * p + 0.2 * took));
+        self.micro_samples = n;
         // Samples per second of wall time while computing (gaps between ticks included).
         let since = self
             .started_computing
