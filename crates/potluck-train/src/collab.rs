@@ -33,6 +33,7 @@ use potluck_net::dht::record::{self, Time};
 use potluck_net::dht::{self, Dht};
 use tokio::sync::watch;
 
+use crate::guard::{Guard, Verdict};
 use crate::optim::{self, Optimizer};
 use crate::progress::{self, SwarmState, Tracker};
 use crate::sync::{self, Donor, Partial, Shelf, Snapshot};
@@ -68,6 +69,9 @@ pub struct Settings {
     pub delayed: bool,
     /// How long a starting peer looks for a swarm before it starts one.
     pub join_wait: Duration,
+    /// Roll back to the last good state when an averaged gradient's norm is more than this
+    /// many times the recent median ([`crate::guard`]; infinite: never).
+    pub spike: f64,
 }
 
 impl Settings {
@@ -88,6 +92,7 @@ impl Settings {
             delayed: false,
             max_wait: Duration::from_secs(30),
             join_wait: Duration::from_secs(3),
+            spike: 10.0,
         }
     }
 }
@@ -152,8 +157,6 @@ struct View {
     state: SwarmState,
     /// The same, of the other peers alone (this peer's own count is exact where it computes).
     others_state: SwarmState,
-    /// When the state was estimated.
-    at: Instant,
     /// Other live peers: the epochs they compute for and hold the state of, and their
     /// addresses (donors of that state).
     others: Vec<(u64, u64, Donor)>,
@@ -162,19 +165,14 @@ struct View {
 }
 
 impl View {
-    /// Samples of `epoch` the swarm is estimated to hold now when this peer holds `mine` and
-    /// computes `rate` samples/s, and the rate of the others. Live peers whose reports are
-    /// not in `epoch` yet (still stepping, or their report on its way) are taken to be as far
-    /// and as fast as this one.
-    fn estimate(&self, epoch: u64, mine: u64, rate: f64) -> (f64, f64) {
-        let lagging = self.others.iter().filter(|(e, _, _)| *e < epoch).count() as f64;
-        let (mut samples, mut others_rate) = (mine as f64 * (1.0 + lagging), rate * lagging);
-        if self.others_state.epoch == epoch {
-            let r = self.others_state.samples_per_second;
-            samples += self.others_state.samples as f64 + r * self.at.elapsed().as_secs_f64();
-            others_rate += r;
-        }
-        (samples, others_rate)
+    /// Samples of `epoch` the swarm holds, computed or under way, when this peer holds `mine`.
+    fn committed(&self, epoch: u64, mine: u64) -> u64 {
+        let others = if self.others_state.epoch == epoch {
+            self.others_state.committed
+        } else {
+            0
+        };
+        mine.saturating_add(others)
     }
 
     /// The newest state another peer holds.
@@ -208,6 +206,8 @@ pub struct EpochReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub skipped: bool,
+    /// The good state it went back to instead of stepping (the averaged gradient spiked).
+    pub rolled_back: Option<u64>,
     /// Whether the parameters were averaged too.
     pub state_averaged: bool,
     /// Time from the end of computing to the new parameters.
@@ -253,12 +253,12 @@ pub struct Collab<T: Trainable> {
     joined: Option<sync::Report>,
     /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
     missed: Option<u64>,
-    /// Seconds per micro-batch (smoothed), and samples/s (smoothed).
-    micro_time: Option<f64>,
-    /// Samples in the last micro-batch.
+    /// Samples in the last micro-batch, and samples/s (smoothed).
     micro_samples: u64,
     rate: f64,
     started_computing: Option<Instant>,
+    /// The spike guard (in the step's job while one runs).
+    guard: Option<Guard>,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -285,6 +285,7 @@ struct Job {
     net: Net,
     averaging: butterfly::Settings,
     state_every: u64,
+    guard: Guard,
     started: Instant,
 }
 
@@ -292,6 +293,7 @@ struct Job {
 struct Stepped {
     params: Vec<f32>,
     optimizer: Optimizer,
+    guard: Guard,
     /// The gradient buffer, for reuse.
     scratch: Vec<f32>,
     report: EpochReport,
@@ -310,6 +312,7 @@ impl Job {
             net,
             averaging,
             state_every,
+            mut guard,
             started,
         } = self;
         let mut swarm_samples = samples as f64;
@@ -355,15 +358,41 @@ impl Job {
         if let Some(why) = &alone_because {
             tracing::warn!("epoch {epoch}: stepping alone ({why})");
         }
-        // The step is a few hundred milliseconds of arithmetic: off the async workers.
-        let (optimizer_back, params_back, grad_back, result) =
+        // The step is a few hundred milliseconds of arithmetic: off the async workers. A
+        // spiking gradient rolls back to the guard's good state instead.
+        let (optimizer_back, params_back, grad_back, guard_back, rolled_back, result) =
             tokio::task::spawn_blocking(move || {
-                let result = optimizer.step(&mut params, &mut grad);
-                (optimizer, params, grad, result)
+                let norm = optim::global_norm(&grad, 1);
+                let verdict = if norm.is_finite() {
+                    guard.judge(norm)
+                } else {
+                    Verdict::Step
+                };
+                let result = match verdict {
+                    Verdict::RollBack {
+                        epoch: to,
+                        norm,
+                        ratio,
+                    } if guard.restore(&mut params, &mut optimizer) => {
+                        tracing::warn!(
+                            "epoch {epoch}: the averaged gradient's norm {norm:.3e} is {ratio:.0}× \
+                             the recent median: back to the state of epoch {to}"
+                        );
+                        optimizer.set_steps(epoch + 1);
+                        let info = optim::StepInfo {
+                            step: epoch + 1,
+                            lr: 0.0,
+                            grad_norm: norm,
+                        };
+                        return (optimizer, params, grad, guard, Some(to), Ok(info));
+                    }
+                    _ => optimizer.step(&mut params, &mut grad),
+                };
+                (optimizer, params, grad, guard, None, result)
             })
             .await
             .map_err(|_| optim::Error::NonFinite { norm: f64::NAN })?;
-        (optimizer, params, grad) = (optimizer_back, params_back, grad_back);
+        (optimizer, params, grad, guard) = (optimizer_back, params_back, grad_back, guard_back);
         let (info, skipped) = match result {
             Ok(info) => (info, false),
             Err(optim::Error::NonFinite { norm }) => {
@@ -378,10 +407,11 @@ impl Job {
             }
             Err(e) => return Err(e),
         };
+        let boundary = (epoch + 1).is_multiple_of(if state_every > 0 { state_every } else { 10 });
         let mut state_averaged = false;
         if let Some((group, me)) = &averaged
             && state_every > 0
-            && (epoch + 1).is_multiple_of(state_every)
+            && boundary
         {
             let mut round = group.clone();
             round.round[31] ^= 0x5a;
@@ -391,9 +421,15 @@ impl Job {
                 Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
             }
         }
+        // The state every few epochs is the one to go back to (the same on every peer once
+        // the parameters were averaged).
+        if boundary && !skipped && rolled_back.is_none() {
+            guard.keep(epoch + 1, &params, &optimizer);
+        }
         Ok(Stepped {
             params,
             optimizer,
+            guard,
             scratch: grad,
             report: EpochReport {
                 epoch: info.step,
@@ -405,6 +441,7 @@ impl Job {
                 lr: info.lr,
                 grad_norm: info.grad_norm,
                 skipped,
+                rolled_back,
                 state_averaged,
                 averaging: started.elapsed(),
             },
@@ -538,7 +575,6 @@ async fn progress_loop(
                 let v = View {
                     state,
                     others_state,
-                    at: Instant::now(),
                     others,
                     alone,
                 };
@@ -548,11 +584,17 @@ async fn progress_loop(
             }
             Err(e) => tracing::debug!("reading progress: {e}"),
         }
-        // Wake at the next report, or at once when this peer's epoch or wish to report changes.
-        let until = tokio::time::Instant::now() + settings.report_every;
+        // Wake at the next report, at once when this peer's epoch or wish to report changes,
+        // and soon (a quarter of the interval after the last report) when its samples change:
+        // the others decide whether to compute on them.
+        let started = tokio::time::Instant::now();
+        let until = started + settings.report_every;
+        let soon = started + settings.report_every / 4;
+        let mut counted = false;
         loop {
+            let wake = if counted { soon } else { until };
             tokio::select! {
-                _ = tokio::time::sleep_until(until) => break,
+                _ = tokio::time::sleep_until(wake) => break,
                 changed = local.changed() => {
                     if changed.is_err() {
                         return;
@@ -561,6 +603,7 @@ async fn progress_loop(
                     if now.epoch != l.epoch || now.publish != l.publish || (now.rate == 0.0) != (l.rate == 0.0) {
                         break;
                     }
+                    counted |= now.samples != l.samples;
                 }
             }
         }
@@ -679,11 +722,14 @@ impl<T: Trainable> Collab<T> {
             spare: Vec::new(),
             joined: None,
             missed: None,
-            micro_time: None,
             micro_samples: 0,
             rate: 0.0,
             started_computing: None,
+            guard: None,
         };
+        let mut guard = Guard::new(collab.settings.spike);
+        guard.restart(epoch, &collab.params, &collab.optimizer);
+        collab.guard = Some(guard);
         // Look for a swarm; download its state if there is one.
         let until = tokio::time::Instant::now() + collab.settings.join_wait;
         loop {
@@ -707,6 +753,27 @@ impl<T: Trainable> Collab<T> {
         collab.shelve();
         collab.report(true);
         Ok(collab)
+    }
+
+    /// Waits until at least `n` other peers are live (true), or `within` passed (false).
+    pub async fn await_peers(&mut self, n: usize, within: Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        loop {
+            if self
+                .view
+                .borrow_and_update()
+                .as_ref()
+                .is_some_and(|v| v.others.len() >= n)
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(until, self.view.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
     }
 
     /// The global epoch this peer is in (optimizer steps taken).
@@ -807,6 +874,9 @@ impl<T: Trainable> Collab<T> {
             {
                 Ok((snapshot, report)) => {
                     snapshot.install(&mut self.params, &mut self.optimizer)?;
+                    self.guard
+                        .get_or_insert_with(|| Guard::new(self.settings.spike))
+                        .restart(snapshot.epoch, &self.params, &self.optimizer);
                     self.epoch = snapshot.epoch;
                     self.model
                         .write_params(&self.params)
@@ -869,7 +939,6 @@ impl<T: Trainable> Collab<T> {
                 Err(e) => Err(e),
             };
         }
-        let micro = self.micro_time.unwrap_or(0.0);
         let now = record::now();
         // A round: its group forms by the deadline; the averaging starts once the swarm has
         // the target (or the epoch overran by `max_wait`). A peer too late to join the group
@@ -902,16 +971,12 @@ impl<T: Trainable> Collab<T> {
                 round.group.abort();
             }
         }
-        // The swarm's samples now, and the others' rate: they go on computing during this
-        // peer's next micro-batch, which it computes only if the swarm would still fall short
-        // of the target by more than half of it (each peer deciding so keeps the overshoot
-        // near half a micro-batch per peer).
-        let (swarm, others_rate) = view.as_ref().map_or((self.samples as f64, 0.0), |v| {
-            v.estimate(epoch, self.samples, self.rate)
-        });
-        let mine = self.micro_samples as f64;
-        let enough =
-            !alone && swarm + others_rate * micro + mine * 0.5 >= self.settings.target_batch as f64;
+        // Compute unless the swarm has the target, computed or under way (the others report a
+        // micro-batch as they start it; it overshoots by less than a micro-batch per peer).
+        let committed = view
+            .as_ref()
+            .map_or(self.samples, |v| v.committed(epoch, self.samples));
+        let enough = !alone && committed >= self.settings.target_batch;
         // An auxiliary peer computes nothing: it averages and keeps the state.
         let idle = self.settings.mode == Mode::Auxiliary;
         if idle || enough {
@@ -935,6 +1000,12 @@ impl<T: Trainable> Collab<T> {
             return Ok(Tick::Waited);
         }
         let batch = next().map_err(Error::Data)?;
+        // The swarm counts this micro-batch from now (of the last one's size).
+        let last = *self.local.borrow();
+        self.local.send_replace(Local {
+            samples: self.samples + self.micro_samples,
+            ..last
+        });
         let started = Instant::now();
         let loss = self
             .model
@@ -942,7 +1013,6 @@ impl<T: Trainable> Collab<T> {
             .map_err(Error::Model)?;
         let took = started.elapsed().as_secs_f64();
         let n = loss.samples as u64;
-        self.micro_time = Some(self.micro_time.map_or(took, |p| 0.8 * p + 0.2 * took));
         self.micro_samples = n;
         // Samples per second of wall time while computing (gaps between ticks included).
         let since = self
@@ -1021,6 +1091,10 @@ impl<T: Trainable> Collab<T> {
             net: self.net.clone(),
             averaging: self.settings.averaging.clone(),
             state_every: self.settings.state_every,
+            guard: self
+                .guard
+                .take()
+                .unwrap_or_else(|| Guard::new(self.settings.spike)),
             started,
         };
         self.epoch += 1;
@@ -1051,6 +1125,7 @@ impl<T: Trainable> Collab<T> {
         self.params = stepped.params;
         self.optimizer = stepped.optimizer;
         self.spare = stepped.scratch;
+        self.guard = Some(stepped.guard);
         self.spare.fill(0.0);
         self.model
             .write_params(&self.params)
@@ -1071,6 +1146,7 @@ impl<T: Trainable> Collab<T> {
             lr: 0.0,
             grad_norm: 0.0,
             skipped: true,
+            rolled_back: None,
             state_averaged: false,
             averaging: started.elapsed(),
         }

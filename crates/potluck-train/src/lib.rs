@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod collab;
+pub mod guard;
 pub mod optim;
 pub mod progress;
 pub mod solo;

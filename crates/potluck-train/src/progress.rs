@@ -17,7 +17,8 @@ use serde::{Deserialize, Serialize};
 pub struct Report {
     /// The global epoch it is accumulating gradients for.
     pub epoch: u64,
-    /// Samples it accumulated in that epoch so far.
+    /// Samples it accumulated in that epoch so far, counting the micro-batch under way (it
+    /// will be in before the peer averages).
     pub samples: u64,
     /// Its recent throughput.
     pub samples_per_second: f64,
@@ -36,6 +37,8 @@ pub struct SwarmState {
     pub epoch: u64,
     /// Samples gathered toward the target in that epoch, extrapolated to now.
     pub samples: u64,
+    /// Samples the peers in that epoch reported, computed or under way (not extrapolated).
+    pub committed: u64,
     /// Samples/s of the peers in that epoch.
     pub samples_per_second: f64,
     /// Live peers (reports not older than the staleness limit), and those in the epoch.
@@ -46,9 +49,10 @@ pub struct SwarmState {
 }
 
 impl SwarmState {
-    /// Whether the epoch's target batch is reached.
+    /// Whether the epoch's target batch is reached: the peers reported that many samples,
+    /// computed or under way (every peer finishes its micro-batch before it averages).
     pub fn ready(&self, target: u64) -> bool {
-        self.samples >= target
+        self.committed >= target
     }
 }
 
@@ -76,6 +80,10 @@ pub fn swarm_state(
             r.samples as f64 + r.samples_per_second.max(0.0) * since
         })
         .sum();
+    let committed = current
+        .iter()
+        .map(|r| r.samples)
+        .fold(0u64, u64::saturating_add);
     let rate: f64 = current.iter().map(|r| r.samples_per_second.max(0.0)).sum();
     let samples = samples.min(u64::MAX as f64) as u64;
     let eta = if samples >= target {
@@ -90,6 +98,7 @@ pub fn swarm_state(
     SwarmState {
         epoch,
         samples,
+        committed,
         samples_per_second: rate,
         peers: live.len(),
         in_epoch: current.len(),
@@ -166,11 +175,14 @@ mod tests {
         let s = swarm_state(&reports, now, 1000, stale);
         assert_eq!(s.epoch, 5);
         assert_eq!(s.samples, 200);
+        assert_eq!(s.committed, 150);
         assert_eq!(s.samples_per_second, 40.0);
         assert_eq!((s.peers, s.in_epoch), (3, 2));
         assert_eq!(s.eta, Some(Duration::from_secs(20)));
         assert!(!s.ready(1000));
-        assert!(s.ready(200));
+        // Ready on what the peers reported, not on the extrapolation.
+        assert!(!s.ready(200));
+        assert!(s.ready(150));
         // A peer that stops reporting counts its rate for `stale` at most.
         let quiet = [report(1, 0, 10.0, now - 29_000)];
         assert_eq!(swarm_state(&quiet, now, 1000, stale).samples, 290);

@@ -1,5 +1,6 @@
-//! State sync among peers in one process, over libp2p's in-memory transport.
+//! State sync and the spike guard among peers in one process, over libp2p's in-memory transport.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+mod guard;
 mod sync;

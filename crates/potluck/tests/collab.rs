@@ -74,11 +74,12 @@ fn eval(m: &mut Dalle) -> f64 {
 
 #[test]
 fn four_peers_follow_one_peer_with_their_batch_and_hold_identical_parameters() {
-    together(false, 0.02, 1.5);
+    // An epoch overshoots its target by less than a micro-batch per peer (they start their
+    // last ones at once): 1.5 × here, and reports lag the micro-batches of `tiny`.
+    together(false, 0.02, 1.75);
 }
 
-/// With delayed updates, gradients are one step stale: the loss follows less closely; the
-/// step running beside the computing makes the swarm's estimates noisier (larger epochs).
+/// With delayed updates, gradients are one step stale: the loss follows less closely.
 #[test]
 fn four_peers_with_delayed_updates_hold_identical_parameters_and_learn() {
     together(true, 0.2, 2.0);

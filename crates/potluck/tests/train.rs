@@ -355,6 +355,52 @@ fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
     boot.kill();
 }
 
+/// A peer four times slower (`--throttle 4`: every micro-batch computed four times) gives
+/// about a quarter of the other's samples, and the fast peer does not wait for it: epochs end
+/// when the swarm has the target, whoever gathered it.
+#[test]
+fn a_slow_peer_gives_its_share_and_does_not_hold_the_epoch_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let common = ["--target-batch-size", "1536", "--epochs", "8"];
+    let mut fast = peer_args("uneven", &data, &dir.path().join("fast"), &common);
+    fast.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+    let mut fast = Peer::spawn(&strs(&fast));
+    let addr = fast.wait_for("listening on ");
+    let mut slow = peer_args("uneven", &data, &dir.path().join("slow"), &common);
+    slow.extend([
+        "--initial-peers".into(),
+        addr,
+        "--throttle".into(),
+        "4".into(),
+    ]);
+    let slow = Peer::spawn(&strs(&slow)).finish();
+    let fast = fast.finish();
+    let here = |out: &str| figure(out, "trained to epoch", "here,");
+    let share = here(&slow) / here(&fast);
+    // The fraction of its time a peer spent computing ("… P% of the time").
+    let busy = |out: &str| -> f64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("trained to epoch"))
+            .unwrap();
+        let pct = line.split(' ').find(|w| w.ends_with('%')).unwrap();
+        pct.trim_end_matches('%').parse().unwrap()
+    };
+    println!(
+        "slow/fast samples {share:.2}; computing: fast {}%, slow {}%",
+        busy(&fast),
+        busy(&slow)
+    );
+    assert!(
+        (0.12..=0.45).contains(&share),
+        "share {share}\n{fast}\n{slow}"
+    );
+    // Held back, the fast peer would idle while the slow one computes: it computes for as
+    // large a part of its time as the slow one.
+    assert!(busy(&fast) >= 0.8 * busy(&slow), "{fast}\n{slow}");
+}
+
 /// Prepares a tiny `shapes` data set in `dir` (seconds).
 fn tiny_data(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");

@@ -51,6 +51,10 @@ pub(crate) struct RunArgs {
     /// Average the parameters every this many epochs (0: never).
     #[arg(long, default_value_t = 10)]
     pub(crate) state_every: u64,
+    /// Roll back to the last good state (kept every --state-every epochs) when an averaged
+    /// gradient's norm is more than this many times the recent median (0: never).
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) spike_factor: f64,
 }
 
 /// What joining a run takes.
@@ -91,6 +95,7 @@ impl Default for SwarmArgs {
             run: RunArgs {
                 target_batch_size: 256,
                 state_every: 10,
+                spike_factor: 10.0,
             },
             init: None,
             delayed_updates: false,
@@ -157,6 +162,11 @@ pub(crate) async fn start_dht(args: &NetArgs) -> Result<(Dht, libp2p::identity::
 pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     let mut settings = collab::Settings::new(run_id, run.target_batch_size);
     settings.state_every = run.state_every;
+    settings.spike = if run.spike_factor > 0.0 {
+        run.spike_factor
+    } else {
+        f64::INFINITY
+    };
     settings
 }
 
@@ -275,6 +285,7 @@ async fn train(
     let mut last_loss = None;
     let mut first_loss = None;
     let mut non_finite = 0u64;
+    let mut rolled_back = 0u64;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
             || limit.is_some_and(|l| started.elapsed() >= l)
@@ -310,6 +321,7 @@ async fn train(
                     first_loss.get_or_insert(r.loss.total);
                 }
                 non_finite += u64::from(r.skipped && r.group > 0);
+                rolled_back += u64::from(r.rolled_back.is_some());
                 tracing::info!(
                     "epoch {} done: {:.0} samples ({} here) in a group of {}{}, loss {:.3}, \
                      lr {:.2e}, {:.2} s from the deadline to new parameters",
@@ -368,6 +380,9 @@ async fn train(
     }
     if non_finite > 0 {
         println!("{non_finite} steps skipped: the averaged gradient was not finite");
+    }
+    if rolled_back > 0 {
+        println!("{rolled_back} rollbacks: the averaged gradient spiked");
     }
     println!("checkpoint: {}", args.out.display());
     Ok(())
