@@ -1,11 +1,12 @@
 //! The collaborative optimizer: many peers train one model as if it were one large batch.
 //!
 //! Every peer accumulates gradients of its own samples into a flat buffer and publishes its
-//! progress ([`progress`]) in the background. When the swarm is estimated to reach the
+//! progress ([`crate::progress`]) in the background. When the swarm is estimated to reach the
 //! target batch within [`Settings::lead`], the first peer to see it proposes a deadline at the
 //! estimated end under `RUN/close/EPOCH` (every peer takes the earliest proposal) and every
 //! peer starts forming its group for that deadline ([`matchmaking`]) while it computes on.
-//! Peers stop computing once the target is estimated reached; once the group is formed and
+//! Peers stop computing once the samples reported (computed or under way) reach the target;
+//! once the group is formed and
 //! the reports show the target reached (or [`Settings::max_wait`] passed the deadline), they
 //! average their mean gradients weighted by their sample counts ([`butterfly`]) and take the
 //! same inner step (LAMB by default) with the schedule of the *global* epoch. Every
@@ -19,24 +20,34 @@
 //! the target. A step whose averaged gradient is not finite is skipped by everyone alike
 //! (they all hold the same gradient), and the epoch still advances. An auxiliary peer
 //! ([`Mode::Auxiliary`]) computes nothing: it averages, keeps and serves the state.
+//! An averaged gradient that spikes rolls every peer back to the last good state
+//! ([`crate::guard`]).
+//!
+//! This module holds the compute loop ([`Collab::tick`]); `swarm` the background task that
+//! reports progress and forms groups; `job` the end of an epoch (all-reduce, guard, step).
 
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use libp2p::identity::Keypair;
-use libp2p::{Multiaddr, PeerId};
 use potluck_allreduce::balance::Mode;
-use potluck_allreduce::butterfly::{self, Group, Inbox};
-use potluck_allreduce::matchmaking::{self, Matchmaker};
+use potluck_allreduce::butterfly::{self, Inbox};
+use potluck_allreduce::matchmaking;
 use potluck_core::{Loss, Trainable};
-use potluck_net::dht::record::{self, Time};
+use potluck_net::dht::record;
 use potluck_net::dht::{self, Dht};
 use tokio::sync::watch;
 
-use crate::guard::{Guard, Verdict};
+use crate::guard::Guard;
 use crate::optim::{self, Optimizer};
-use crate::progress::{self, SwarmState, Tracker};
+use crate::progress::SwarmState;
 use crate::sync::{self, Donor, Partial, Shelf, Snapshot};
+
+mod job;
+mod swarm;
+
+use job::{Job, Stepped};
+use swarm::{Local, Pending, Round, TOO_LATE, View, formed, lock, progress_loop};
 
 /// How a peer takes part.
 #[derive(Debug, Clone)]
@@ -139,57 +150,6 @@ impl Net {
     }
 }
 
-/// What this peer tells the progress task.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Local {
-    epoch: u64,
-    /// Steps in the state it serves.
-    held: u64,
-    samples: u64,
-    rate: f64,
-    /// Whether it holds the swarm's state (only then it reports, and serves).
-    publish: bool,
-}
-
-/// What the progress task learned of the swarm.
-#[derive(Debug, Clone)]
-struct View {
-    state: SwarmState,
-    /// The same, of the other peers alone (this peer's own count is exact where it computes).
-    others_state: SwarmState,
-    /// Other live peers: the epochs they compute for and hold the state of, and their
-    /// addresses (donors of that state).
-    others: Vec<(u64, u64, Donor)>,
-    /// No other peer seen for a good while: this peer steps alone.
-    alone: bool,
-}
-
-impl View {
-    /// Samples of `epoch` the swarm holds, computed or under way, when this peer holds `mine`.
-    fn committed(&self, epoch: u64, mine: u64) -> u64 {
-        let others = if self.others_state.epoch == epoch {
-            self.others_state.committed
-        } else {
-            0
-        };
-        mine.saturating_add(others)
-    }
-
-    /// The newest state another peer holds.
-    fn newest(&self) -> u64 {
-        self.others.iter().map(|(_, h, _)| *h).max().unwrap_or(0)
-    }
-}
-
-/// An averaging round under way: its group forming in the background.
-struct Round {
-    epoch: u64,
-    deadline: Time,
-    group: tokio::task::JoinHandle<Result<Group, matchmaking::Error>>,
-    /// The group's outcome once formed.
-    formed: Option<Result<Group, String>>,
-}
-
 /// What happened at an epoch boundary.
 #[derive(Debug, Clone)]
 pub struct EpochReport {
@@ -268,407 +228,6 @@ impl<T: Trainable> std::fmt::Debug for Collab<T> {
             .field("samples", &self.samples)
             .finish_non_exhaustive()
     }
-}
-
-/// One epoch's averaging and step, with everything it needs (so it can run in the
-/// background while the next epoch's gradients are computed).
-struct Job {
-    epoch: u64,
-    /// The group, or why there is none ("" when alone).
-    group: Result<Group, String>,
-    /// This peer's mean gradient.
-    grad: Vec<f32>,
-    samples: u64,
-    loss: Loss,
-    params: Vec<f32>,
-    optimizer: Optimizer,
-    net: Net,
-    averaging: butterfly::Settings,
-    state_every: u64,
-    guard: Guard,
-    started: Instant,
-}
-
-/// What a [`Job`] gives back.
-struct Stepped {
-    params: Vec<f32>,
-    optimizer: Optimizer,
-    guard: Guard,
-    /// The gradient buffer, for reuse.
-    scratch: Vec<f32>,
-    report: EpochReport,
-}
-
-impl Job {
-    async fn run(self) -> Result<Stepped, optim::Error> {
-        let Job {
-            epoch,
-            group,
-            mut grad,
-            samples,
-            loss,
-            mut params,
-            mut optimizer,
-            net,
-            averaging,
-            state_every,
-            mut guard,
-            started,
-        } = self;
-        let mut swarm_samples = samples as f64;
-        let mut group_size = 1;
-        let mut alone_because = None;
-        let mut averaged: Option<(Group, usize)> = None;
-        match group {
-            Ok(group) => match group
-                .members
-                .iter()
-                .position(|m| m.peer == net.dht.peer_id())
-            {
-                Some(me) => {
-                    match butterfly::all_reduce(
-                        &net.inbox,
-                        &group,
-                        me,
-                        samples as f32,
-                        &mut grad,
-                        &averaging,
-                    )
-                    .await
-                    {
-                        Ok(report) => {
-                            swarm_samples = report.weight();
-                            group_size = group.members.len();
-                            if !report.complete() {
-                                tracing::warn!(
-                                    "epoch {epoch}: parts of the gradient kept local values: {:?}",
-                                    report.excluded
-                                );
-                            }
-                            averaged = Some((group, me));
-                        }
-                        Err(e) => alone_because = Some(e.to_string()),
-                    }
-                }
-                None => alone_because = Some("not in its own group".into()),
-            },
-            Err(why) if !why.is_empty() => alone_because = Some(why),
-            Err(_) => {}
-        }
-        if let Some(why) = &alone_because {
-            tracing::warn!("epoch {epoch}: stepping alone ({why})");
-        }
-        // The step is a few hundred milliseconds of arithmetic: off the async workers. A
-        // spiking gradient rolls back to the guard's good state instead.
-        let (optimizer_back, params_back, grad_back, guard_back, rolled_back, result) =
-            tokio::task::spawn_blocking(move || {
-                let norm = optim::global_norm(&grad, 1);
-                let verdict = if norm.is_finite() {
-                    guard.judge(norm)
-                } else {
-                    Verdict::Step
-                };
-                let result = match verdict {
-                    Verdict::RollBack {
-                        epoch: to,
-                        norm,
-                        ratio,
-                    } if guard.restore(&mut params, &mut optimizer) => {
-                        tracing::warn!(
-                            "epoch {epoch}: the averaged gradient's norm {norm:.3e} is {ratio:.0}× \
-                             the recent median: back to the state of epoch {to}"
-                        );
-                        optimizer.set_steps(epoch + 1);
-                        let info = optim::StepInfo {
-                            step: epoch + 1,
-                            lr: 0.0,
-                            grad_norm: norm,
-                        };
-                        return (optimizer, params, grad, guard, Some(to), Ok(info));
-                    }
-                    _ => optimizer.step(&mut params, &mut grad),
-                };
-                (optimizer, params, grad, guard, None, result)
-            })
-            .await
-            .map_err(|_| optim::Error::NonFinite { norm: f64::NAN })?;
-        (optimizer, params, grad, guard) = (optimizer_back, params_back, grad_back, guard_back);
-        let (info, skipped) = match result {
-            Ok(info) => (info, false),
-            Err(optim::Error::NonFinite { norm }) => {
-                tracing::warn!("epoch {epoch}: the averaged gradient is not finite, step skipped");
-                optimizer.set_steps(epoch + 1);
-                let info = optim::StepInfo {
-                    step: epoch + 1,
-                    lr: 0.0,
-                    grad_norm: norm,
-                };
-                (info, true)
-            }
-            Err(e) => return Err(e),
-        };
-        let boundary = (epoch + 1).is_multiple_of(if state_every > 0 { state_every } else { 10 });
-        let mut state_averaged = false;
-        if let Some((group, me)) = &averaged
-            && state_every > 0
-            && boundary
-        {
-            let mut round = group.clone();
-            round.round[31] ^= 0x5a;
-            match butterfly::all_reduce(&net.inbox, &round, *me, 1.0, &mut params, &averaging).await
-            {
-                Ok(r) => state_averaged = r.complete(),
-                Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
-            }
-        }
-        // The state every few epochs is the one to go back to (the same on every peer once
-        // the parameters were averaged).
-        if boundary && !skipped && rolled_back.is_none() {
-            guard.keep(epoch + 1, &params, &optimizer);
-        }
-        Ok(Stepped {
-            params,
-            optimizer,
-            guard,
-            scratch: grad,
-            report: EpochReport {
-                epoch: info.step,
-                samples,
-                swarm_samples,
-                group: group_size,
-                alone_because,
-                loss,
-                lr: info.lr,
-                grad_norm: info.grad_norm,
-                skipped,
-                rolled_back,
-                state_averaged,
-                averaging: started.elapsed(),
-            },
-        })
-    }
-}
-
-/// Why a peer missed a round's group.
-const TOO_LATE: &str = "too late to join the group";
-
-/// A group task's outcome, its errors as text ([`TOO_LATE`] for a peer that declared late).
-fn formed(
-    done: Result<Result<Group, matchmaking::Error>, tokio::task::JoinError>,
-) -> Result<Group, String> {
-    match done {
-        Ok(Ok(group)) => Ok(group),
-        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(TOO_LATE.into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// A proposal for an epoch's deadline, rounded so concurrent proposals tend to agree.
-fn deadline_after(lead: Duration) -> Time {
-    let t = record::now() + lead.as_millis() as u64;
-    t.div_ceil(100) * 100
-}
-
-/// The round the progress task started for the compute loop to take.
-type Pending = std::sync::Arc<std::sync::Mutex<Option<Round>>>;
-
-/// Publishes this peer's progress and reads the swarm's until either side is dropped; when
-/// the swarm reaches the target of this peer's epoch, agrees on the deadline and starts
-/// forming the group at once (whatever the compute loop is doing).
-async fn progress_loop(
-    net: Net,
-    settings: Settings,
-    addrs: Vec<Multiaddr>,
-    len: usize,
-    mut local: watch::Receiver<Local>,
-    view: watch::Sender<Option<View>>,
-    pending: Pending,
-) {
-    let me = net.dht.peer_id();
-    // Reports live this long. A loaded machine may publish late: a peer that seems gone for
-    // a moment must not make the others step alone (see `alone` below).
-    let ttl = (settings.report_every * 4).max(Duration::from_secs(3));
-    let mut last_others: Option<Instant> = None;
-    let tracker = Tracker {
-        dht: &net.dht,
-        keypair: &net.keypair,
-        run: &settings.run,
-        ttl,
-    };
-    let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
-    let mut closing: Option<(u64, Time)> = None;
-    // A deadline must leave every peer time to see it (one report) and to declare.
-    let min_lead =
-        settings.report_every + settings.matchmaking.declare_ahead + Duration::from_millis(200);
-    loop {
-        let l = *local.borrow_and_update();
-        if l.publish {
-            let report = progress::Report {
-                epoch: l.epoch,
-                samples: l.samples,
-                samples_per_second: l.rate,
-                time: record::now(),
-                held: l.held,
-                addrs: wire_addrs.clone(),
-            };
-            if let Err(e) = tracker.publish(&report).await {
-                tracing::debug!("publishing progress: {e}");
-            }
-        }
-        match tracker.fetch().await {
-            Ok(mut reports) => {
-                let now = record::now();
-                // Our own report, as we know it now (the DHT's copy may lag).
-                reports.retain(|(p, _)| *p != me);
-                let others: Vec<(u64, u64, Donor)> = reports
-                    .iter()
-                    .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
-                    .map(|(peer, r)| {
-                        let addrs = r
-                            .addrs
-                            .iter()
-                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                            .collect();
-                        (r.epoch, r.held, Donor { peer: *peer, addrs })
-                    })
-                    .collect();
-                let others_state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
-                if l.publish {
-                    reports.push((
-                        me,
-                        progress::Report {
-                            epoch: l.epoch,
-                            samples: l.samples,
-                            samples_per_second: l.rate,
-                            time: now,
-                            held: l.held,
-                            addrs: Vec::new(),
-                        },
-                    ));
-                }
-                let state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
-                // Once any peer closed this epoch, this one joins the round too, whatever its
-                // own estimate says; it proposes a deadline only when it sees the target met.
-                if closing.is_none_or(|(e, _)| e != l.epoch) && l.publish && !others.is_empty() {
-                    let propose = (state.epoch == l.epoch)
-                        .then_some(state.eta)
-                        .flatten()
-                        .filter(|eta| *eta <= settings.lead.max(min_lead))
-                        .map(|eta| deadline_after(eta.max(min_lead)));
-                    match close(&net, &settings, l.epoch, propose).await {
-                        Ok(None) => {}
-                        Ok(Some(deadline)) => {
-                            closing = Some((l.epoch, deadline));
-                            let round =
-                                start_round(&net, &settings, &addrs, len, l.epoch, deadline);
-                            *lock(&pending) = Some(round);
-                        }
-                        Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
-                    }
-                }
-                if !others.is_empty() {
-                    last_others = Some(Instant::now());
-                }
-                // Alone only when no other peer has been seen for two report lifetimes.
-                let alone = last_others.is_none_or(|t| t.elapsed() >= 2 * ttl);
-                let v = View {
-                    state,
-                    others_state,
-                    others,
-                    alone,
-                };
-                if view.send(Some(v)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => tracing::debug!("reading progress: {e}"),
-        }
-        // Wake at the next report, at once when this peer's epoch or wish to report changes,
-        // and soon (a quarter of the interval after the last report) when its samples change:
-        // the others decide whether to compute on them.
-        let started = tokio::time::Instant::now();
-        let until = started + settings.report_every;
-        let soon = started + settings.report_every / 4;
-        let mut counted = false;
-        loop {
-            let wake = if counted { soon } else { until };
-            tokio::select! {
-                _ = tokio::time::sleep_until(wake) => break,
-                changed = local.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let now = *local.borrow();
-                    if now.epoch != l.epoch || now.publish != l.publish || (now.rate == 0.0) != (l.rate == 0.0) {
-                        break;
-                    }
-                    counted |= now.samples != l.samples;
-                }
-            }
-        }
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Starts forming `epoch`'s group by `deadline` in the background.
-fn start_round(
-    net: &Net,
-    settings: &Settings,
-    addrs: &[Multiaddr],
-    len: usize,
-    epoch: u64,
-    deadline: Time,
-) -> Round {
-    let net = net.clone();
-    let mm_settings = settings.matchmaking.clone();
-    let run = settings.run.clone();
-    let offer = matchmaking::offer(addrs, settings.mode, settings.rate);
-    let group = tokio::spawn(async move {
-        let mm = Matchmaker {
-            dht: &net.dht,
-            keypair: &net.keypair,
-            run: &run,
-            settings: mm_settings,
-        };
-        mm.form_group(epoch, deadline, &offer, len).await
-    });
-    Round {
-        epoch,
-        deadline,
-        group,
-        formed: None,
-    }
-}
-
-/// The deadline of `epoch`'s averaging: the earliest proposal under `RUN/close/EPOCH`; if
-/// there is none, this peer's `propose`al, if any.
-async fn close(
-    net: &Net,
-    settings: &Settings,
-    epoch: u64,
-    propose: Option<Time>,
-) -> Result<Option<Time>, dht::Error> {
-    let key = format!("{}/close/{epoch}", settings.run).into_bytes();
-    let earliest = |v: Vec<(PeerId, Time)>| v.into_iter().map(|(_, t)| t).min();
-    if let Some(t) = earliest(net.dht.get_owned(&key).await?) {
-        return Ok(Some(t));
-    }
-    let Some(mine) = propose else {
-        return Ok(None);
-    };
-    let value = postcard::to_allocvec(&mine).unwrap_or_default();
-    net.dht
-        .store_signed(&net.keypair, &key, value, mine + 60_000)
-        .await?;
-    Ok(Some(
-        earliest(net.dht.get_owned(&key).await?)
-            .unwrap_or(mine)
-            .min(mine),
-    ))
 }
 
 impl<T: Trainable> Collab<T> {

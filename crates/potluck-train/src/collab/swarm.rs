@@ -1,0 +1,288 @@
+//! The background task of a collaborative peer: publishes its progress, reads the swarm's,
+//! agrees on each epoch's deadline and forms its group ahead of it.
+
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId};
+use potluck_allreduce::butterfly::Group;
+use potluck_allreduce::matchmaking::{self, Matchmaker};
+use potluck_net::dht;
+use potluck_net::dht::record::{self, Time};
+use tokio::sync::watch;
+
+use super::{Net, Settings};
+use crate::progress::{self, SwarmState, Tracker};
+use crate::sync::Donor;
+
+/// What this peer tells the progress task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Local {
+    pub(super) epoch: u64,
+    /// Steps in the state it serves.
+    pub(super) held: u64,
+    pub(super) samples: u64,
+    pub(super) rate: f64,
+    /// Whether it holds the swarm's state (only then it reports, and serves).
+    pub(super) publish: bool,
+}
+
+/// What the progress task learned of the swarm.
+#[derive(Debug, Clone)]
+pub(super) struct View {
+    pub(super) state: SwarmState,
+    /// The same, of the other peers alone (this peer's own count is exact where it computes).
+    pub(super) others_state: SwarmState,
+    /// Other live peers: the epochs they compute for and hold the state of, and their
+    /// addresses (donors of that state).
+    pub(super) others: Vec<(u64, u64, Donor)>,
+    /// No other peer seen for a good while: this peer steps alone.
+    pub(super) alone: bool,
+}
+
+impl View {
+    /// Samples of `epoch` the swarm holds, computed or under way, when this peer holds `mine`.
+    pub(super) fn committed(&self, epoch: u64, mine: u64) -> u64 {
+        let others = if self.others_state.epoch == epoch {
+            self.others_state.committed
+        } else {
+            0
+        };
+        mine.saturating_add(others)
+    }
+
+    /// The newest state another peer holds.
+    pub(super) fn newest(&self) -> u64 {
+        self.others.iter().map(|(_, h, _)| *h).max().unwrap_or(0)
+    }
+}
+
+/// An averaging round under way: its group forming in the background.
+pub(super) struct Round {
+    pub(super) epoch: u64,
+    pub(super) deadline: Time,
+    pub(super) group: tokio::task::JoinHandle<Result<Group, matchmaking::Error>>,
+    /// The group's outcome once formed.
+    pub(super) formed: Option<Result<Group, String>>,
+}
+
+/// Why a peer missed a round's group.
+pub(super) const TOO_LATE: &str = "too late to join the group";
+
+/// A group task's outcome, its errors as text ([`TOO_LATE`] for a peer that declared late).
+pub(super) fn formed(
+    done: Result<Result<Group, matchmaking::Error>, tokio::task::JoinError>,
+) -> Result<Group, String> {
+    match done {
+        Ok(Ok(group)) => Ok(group),
+        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(TOO_LATE.into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A proposal for an epoch's deadline, rounded so concurrent proposals tend to agree.
+pub(super) fn deadline_after(lead: Duration) -> Time {
+    let t = record::now() + lead.as_millis() as u64;
+    t.div_ceil(100) * 100
+}
+
+/// The round the progress task started for the compute loop to take.
+pub(super) type Pending = std::sync::Arc<std::sync::Mutex<Option<Round>>>;
+
+/// Publishes this peer's progress and reads the swarm's until either side is dropped; when
+/// the swarm reaches the target of this peer's epoch, agrees on the deadline and starts
+/// forming the group at once (whatever the compute loop is doing).
+pub(super) async fn progress_loop(
+    net: Net,
+    settings: Settings,
+    addrs: Vec<Multiaddr>,
+    len: usize,
+    mut local: watch::Receiver<Local>,
+    view: watch::Sender<Option<View>>,
+    pending: Pending,
+) {
+    let me = net.dht.peer_id();
+    // Reports live this long. A loaded machine may publish late: a peer that seems gone for
+    // a moment must not make the others step alone (see `alone` below).
+    let ttl = (settings.report_every * 4).max(Duration::from_secs(3));
+    let mut last_others: Option<Instant> = None;
+    let tracker = Tracker {
+        dht: &net.dht,
+        keypair: &net.keypair,
+        run: &settings.run,
+        ttl,
+    };
+    let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
+    let mut closing: Option<(u64, Time)> = None;
+    // A deadline must leave every peer time to see it (one report) and to declare.
+    let min_lead =
+        settings.report_every + settings.matchmaking.declare_ahead + Duration::from_millis(200);
+    loop {
+        let l = *local.borrow_and_update();
+        if l.publish {
+            let report = progress::Report {
+                epoch: l.epoch,
+                samples: l.samples,
+                samples_per_second: l.rate,
+                time: record::now(),
+                held: l.held,
+                addrs: wire_addrs.clone(),
+            };
+            if let Err(e) = tracker.publish(&report).await {
+                tracing::debug!("publishing progress: {e}");
+            }
+        }
+        match tracker.fetch().await {
+            Ok(mut reports) => {
+                let now = record::now();
+                // Our own report, as we know it now (the DHT's copy may lag).
+                reports.retain(|(p, _)| *p != me);
+                let others: Vec<(u64, u64, Donor)> = reports
+                    .iter()
+                    .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
+                    .map(|(peer, r)| {
+                        let addrs = r
+                            .addrs
+                            .iter()
+                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                            .collect();
+                        (r.epoch, r.held, Donor { peer: *peer, addrs })
+                    })
+                    .collect();
+                let others_state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
+                if l.publish {
+                    reports.push((
+                        me,
+                        progress::Report {
+                            epoch: l.epoch,
+                            samples: l.samples,
+                            samples_per_second: l.rate,
+                            time: now,
+                            held: l.held,
+                            addrs: Vec::new(),
+                        },
+                    ));
+                }
+                let state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
+                // Once any peer closed this epoch, this one joins the round too, whatever its
+                // own estimate says; it proposes a deadline only when it sees the target met.
+                if closing.is_none_or(|(e, _)| e != l.epoch) && l.publish && !others.is_empty() {
+                    let propose = (state.epoch == l.epoch)
+                        .then_some(state.eta)
+                        .flatten()
+                        .filter(|eta| *eta <= settings.lead.max(min_lead))
+                        .map(|eta| deadline_after(eta.max(min_lead)));
+                    match close(&net, &settings, l.epoch, propose).await {
+                        Ok(None) => {}
+                        Ok(Some(deadline)) => {
+                            closing = Some((l.epoch, deadline));
+                            let round =
+                                start_round(&net, &settings, &addrs, len, l.epoch, deadline);
+                            *lock(&pending) = Some(round);
+                        }
+                        Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
+                    }
+                }
+                if !others.is_empty() {
+                    last_others = Some(Instant::now());
+                }
+                // Alone only when no other peer has been seen for two report lifetimes.
+                let alone = last_others.is_none_or(|t| t.elapsed() >= 2 * ttl);
+                let v = View {
+                    state,
+                    others_state,
+                    others,
+                    alone,
+                };
+                if view.send(Some(v)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::debug!("reading progress: {e}"),
+        }
+        // Wake at the next report, at once when this peer's epoch or wish to report changes,
+        // and soon (a quarter of the interval after the last report) when its samples change:
+        // the others decide whether to compute on them.
+        let started = tokio::time::Instant::now();
+        let until = started + settings.report_every;
+        let soon = started + settings.report_every / 4;
+        let mut counted = false;
+        loop {
+            let wake = if counted { soon } else { until };
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                changed = local.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let now = *local.borrow();
+                    if now.epoch != l.epoch || now.publish != l.publish || (now.rate == 0.0) != (l.rate == 0.0) {
+                        break;
+                    }
+                    counted |= now.samples != l.samples;
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts forming `epoch`'s group by `deadline` in the background.
+pub(super) fn start_round(
+    net: &Net,
+    settings: &Settings,
+    addrs: &[Multiaddr],
+    len: usize,
+    epoch: u64,
+    deadline: Time,
+) -> Round {
+    let net = net.clone();
+    let mm_settings = settings.matchmaking.clone();
+    let run = settings.run.clone();
+    let offer = matchmaking::offer(addrs, settings.mode, settings.rate);
+    let group = tokio::spawn(async move {
+        let mm = Matchmaker {
+            dht: &net.dht,
+            keypair: &net.keypair,
+            run: &run,
+            settings: mm_settings,
+        };
+        mm.form_group(epoch, deadline, &offer, len).await
+    });
+    Round {
+        epoch,
+        deadline,
+        group,
+        formed: None,
+    }
+}
+
+/// The deadline of `epoch`'s averaging: the earliest proposal under `RUN/close/EPOCH`; if
+/// there is none, this peer's `propose`al, if any.
+pub(super) async fn close(
+    net: &Net,
+    settings: &Settings,
+    epoch: u64,
+    propose: Option<Time>,
+) -> Result<Option<Time>, dht::Error> {
+    let key = format!("{}/close/{epoch}", settings.run).into_bytes();
+    let earliest = |v: Vec<(PeerId, Time)>| v.into_iter().map(|(_, t)| t).min();
+    if let Some(t) = earliest(net.dht.get_owned(&key).await?) {
+        return Ok(Some(t));
+    }
+    let Some(mine) = propose else {
+        return Ok(None);
+    };
+    let value = postcard::to_allocvec(&mine).unwrap_or_default();
+    net.dht
+        .store_signed(&net.keypair, &key, value, mine + 60_000)
+        .await?;
+    Ok(Some(
+        earliest(net.dht.get_owned(&key).await?)
+            .unwrap_or(mine)
+            .min(mine),
+    ))
+}
