@@ -97,20 +97,8 @@ fn a_poisoned_batch_rolls_every_peer_back_to_the_same_good_state() {
         // Each peer on its own thread: `tick` runs the model where it is called.
         peers.push(std::thread::spawn(move || {
             handle.block_on(async move {
-                let keypair = Keypair::generate_ed25519();
-                let dht = Dht::start_memory(keypair.clone(), dht::Config::default())
-                    .await
-                    .unwrap();
-                dht.bootstrap(&boot_addrs).await.unwrap();
-                let net = Net::start(dht, keypair).unwrap();
-                let mut settings = collab::Settings::new("guard", 32);
-                settings.report_every = Duration::from_millis(50);
-                settings.lead = Duration::from_millis(300);
-                settings.join_wait = Duration::from_millis(300);
-                settings.matchmaking.declare_ahead = Duration::from_millis(100);
-                settings.matchmaking.poll = Duration::from_millis(20);
-                settings.matchmaking.grace = Duration::from_secs(2);
-                settings.chunk_bytes = 64 << 10;
+                let net = Net::start_memory(&boot_addrs).await.unwrap();
+                let mut settings = collab::Settings::in_process("guard", 32);
                 settings.state_every = 5;
                 let layout = Layout::new([("w", vec![N], Role::Weight)]).unwrap();
                 let cfg = optim::Config {

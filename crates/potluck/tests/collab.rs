@@ -1,7 +1,6 @@
 //! Four peers training `tiny` together against one peer training alone with their batch.
 
 use std::sync::{Arc, Barrier};
-use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use potluck_core::Trainable;
@@ -138,20 +137,8 @@ fn together(delayed: bool, tolerance: f64, max_batch: f64) {
             let done = done.clone();
             std::thread::spawn(move || {
                 handle.block_on(async move {
-                    let keypair = Keypair::generate_ed25519();
-                    let dht = Dht::start_memory(keypair.clone(), dht::Config::default())
-                        .await
-                        .unwrap();
-                    dht.bootstrap(&boot).await.unwrap();
-                    let net = Net::start(dht, keypair).unwrap();
-                    let mut settings = collab::Settings::new("equivalence", TARGET);
-                    settings.report_every = Duration::from_millis(50);
-                    settings.lead = Duration::from_millis(300);
-                    settings.join_wait = Duration::from_millis(300);
-                    settings.matchmaking.declare_ahead = Duration::from_millis(100);
-                    settings.matchmaking.poll = Duration::from_millis(20);
-                    settings.matchmaking.grace = Duration::from_secs(2);
-                    settings.chunk_bytes = 64 << 10;
+                    let net = Net::start_memory(&boot).await.unwrap();
+                    let mut settings = collab::Settings::in_process("equivalence", TARGET);
                     settings.delayed = delayed;
                     let m = model(&init);
                     let opt = optimizer(m.layout());

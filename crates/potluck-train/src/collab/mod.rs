@@ -29,6 +29,7 @@
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::{self, Inbox};
@@ -106,6 +107,20 @@ impl Settings {
             spike: 10.0,
         }
     }
+
+    /// Short intervals for peers in one process, where an epoch takes milliseconds (tests,
+    /// benches): reports every 50 ms, deadlines 0.3 s ahead, 64 KiB state chunks.
+    pub fn in_process(run: &str, target_batch: u64) -> Settings {
+        let mut s = Settings::new(run, target_batch);
+        s.report_every = Duration::from_millis(50);
+        s.lead = Duration::from_millis(300);
+        s.join_wait = Duration::from_millis(300);
+        s.matchmaking.declare_ahead = Duration::from_millis(100);
+        s.matchmaking.poll = Duration::from_millis(20);
+        s.matchmaking.grace = Duration::from_secs(2);
+        s.chunk_bytes = 64 << 10;
+        s
+    }
 }
 
 /// Errors that stop training.
@@ -136,6 +151,15 @@ pub struct Net {
 }
 
 impl Net {
+    /// A peer on libp2p's in-memory transport with a fresh identity, joined through `boot`
+    /// (peers of one process: tests, benches).
+    pub async fn start_memory(boot: &[Multiaddr]) -> Result<Net, Error<std::convert::Infallible>> {
+        let keypair = Keypair::generate_ed25519();
+        let dht = Dht::start_memory(keypair.clone(), dht::Config::default()).await?;
+        dht.bootstrap(boot).await?;
+        Ok(Net::start(dht, keypair)?)
+    }
+
     /// Starts the all-reduce inbox and the state server on `dht`'s host.
     pub fn start(dht: Dht, keypair: Keypair) -> Result<Net, potluck_net::host::Error> {
         let inbox = Inbox::start(dht.host())?;
