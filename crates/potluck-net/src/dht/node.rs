@@ -103,7 +103,7 @@ struct Shared {
     validators: Validators,
     rtts: Mutex<Rtts>,
     /// Peers identify says serve the DHT, with their addresses (routing candidates).
-    servers: Mutex<HashSet<PeerId>>,
+    servers: Mutex<HashMap<PeerId, Vec<Multiaddr>>>,
     /// In client mode now (set by the host as reachability changes).
     client: AtomicBool,
 }
@@ -204,8 +204,12 @@ impl Inbound for Shared {
                 body: ResponseBody::Refused { reason },
             };
         }
-        if !request.client && lock(&self.servers).contains(&peer) {
-            lock(&self.table).seen(peer, Vec::new(), Instant::now());
+        // A serving peer that asks is alive: back into the table if it fell out (its
+        // addresses as identify gave them).
+        if !request.client
+            && let Some(addrs) = lock(&self.servers).get(&peer).cloned()
+        {
+            lock(&self.table).seen(peer, addrs, Instant::now());
         }
         let body = match request.body {
             RequestBody::FindNode { target } => ResponseBody::Nodes {
@@ -241,7 +245,7 @@ impl Inbound for Shared {
 
     fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves: bool) {
         if serves {
-            lock(&self.servers).insert(peer);
+            lock(&self.servers).insert(peer, addrs.clone());
             lock(&self.table).seen(peer, addrs, Instant::now());
         } else {
             lock(&self.servers).remove(&peer);
@@ -297,7 +301,7 @@ impl Dht {
             store: Mutex::new(Store::new(config.store_bytes, config.limits)),
             validators,
             rtts: Mutex::new(Rtts::default()),
-            servers: Mutex::new(HashSet::new()),
+            servers: Mutex::new(HashMap::new()),
             client: AtomicBool::new(config.client_mode == ClientMode::On),
             config,
         });
@@ -424,7 +428,7 @@ impl Dht {
             if let Some((peer, addrs)) = from_info(p)
                 && peer != self.shared.local
             {
-                table.seen(peer, addrs, now);
+                table.heard(peer, addrs, now);
             }
         }
     }
@@ -572,9 +576,9 @@ impl Dht {
                     Vec::new()
                 }
             };
-            let contact_peer = contact.peer;
+            let (contact_peer, contact_addrs) = (contact.peer, contact.addrs.clone());
             if matches!(candidates[&d].1, State::Answered { .. }) {
-                lock(&self.shared.table).seen(contact_peer, Vec::new(), Instant::now());
+                lock(&self.shared.table).seen(contact_peer, contact_addrs, Instant::now());
             }
             let now = Instant::now();
             for p in peers.iter().take(wire::MAX_PEERS) {
@@ -600,7 +604,7 @@ impl Dht {
                         };
                         (c, State::New)
                     });
-                lock(&self.shared.table).seen(peer, addrs, now);
+                lock(&self.shared.table).heard(peer, addrs, now);
             }
         }
         tracing::debug!(

@@ -67,7 +67,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// An empty table around `local` with buckets of `k`; evicted peers are banned for `ban`.
+    /// An empty table around `local` with buckets of `k`; evicted peers are not taken back
+    /// on others' word for `ban`.
     pub fn new(local: Id, k: usize, ban: Duration) -> Table {
         Table {
             local,
@@ -106,13 +107,27 @@ impl Table {
         }
     }
 
-    /// Records that `peer` answered (or is otherwise alive) at `addrs`. A full bucket makes
-    /// room only by dropping a contact that failed; otherwise the old, proven contacts stay.
-    /// Returns whether `peer` is in the table now.
+    /// Records that `peer` itself answered or spoke to this node (it is alive) at `addrs`: an
+    /// eviction no longer holds against it (a peer slow for a moment under load is back as
+    /// soon as it is heard from again, or a busy swarm would split itself). A full bucket
+    /// makes room only by dropping a contact that failed; otherwise the old, proven contacts
+    /// stay. Returns whether `peer` is in the table now.
     pub fn seen(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
+        self.banned.remove(&peer);
+        self.insert(peer, addrs, now)
+    }
+
+    /// Records that another node named `peer` at `addrs` (hearsay): a peer evicted for failing
+    /// is not taken back on others' word until its ban ends (dead peers linger in others'
+    /// tables). Returns whether `peer` is in the table now.
+    pub fn heard(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
         if self.is_banned(&peer, now) {
             return false;
         }
+        self.insert(peer, addrs, now)
+    }
+
+    fn insert(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
         let id = peer_id(&peer);
         let Some(b) = bucket_of(&self.local, &id) else {
             return false;
@@ -150,7 +165,8 @@ impl Table {
         true
     }
 
-    /// Records a failed RPC to `peer`; after a few in a row it is evicted and banned.
+    /// Records a failed RPC to `peer`; after a few in a row it is evicted, and banned from
+    /// hearsay (see [`Table::heard`]).
     pub fn failed(&mut self, peer: &PeerId, now: Instant) {
         let id = peer_id(peer);
         let Some(b) = bucket_of(&self.local, &id) else {
@@ -270,8 +286,26 @@ mod tests {
             t.failed(&in0[1], now);
         }
         assert!(t.addrs(&in0[1]).is_none());
-        assert!(!t.seen(in0[1], addr(), now), "banned peer re-entered");
-        assert!(t.seen(in0[1], addr(), now + Duration::from_secs(61)));
+        assert!(
+            !t.heard(in0[1], addr(), now),
+            "banned peer re-entered on hearsay"
+        );
+        assert!(t.heard(in0[1], addr(), now + Duration::from_secs(61)));
+    }
+
+    #[test]
+    fn an_evicted_peer_that_answers_itself_is_back_at_once() {
+        let now = Instant::now();
+        let mut t = Table::new(id_of(b"me"), 20, Duration::from_secs(60));
+        let slow = PeerId::random();
+        assert!(t.seen(slow, addr(), now));
+        for _ in 0..MAX_FAILURES {
+            t.failed(&slow, now);
+        }
+        assert!(t.addrs(&slow).is_none(), "three failures evict");
+        assert!(!t.heard(slow, addr(), now), "others' word is not enough");
+        assert!(t.seen(slow, addr(), now), "its own answer is");
+        assert!(t.heard(slow, addr(), now), "and clears the ban");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use potluck_allreduce::balance::Mode;
 use potluck_data::tokens::TokenSet;
 use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
+use potluck_net::host::ClientMode;
 use potluck_train::collab::{Collab, Net, Tick};
 use potluck_train::optim::{self, Optimizer, Precision, Rule, Schedule};
 use serde_json::json;
@@ -92,7 +93,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
     rt.block_on(serve(args, model, optimizer))
 }
 
-async fn serve(args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
+async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
+    args.net.client_mode = reachable(args.net.client_mode)?;
     let (dht, keypair) = start_dht(&args.net).await?;
     let net = Net::start(dht, keypair)?;
     let mut settings = collab_settings(&args.run_id, &args.run);
@@ -175,4 +177,17 @@ fn prune(root: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(old).with_context(|| format!("removing {}", old.display()))?;
     }
     Ok(())
+}
+
+/// An aux peer exists to serve: it reduces parts for the others and holds the DHT's records, so
+/// it always serves (`auto` means `off`: a reachability probe that fails on a loaded machine
+/// must not turn the swarm's helper into a client), and cannot be a client.
+fn reachable(mode: ClientMode) -> Result<ClientMode> {
+    match mode {
+        ClientMode::On => anyhow::bail!(
+            "an aux peer cannot be a client: it reduces parts for the others, who must reach it \
+             (run it where it has a public address, or run `potluck train --client-mode on`)"
+        ),
+        ClientMode::Auto | ClientMode::Off => Ok(ClientMode::Off),
+    }
 }
