@@ -153,13 +153,13 @@ impl Job {
             && state_every > 0
             && boundary
         {
-            let mut round = group.clone();
-            round.round[31] ^= 0x5a;
-            match butterfly::all_reduce(&net.inbox, &round, *me, 1.0, &mut params, &averaging).await
-            {
-                Ok(r) => state_averaged = r.complete(),
-                Err(e) => tracing::warn!("epoch {epoch}: averaging the parameters failed: {e}"),
-            }
+            state_averaged =
+                average_state(&net, group, *me, &averaging, &mut params, &mut optimizer)
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!("epoch {epoch}: averaging the state failed: {e}")
+                    })
+                    .unwrap_or(false);
         }
         // The state every few epochs is the one to go back to (the same on every peer once
         // the parameters were averaged).
@@ -186,5 +186,143 @@ impl Job {
                 averaging: started.elapsed(),
             },
         })
+    }
+}
+
+/// Averages the parameters, then the optimizer's moments (as `f32`, decoded and quantized
+/// again where the state is 8-bit), with the same group in two more rounds of the all-reduce,
+/// every member weighing the same: peers that ever stepped alone, or whose 8-bit moments
+/// rounded apart, hold one state again. Returns whether both rounds completed in full (a part
+/// that failed keeps this peer's own values there). Moments that come back non-finite are not
+/// installed.
+async fn average_state(
+    net: &Net,
+    group: &Group,
+    me: usize,
+    averaging: &butterfly::Settings,
+    params: &mut [f32],
+    optimizer: &mut Optimizer,
+) -> Result<bool, String> {
+    let mut round = group.clone();
+    round.round[31] ^= 0x5a;
+    let params_done = butterfly::all_reduce(&net.inbox, &round, me, 1.0, params, averaging)
+        .await
+        .map_err(|e| format!("the parameters: {e}"))?
+        .complete();
+    let mut moments = optimizer.moments_f32();
+    round.round[31] ^= 0xff;
+    let round = Group::new(round.round, group.members.clone(), moments.len())
+        .map_err(|e| format!("the moments' group: {e}"))?;
+    let report = butterfly::all_reduce(&net.inbox, &round, me, 1.0, &mut moments, averaging)
+        .await
+        .map_err(|e| format!("the moments: {e}"))?;
+    optimizer
+        .set_moments_f32(&moments)
+        .map_err(|e| format!("the averaged moments: {e}"))?;
+    Ok(params_done && report.complete())
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::identity::Keypair;
+    use potluck_allreduce::balance::Mode;
+    use potluck_allreduce::butterfly::Member;
+    use potluck_core::{Layout, Role};
+    use potluck_net::dht::{self, Dht};
+
+    use super::*;
+    use crate::optim::{Config, Precision};
+
+    /// Two peers whose parameters and moments went apart (as after stepping alone) hold their
+    /// means after one state averaging, in either precision of the optimizer's state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_averaging_brings_parameters_and_moments_to_their_mean() {
+        const N: usize = 10_000;
+        let layout = Layout::new([("w", vec![N], Role::Weight)]).unwrap();
+        let boot = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+            .await
+            .unwrap();
+        let boot = boot.addrs().await.unwrap();
+        let nets = [
+            Net::start_memory(&boot).await.unwrap(),
+            Net::start_memory(&boot).await.unwrap(),
+        ];
+        let mut members = Vec::new();
+        for net in &nets {
+            members.push(Member {
+                peer: net.dht.peer_id(),
+                addrs: net.dht.addrs().await.unwrap(),
+                mode: Mode::Full,
+                rate: 1e8,
+            });
+        }
+        for (k, precision) in [Precision::F32, Precision::Blockwise8]
+            .into_iter()
+            .enumerate()
+        {
+            let group = Group::new([k as u8; 32], members.clone(), N).unwrap();
+            // Each peer steps alone on its own gradients a different number of times.
+            let peers: Vec<(Vec<f32>, Optimizer)> = (0..2)
+                .map(|i| {
+                    let cfg = Config {
+                        precision,
+                        ..Config::reference_lamb()
+                    };
+                    let mut opt = Optimizer::new(cfg, &layout).with_threads(1);
+                    let mut params: Vec<f32> = (0..N).map(|j| (j % 7) as f32 * 0.1).collect();
+                    for s in 0..=i {
+                        let mut grad: Vec<f32> = (0..N)
+                            .map(|j| ((j * (s + 3) + 11 * i) % 13) as f32 * 0.01 - 0.05)
+                            .collect();
+                        opt.step(&mut params, &mut grad).unwrap();
+                    }
+                    (params, opt)
+                })
+                .collect();
+            let mean = |a: &[f32], b: &[f32]| -> Vec<f32> {
+                a.iter().zip(b).map(|(x, y)| (x + y) / 2.0).collect()
+            };
+            let want_params = mean(&peers[0].0, &peers[1].0);
+            let want_moments = mean(&peers[0].1.moments_f32(), &peers[1].1.moments_f32());
+            assert!(peers[0].1.moments_f32() != peers[1].1.moments_f32());
+            let tasks: Vec<_> = peers
+                .into_iter()
+                .enumerate()
+                .map(|(me, (mut params, mut opt))| {
+                    let (net, group) = (nets[me].clone(), group.clone());
+                    tokio::spawn(async move {
+                        let settings = butterfly::Settings::default();
+                        let done =
+                            average_state(&net, &group, me, &settings, &mut params, &mut opt).await;
+                        (done, params, opt)
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for t in tasks {
+                results.push(t.await.unwrap());
+            }
+            for (done, params, opt) in &results {
+                assert_eq!(done, &Ok(true), "{precision:?}");
+                assert_eq!(params, &want_params, "{precision:?}");
+                let tolerance = match precision {
+                    Precision::F32 => 0.0,
+                    // Quantized again after averaging: within a block's resolution.
+                    Precision::Blockwise8 => 0.02,
+                };
+                for (got, want) in opt.moments_f32().iter().zip(&want_moments) {
+                    assert!(
+                        (got - want).abs() <= tolerance * want.abs().max(1e-4),
+                        "{precision:?}: {got} vs {want}"
+                    );
+                }
+            }
+            // Both hold the very same state afterwards.
+            assert_eq!(
+                results[0].2.moments(),
+                results[1].2.moments(),
+                "{precision:?}"
+            );
+        }
     }
 }

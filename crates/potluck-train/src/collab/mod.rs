@@ -10,8 +10,8 @@
 //! the reports show the target reached (or [`Settings::max_wait`] passed the deadline), they
 //! average their mean gradients weighted by their sample counts ([`butterfly`]) and take the
 //! same inner step (LAMB by default) with the schedule of the *global* epoch. Every
-//! `state_every` epochs the group then averages the parameters too, so peers that ever
-//! stepped alone are pulled back together. With [`Settings::delayed`] the averaging and the
+//! `state_every` epochs the group then averages the parameters and the optimizer's moments
+//! too, so peers that ever stepped alone are pulled back together. With [`Settings::delayed`] the averaging and the
 //! step run in the background while the next epoch's gradients are computed.
 //!
 //! A peer that joins, or that finds another holding a newer state than its own, downloads
@@ -66,7 +66,7 @@ pub struct Settings {
     pub matchmaking: matchmaking::Settings,
     pub averaging: butterfly::Settings,
     pub mode: Mode,
-    /// Average the parameters (and `f32` moments) every this many epochs; 0: never.
+    /// Average the parameters and the optimizer's moments every this many epochs; 0: never.
     pub state_every: u64,
     /// Bytes per second this peer moves each way (for the parts it reduces).
     pub rate: f64,

@@ -369,6 +369,73 @@ impl Optimizer {
         Ok(())
     }
 
+    /// The moments as one `f32` buffer, the first moments then the second (`2 × numel`
+    /// values, decoded where the state is 8-bit): what peers average with their parameters.
+    pub fn moments_f32(&self) -> Vec<f32> {
+        let n = self.numel;
+        let mut out = vec![0f32; 2 * n];
+        match &self.moments {
+            Moments::F32 { m, v } => {
+                out[..n].copy_from_slice(m);
+                out[n..].copy_from_slice(v);
+            }
+            Moments::Blockwise8 {
+                m,
+                m_scale,
+                v,
+                v_scale,
+            } => {
+                let (om, ov) = out.split_at_mut(n);
+                for (j, u) in self.units.iter().enumerate() {
+                    let r = u.range.clone();
+                    Map::signed().dequantize(&m[r.clone()], m_scale[j], &mut om[r.clone()]);
+                    Map::unsigned().dequantize(&v[r.clone()], v_scale[j], &mut ov[r]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces the moments with `values`, laid out as [`Optimizer::moments_f32`] gives them
+    /// (quantized again where the state is 8-bit). Non-finite values, or negative second
+    /// moments, are refused: the moments stay as they were.
+    pub fn set_moments_f32(&mut self, values: &[f32]) -> Result<(), Error> {
+        let n = self.numel;
+        if values.len() != 2 * n {
+            return Err(Error::State {
+                got: values.len() / 2,
+                want: n,
+            });
+        }
+        let (vm, vv) = values.split_at(n);
+        if !vm.iter().all(|x| x.is_finite()) || !vv.iter().all(|x| x.is_finite() && *x >= 0.0) {
+            return Err(Error::NonFinite { norm: f64::NAN });
+        }
+        match &mut self.moments {
+            Moments::F32 { m, v } => {
+                m.copy_from_slice(vm);
+                v.copy_from_slice(vv);
+            }
+            Moments::Blockwise8 {
+                m,
+                m_scale,
+                v,
+                v_scale,
+            } => {
+                let mut block = vec![0f32; BLOCK];
+                for (j, u) in self.units.iter().enumerate() {
+                    let r = u.range.clone();
+                    let b = &mut block[..r.len()];
+                    b.copy_from_slice(&vm[r.clone()]);
+                    m_scale[j] = Map::signed().quantize(b, &mut m[r.clone()]);
+                    b.copy_from_slice(&vv[r.clone()]);
+                    v_scale[j] = Map::unsigned().quantize(b, &mut v[r]);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Replaces the learning-rate schedule (e.g. once the length of a timed run is known).
     pub fn set_schedule(&mut self, schedule: Schedule) {
         self.cfg.schedule = schedule;
@@ -894,6 +961,43 @@ mod tests {
                     "{rule:?} clip {clip}: {got:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn moments_come_out_as_f32_and_go_back_unchanged() {
+        for precision in [Precision::F32, Precision::Blockwise8] {
+            let mut opt = Optimizer::new(config(Rule::Lamb, precision, 0.0), &layout());
+            let mut p = params();
+            for s in 0..3 {
+                opt.step(&mut p, &mut grads(s)).unwrap();
+            }
+            let flat = opt.moments_f32();
+            assert_eq!(flat.len(), 2 * p.len());
+            assert!(flat.iter().any(|x| *x != 0.0) && flat[p.len()..].iter().all(|x| *x >= 0.0));
+            let before = opt.moments().clone();
+            opt.set_moments_f32(&flat).unwrap();
+            assert_eq!(opt.moments(), &before, "{precision:?}");
+            // The mean of two peers' moments is what both hold after averaging.
+            let half: Vec<f32> = flat.iter().map(|x| x / 2.0).collect();
+            opt.set_moments_f32(&half).unwrap();
+            let got = opt.moments_f32();
+            for (g, w) in got.iter().zip(&half) {
+                assert!(
+                    (g - w).abs() <= 0.02 * w.abs().max(1e-3),
+                    "{precision:?}: {g} vs {w}"
+                );
+            }
+            // Bad values are refused and change nothing.
+            let kept = opt.moments().clone();
+            let mut bad = half.clone();
+            bad[0] = f32::NAN;
+            assert!(opt.set_moments_f32(&bad).is_err());
+            let mut negative = half.clone();
+            negative[p.len()] = -1.0;
+            assert!(opt.set_moments_f32(&negative).is_err());
+            assert!(opt.set_moments_f32(&half[1..]).is_err());
+            assert_eq!(opt.moments(), &kept);
         }
     }
 

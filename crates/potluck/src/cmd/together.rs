@@ -48,7 +48,7 @@ pub(crate) struct RunArgs {
     /// Samples the swarm gathers per epoch (one optimizer step for everyone).
     #[arg(long, default_value_t = 256)]
     pub(crate) target_batch_size: u64,
-    /// Average the parameters every this many epochs (0: never).
+    /// Average the parameters and the optimizer's moments every this many epochs (0: never).
     #[arg(long, default_value_t = 10)]
     pub(crate) state_every: u64,
     /// Roll back to the last good state (kept every --state-every epochs) when an averaged
