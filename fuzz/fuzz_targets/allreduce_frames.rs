@@ -1,5 +1,5 @@
-//! The other frames of `/potluck/allreduce/1` as a peer may send them: control messages
-//! (hello, ack) and averaged-chunk results (weight, member bitmap, chunk).
+//! The other frames of `/potluck/allreduce/2` as a peer may send them: control messages
+//! (hello, ack, via) and averaged-chunk results (weight, member bitmap, chunk).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

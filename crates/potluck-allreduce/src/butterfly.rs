@@ -1,4 +1,4 @@
-//! The butterfly all-reduce of a flat `f32` buffer over `/potluck/allreduce/1` bulk streams.
+//! The butterfly all-reduce of a flat `f32` buffer over `/potluck/allreduce/2` bulk streams.
 //!
 //! The buffer is split into one part per reducing peer ([`balance`]); each part into chunks of
 //! at most [`Settings::chunk`] values that never cross a codec boundary ([`CodecPlan`]). Every
@@ -12,6 +12,11 @@
 //! Results are written in place: the averaged chunk replaces the member's own values, which
 //! were sent before (a reducer can't finish a chunk without them).
 //!
+//! Where both hosts can, the chunks travel over a direct channel ([`potluck_net::direct`]:
+//! their own TCP connection, AES-256-GCM under keys agreed on the libp2p stream) instead of
+//! the libp2p stream, which costs several times the CPU per byte; where a direct connection
+//! can't be made, they stay on the stream.
+//!
 //! Faults: a sender that sends nothing for longer than its measured rate allows (times
 //! [`Settings::slack`]) is excluded by the reducer for the rest of the round; a reducer that
 //! stalls or dies leaves its senders with their own values for the chunks they did not get
@@ -19,12 +24,13 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::io::{ReadHalf, WriteHalf};
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_net::direct;
 use potluck_net::frame::{read_frame, read_message, write_frame, write_message};
 use potluck_net::host::{self, Host};
 use serde::{Deserialize, Serialize};
@@ -36,7 +42,7 @@ pub use crate::codec::CodecPlan;
 use crate::codec::{self, Codec};
 
 /// The protocol's name.
-pub const PROTOCOL: &str = "/potluck/allreduce/1";
+pub const PROTOCOL: &str = "/potluck/allreduce/2";
 
 /// Largest control message (hello, ack).
 const MAX_CONTROL: usize = 4096;
@@ -52,6 +58,8 @@ struct Hello {
     sender: u32,
     /// Its weight (samples); 0 for one that only receives.
     weight: f32,
+    /// It can open a direct channel.
+    direct: bool,
 }
 
 /// The reducer's answer to a hello.
@@ -59,6 +67,9 @@ struct Hello {
 enum Ack {
     Ok,
     Refused(String),
+    /// Open a direct channel with this offer (then say which way on the stream, and read the
+    /// final answer on the channel chosen: [`direct::choose`]).
+    Direct(direct::Offer),
 }
 
 /// One member of a group.
@@ -146,6 +157,11 @@ pub struct Settings {
     pub min_stall: Duration,
     /// How many times the expected time (from measured rates) a chunk may take.
     pub slack: f64,
+    /// Pace direct channels so a member's flows share its uplink evenly: together they send
+    /// this many times the member's measured rate, each its share ([`Uplink`]). Only for rates
+    /// that were measured (a rate set too low would slow the round); None: TCP shares the
+    /// uplink as it will, which through one FIFO bottleneck is badly.
+    pub pace: Option<f64>,
     /// For tests: this member vanishes (as a crash would) at this point of the round.
     pub fault: Option<Fault>,
 }
@@ -172,6 +188,7 @@ impl Default for Settings {
             open_timeout: Duration::from_secs(15),
             min_stall: Duration::from_secs(2),
             slack: 4.0,
+            pace: None,
             fault: None,
         }
     }
@@ -206,6 +223,10 @@ pub struct Report {
     pub excluded: Vec<(usize, String)>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// This member's channels of the round that went direct ([`potluck_net::direct`]), of
+    /// all it had (streams it opened and streams opened to it).
+    pub direct_channels: usize,
+    pub channels: usize,
     pub elapsed: Duration,
 }
 
@@ -256,7 +277,7 @@ struct Crash {
 
 impl Crash {
     async fn sent_chunk(&self) {
-        let n = self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let n = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
         self.check(Fault::Sending(n)).await;
     }
 
@@ -269,11 +290,17 @@ impl Crash {
     }
 }
 
-/// A stream that arrived for a round, after its hello.
+/// The reading and writing halves of a member's channel (a libp2p stream or a direct one).
+type Reader = direct::BoxReader;
+type Writer = direct::BoxWriter;
+
+/// A channel that arrived for a round, after its hello.
 struct Incoming {
     peer: PeerId,
     hello: Hello,
-    stream: Stream,
+    reader: Reader,
+    writer: Writer,
+    pacing: Option<direct::Pacing>,
 }
 
 /// The rounds running on a host, and a wake-up for streams waiting for theirs to start.
@@ -326,9 +353,10 @@ impl Inbox {
         let mut incoming = host.accept(PROTOCOL)?;
         let rounds: Rounds = Arc::default();
         let shared = rounds.clone();
+        let router = host.clone();
         tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
-                tokio::spawn(route(peer, stream, shared.clone()));
+                tokio::spawn(route(peer, stream, shared.clone(), router.clone()));
             }
         });
         Ok(Inbox {
@@ -349,8 +377,9 @@ impl Inbox {
     }
 }
 
-/// Reads a hello and hands the stream to its round, or refuses it.
-async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
+/// Reads a hello and hands the stream (or the direct channel it moves to) to its round, or
+/// refuses it.
+async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds, host: Host) {
     let read = read_control::<Hello>(&mut stream);
     let Ok(Ok(hello)) = tokio::time::timeout(Duration::from_secs(10), read).await else {
         return;
@@ -368,22 +397,47 @@ async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds) {
             break None;
         }
     };
-    let refused = match tx {
-        Some(tx) => match tx.try_send(Incoming {
-            peer,
-            hello,
-            stream,
-        }) {
-            Ok(()) => return,
-            Err(e) => {
-                stream = e.into_inner().stream;
-                "round busy"
-            }
-        },
-        None => "unknown round",
+    let Some(tx) = tx else {
+        let _ = write_message(&mut stream, &Ack::Refused("unknown round".into())).await;
+        let _ = stream.close().await;
+        return;
     };
-    let _ = write_message(&mut stream, &Ack::Refused(refused.into())).await;
-    let _ = stream.close().await;
+    let offer = if hello.direct {
+        host.direct().and_then(direct::Listener::expect)
+    } else {
+        None
+    };
+    let bulk = match offer {
+        None => direct::Bulk::Stream(stream),
+        Some((offer, expected)) => {
+            if write_message(&mut stream, &Ack::Direct(offer))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            match direct::chosen(stream, expected).await {
+                Ok(bulk) => bulk,
+                Err(e) => {
+                    tracing::debug!("member {peer}'s direct channel did not come: {e}");
+                    return;
+                }
+            }
+        }
+    };
+    let pacing = bulk.pacing();
+    let (reader, writer) = bulk.into_split();
+    if let Err(e) = tx.try_send(Incoming {
+        peer,
+        hello,
+        reader,
+        writer,
+        pacing,
+    }) {
+        let Incoming { mut writer, .. } = e.into_inner();
+        let _ = write_message(&mut writer, &Ack::Refused("round busy".into())).await;
+        let _ = writer.close().await;
+    }
 }
 
 async fn read_control<T: for<'de> Deserialize<'de>>(
@@ -424,14 +478,15 @@ pub fn parse_result(
     Ok((weight, behind))
 }
 
-/// Decodes the control messages of `/potluck/allreduce/1` (hello, ack) from bytes, as a
-/// reducer and an opener do; for fuzzing.
+/// Decodes the control messages of `/potluck/allreduce/2` (hello, ack, and the choice of
+/// channel) from bytes, as a reducer and an opener do; for fuzzing.
 #[doc(hidden)]
-pub fn decode_control(bytes: &[u8]) -> (bool, bool) {
-    (
+pub fn decode_control(bytes: &[u8]) -> [bool; 3] {
+    [
         postcard::from_bytes::<Hello>(bytes).is_ok(),
         postcard::from_bytes::<Ack>(bytes).is_ok(),
-    )
+        postcard::from_bytes::<direct::Via>(bytes).is_ok(),
+    ]
 }
 
 /// Per-round timing from the members' measured rates.
@@ -527,13 +582,14 @@ async fn run(
             None => residuals.push(None),
         }
     }
-    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let crash = Crash {
         fault: settings.fault,
         sent: Default::default(),
         fired: tokio::sync::Notify::new(),
     };
+    let pace = Pace::new(group.members.len());
+    let uplink = Uplink::new(settings.pace.map(|f| f * group.members[me].rate));
     let mut jobs = Vec::new();
     let mut own = None;
     for (j, (part, residual)) in parts.into_iter().zip(residuals).enumerate() {
@@ -555,8 +611,9 @@ async fn run(
             settings,
             timing,
             &crash,
-            sent.clone(),
-            received.clone(),
+            &pace,
+            &uplink,
+            counters.clone(),
         ));
     }
     let reduce = async {
@@ -571,8 +628,8 @@ async fn run(
                     settings,
                     timing,
                     &crash,
-                    sent.clone(),
-                    received.clone(),
+                    &uplink,
+                    counters.clone(),
                 )
                 .await,
             ),
@@ -595,14 +652,17 @@ async fn run(
     }
     results.sort_by_key(|r| r.reducer);
     report.parts = results;
-    report.bytes_sent = sent.load(std::sync::atomic::Ordering::Relaxed);
-    report.bytes_received = received.load(std::sync::atomic::Ordering::Relaxed);
+    report.bytes_sent = counters.sent.load(Ordering::Relaxed);
+    report.bytes_received = counters.received.load(Ordering::Relaxed);
+    report.direct_channels = counters.direct.load(Ordering::Relaxed);
+    report.channels = counters.channels.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
     Ok(report)
 }
 
-/// Opens a stream to member `j` and says hello, retrying refusals until the open deadline
-/// (a reducer that has not started the round yet refuses it as unknown).
+/// Opens a stream to member `j`, says hello and moves to a direct channel where the member
+/// offers one and it connects; retries refusals until the open deadline (a reducer that has
+/// not started the round yet refuses it as unknown).
 async fn open(
     inbox: &Inbox,
     group: &Group,
@@ -610,12 +670,13 @@ async fn open(
     j: usize,
     weight: f32,
     deadline: Instant,
-) -> Result<Stream, String> {
+) -> Result<(Reader, Writer, Option<direct::Pacing>), String> {
     let member = &group.members[j];
     let hello = Hello {
         round: group.round,
         sender: me as u32,
         weight,
+        direct: inbox.host.wants_direct(member.peer),
     };
     let mut backoff = Duration::from_millis(20);
     loop {
@@ -632,15 +693,32 @@ async fn open(
             write_message(&mut stream, &hello)
                 .await
                 .map_err(|e| e.to_string())?;
-            match read_control::<Ack>(&mut stream).await {
-                Ok(Ack::Ok) => Ok(stream),
-                Ok(Ack::Refused(why)) => Err(why),
+            let bulk = match read_control::<Ack>(&mut stream).await {
+                Ok(Ack::Ok) => {
+                    let (r, w) = direct::Bulk::Stream(stream).into_split();
+                    return Ok((r, w, None));
+                }
+                Ok(Ack::Refused(why)) => return Err(why),
+                Ok(Ack::Direct(offer)) => inbox
+                    .host
+                    .choose_direct(stream, member.peer, &member.addrs, &offer)
+                    .await
+                    .map_err(|e| e.to_string())?,
                 // Dropped unread (the accept queue was full) or reset: try again.
+                Err(e) => return Err(e.to_string()),
+            };
+            let pacing = bulk.pacing();
+            let (mut reader, writer) = bulk.into_split();
+            // The final answer comes on the channel chosen.
+            match read_control::<Ack>(&mut reader).await {
+                Ok(Ack::Ok) => Ok((reader, writer, pacing)),
+                Ok(Ack::Refused(why)) => Err(why),
+                Ok(Ack::Direct(_)) => Err("a second direct offer".into()),
                 Err(e) => Err(e.to_string()),
             }
         };
         match tokio::time::timeout(left, attempt).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(halves)) => return Ok(halves),
             Ok(Err(why)) => tracing::debug!("opening a stream to member {j}: {why}; retrying"),
             Err(_) => return Err("no stream within the open timeout".into()),
         }
@@ -663,8 +741,9 @@ async fn exchange(
     settings: &Settings,
     timing: Timing,
     crash: &Crash,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    received: Arc<std::sync::atomic::AtomicU64>,
+    pace: &Pace,
+    uplink: &Arc<Uplink>,
+    counters: Arc<Counters>,
 ) -> PartResult {
     let range = group.range(j);
     let chunks = settings.plan.chunks(range.clone(), settings.chunk);
@@ -677,19 +756,20 @@ async fn exchange(
         contributors: (0..group.members.len()).collect(),
     };
     let started = Instant::now();
-    let stream = match open(inbox, group, me, j, weight, started + settings.open_timeout).await {
-        Ok(s) => s,
-        Err(why) => {
-            tracing::warn!(
-                "member {j} (part of {} values) unreachable: {why}",
-                range.len()
-            );
-            result.weight = 0.0;
-            result.contributors.clear();
-            return result;
-        }
-    };
-    let (mut reader, mut writer) = stream.split();
+    let (mut reader, mut writer, pacing) =
+        match open(inbox, group, me, j, weight, started + settings.open_timeout).await {
+            Ok(halves) => halves,
+            Err(why) => {
+                tracing::warn!(
+                    "member {j} (part of {} values) unreachable: {why}",
+                    range.len()
+                );
+                result.weight = 0.0;
+                result.contributors.clear();
+                return result;
+            }
+        };
+    counters.channel(pacing.is_some());
     // Chunk slices travel from the writer (once sent) to the reader (which overwrites them).
     let mut slices: Vec<&mut [f32]> = Vec::with_capacity(chunks.len());
     let mut rest = part;
@@ -714,8 +794,12 @@ async fn exchange(
         let count_tx = count_tx;
         let mut buf = Vec::new();
         let mut at = 0;
-        for (slice, (_, codec)) in slices.into_iter().zip(&chunks) {
+        let total = chunks.len().max(1) as f64;
+        let _slot = pace.slot(j);
+        let _flow = sends.then(|| uplink.join(pacing));
+        for (i, (slice, (_, codec))) in slices.into_iter().zip(&chunks).enumerate() {
             if sends {
+                pace.wait(j, (i as f64 - LEAD) / total).await;
                 buf.clear();
                 match residual.as_deref_mut() {
                     Some(r) if !codec.is_exact() => {
@@ -729,13 +813,18 @@ async fn exchange(
                     tracing::debug!("sending to member {j}: {e}");
                     break;
                 }
-                sent.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                counters
+                    .sent
+                    .fetch_add(4 + buf.len() as u64, Ordering::Relaxed);
+                pace.set(j, (i + 1) as f64 / total);
                 crash.sent_chunk().await;
             }
             lock(&ready).push_back(slice);
             count_tx.send_modify(|c| *c += 1);
         }
+        drop(_slot);
         let _ = writer.close().await;
+        tracing::debug!("sent part {j} in {:.3} s", started.elapsed().as_secs_f64());
     };
     let read = async {
         let mut buf = Vec::new();
@@ -764,7 +853,9 @@ async fn exchange(
                     break;
                 }
             }
-            received.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            counters
+                .received
+                .fetch_add(4 + buf.len() as u64, Ordering::Relaxed);
             // Our slice of this chunk, once the writer is done with it.
             if count_rx.wait_for(|c| *c > i).await.is_err() {
                 break;
@@ -788,13 +879,151 @@ async fn exchange(
         }
         done
     };
-    let ((), done) = futures::join!(write, read);
+    // The reader ends last unless the reducer failed: then a writer stuck on a reducer that
+    // stopped reading is dropped with it (and holds none of this member's other streams back).
+    let done = {
+        tokio::pin!(write, read);
+        let mut written = false;
+        let done = loop {
+            tokio::select! {
+                () = &mut write, if !written => written = true,
+                done = &mut read => break done,
+            }
+        };
+        if !written && done == chunks.len() {
+            // All back: the writer is only closing.
+            let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+        }
+        done
+    };
+    tracing::debug!("part {j} back in {:.3} s", started.elapsed().as_secs_f64());
     result.chunks_done = done;
     if done == 0 {
         result.weight = 0.0;
         result.contributors.clear();
     }
     result
+}
+
+/// How many chunks a member's stream to one reducer may run ahead of its slowest stream to
+/// another (in chunks of the faster stream's part).
+const LEAD: f64 = 4.0;
+
+/// Keeps a member's streams to the reducers sending at the same relative pace: a stream sends
+/// its next chunk only while no other live stream has sent a smaller share of its part, give
+/// or take [`LEAD`] chunks. Left alone, the TCP flows that share a member's uplink share it
+/// badly (on 100 Mbit/s links one flow took most of it: one part was done at 57% of the round,
+/// the others at 90–100%), and a round ends with its slowest part. A stream not open yet, or
+/// done, holds nobody back.
+struct Pace {
+    /// Per member: the share of its part this member has sent it.
+    shares: watch::Sender<Vec<f64>>,
+}
+
+impl Pace {
+    fn new(members: usize) -> Pace {
+        Pace {
+            shares: watch::Sender::new(vec![f64::INFINITY; members]),
+        }
+    }
+
+    fn set(&self, j: usize, share: f64) {
+        self.shares.send_modify(|s| s[j] = share);
+    }
+
+    /// Stream `j`'s place, at its start; dropped, it holds nobody back.
+    fn slot(&self, j: usize) -> Slot<'_> {
+        self.set(j, 0.0);
+        Slot { pace: self, j }
+    }
+
+    /// Waits until every other stream has sent at least `share` of its part.
+    async fn wait(&self, j: usize, share: f64) {
+        let mut rx = self.shares.subscribe();
+        let _ = rx
+            .wait_for(|s| s.iter().enumerate().all(|(k, v)| k == j || *v >= share))
+            .await;
+    }
+}
+
+/// Paces a member's direct channels so its flows share its uplink evenly: while `n` flows
+/// send, each may send `rate / n` ([`Settings::pace`]); re-shared as flows start and finish.
+struct Uplink {
+    rate: Option<f64>,
+    flows: Mutex<(u64, Vec<(u64, direct::Pacing)>)>,
+}
+
+impl Uplink {
+    fn new(rate: Option<f64>) -> Arc<Uplink> {
+        Arc::new(Uplink {
+            rate: rate.filter(|r| r.is_finite() && *r > 0.0),
+            flows: Mutex::new((0, Vec::new())),
+        })
+    }
+
+    /// A flow sending while the [`Flow`] lives (paced where it has a handle to pace).
+    fn join(self: &Arc<Self>, pacing: Option<direct::Pacing>) -> Flow {
+        let (Some(_), Some(pacing)) = (self.rate, pacing) else {
+            return Flow(None);
+        };
+        let mut flows = lock(&self.flows);
+        let id = flows.0;
+        flows.0 += 1;
+        flows.1.push((id, pacing));
+        self.reshare(&flows.1);
+        Flow(Some((self.clone(), id)))
+    }
+
+    fn reshare(&self, flows: &[(u64, direct::Pacing)]) {
+        let Some(rate) = self.rate else { return };
+        let each = rate / flows.len().max(1) as f64;
+        for (_, p) in flows {
+            p.set(Some(each));
+        }
+    }
+}
+
+/// A flow's place in its member's [`Uplink`]; dropping it gives the share to the others.
+struct Flow(Option<(Arc<Uplink>, u64)>);
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        if let Some((uplink, id)) = self.0.take() {
+            let mut flows = lock(&uplink.flows);
+            flows.1.retain(|(i, _)| *i != id);
+            uplink.reshare(&flows.1);
+        }
+    }
+}
+
+/// What a member's round counts as it goes.
+#[derive(Debug, Default)]
+struct Counters {
+    sent: AtomicU64,
+    received: AtomicU64,
+    direct: AtomicUsize,
+    channels: AtomicUsize,
+}
+
+impl Counters {
+    fn channel(&self, direct: bool) {
+        self.channels.fetch_add(1, Ordering::Relaxed);
+        if direct {
+            self.direct.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A stream's place in its member's [`Pace`].
+struct Slot<'a> {
+    pace: &'a Pace,
+    j: usize,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.pace.set(self.j, f64::INFINITY);
+    }
 }
 
 /// What a reader task tells the reducer.
@@ -815,13 +1044,13 @@ enum Arrival {
 #[allow(clippy::too_many_arguments)]
 async fn read_contributions(
     sender: usize,
-    mut reader: ReadHalf<Stream>,
+    mut reader: Reader,
     chunks: Vec<Range<usize>>,
     finished: watch::Receiver<usize>,
     window: usize,
     allow: Vec<Duration>,
     arrivals: mpsc::Sender<Arrival>,
-    received: Arc<std::sync::atomic::AtomicU64>,
+    counters: Arc<Counters>,
     pool: Pool,
 ) {
     let mut finished = finished;
@@ -837,7 +1066,9 @@ async fn read_contributions(
                 Err(_) => failed(format!("sent nothing for {:?}", allow[c])),
                 Ok(Err(e)) => failed(e.to_string()),
                 Ok(Ok(())) => {
-                    received.fetch_add(4 + buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                    counters
+                        .received
+                        .fetch_add(4 + buf.len() as u64, Ordering::Relaxed);
                     let mut values = pool.take(range.len());
                     match codec::decode_into(&buf, &mut values) {
                         Ok(_) => Arrival::Chunk {
@@ -879,7 +1110,8 @@ impl Pool {
 }
 
 /// Writes the averaged chunks to one member as they come.
-async fn write_results(mut writer: WriteHalf<Stream>, mut results: mpsc::Receiver<Arc<Vec<u8>>>) {
+async fn write_results(mut writer: Writer, mut results: mpsc::Receiver<Arc<Vec<u8>>>, flow: Flow) {
+    let _flow = flow;
     while let Some(frame) = results.recv().await {
         if write_frame(&mut writer, &[&frame]).await.is_err() {
             return;
@@ -900,9 +1132,10 @@ async fn reduce(
     settings: &Settings,
     timing: Timing,
     crash: &Crash,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    received: Arc<std::sync::atomic::AtomicU64>,
+    uplink: &Arc<Uplink>,
+    counters: Arc<Counters>,
 ) -> (PartResult, Vec<(usize, String)>) {
+    let started = Instant::now();
     let n = group.members.len();
     let range = group.range(me);
     let chunks = settings.plan.chunks(range.clone(), settings.chunk);
@@ -994,10 +1227,9 @@ async fn reduce(
             for w in &writers {
                 // Bounded by the chunk count: never waits.
                 if w.try_send(shared.clone()).is_ok() {
-                    sent.fetch_add(
-                        4 + shared.len() as u64,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
+                    counters
+                        .sent
+                        .fetch_add(4 + shared.len() as u64, Ordering::Relaxed);
                 }
             }
             // Kept for members yet to open their stream only.
@@ -1030,25 +1262,25 @@ async fn reduce(
                 Some(Arrival::Failed { .. }) | None => {}
             },
             incoming = registration.streams.recv(), if joining => {
-                let Some(Incoming { peer, hello, mut stream }) = incoming else { continue };
+                let Some(Incoming { peer, hello, reader, mut writer, pacing }) = incoming else { continue };
                 let s = hello.sender as usize;
                 if group.index_of(&peer) != Some(s) || joined[s] {
-                    let _ = write_message(&mut stream, &Ack::Refused("not a member of this round".into())).await;
+                    let _ = write_message(&mut writer, &Ack::Refused("not a member of this round".into())).await;
                     continue;
                 }
-                if write_message(&mut stream, &Ack::Ok).await.is_err() {
+                if write_message(&mut writer, &Ack::Ok).await.is_err() {
                     continue;
                 }
                 joined[s] = true;
                 weights[s] = if group.sends(s) && hello.weight.is_finite() { hello.weight.max(0.0) } else { 0.0 };
-                let (reader, writer) = stream.split();
                 let (tx, rx) = mpsc::channel(chunks.len().max(1));
                 // Chunks already averaged go out first.
                 for f in &done_results {
                     let _ = tx.try_send(f.clone());
                 }
                 writers.push(tx);
-                tokio::spawn(write_results(writer, rx));
+                counters.channel(pacing.is_some());
+                tokio::spawn(write_results(writer, rx, uplink.join(pacing)));
                 if live[s] {
                     let sender_rate = group.members[s].rate;
                     let allow: Vec<Duration> = ranges
@@ -1066,7 +1298,7 @@ async fn reduce(
                         settings.window,
                         allow,
                         arrivals_tx.clone(),
-                        received.clone(),
+                        counters.clone(),
                         pool.clone(),
                     ));
                 }
@@ -1085,6 +1317,10 @@ async fn reduce(
         }
     }
     drop(writers);
+    tracing::debug!(
+        "reduced part {me} in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
     if result.chunks == 0 {
         result.weight = 0.0;
     }

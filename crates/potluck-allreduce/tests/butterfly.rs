@@ -1,6 +1,7 @@
-//! The butterfly all-reduce among hosts on libp2p's in-memory transport: results against a
-//! local reference average, with codecs, with members that vanish at every phase, with client
-//! and auxiliary members, and with CenteredClip against a peer sending huge values.
+//! The butterfly all-reduce among hosts on libp2p's in-memory transport (libp2p streams) and on
+//! TCP over loopback (direct channels): results against a local reference average, with
+//! codecs, with members that vanish at every phase, with client and auxiliary members, and
+//! with CenteredClip against a peer sending huge values.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
@@ -23,13 +24,37 @@ struct Peer {
     inbox: Inbox,
 }
 
+/// Where the members run.
+#[derive(Debug, Clone, Copy)]
+enum On {
+    /// libp2p's in-memory transport: the bytes go over libp2p streams.
+    Memory,
+    /// TCP over loopback: the bytes go over direct channels.
+    Tcp,
+}
+
 async fn peers(n: usize) -> Vec<Peer> {
+    peers_on(n, On::Memory).await
+}
+
+async fn peers_on(n: usize, on: On) -> Vec<Peer> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
-        cfg.listen = vec![Protocol::Memory(rand::random::<u64>() | 1).into()];
+        let mut cfg = match on {
+            On::Memory => {
+                let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+                cfg.listen = vec![Protocol::Memory(rand::random::<u64>() | 1).into()];
+                cfg
+            }
+            On::Tcp => {
+                let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
+                cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+                cfg
+            }
+        };
         cfg.client_mode = ClientMode::Off;
         let host = Host::start(cfg, Arc::new(NoDht)).await.unwrap();
+        assert_eq!(host.direct().is_some(), matches!(on, On::Tcp));
         let inbox = Inbox::start(&host).unwrap();
         out.push(Peer { host, inbox });
     }
@@ -120,9 +145,18 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_equal_the_reference_average_exactly_and_within_each_codecs_bound() {
+    results_equal_the_reference(On::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_direct_channels_results_equal_the_reference_average() {
+    results_equal_the_reference(On::Tcp).await;
+}
+
+async fn results_equal_the_reference(on: On) {
     let n = 4;
     let len = 10_007;
-    let peers = peers(n).await;
+    let peers = peers_on(n, on).await;
     let weights = [1.0, 2.0, 3.0, 4.0];
     let inputs = buffers(n, len, 1);
     let want = reference(&inputs, &weights, &[0, 1, 2, 3]);
@@ -148,6 +182,17 @@ async fn results_equal_the_reference_average_exactly_and_within_each_codecs_boun
             let report = report.as_ref().unwrap();
             assert!(report.complete(), "{codec:?} member {i}: {report:?}");
             assert_eq!(report.weight(), 10.0);
+            // A stream to every other reducer, one from every other member if it reduces; all
+            // direct over TCP, none in memory.
+            let opened = (0..n).filter(|&j| j != i && g.parts[j] > 0).count();
+            let accepted = if g.parts[i] > 0 { n - 1 } else { 0 };
+            assert_eq!(report.channels, opened + accepted, "member {i}: {report:?}");
+            let direct = if matches!(on, On::Tcp) {
+                report.channels
+            } else {
+                0
+            };
+            assert_eq!(report.direct_channels, direct, "{on:?}");
             let diff = max_diff(buffer, &want);
             assert!(
                 diff <= bound,
@@ -159,9 +204,18 @@ async fn results_equal_the_reference_average_exactly_and_within_each_codecs_boun
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_and_auxiliaries_get_the_average_of_those_who_send() {
+    clients_and_auxiliaries(On::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_direct_channels_clients_and_auxiliaries_get_the_average_of_those_who_send() {
+    clients_and_auxiliaries(On::Tcp).await;
+}
+
+async fn clients_and_auxiliaries(on: On) {
     let n = 5;
     let len = 6_000;
-    let peers = peers(n).await;
+    let peers = peers_on(n, on).await;
     let modes = [
         Mode::Full,
         Mode::Client,
@@ -202,9 +256,13 @@ async fn part_sizes_follow_measured_rates() {
 /// One member vanishes at `fault` (or never starts); the others finish, with the average of
 /// those who sent where their parts came back and their own values where not.
 async fn one_vanishes(fault: Option<Fault>, n: usize) {
+    one_vanishes_on(fault, n, On::Memory).await;
+}
+
+async fn one_vanishes_on(fault: Option<Fault>, n: usize, on: On) {
     // Two chunks of 1,000 per part.
     let len = 2_000 * n;
-    let peers = peers(n).await;
+    let peers = peers_on(n, on).await;
     let g = group(&peers, &vec![Mode::Full; n], &vec![1e7; n], len).await;
     let weights = vec![1.0; n];
     let inputs = buffers(n, len, 3);
@@ -285,6 +343,21 @@ async fn a_reducer_killed_while_reducing_leaves_the_others_their_values_for_its_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reducer_killed_while_returning_leaves_the_others_their_values_for_the_rest() {
     one_vanishes(Some(Fault::Returning(1)), 8).await;
+}
+
+/// Over direct channels, a member that vanishes at any point leaves the others as over libp2p
+/// streams: its channels end cut (or are read on and dropped), and nobody waits past the
+/// timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_direct_channels_a_member_killed_at_any_point_is_excluded_and_the_rest_finish() {
+    for (fault, n) in [
+        (None, 4),
+        (Some(Fault::Sending(1)), 5),
+        (Some(Fault::Reducing(1)), 4),
+        (Some(Fault::Returning(1)), 5),
+    ] {
+        one_vanishes_on(fault, n, On::Tcp).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,6 +33,8 @@ use libp2p::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::dht::wire::{self, Request, Response};
+use crate::direct;
+use crate::frame::{read_message, write_message};
 
 /// Which transports a host uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,6 +127,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Inbound bandwidth probes served at once, at most.
     pub max_probes: usize,
+    /// Accept direct channels for bulk data ([`crate::direct`]) on a TCP port beside the
+    /// libp2p listener (network transports only).
+    pub direct: bool,
 }
 
 impl Config {
@@ -145,6 +150,7 @@ impl Config {
             max_connections_per_peer: 4,
             idle_timeout: Duration::from_secs(60),
             max_probes: 4,
+            direct: true,
         }
     }
 }
@@ -188,9 +194,22 @@ struct Status {
 /// nobody puts it in a routing table. Nothing is ever sent on it.
 pub const SERVING: &str = "/potluck/serving/1";
 
-/// Bulk bandwidth probes: the dialer sends a little-endian u64 `n`, then `n` bytes; the
-/// listener answers with `n` once it has read them all.
-pub const PROBE: &str = "/potluck/probe/1";
+/// Bulk bandwidth probes: the dialer says how many bytes it will send and whether it can open
+/// a direct channel ([`ProbeHello`]); the listener answers with a direct-channel offer or none;
+/// then (on the direct channel where one connected, see [`direct::choose`]) the dialer sends
+/// the bytes and the listener answers with their count (`u64` little-endian) once it has read
+/// them all.
+pub const PROBE: &str = "/potluck/probe/2";
+
+/// What a probe's dialer says first.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ProbeHello {
+    pub bytes: u64,
+    pub direct: bool,
+}
+
+/// Largest control message of a probe (hello, offer).
+const MAX_PROBE_CONTROL: usize = 256;
 
 /// The largest probe a host answers.
 pub const MAX_PROBE: u64 = 1 << 30;
@@ -306,7 +325,16 @@ pub struct Host {
     commands: mpsc::Sender<Command>,
     streams: libp2p_stream::Control,
     status: Arc<Status>,
+    direct: Option<Arc<direct::Listener>>,
+    /// Direct channels are on and the transport is TCP: this host can open them.
+    opens_direct: bool,
+    /// Peers a direct channel to failed lately, and when (their offers are not tried again for
+    /// [`DIRECT_RETRY`]: each try costs up to [`direct::CONNECT`]).
+    direct_failed: Arc<Mutex<HashMap<PeerId, Instant>>>,
 }
+
+/// How long a peer a direct channel could not be opened to is reached over streams only.
+pub const DIRECT_RETRY: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for Host {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -445,6 +473,26 @@ fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| p == Protocol::P2pCircuit)
 }
 
+/// A direct-channel listener on the IP of the first TCP listen address (none without one,
+/// or if the port can't be bound: bulk data then stays on libp2p streams).
+fn direct_listener(listening: &[Multiaddr]) -> Option<Arc<direct::Listener>> {
+    let tcp = listening
+        .iter()
+        .find(|a| !is_relayed(a) && a.iter().any(|p| matches!(p, Protocol::Tcp(_))))?;
+    let ip = tcp.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })?;
+    match direct::Listener::bind(ip) {
+        Ok(l) => Some(Arc::new(l)),
+        Err(e) => {
+            tracing::warn!("no direct channels on {ip}: {e}; bulk data stays on libp2p streams");
+            None
+        }
+    }
+}
+
 impl Host {
     /// Starts a host on the current tokio runtime; inbound requests go to `inbound`. Returns
     /// once it listens on every address of `cfg.listen` (a circuit address: once the relay
@@ -487,6 +535,10 @@ impl Host {
                 swarm.add_external_address(addr.clone());
             }
         }
+        let direct = match cfg.transports {
+            Transports::Network if cfg.direct => direct_listener(&listening),
+            _ => None,
+        };
         let peer = *swarm.local_peer_id();
         let mut streams = swarm.behaviour().streams.new_control();
         let serving = cfg.client_mode != ClientMode::On;
@@ -509,7 +561,7 @@ impl Host {
             None
         };
         let probes = accept(&mut streams, PROBE)?;
-        tokio::spawn(serve_probes(probes, cfg.max_probes));
+        tokio::spawn(serve_probes(probes, cfg.max_probes, direct.clone()));
         inbound.serving(serving);
         let (tx, rx) = mpsc::channel(1024);
         let task = Task {
@@ -534,7 +586,64 @@ impl Host {
             commands: tx,
             streams,
             status,
+            direct,
+            opens_direct: cfg.direct && matches!(cfg.transports, Transports::Network),
+            direct_failed: Arc::default(),
         })
+    }
+
+    /// Where this host accepts direct channels ([`crate::direct`]), if it does: not while it
+    /// is known to be behind a NAT (nobody could connect, and each try costs its peer
+    /// [`direct::CONNECT`]).
+    pub fn direct(&self) -> Option<&direct::Listener> {
+        if *lock(&self.status.nat) == Nat::Private {
+            return None;
+        }
+        self.direct.as_deref()
+    }
+
+    /// Whether this host asks `peer` for a direct channel: it can open them (it need not accept
+    /// any: a peer that listens on nothing, or only through a relay), and none to `peer`
+    /// failed in the last [`DIRECT_RETRY`].
+    pub fn wants_direct(&self, peer: PeerId) -> bool {
+        if !self.opens_direct {
+            return false;
+        }
+        let mut failed = lock(&self.direct_failed);
+        match failed.get(&peer) {
+            Some(at) if at.elapsed() < DIRECT_RETRY => false,
+            Some(_) => {
+                failed.remove(&peer);
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// The offered side of a direct channel to `peer` ([`direct::choose`]): tries the IPs of
+    /// our connections to it (they work), then those of `addrs`; the channel to use. A failure
+    /// is remembered ([`Host::wants_direct`]).
+    pub async fn choose_direct(
+        &self,
+        stream: libp2p::Stream,
+        peer: PeerId,
+        addrs: &[Multiaddr],
+        offer: &direct::Offer,
+    ) -> std::io::Result<direct::Bulk> {
+        let mut all = self.connections(peer).await.unwrap_or_default();
+        all.extend(addrs.iter().cloned());
+        let bulk = direct::choose(stream, &direct::ips(&all), offer).await?;
+        if !bulk.is_direct() {
+            let mut failed = lock(&self.direct_failed);
+            // Bounded: the oldest failures go first.
+            if failed.len() >= 4096
+                && let Some(oldest) = failed.iter().min_by_key(|(_, at)| **at).map(|(p, _)| *p)
+            {
+                failed.remove(&oldest);
+            }
+            failed.insert(peer, Instant::now());
+        }
+        Ok(bulk)
     }
 
     /// This host's peer id.
@@ -703,29 +812,91 @@ impl Host {
         bytes: u64,
         deadline: Duration,
     ) -> Result<Probe, Error> {
+        self.probe_via(peer, addrs, bytes, deadline, true).await
+    }
+
+    /// The rate of the path to `peer` (bulk bytes each way per second, over a direct channel
+    /// where `direct` and one connects): probes that grow from 1 MiB until one takes at least
+    /// a quarter of `target` (short probes measure the connection's start, not its rate: 4 MiB
+    /// over loopback measured a fifth of the real rate). The last probe's outcome.
+    pub async fn measure(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        target: Duration,
+        deadline: Duration,
+        direct: bool,
+    ) -> Result<Probe, Error> {
+        let until = Instant::now() + deadline;
+        let mut bytes = 1u64 << 20;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let probe = self
+                .probe_via(peer, addrs.clone(), bytes, left, direct)
+                .await?;
+            let took = probe.elapsed.as_secs_f64().max(1e-6);
+            if took >= target.as_secs_f64() / 4.0 || bytes >= MAX_PROBE {
+                return Ok(probe);
+            }
+            let grow = (target.as_secs_f64() / took).clamp(2.0, 64.0);
+            bytes = ((bytes as f64 * grow) as u64).min(MAX_PROBE);
+        }
+    }
+
+    /// [`Host::probe`], over a direct channel where both hosts can open one (`direct`), else
+    /// over the libp2p stream.
+    pub async fn probe_via(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        bytes: u64,
+        deadline: Duration,
+        direct: bool,
+    ) -> Result<Probe, Error> {
         use futures::{AsyncReadExt, AsyncWriteExt};
         let failed = |e: std::io::Error| Error::Stream {
             peer,
             reason: e.to_string(),
         };
-        let mut stream = self.open_stream(peer, addrs, PROBE, deadline).await?;
+        let mut stream = self
+            .open_stream(peer, addrs.clone(), PROBE, deadline)
+            .await?;
         // How we are connected as the probe starts (dcutr may add a direct connection while
         // it runs; the stream stays where it was opened).
         let connections = self.connections(peer).await?;
         let relayed = !connections.is_empty() && connections.iter().all(is_relayed);
+        let hello = ProbeHello {
+            bytes,
+            direct: direct && self.wants_direct(peer),
+        };
+        let setup = async {
+            write_message(&mut stream, &hello).await?;
+            let offer: Option<direct::Offer> = read_message(&mut stream, MAX_PROBE_CONTROL).await?;
+            match offer {
+                Some(offer) => self.choose_direct(stream, peer, &addrs, &offer).await,
+                None => Ok(direct::Bulk::Stream(stream)),
+            }
+        };
+        let bulk = tokio::time::timeout(deadline, setup)
+            .await
+            .map_err(|_| Error::Timeout {
+                peer,
+                after: deadline,
+            })?
+            .map_err(failed)?;
+        let (mut reader, mut writer) = bulk.into_split();
         let started = Instant::now();
         let send = async {
-            stream.write_all(&bytes.to_le_bytes()).await?;
-            let chunk = vec![0x5au8; 64 << 10];
+            let chunk = vec![0x5au8; 256 << 10];
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(chunk.len() as u64) as usize;
-                stream.write_all(&chunk[..n]).await?;
+                writer.write_all(&chunk[..n]).await?;
                 left -= n as u64;
             }
-            stream.flush().await?;
+            writer.flush().await?;
             let mut answer = [0u8; 8];
-            stream.read_exact(&mut answer).await?;
+            reader.read_exact(&mut answer).await?;
             Ok::<u64, std::io::Error>(u64::from_le_bytes(answer))
         };
         let confirmed = tokio::time::timeout(deadline, send)
@@ -779,15 +950,20 @@ fn accept(
 }
 
 /// Answers bandwidth probes, `max` at a time; a probe that stalls for 30 s is dropped.
-async fn serve_probes(mut incoming: libp2p_stream::IncomingStreams, max: usize) {
+async fn serve_probes(
+    mut incoming: libp2p_stream::IncomingStreams,
+    max: usize,
+    direct: Option<Arc<direct::Listener>>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     while let Some((peer, stream)) = incoming.next().await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::debug!("dropping a probe from {peer}: {max} already running");
             continue;
         };
+        let direct = direct.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer_probe(stream).await {
+            if let Err(e) = answer_probe(stream, direct.as_deref()).await {
                 tracing::debug!("probe from {peer} failed: {e}");
             }
             drop(slot);
@@ -795,26 +971,41 @@ async fn serve_probes(mut incoming: libp2p_stream::IncomingStreams, max: usize) 
     }
 }
 
-async fn answer_probe(mut stream: libp2p::Stream) -> std::io::Result<()> {
+async fn answer_probe(
+    mut stream: libp2p::Stream,
+    listener: Option<&direct::Listener>,
+) -> std::io::Result<()> {
     use futures::{AsyncReadExt, AsyncWriteExt};
     let stall = Duration::from_secs(30);
     let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "probe stalled");
-    let mut len = [0u8; 8];
-    tokio::time::timeout(stall, stream.read_exact(&mut len))
-        .await
-        .map_err(|_| timed_out())??;
-    let n = u64::from_le_bytes(len);
+    let hello: ProbeHello =
+        tokio::time::timeout(stall, read_message(&mut stream, MAX_PROBE_CONTROL))
+            .await
+            .map_err(|_| timed_out())??;
+    let n = hello.bytes;
     if n > MAX_PROBE {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("probe of {n} bytes over the limit of {MAX_PROBE}"),
         ));
     }
-    let mut buf = vec![0u8; 64 << 10];
+    let offer = listener.filter(|_| hello.direct).and_then(|l| l.expect());
+    let bulk = match offer {
+        Some((offer, expected)) => {
+            write_message(&mut stream, &Some(offer)).await?;
+            direct::chosen(stream, expected).await?
+        }
+        None => {
+            write_message(&mut stream, &None::<direct::Offer>).await?;
+            direct::Bulk::Stream(stream)
+        }
+    };
+    let (mut reader, mut writer) = bulk.into_split();
+    let mut buf = vec![0u8; 256 << 10];
     let mut left = n;
     while left > 0 {
         let want = left.min(buf.len() as u64) as usize;
-        let got = tokio::time::timeout(stall, stream.read(&mut buf[..want]))
+        let got = tokio::time::timeout(stall, reader.read(&mut buf[..want]))
             .await
             .map_err(|_| timed_out())??;
         if got == 0 {
@@ -822,8 +1013,8 @@ async fn answer_probe(mut stream: libp2p::Stream) -> std::io::Result<()> {
         }
         left -= got as u64;
     }
-    stream.write_all(&n.to_le_bytes()).await?;
-    stream.close().await
+    writer.write_all(&n.to_le_bytes()).await?;
+    writer.close().await
 }
 
 /// The host task's state: owns the swarm, serves commands and events until every handle is

@@ -4,6 +4,7 @@
 //! Nothing here knows about models: what travels is records and bytes.
 
 pub mod dht;
+pub mod direct;
 pub mod frame;
 pub mod host;
 pub mod identity;

@@ -1,13 +1,14 @@
 //! The host on libp2p's in-memory transport: bulk streams (bytes intact, backpressure) and
-//! relay v2 circuits.
+//! relay v2 circuits; on TCP over loopback: simultaneous dials, direct channels.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use potluck_net::direct;
 use potluck_net::host::{self, ClientMode, Host, NoDht, RelayLimits, Transports};
 use sha2::{Digest, Sha256};
 
@@ -145,4 +146,81 @@ async fn peers_dialing_each_other_at_once_over_tcp_both_connect() {
         ab.unwrap();
         ba.unwrap();
     }
+}
+
+async fn tcp_host() -> Host {
+    let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
+    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    cfg.client_mode = ClientMode::Off;
+    Host::start(cfg, Arc::new(NoDht)).await.unwrap()
+}
+
+/// Probes between TCP hosts go over a direct channel and count every byte; over the libp2p
+/// stream when asked to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_over_tcp_take_a_direct_channel() {
+    let (a, b) = (tcp_host().await, tcp_host().await);
+    assert!(a.direct().is_some() && a.wants_direct(b.peer_id()));
+    let addrs = b.listen_addrs().await.unwrap();
+    let deadline = Duration::from_secs(20);
+    for direct in [true, false] {
+        let p = a
+            .probe_via(b.peer_id(), addrs.clone(), 8 << 20, deadline, direct)
+            .await
+            .unwrap();
+        assert_eq!(p.bytes, 8 << 20);
+        assert!(!p.relayed);
+    }
+    let m = a
+        .measure(
+            b.peer_id(),
+            addrs,
+            Duration::from_millis(200),
+            deadline,
+            true,
+        )
+        .await
+        .unwrap();
+    // Grown past the first MiB until the probe took a quarter of the target (or hit the cap).
+    assert!(m.bytes > 1 << 20 && m.bytes_per_second() > 0.0, "{m:?}");
+    assert!(a.wants_direct(b.peer_id()), "nothing failed");
+}
+
+/// A direct channel that cannot connect (the port closed) leaves both sides on the libp2p
+/// stream, bytes intact, and the peer is not asked for one again for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_direct_port_falls_back_to_the_stream_and_is_remembered() {
+    let (a, b) = (tcp_host().await, tcp_host().await);
+    let mut incoming = b.accept(BULK).unwrap();
+    // An offer for a port nobody listens on any more.
+    let listener = direct::Listener::bind("127.0.0.1".parse().unwrap()).unwrap();
+    let (offer, expected) = listener.expect().unwrap();
+    drop(listener);
+    let addrs = b.listen_addrs().await.unwrap();
+    let deadline = Duration::from_secs(10);
+    let stream = a
+        .open_stream(b.peer_id(), addrs.clone(), BULK, deadline)
+        .await
+        .unwrap();
+    let accepting = tokio::spawn(async move {
+        let (_, stream) = incoming.next().await.unwrap();
+        let bulk = direct::chosen(stream, expected).await.unwrap();
+        assert!(!bulk.is_direct());
+        let (mut r, _w) = bulk.into_split();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let bulk = a
+        .choose_direct(stream, b.peer_id(), &addrs, &offer)
+        .await
+        .unwrap();
+    assert!(!bulk.is_direct());
+    let (_r, mut w) = bulk.into_split();
+    let data = pattern(100_000);
+    w.write_all(&data).await.unwrap();
+    w.close().await.unwrap();
+    assert_eq!(accepting.await.unwrap(), data);
+    assert!(!a.wants_direct(b.peer_id()));
+    assert!(a.wants_direct(PeerId::random()));
 }

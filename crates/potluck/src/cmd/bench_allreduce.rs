@@ -1,8 +1,9 @@
 //! `potluck bench allreduce`: N peer processes on loopback average a buffer of M floats for R
 //! rounds; per round the wall time, bytes sent per peer, effective throughput and peak RSS per
 //! peer. In the same run, between peers 0 and 1 (the same processes), copies of the buffer's
-//! bytes: raw TCP, and a libp2p stream over TCP with noise and with TLS, for the machine's own
-//! limits without and with encryption.
+//! bytes: raw TCP, a libp2p stream over TCP with noise and with TLS, and a direct channel
+//! (TCP + AES-GCM), for the machine's own limits without and with encryption; and ring copies
+//! of an all-reduce's traffic over libp2p streams and over direct channels.
 //!
 //! The parent talks to its peers over their stdin and stdout, one JSON message per line.
 
@@ -46,6 +47,14 @@ pub(crate) struct Args {
     /// Security the peers offer first on TCP: noise or tls.
     #[arg(long, default_value = "noise")]
     pub(crate) security: String,
+    /// Direct channels (TCP + AES-GCM) for the all-reduce's bytes: on, or off (libp2p
+    /// streams only).
+    #[arg(long, default_value = "on")]
+    pub(crate) direct: String,
+    /// Pace each peer's direct channels to this many times its probed rate, shared among its
+    /// flows (0: no pacing).
+    #[arg(long, default_value_t = 1.05)]
+    pub(crate) pace: f64,
     /// Run peer i in network namespace PREFIX{i} at 10.98.0.{i+1}, as `scripts/slowlinks.sh`
     /// builds them (slow links; needs root).
     #[arg(long)]
@@ -68,18 +77,24 @@ enum ToPeer {
         codec: String,
         chunk: usize,
         window: usize,
+        pace: f64,
     },
     /// Run round `round` with the members' measured rates (bytes/s), for the parts.
     Round {
         round: usize,
         rates: Vec<f64>,
     },
-    /// Every peer at once sends `bytes` to the next one over a libp2p stream (the traffic of
-    /// an all-reduce, without its work).
-    Ring {
-        peer: String,
-        addrs: Vec<String>,
+    /// Measure the rate to `to` ([`Host::measure`]).
+    Measure {
+        to: (String, Vec<String>),
+        direct: bool,
+    },
+    /// Send `bytes` to each of `to` at once (every peer at once: the traffic of an all-reduce,
+    /// without its work), over direct channels where `direct`, else libp2p streams.
+    Spread {
+        to: Vec<(String, Vec<String>)>,
         bytes: u64,
+        direct: bool,
     },
     /// Copy `bytes` to this peer (raw TCP at `tcp`, libp2p streams at `addrs`).
     Copy {
@@ -116,9 +131,14 @@ enum FromPeer {
         tcp_s: f64,
         noise_s: f64,
         tls_s: f64,
+        direct_s: f64,
     },
     Rang {
         wall_s: f64,
+    },
+    Measured {
+        /// Bytes per second.
+        rate: f64,
     },
     Failed(String),
 }
@@ -150,10 +170,21 @@ struct Report {
     tcp_copy_s: f64,
     noise_copy_s: f64,
     tls_copy_s: f64,
-    /// Every peer sending what it sends in an all-reduce, at once, to the next peer (median).
+    direct_copy_s: f64,
+    /// Whether the all-reduce used direct channels.
+    direct: bool,
+    /// Every peer sending what it sends in an all-reduce, at once, to the next peer over a
+    /// libp2p stream (median).
     ring_copy_s: f64,
-    /// Median all-reduce wall time over the ring copy's.
+    /// The same over direct channels.
+    direct_ring_copy_s: f64,
+    /// The same traffic from every peer spread evenly over all the others at once (the
+    /// all-reduce's pattern of flows), over the transport the all-reduce used.
+    all_to_all_copy_s: f64,
+    /// Median all-reduce wall time over the libp2p ring copy's.
     ratio_to_ring_copy: f64,
+    /// Median all-reduce wall time over the ring copy's on the transport it used.
+    ratio_to_own_ring_copy: f64,
     /// With --link-mbit: the time to move what one peer sends at the link's rate.
     butterfly_limit_s: Option<f64>,
     hivemind_s: Option<f64>,
@@ -217,6 +248,11 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     args.codec
         .parse::<Codec>()
         .map_err(|e| anyhow::anyhow!(e))?;
+    let direct = match args.direct.as_str() {
+        "on" => true,
+        "off" => false,
+        other => bail!("--direct {other}: use on or off"),
+    };
     let exe = std::env::current_exe()?;
     // Peers share this machine: each gets its share of the cores as runtime threads.
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
@@ -237,6 +273,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         };
         let mut child = command
             .args(["bench", "allreduce-peer", "--security", &args.security])
+            .args(["--direct", &args.direct])
             .args(["--threads", &threads, "--ip", &ip])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -276,26 +313,35 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             codec: args.codec.clone(),
             chunk: args.chunk,
             window: args.window,
+            pace: args.pace,
         })?;
     }
-    // Rates for the parts and timeouts: a short ring of probes before the first round (each
-    // peer's rate sending to the next).
-    let probe_bytes = 4u64 << 20;
-    for (i, p) in procs.iter_mut().enumerate() {
-        let next = &members[(i + 1) % args.peers];
-        p.send(&ToPeer::Ring {
-            peer: next.0.clone(),
-            addrs: next.1.clone(),
-            bytes: probe_bytes,
-        })?;
-    }
-    let mut rates = Vec::new();
-    for p in &mut procs {
-        match p.recv()? {
-            FromPeer::Rang { wall_s } => rates.push(probe_bytes as f64 / wall_s.max(1e-6)),
-            other => bail!("unexpected {other:?}"),
+    // Rates for the parts, timeouts and pacing: rings of measurements before the first round
+    // (each peer's rate sending to the next, all at once); the best of three, since a
+    // measurement can only fall short of a link's capacity (parts sized by rates a third off
+    // on equal links made every round slower).
+    let mut rates = vec![0f64; args.peers];
+    for _ in 0..3 {
+        for (i, p) in procs.iter_mut().enumerate() {
+            p.send(&ToPeer::Measure {
+                to: members[(i + 1) % args.peers].clone(),
+                direct,
+            })?;
+        }
+        for (r, p) in rates.iter_mut().zip(&mut procs) {
+            match p.recv()? {
+                FromPeer::Measured { rate } => *r = r.max(rate),
+                other => bail!("unexpected {other:?}"),
+            }
         }
     }
+    tracing::info!(
+        "measured rates (MB/s): {:?}",
+        rates
+            .iter()
+            .map(|r| (r / 1e4).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         for p in &mut procs {
@@ -346,39 +392,47 @@ pub(crate) fn run(args: &Args) -> Result<()> {
     // buffer's bytes, all at once, to the next peer.
     let n = args.peers;
     let ring_bytes = (2 * (n - 1) * args.numel * 4 / n) as u64;
-    let mut ring = Vec::new();
-    for _ in 0..args.rounds.max(1) {
-        for (i, p) in procs.iter_mut().enumerate() {
-            let next = &members[(i + 1) % n];
-            p.send(&ToPeer::Ring {
-                peer: next.0.clone(),
-                addrs: next.1.clone(),
-                bytes: ring_bytes,
-            })?;
-        }
-        let mut wall = 0f64;
-        for p in &mut procs {
-            match p.recv()? {
-                FromPeer::Rang { wall_s } => wall = wall.max(wall_s),
-                other => bail!("unexpected {other:?}"),
+    // The same traffic spread evenly over the other peers (an all-reduce's pattern of flows).
+    let mut copy = |direct: bool, all: bool| -> Result<f64> {
+        let mut ring = Vec::new();
+        for _ in 0..args.rounds.max(1) {
+            for (i, p) in procs.iter_mut().enumerate() {
+                let (to, bytes) = if all {
+                    let others = (1..n).map(|k| members[(i + k) % n].clone()).collect();
+                    (others, ring_bytes / (n as u64 - 1))
+                } else {
+                    (vec![members[(i + 1) % n].clone()], ring_bytes)
+                };
+                p.send(&ToPeer::Spread { to, bytes, direct })?;
             }
+            let mut wall = 0f64;
+            for p in procs.iter_mut() {
+                match p.recv()? {
+                    FromPeer::Rang { wall_s } => wall = wall.max(wall_s),
+                    other => bail!("unexpected {other:?}"),
+                }
+            }
+            ring.push(wall);
         }
-        ring.push(wall);
-    }
-    ring.sort_by(f64::total_cmp);
-    let ring_copy_s = ring[ring.len() / 2];
+        ring.sort_by(f64::total_cmp);
+        Ok(ring[ring.len() / 2])
+    };
+    let ring_copy_s = copy(false, false)?;
+    let direct_ring_copy_s = if direct { copy(true, false)? } else { f64::NAN };
+    let all_to_all_copy_s = copy(direct, true)?;
     procs[0].send(&ToPeer::Copy {
         peer: members[1].0.clone(),
         addrs: members[1].1.clone(),
         tcp: tcp[1].clone(),
         bytes: (args.numel * 4) as u64,
     })?;
-    let (tcp_s, noise_s, tls_s) = match procs[0].recv()? {
+    let (tcp_s, noise_s, tls_s, direct_s) = match procs[0].recv()? {
         FromPeer::Copied {
             tcp_s,
             noise_s,
             tls_s,
-        } => (tcp_s, noise_s, tls_s),
+            direct_s,
+        } => (tcp_s, noise_s, tls_s, direct_s),
         other => bail!("unexpected {other:?}"),
     };
     drop(procs);
@@ -403,8 +457,18 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         tcp_copy_s: tcp_s,
         noise_copy_s: noise_s,
         tls_copy_s: tls_s,
+        direct_copy_s: direct_s,
+        direct,
         ring_copy_s,
+        direct_ring_copy_s,
+        all_to_all_copy_s,
         ratio_to_ring_copy: median_wall_s / ring_copy_s,
+        ratio_to_own_ring_copy: median_wall_s
+            / if direct {
+                direct_ring_copy_s
+            } else {
+                ring_copy_s
+            },
         butterfly_limit_s: args
             .link_mbit
             .map(|mbit| (2 * (n - 1) * args.numel * 4 / n) as f64 * 8.0 / (mbit * 1e6)),
@@ -415,7 +479,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "all-reduce of {} floats ({:.0} MiB), {} peers {}, codec {}, {} first",
+        "all-reduce of {} floats ({:.0} MiB), {} peers {}, codec {}, {} first, {}",
         report.numel,
         report.buffer_mib,
         report.peers,
@@ -425,7 +489,12 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             "on loopback"
         },
         report.codec,
-        report.security
+        report.security,
+        if direct {
+            "direct channels"
+        } else {
+            "libp2p streams only"
+        }
     );
     println!("round  wall s  sent/peer MB  MB/s   peak RSS per peer (MiB)  complete  max error");
     for r in &report.rounds {
@@ -461,12 +530,24 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         mb / tls_s
     );
     println!(
-        "  libp2p streams, ring       {ring_copy_s:.3} s  (every peer sends {:.0} MB to the next, at once)",
-        ring_bytes as f64 / 1e6
+        "  direct channel (AES-GCM)  {direct_s:.3} s  ({:.0} MB/s)",
+        mb / direct_s
     );
     println!(
-        "median all-reduce {:.3} s = {:.2}× the ring copy (the same traffic, no work)",
-        report.median_wall_s, report.ratio_to_ring_copy
+        "ring copies: every peer sends {:.0} MB to the next, at once (an all-reduce's traffic, no work):",
+        ring_bytes as f64 / 1e6
+    );
+    println!("  over libp2p streams       {ring_copy_s:.3} s");
+    if direct {
+        println!("  over direct channels      {direct_ring_copy_s:.3} s");
+    }
+    println!(
+        "  spread over all others    {all_to_all_copy_s:.3} s  (the all-reduce's flows, {})",
+        if direct { "direct" } else { "libp2p" }
+    );
+    println!(
+        "median all-reduce {:.3} s = {:.2}× the libp2p ring copy, {:.2}× the ring copy over the transport it used",
+        report.median_wall_s, report.ratio_to_ring_copy, report.ratio_to_own_ring_copy
     );
     if let Some(limit) = report.butterfly_limit_s {
         println!(
@@ -490,6 +571,9 @@ pub(crate) fn run(args: &Args) -> Result<()> {
 pub(crate) struct PeerArgs {
     #[arg(long, default_value = "noise")]
     pub(crate) security: String,
+    /// Direct channels for the all-reduce: on or off.
+    #[arg(long, default_value = "on")]
+    pub(crate) direct: String,
     /// Runtime worker threads (the parent gives each peer its share of the cores).
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
@@ -513,10 +597,11 @@ fn say(msg: &FromPeer) -> Result<()> {
     Ok(())
 }
 
-async fn start_host(security: Security, listen: Option<&str>) -> Result<Host> {
+async fn start_host(security: Security, listen: Option<&str>, direct: bool) -> Result<Host> {
     let mut cfg = host::Config::new(identity::generate(), Transports::Network);
     cfg.client_mode = ClientMode::Off;
     cfg.security = security;
+    cfg.direct = direct;
     if let Some(ip) = listen {
         cfg.listen = vec![format!("/ip4/{ip}/tcp/0").parse()?];
     }
@@ -542,7 +627,12 @@ pub(crate) fn peer(args: &PeerArgs) -> Result<()> {
 }
 
 async fn peer_main(args: &PeerArgs) -> Result<()> {
-    let host = start_host(security(&args.security)?, Some(&args.ip)).await?;
+    let host = start_host(
+        security(&args.security)?,
+        Some(&args.ip),
+        args.direct == "on",
+    )
+    .await?;
     let inbox = Inbox::start(&host)?;
     let tcp = tokio::net::TcpListener::bind((args.ip.as_str(), 0)).await?;
     let tcp_addr = tcp.local_addr()?.to_string();
@@ -578,6 +668,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 codec,
                 chunk,
                 window,
+                pace,
             } => {
                 let members = members
                     .iter()
@@ -597,6 +688,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                     chunk,
                     window,
                     plan: CodecPlan::uniform(codec),
+                    pace: (pace > 0.0).then_some(pace),
                     ..Settings::default()
                 };
                 buffer = vec![0f32; numel];
@@ -635,15 +727,40 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                     rate: report.rate(),
                 })?;
             }
-            ToPeer::Ring { peer, addrs, bytes } => {
-                let peer: PeerId = peer.parse()?;
+            ToPeer::Measure { to, direct } => {
+                let peer: PeerId = to.0.parse()?;
                 let addrs: Vec<Multiaddr> =
-                    addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                    to.1.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
                 let probe = host
-                    .probe(peer, addrs, bytes, Duration::from_secs(600))
+                    .measure(
+                        peer,
+                        addrs,
+                        Duration::from_millis(400),
+                        Duration::from_secs(120),
+                        direct,
+                    )
                     .await?;
+                say(&FromPeer::Measured {
+                    rate: probe.bytes_per_second(),
+                })?;
+            }
+            ToPeer::Spread { to, bytes, direct } => {
+                let mut probes = Vec::new();
+                for (peer, addrs) in to {
+                    let peer: PeerId = peer.parse()?;
+                    let addrs: Vec<Multiaddr> =
+                        addrs.iter().map(|a| a.parse()).collect::<Result<_, _>>()?;
+                    let host = &host;
+                    probes.push(async move {
+                        let t = Instant::now();
+                        host.probe_via(peer, addrs, bytes, Duration::from_secs(600), direct)
+                            .await?;
+                        Ok::<f64, host::Error>(t.elapsed().as_secs_f64())
+                    });
+                }
+                let walls = futures::future::try_join_all(probes).await?;
                 say(&FromPeer::Rang {
-                    wall_s: probe.elapsed.as_secs_f64(),
+                    wall_s: walls.into_iter().fold(0.0, f64::max),
                 })?;
             }
             ToPeer::Copy {
@@ -660,14 +777,19 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 let mut stream_s = Vec::new();
                 for s in [Security::Noise, Security::Tls] {
                     // A dialer's first offer is what gets negotiated (both sides accept both).
-                    let dialer = start_host(s, None).await?;
+                    let dialer = start_host(s, None, false).await?;
                     let probe = dialer.probe(peer, addrs.clone(), bytes, deadline).await?;
                     stream_s.push(probe.elapsed.as_secs_f64());
                 }
+                let direct = start_host(Security::Noise, None, true)
+                    .await?
+                    .probe_via(peer, addrs.clone(), bytes, deadline, true)
+                    .await?;
                 say(&FromPeer::Copied {
                     tcp_s,
                     noise_s: stream_s[0],
                     tls_s: stream_s[1],
+                    direct_s: direct.elapsed.as_secs_f64(),
                 })?;
             }
             ToPeer::Exit => break,
