@@ -562,8 +562,9 @@ impl<T: Trainable> Collab<T> {
         let enough = !alone && committed >= self.settings.target_batch;
         // An auxiliary peer computes nothing: it averages and keeps the state.
         let idle = self.settings.mode == Mode::Auxiliary;
-        if idle || enough {
-            if self.rate != 0.0 {
+        let yields = !alone && !enough && view.as_ref().is_some_and(|v| self.yields(v, committed));
+        if idle || enough || yields {
+            if self.rate != 0.0 && !yields {
                 self.rate_paused();
             }
             // Until the swarm's view changes, or the group forms.
@@ -613,6 +614,28 @@ impl<T: Trainable> Collab<T> {
         self.loss.add_weighted(&loss);
         self.report(true);
         Ok(Tick::Computed(loss))
+    }
+
+    /// Whether this peer leaves the epoch's last samples to others for now. Near the target,
+    /// every peer starting a micro-batch at once overshoots it by up to a micro-batch each
+    /// (three `small` peers with micro-batches of 16 made epochs of 96 for a target of 64):
+    /// when the samples still missing need fewer micro-batches than there are peers in the
+    /// epoch, each starts one with the probability that makes that many start on average, and
+    /// the others wait for the next view (where those started show).
+    fn yields(&self, view: &View, committed: u64) -> bool {
+        let micro = self.micro_samples;
+        let missing = self.settings.target_batch.saturating_sub(committed);
+        if micro == 0 || missing == 0 {
+            return false;
+        }
+        let others = if view.others_state.epoch == self.epoch {
+            view.others_state.in_epoch
+        } else {
+            0
+        };
+        let peers = others as u64 + 1;
+        let needed = missing.div_ceil(micro);
+        needed < peers && rand::random::<f64>() >= needed as f64 / peers as f64
     }
 
     /// Tells the swarm this peer stopped computing for the epoch (its rate no longer counts).

@@ -173,6 +173,8 @@ struct Report {
     direct_copy_s: f64,
     /// Whether the all-reduce used direct channels.
     direct: bool,
+    /// Each peer's measured rate to the next (MB/s), for the parts and the pacing.
+    rates_mb_s: Vec<f64>,
     /// Every peer sending what it sends in an all-reduce, at once, to the next peer over a
     /// libp2p stream (median).
     ring_copy_s: f64,
@@ -335,13 +337,6 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    tracing::info!(
-        "measured rates (MB/s): {:?}",
-        rates
-            .iter()
-            .map(|r| (r / 1e4).round() / 100.0)
-            .collect::<Vec<_>>()
-    );
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         for p in &mut procs {
@@ -459,6 +454,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         tls_copy_s: tls_s,
         direct_copy_s: direct_s,
         direct,
+        rates_mb_s: rates.iter().map(|r| r / 1e6).collect(),
         ring_copy_s,
         direct_ring_copy_s,
         all_to_all_copy_s,
@@ -494,6 +490,20 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             "direct channels"
         } else {
             "libp2p streams only"
+        }
+    );
+    let rates: Vec<String> = report
+        .rates_mb_s
+        .iter()
+        .map(|r| format!("{r:.1}"))
+        .collect();
+    println!(
+        "measured rates, each peer to the next (MB/s): {}{}",
+        rates.join(" "),
+        if args.pace > 0.0 {
+            format!("; direct channels paced to {}× them", args.pace)
+        } else {
+            String::new()
         }
     );
     println!("round  wall s  sent/peer MB  MB/s   peak RSS per peer (MiB)  complete  max error");
