@@ -6,6 +6,7 @@
 # downloading its state, and the swarm's loss over the epochs.
 #
 #   scripts/churn.sh OUT [N] [EVERY] -- TRAIN-ARGS...
+#   REPORT_ONLY=1 scripts/churn.sh OUT N EVERY -- TRAIN-ARGS...   (score an earlier run's logs)
 #   e.g. scripts/churn.sh runs/churn 6 20 -- --config small --data data/shapes \
 #            --target-batch-size 256 --epochs 30 --warmup 5 --micro-batch 16
 #
@@ -20,6 +21,13 @@ BIN=${POTLUCK:-target/release/potluck}
 RUN=${RUN:-churn-$$}
 EPOCHS=$(printf '%s\n' "$@" | grep -A1 -x -- --epochs | tail -1)
 [ -n "$EPOCHS" ] || { echo "give --epochs" >&2; exit 2; }
+if [ "${REPORT_ONLY:-}" = 1 ]; then
+    # Score the logs of an earlier run in OUT (N, EVERY and the arguments as it had them).
+    next=$(ls "$OUT"/peer*.log | wc -l)
+    oldest=$((next - N))
+    killed=$oldest
+    started=$(date +%s)
+else
 rm -rf "$OUT"
 mkdir -p "$OUT"
 
@@ -67,6 +75,8 @@ status=0
 for i in "${!pid[@]}"; do wait "${pid[$i]}" || { echo "peer $i failed" >&2; status=1; }; done
 pid=()
 kill "$boot" 2>/dev/null || true
+fi
+status=${status:-0}
 
 echo "== $killed peers killed in $(($(date +%s) - started)) s; $N alive at any time"
 for i in $(seq "$oldest" $((next - 1))); do
@@ -77,24 +87,28 @@ if grep -l -E "loss NaN|not finite|non-finite" "$OUT"/peer*.log; then
     echo "non-finite values above" >&2
     status=1
 fi
-# A newcomer downloads the state of epoch E; it should end epoch E+1 with the swarm (in a group).
+# A newcomer holds the swarm's parameters as soon as it downloaded the state of epoch E. It
+# joins mid-way through epoch E; if that epoch's group formed before it came, it downloads
+# E+1's state at the epoch's end and averages in E+1 (step E+2): it should be in a group by then.
 echo "== newcomers: the state they downloaded, and their first epoch with the swarm"
 for i in $(seq "$N" $((next - 1))); do
     log="$OUT/peer$i.log"
-    e=$(grep -o "downloaded the swarm's state at epoch [0-9]*" "$log" | grep -o "[0-9]*$" || true)
+    downloads=$(grep -o "^downloaded the swarm's state at epoch [0-9]*" "$log" | grep -o "[0-9]*$" || true)
+    e=$(echo "$downloads" | head -1)
     if [ -z "$e" ]; then
         # Killed before it joined, or the run ended first.
         echo "peer $i: no download (log: $(tail -1 "$log" | cut -c1-100))"
         continue
     fi
     first=$(grep -o "epoch [0-9]* done: .* in a group of [0-9]*" "$log" |
-        awk '$NF > 1 { print $2; exit }')
+        awk '$NF > 1 { print $2; exit }' || true)
+    got="downloaded epoch$(echo "$downloads" | tr '\n' ' ' | sed 's/ $//; s/ /, /g; s/^/ /')"
     if [ -z "$first" ]; then
-        echo "peer $i: downloaded epoch $e, killed before an epoch with the swarm"
-    elif [ "$first" -le $((e + 1)) ]; then
-        echo "peer $i: downloaded epoch $e, averaged with the swarm at epoch $first"
+        echo "peer $i: $got, no epoch with the swarm (killed first, or the run ended)"
+    elif [ "$first" -le $((e + 2)) ]; then
+        echo "peer $i: $got, averaged with the swarm in step $first"
     else
-        echo "peer $i: downloaded epoch $e, but first averaged at epoch $first" >&2
+        echo "peer $i: $got, but first averaged in step $first" >&2
         status=1
     fi
 done

@@ -630,6 +630,7 @@ async fn run(
                     &crash,
                     &uplink,
                     counters.clone(),
+                    &inbox.host,
                 )
                 .await,
             ),
@@ -660,6 +661,19 @@ async fn run(
     Ok(report)
 }
 
+/// Why opening a stream failed.
+enum Open {
+    /// No connection to the member could be made (a process gone refuses at once).
+    Unreachable(String),
+    /// Connected, but the stream failed or was refused (the round not started there yet,
+    /// say): worth another try until the open deadline.
+    Retry(String),
+}
+
+/// Times a member may be found unreachable before the round goes on without it (a member
+/// killed after its group formed would otherwise hold everyone up for the open timeout).
+const UNREACHABLE_TRIES: usize = 3;
+
 /// Opens a stream to member `j`, says hello and moves to a direct channel where the member
 /// offers one and it connects; retries refusals until the open deadline (a reducer that has
 /// not started the round yet refuses it as unknown).
@@ -679,47 +693,64 @@ async fn open(
         direct: inbox.host.wants_direct(member.peer),
     };
     let mut backoff = Duration::from_millis(20);
+    let mut unreachable = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err("no stream within the open timeout".into());
         }
         let attempt = async {
-            let mut stream = inbox
+            let mut stream = match inbox
                 .host
                 .open_stream(member.peer, member.addrs.clone(), PROTOCOL, left)
                 .await
-                .map_err(|e| e.to_string())?;
+            {
+                Ok(stream) => stream,
+                // No connection could be made: the member is likely gone.
+                Err(e @ (host::Error::Rpc { .. } | host::Error::Dial { .. })) => {
+                    return Err(Open::Unreachable(e.to_string()));
+                }
+                Err(e) => return Err(Open::Retry(e.to_string())),
+            };
             write_message(&mut stream, &hello)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Open::Retry(e.to_string()))?;
             let bulk = match read_control::<Ack>(&mut stream).await {
                 Ok(Ack::Ok) => {
                     let (r, w) = direct::Bulk::Stream(stream).into_split();
                     return Ok((r, w, None));
                 }
-                Ok(Ack::Refused(why)) => return Err(why),
+                Ok(Ack::Refused(why)) => return Err(Open::Retry(why)),
                 Ok(Ack::Direct(offer)) => inbox
                     .host
                     .choose_direct(stream, member.peer, &member.addrs, &offer)
                     .await
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| Open::Retry(e.to_string()))?,
                 // Dropped unread (the accept queue was full) or reset: try again.
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Open::Retry(e.to_string())),
             };
             let pacing = bulk.pacing();
             let (mut reader, writer) = bulk.into_split();
             // The final answer comes on the channel chosen.
             match read_control::<Ack>(&mut reader).await {
                 Ok(Ack::Ok) => Ok((reader, writer, pacing)),
-                Ok(Ack::Refused(why)) => Err(why),
-                Ok(Ack::Direct(_)) => Err("a second direct offer".into()),
-                Err(e) => Err(e.to_string()),
+                Ok(Ack::Refused(why)) => Err(Open::Retry(why)),
+                Ok(Ack::Direct(_)) => Err(Open::Retry("a second direct offer".into())),
+                Err(e) => Err(Open::Retry(e.to_string())),
             }
         };
         match tokio::time::timeout(left, attempt).await {
             Ok(Ok(halves)) => return Ok(halves),
-            Ok(Err(why)) => tracing::debug!("opening a stream to member {j}: {why}; retrying"),
+            Ok(Err(Open::Unreachable(why))) => {
+                unreachable += 1;
+                if unreachable >= UNREACHABLE_TRIES {
+                    return Err(format!("no connection in {unreachable} tries: {why}"));
+                }
+                tracing::debug!("connecting to member {j}: {why}; retrying");
+            }
+            Ok(Err(Open::Retry(why))) => {
+                tracing::debug!("opening a stream to member {j}: {why}; retrying");
+            }
             Err(_) => return Err("no stream within the open timeout".into()),
         }
         tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -996,6 +1027,52 @@ impl Drop for Flow {
     }
 }
 
+/// Aborts a task when dropped.
+struct Abort(tokio::task::JoinHandle<()>);
+
+impl Drop for Abort {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often a reducer checks on members that have not opened their streams yet.
+const WATCH: Duration = Duration::from_secs(1);
+
+/// Tells the reducer about members that have not opened their stream and to which no
+/// connection can be made [`UNREACHABLE_TRIES`] times in a row, [`WATCH`] apart (a member
+/// killed after its group formed would otherwise hold the part up for the open timeout).
+async fn watch_missing(
+    host: Host,
+    members: Vec<Member>,
+    missing: Arc<Mutex<Vec<bool>>>,
+    gone: mpsc::Sender<usize>,
+) {
+    let mut failures = vec![0usize; members.len()];
+    loop {
+        tokio::time::sleep(WATCH).await;
+        let wanted: Vec<usize> = lock(&missing)
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| **m)
+            .map(|(i, _)| i)
+            .collect();
+        if wanted.is_empty() {
+            return;
+        }
+        for i in wanted {
+            let m = &members[i];
+            match host.connect(m.peer, m.addrs.clone(), WATCH).await {
+                Err(host::Error::Rpc { .. } | host::Error::Dial { .. }) => failures[i] += 1,
+                _ => failures[i] = 0,
+            }
+            if failures[i] == UNREACHABLE_TRIES && gone.send(i).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// What a member's round counts as it goes.
 #[derive(Debug, Default)]
 struct Counters {
@@ -1134,6 +1211,7 @@ async fn reduce(
     crash: &Crash,
     uplink: &Arc<Uplink>,
     counters: Arc<Counters>,
+    host: &Host,
 ) -> (PartResult, Vec<(usize, String)>) {
     let started = Instant::now();
     let n = group.members.len();
@@ -1156,6 +1234,15 @@ async fn reduce(
     let mut weights = vec![0f32; n];
     weights[me] = weight;
     let open_deadline = tokio::time::Instant::now() + settings.open_timeout;
+    // Members gone since the group formed are given up on before the open deadline.
+    let missing = Arc::new(Mutex::new(joined.iter().map(|j| !j).collect::<Vec<bool>>()));
+    let (gone_tx, mut gone) = mpsc::channel::<usize>(n.max(1));
+    let _watcher = Abort(tokio::spawn(watch_missing(
+        host.clone(),
+        group.members.clone(),
+        missing.clone(),
+        gone_tx,
+    )));
     let mut result = PartResult {
         reducer: me,
         range: range.clone(),
@@ -1272,6 +1359,7 @@ async fn reduce(
                     continue;
                 }
                 joined[s] = true;
+                lock(&missing)[s] = false;
                 weights[s] = if group.sends(s) && hello.weight.is_finite() { hello.weight.max(0.0) } else { 0.0 };
                 let (tx, rx) = mpsc::channel(chunks.len().max(1));
                 // Chunks already averaged go out first.
@@ -1303,6 +1391,15 @@ async fn reduce(
                     ));
                 }
             },
+            Some(s) = gone.recv(), if joining => {
+                if !joined[s] {
+                    joined[s] = true;
+                    if live[s] {
+                        live[s] = false;
+                        excluded.push((s, "gone: no connection to it can be made".into()));
+                    }
+                }
+            }
             _ = tokio::time::sleep_until(open_deadline), if joining => {
                 for s in 0..n {
                     if !joined[s] {

@@ -474,3 +474,91 @@ async fn error_feedback_cancels_what_8_bit_rounding_leaves_out_over_rounds() {
         worst[1]
     );
 }
+
+/// A member whose process is gone after its group formed (its host's runtime shut down:
+/// every socket closed, as a SIGKILL leaves it) is given up on as soon as no connection to it
+/// can be made — by the members that would send to it and by the reducers that wait for its
+/// stream — not after the open timeout (a minute here: the round could not finish without the
+/// check before the test harness gives up, and the reasons say which way it went).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out_the_timeout() {
+    let n = 4;
+    let peers = peers_on(n - 1, On::Tcp).await;
+    // The victim lives on a runtime of its own, on a thread of its own.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (kill, killed) = std::sync::mpsc::sync_channel::<()>(1);
+    let victim = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let peer = rt.block_on(peers_on(1, On::Tcp)).pop().unwrap();
+        let addrs = rt.block_on(peer.host.listen_addrs()).unwrap();
+        tx.send((peer.host.peer_id(), addrs)).unwrap();
+        killed.recv().unwrap();
+        drop(peer);
+        rt.shutdown_background();
+    });
+    let (victim_id, victim_addrs) = rx.await.unwrap();
+    let len = 4_000 * n;
+    let mut members = Vec::new();
+    for p in &peers {
+        members.push(Member {
+            peer: p.host.peer_id(),
+            addrs: p.host.listen_addrs().await.unwrap(),
+            mode: Mode::Full,
+            rate: 1e7,
+        });
+    }
+    members.push(Member {
+        peer: victim_id,
+        addrs: victim_addrs,
+        mode: Mode::Full,
+        rate: 1e7,
+    });
+    let g = Group::new(rand::random(), members, len).unwrap();
+    // Everyone knows the victim (connected) before it goes.
+    for p in &peers {
+        p.host
+            .connect(
+                victim_id,
+                g.members[n - 1].addrs.clone(),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
+    }
+    kill.send(()).unwrap();
+    victim.join().unwrap();
+    let slow = Settings {
+        open_timeout: Duration::from_secs(60),
+        ..settings(Codec::None)
+    };
+    let inputs = buffers(n, len, 7);
+    let weights = vec![1.0; n];
+    // `round` runs the members it has peers for: all but the victim.
+    let results = round(&peers, &g, &weights, &inputs, &vec![slow; n], &[true; 4]).await;
+    let survivors = [0, 1, 2];
+    let want = reference(&inputs, &weights, &survivors);
+    for (i, (buffer, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        for part in &report.parts {
+            let r = part.range.clone();
+            if part.reducer == n - 1 {
+                // Its part never came back: our own values stay.
+                assert_eq!(part.chunks_done, 0, "member {i}: {part:?}");
+                assert_eq!(&buffer[r.clone()], &inputs[i][r]);
+            } else {
+                assert!(part.complete(), "member {i}: {part:?}");
+                assert!(max_diff(&buffer[r.clone()], &want[r]) <= 1e-6);
+            }
+        }
+        // Our reducer gave the victim up because it is gone, not because time ran out.
+        let why = report
+            .excluded
+            .iter()
+            .find(|(s, _)| *s == n - 1)
+            .map(|(_, why)| why.as_str());
+        assert!(
+            why.is_some_and(|w| w.starts_with("gone")),
+            "member {i}: {report:?}"
+        );
+    }
+}
