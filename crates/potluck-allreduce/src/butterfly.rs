@@ -325,7 +325,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Inbox {
     host: Host,
     rounds: Rounds,
+    /// Members found gone lately (no connection could be made), and when: the next rounds
+    /// (the state averaging right after a gradient's, say) go on without them at once.
+    gone: Arc<Mutex<HashMap<PeerId, Instant>>>,
 }
+
+/// How long a member found gone is left out of new rounds (unless it opens a stream first).
+pub const GONE_FOR: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -362,7 +368,24 @@ impl Inbox {
         Ok(Inbox {
             host: host.clone(),
             rounds,
+            gone: Arc::default(),
         })
+    }
+
+    /// Records that no connection to `peer` could be made.
+    fn note_gone(&self, peer: PeerId) {
+        let mut gone = lock(&self.gone);
+        gone.retain(|_, at| at.elapsed() < GONE_FOR);
+        if gone.len() < 4096 {
+            gone.insert(peer, Instant::now());
+        }
+    }
+
+    /// Whether `peer` was found gone in the last [`GONE_FOR`].
+    fn is_gone(&self, peer: &PeerId) -> bool {
+        lock(&self.gone)
+            .get(peer)
+            .is_some_and(|at| at.elapsed() < GONE_FOR)
     }
 
     fn register(&self, round: [u8; 32], capacity: usize) -> Registration {
@@ -630,7 +653,7 @@ async fn run(
                     &crash,
                     &uplink,
                     counters.clone(),
-                    &inbox.host,
+                    inbox,
                 )
                 .await,
             ),
@@ -670,8 +693,9 @@ enum Open {
     Retry(String),
 }
 
-/// Times a member may be found unreachable before the round goes on without it (a member
-/// killed after its group formed would otherwise hold everyone up for the open timeout).
+/// Times a member may be found unreachable, [`WATCH`] apart, before the round goes on without
+/// it and the next rounds leave it out for [`GONE_FOR`] (a member killed after its group formed
+/// would otherwise hold everyone up for the open timeout, round after round).
 const UNREACHABLE_TRIES: usize = 3;
 
 /// Opens a stream to member `j`, says hello and moves to a direct channel where the member
@@ -692,6 +716,9 @@ async fn open(
         weight,
         direct: inbox.host.wants_direct(member.peer),
     };
+    if inbox.is_gone(&member.peer) {
+        return Err("found gone lately".into());
+    }
     let mut backoff = Duration::from_millis(20);
     let mut unreachable = 0;
     loop {
@@ -744,9 +771,12 @@ async fn open(
             Ok(Err(Open::Unreachable(why))) => {
                 unreachable += 1;
                 if unreachable >= UNREACHABLE_TRIES {
+                    inbox.note_gone(member.peer);
                     return Err(format!("no connection in {unreachable} tries: {why}"));
                 }
                 tracing::debug!("connecting to member {j}: {why}; retrying");
+                // Tries a watch interval apart, as the reducers' (a blip is not a death).
+                backoff = backoff.max(WATCH);
             }
             Ok(Err(Open::Retry(why))) => {
                 tracing::debug!("opening a stream to member {j}: {why}; retrying");
@@ -1037,7 +1067,7 @@ impl Drop for Abort {
 }
 
 /// How often a reducer checks on members that have not opened their streams yet.
-const WATCH: Duration = Duration::from_secs(1);
+const WATCH: Duration = Duration::from_millis(500);
 
 /// Tells the reducer about members that have not opened their stream and to which no
 /// connection can be made [`UNREACHABLE_TRIES`] times in a row, [`WATCH`] apart (a member
@@ -1211,7 +1241,7 @@ async fn reduce(
     crash: &Crash,
     uplink: &Arc<Uplink>,
     counters: Arc<Counters>,
-    host: &Host,
+    inbox: &Inbox,
 ) -> (PartResult, Vec<(usize, String)>) {
     let started = Instant::now();
     let n = group.members.len();
@@ -1230,6 +1260,15 @@ async fn reduce(
     // Senders whose contributions each chunk still waits for.
     let mut live: Vec<bool> = (0..n).map(|i| i != me && group.sends(i)).collect();
     let mut excluded: Vec<(usize, String)> = Vec::new();
+    for (i, m) in group.members.iter().enumerate() {
+        if i != me && inbox.is_gone(&m.peer) {
+            joined[i] = true;
+            if live[i] {
+                live[i] = false;
+                excluded.push((i, "gone: found unreachable lately".into()));
+            }
+        }
+    }
     let mut pending: HashMap<usize, Vec<Option<Vec<f32>>>> = HashMap::new();
     let mut weights = vec![0f32; n];
     weights[me] = weight;
@@ -1238,7 +1277,7 @@ async fn reduce(
     let missing = Arc::new(Mutex::new(joined.iter().map(|j| !j).collect::<Vec<bool>>()));
     let (gone_tx, mut gone) = mpsc::channel::<usize>(n.max(1));
     let _watcher = Abort(tokio::spawn(watch_missing(
-        host.clone(),
+        inbox.host.clone(),
         group.members.clone(),
         missing.clone(),
         gone_tx,
@@ -1392,6 +1431,7 @@ async fn reduce(
                 }
             },
             Some(s) = gone.recv(), if joining => {
+                inbox.note_gone(group.members[s].peer);
                 if !joined[s] {
                     joined[s] = true;
                     if live[s] {

@@ -534,7 +534,15 @@ async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out
     let inputs = buffers(n, len, 7);
     let weights = vec![1.0; n];
     // `round` runs the members it has peers for: all but the victim.
-    let results = round(&peers, &g, &weights, &inputs, &vec![slow; n], &[true; 4]).await;
+    let results = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![slow.clone(); n],
+        &[true; 4],
+    )
+    .await;
     let survivors = [0, 1, 2];
     let want = reference(&inputs, &weights, &survivors);
     for (i, (buffer, report)) in results.iter().enumerate() {
@@ -559,6 +567,28 @@ async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out
         assert!(
             why.is_some_and(|w| w.starts_with("gone")),
             "member {i}: {report:?}"
+        );
+    }
+    // The next round with the same group (the state averaging after a gradient's) leaves the
+    // victim out from the start.
+    let mut next = g.clone();
+    next.round[31] ^= 1;
+    let results = round(&peers, &next, &weights, &inputs, &vec![slow; n], &[true; 4]).await;
+    for (i, (_, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        let why = report.excluded.iter().find(|(s, _)| *s == n - 1);
+        assert!(
+            why.is_some_and(|(_, w)| w == "gone: found unreachable lately"),
+            "member {i}: {report:?}"
+        );
+        let lost = report.parts.iter().find(|p| p.reducer == n - 1).unwrap();
+        assert_eq!(lost.chunks_done, 0);
+        assert!(
+            report
+                .parts
+                .iter()
+                .filter(|p| p.reducer != n - 1)
+                .all(|p| p.complete())
         );
     }
 }
