@@ -57,7 +57,8 @@ killed=0
 started=$(date +%s)
 # Kill and replace on schedule while the run goes on (it ends when a peer finishes).
 while sleep "$EVERY"; do
-    finished=$(cat "$OUT"/peer*.log | grep -c "trained to epoch" || true)
+    # Ended (or ending: a newcomer would find no one left to download from).
+    finished=$(cat "$OUT"/peer*.log | grep -c -e "trained to epoch" -e "epoch $EPOCHS done" || true)
     [ "$finished" -gt 0 ] && break
     alive=0
     for p in "${pid[@]}"; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done

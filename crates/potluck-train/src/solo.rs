@@ -10,7 +10,7 @@ use crate::optim::{self, Optimizer};
 /// Errors of a training step.
 #[derive(Debug, thiserror::Error)]
 pub enum Error<E: std::error::Error + 'static> {
-    #[error("model: {0}")]
+    #[error("model")]
     Model(#[source] E),
     #[error(transparent)]
     Optimizer(#[from] optim::Error),

@@ -103,7 +103,11 @@ impl Shape {
 /// Why a download failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no donor to download from")]
+    #[error(
+        "no donor to download from (the peers that report holding the run's state could not be \
+         reached: they may have left, or the run ended; try again, or start the run anew from \
+         a checkpoint with --init)"
+    )]
     NoDonors,
     #[error("no donor sent a manifest: {0}")]
     NoManifest(String),

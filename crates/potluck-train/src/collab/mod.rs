@@ -126,9 +126,9 @@ impl Settings {
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
 pub enum Error<E: std::error::Error + 'static> {
-    #[error("model: {0}")]
+    #[error("model")]
     Model(#[source] E),
-    #[error("data: {0}")]
+    #[error("data")]
     Data(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Optimizer(#[from] optim::Error),
@@ -136,7 +136,7 @@ pub enum Error<E: std::error::Error + 'static> {
     Dht(#[from] dht::Error),
     #[error(transparent)]
     Host(#[from] potluck_net::host::Error),
-    #[error("state download: {0}")]
+    #[error("state download")]
     Sync(#[from] sync::Error),
 }
 
