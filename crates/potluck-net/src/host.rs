@@ -877,12 +877,13 @@ impl Host {
                 None => Ok(direct::Bulk::Stream(stream)),
             }
         };
+        let timed_out = |_| Error::Timeout {
+            peer,
+            after: deadline,
+        };
         let bulk = tokio::time::timeout(deadline, setup)
             .await
-            .map_err(|_| Error::Timeout {
-                peer,
-                after: deadline,
-            })?
+            .map_err(timed_out)?
             .map_err(failed)?;
         let (mut reader, mut writer) = bulk.into_split();
         let started = Instant::now();
@@ -901,10 +902,7 @@ impl Host {
         };
         let confirmed = tokio::time::timeout(deadline, send)
             .await
-            .map_err(|_| Error::Timeout {
-                peer,
-                after: deadline,
-            })?
+            .map_err(timed_out)?
             .map_err(failed)?;
         let elapsed = started.elapsed();
         if confirmed != bytes {
