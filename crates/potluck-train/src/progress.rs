@@ -44,6 +44,8 @@ pub struct SwarmState {
     /// Live peers (reports not older than the staleness limit), and those in the epoch.
     pub peers: usize,
     pub in_epoch: usize,
+    /// Peers in the epoch that compute (samples or a rate in it; not an aux peer).
+    pub computing: usize,
     /// Estimated time until the target is reached (zero once it is; `None` with no rate).
     pub eta: Option<Duration>,
 }
@@ -102,6 +104,10 @@ pub fn swarm_state(
         samples_per_second: rate,
         peers: live.len(),
         in_epoch: current.len(),
+        computing: current
+            .iter()
+            .filter(|r| r.samples > 0 || r.samples_per_second > 0.0)
+            .count(),
         eta,
     }
 }

@@ -128,7 +128,7 @@ fn a_poisoned_batch_rolls_every_peer_back_to_the_same_good_state() {
                     } else {
                         1.0
                     };
-                    let mut next = || Ok(scale);
+                    let mut next = |_| Ok(scale);
                     match peer.tick(&mut next).await.unwrap() {
                         Tick::Epoch(r) => {
                             at.push((r.epoch, peer.params().to_vec()));

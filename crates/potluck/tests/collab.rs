@@ -144,7 +144,7 @@ fn together(delayed: bool, tolerance: f64, max_batch: f64) {
                     let opt = optimizer(m.layout());
                     let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
                     let mut rng = ChaCha8Rng::seed_from_u64(200 + i as u64);
-                    let mut next = || Ok(batch(&mut rng, MICRO));
+                    let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
                     // The parameters at each epoch boundary, and what each epoch was.
                     let mut at = Vec::new();
                     let mut epochs = Vec::new();

@@ -237,7 +237,7 @@ pub struct Collab<T: Trainable> {
     joined: Option<sync::Report>,
     /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
     missed: Option<u64>,
-    /// Samples in the last micro-batch, and samples/s (smoothed).
+    /// Samples in a full micro-batch (the largest computed), and samples/s (smoothed).
     micro_samples: u64,
     rate: f64,
     started_computing: Option<Instant>,
@@ -492,10 +492,11 @@ impl<T: Trainable> Collab<T> {
 
     /// Does the next thing due: downloads the state if the swarm is ahead, averages and steps
     /// if the epoch's deadline has come, computes one micro-batch from `next` if the swarm
-    /// still needs samples, or waits a moment.
+    /// still needs samples, or waits a moment. `next(n)` gives a micro-batch of at most `n`
+    /// samples: the epoch's last one is cut to what the swarm still lacks.
     pub async fn tick(
         &mut self,
-        next: &mut dyn FnMut() -> Result<T::Batch, Box<dyn std::error::Error + Send + Sync>>,
+        next: &mut dyn FnMut(usize) -> Result<T::Batch, Box<dyn std::error::Error + Send + Sync>>,
     ) -> Result<Tick, Error<T::Error>> {
         // A step done in the background: its parameters go in now (between micro-batches).
         if self.busy.as_ref().is_some_and(|b| b.is_finished())
@@ -562,9 +563,8 @@ impl<T: Trainable> Collab<T> {
         let enough = !alone && committed >= self.settings.target_batch;
         // An auxiliary peer computes nothing: it averages and keeps the state.
         let idle = self.settings.mode == Mode::Auxiliary;
-        let yields = !alone && !enough && view.as_ref().is_some_and(|v| self.yields(v, committed));
-        if idle || enough || yields {
-            if self.rate != 0.0 && !yields {
+        if idle || enough {
+            if self.rate != 0.0 {
                 self.rate_paused();
             }
             // Until the swarm's view changes, or the group forms.
@@ -583,11 +583,15 @@ impl<T: Trainable> Collab<T> {
             }
             return Ok(Tick::Waited);
         }
-        let batch = next().map_err(Error::Data)?;
-        // The swarm counts this micro-batch from now (of the last one's size).
+        let share = match &view {
+            Some(v) if !alone => self.share(v, committed),
+            _ => u64::MAX,
+        };
+        let batch = next(usize::try_from(share).unwrap_or(usize::MAX)).map_err(Error::Data)?;
+        // The swarm counts this micro-batch from now (of a full one's size, or the share).
         let last = *self.local.borrow();
         self.local.send_replace(Local {
-            samples: self.samples + self.micro_samples,
+            samples: self.samples + self.micro_samples.min(share),
             ..last
         });
         let started = Instant::now();
@@ -597,7 +601,7 @@ impl<T: Trainable> Collab<T> {
             .map_err(Error::Model)?;
         let took = started.elapsed().as_secs_f64();
         let n = loss.samples as u64;
-        self.micro_samples = n;
+        self.micro_samples = self.micro_samples.max(n);
         // Samples per second of wall time while computing (gaps between ticks included).
         let since = self
             .started_computing
@@ -616,26 +620,26 @@ impl<T: Trainable> Collab<T> {
         Ok(Tick::Computed(loss))
     }
 
-    /// Whether this peer leaves the epoch's last samples to others for now. Near the target,
-    /// every peer starting a micro-batch at once overshoots it by up to a micro-batch each
-    /// (three `small` peers with micro-batches of 16 made epochs of 96 for a target of 64):
-    /// when the samples still missing need fewer micro-batches than there are peers in the
-    /// epoch, each starts one with the probability that makes that many start on average, and
-    /// the others wait for the next view (where those started show).
-    fn yields(&self, view: &View, committed: u64) -> bool {
+    /// How many samples this peer computes next: a whole micro-batch while the swarm lacks
+    /// more than a micro-batch per computing peer; near the target, an equal share of what it
+    /// lacks. Every peer starting a whole micro-batch there overshot the target by up to a
+    /// micro-batch each (three `small` peers with micro-batches of 16 made epochs of 80–96 for
+    /// a target of 64, and starting with a probability still 74 on average); equal shares end
+    /// the epoch together, within a few samples of the target, and sooner.
+    fn share(&self, view: &View, committed: u64) -> u64 {
         let micro = self.micro_samples;
-        let missing = self.settings.target_batch.saturating_sub(committed);
-        if micro == 0 || missing == 0 {
-            return false;
-        }
+        let lacking = self.settings.target_batch.saturating_sub(committed).max(1);
         let others = if view.others_state.epoch == self.epoch {
-            view.others_state.in_epoch
+            view.others_state.computing
         } else {
             0
         };
         let peers = others as u64 + 1;
-        let needed = missing.div_ceil(micro);
-        needed < peers && rand::random::<f64>() >= needed as f64 / peers as f64
+        if micro == 0 || lacking >= micro * peers {
+            u64::MAX
+        } else {
+            lacking.div_ceil(peers)
+        }
     }
 
     /// Tells the swarm this peer stopped computing for the epoch (its rate no longer counts).

@@ -110,7 +110,7 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
         args.checkpoint_dir.display()
     );
     let started = Instant::now();
-    let mut never = || -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
+    let mut never = |_: usize| -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
         Err("an aux peer computes nothing".into())
     };
     loop {

@@ -264,16 +264,17 @@ async fn train(
     let throttle = swarm.throttle;
     // The last micro-batch, for --throttle's extra passes.
     let last = std::cell::RefCell::new(None);
-    let mut next = || -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
-        let rows = (0..micro)
-            .map(|_| rows.next().ok_or("the data ran out")?.map_err(Into::into))
-            .collect::<Result<Vec<Row>, Box<dyn std::error::Error + Send + Sync>>>()?;
-        let batch = TokenBatch::from_rows(&rows);
-        if throttle > 1 {
-            *last.borrow_mut() = Some(batch.clone());
-        }
-        Ok(batch)
-    };
+    let mut next =
+        |at_most: usize| -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
+            let rows = (0..micro.min(at_most))
+                .map(|_| rows.next().ok_or("the data ran out")?.map_err(Into::into))
+                .collect::<Result<Vec<Row>, Box<dyn std::error::Error + Send + Sync>>>()?;
+            let batch = TokenBatch::from_rows(&rows);
+            if throttle > 1 {
+                *last.borrow_mut() = Some(batch.clone());
+            }
+            Ok(batch)
+        };
     let mut scratch = Vec::new();
 
     let started = Instant::now();
