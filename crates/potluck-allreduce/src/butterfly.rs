@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_net::auth::Role;
 use potluck_net::direct;
 use potluck_net::frame::{read_frame, read_message, write_frame, write_message};
 use potluck_net::host::{self, Host};
@@ -355,8 +356,9 @@ impl Drop for Registration {
 impl Inbox {
     /// Starts accepting streams on `host`. The accept loop hands every stream to a task at
     /// once (libp2p-stream keeps one waiting stream at most; openers retry what it drops).
+    /// In an authorized run only trainers and aux peers are heard (a monitor may not average).
     pub fn start(host: &Host) -> Result<Inbox, host::Error> {
-        let mut incoming = host.accept(PROTOCOL)?;
+        let mut incoming = host.accept_from(PROTOCOL, Role::averages)?;
         let rounds: Rounds = Arc::default();
         let shared = rounds.clone();
         let router = host.clone();

@@ -32,6 +32,7 @@ use libp2p::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::{self, Gate, Role};
 use crate::dht::wire::{self, Request, Response};
 use crate::direct;
 use crate::frame::{read_message, write_message};
@@ -130,6 +131,9 @@ pub struct Config {
     /// Accept direct channels for bulk data ([`crate::direct`]) on a TCP port beside the
     /// libp2p listener (network transports only).
     pub direct: bool,
+    /// An authorized run's gate ([`crate::auth`]): peers are served only once admitted, and
+    /// asked only once they admitted us. None: an open run.
+    pub auth: Option<Arc<Gate>>,
 }
 
 impl Config {
@@ -151,6 +155,7 @@ impl Config {
             idle_timeout: Duration::from_secs(60),
             max_probes: 4,
             direct: true,
+            auth: None,
         }
     }
 }
@@ -248,6 +253,8 @@ pub enum Error {
     AlreadyAccepted(String),
     #[error("the host has stopped")]
     Stopped,
+    #[error("{peer} did not admit this peer to the run: {reason}")]
+    NotAdmitted { peer: PeerId, reason: String },
 }
 
 /// Who answers inbound requests, and hears what identify learns.
@@ -316,6 +323,12 @@ enum Command {
     Disconnect {
         peer: PeerId,
     },
+    /// The auth handshake admitted `peer`: what identify said of it may be used now.
+    Admitted {
+        peer: PeerId,
+    },
+    /// Present our (renewed) token to every connected peer.
+    Present,
 }
 
 /// A handle to a running host; cloning shares it. Dropping every handle stops the host.
@@ -331,6 +344,7 @@ pub struct Host {
     /// Peers a direct channel to failed lately, and when (their offers are not tried again for
     /// [`DIRECT_RETRY`]: each try costs up to [`direct::CONNECT`]).
     direct_failed: Arc<Mutex<HashMap<PeerId, Instant>>>,
+    gate: Option<Arc<Gate>>,
 }
 
 /// How long a peer a direct channel could not be opened to is reached over streams only.
@@ -351,6 +365,8 @@ impl std::fmt::Debug for Command {
             Command::Connections { peer, .. } => write!(f, "Connections({peer})"),
             Command::ListenAddrs { .. } => f.write_str("ListenAddrs"),
             Command::Disconnect { peer } => write!(f, "Disconnect({peer})"),
+            Command::Admitted { peer } => write!(f, "Admitted({peer})"),
+            Command::Present => f.write_str("Present"),
         }
     }
 }
@@ -560,10 +576,14 @@ impl Host {
         } else {
             None
         };
-        let probes = accept(&mut streams, PROBE)?;
-        tokio::spawn(serve_probes(probes, cfg.max_probes, direct.clone()));
-        inbound.serving(serving);
         let (tx, rx) = mpsc::channel(1024);
+        let probes = Incoming::new(accept(&mut streams, PROBE)?, cfg.auth.clone(), |_| true);
+        tokio::spawn(serve_probes(probes, cfg.max_probes, direct.clone()));
+        if let Some(gate) = &cfg.auth {
+            let handshakes = accept(&mut streams, auth::PROTOCOL)?;
+            tokio::spawn(serve_auth(handshakes, gate.clone(), tx.clone()));
+        }
+        inbound.serving(serving);
         let task = Task {
             swarm,
             inbound,
@@ -579,6 +599,8 @@ impl Host {
             connections: HashMap::new(),
             relays: HashMap::new(),
             reserved: HashSet::new(),
+            gate: cfg.auth.clone(),
+            unadmitted: HashMap::new(),
         };
         tokio::spawn(task.run(rx));
         Ok(Host {
@@ -589,6 +611,7 @@ impl Host {
             direct,
             opens_direct: cfg.direct && matches!(cfg.transports, Transports::Network),
             direct_failed: Arc::default(),
+            gate: cfg.auth,
         })
     }
 
@@ -690,6 +713,17 @@ impl Host {
         request: Request,
         deadline: Duration,
     ) -> Result<Response, Error> {
+        let started = Instant::now();
+        let addrs = match &self.gate {
+            Some(_) => {
+                self.connect(peer, addrs, deadline).await?;
+                self.admitted(peer, deadline.saturating_sub(started.elapsed()))
+                    .await?;
+                Vec::new()
+            }
+            None => addrs,
+        };
+        let deadline = deadline.saturating_sub(started.elapsed());
         let rpc = |reply| Command::Rpc {
             peer,
             addrs,
@@ -778,6 +812,10 @@ impl Host {
     ) -> Result<libp2p::Stream, Error> {
         let started = Instant::now();
         self.connect(peer, addrs, deadline).await?;
+        if self.gate.is_some() {
+            self.admitted(peer, deadline.saturating_sub(started.elapsed()))
+                .await?;
+        }
         let left = deadline.saturating_sub(started.elapsed());
         let mut control = self.streams.clone();
         match tokio::time::timeout(
@@ -799,9 +837,51 @@ impl Host {
     }
 
     /// Inbound streams on `protocol`, with the peer that opened each. Streams that arrive
-    /// while the previous one has not been taken are dropped (bounded, never queued).
-    pub fn accept(&self, protocol: &'static str) -> Result<libp2p_stream::IncomingStreams, Error> {
-        accept(&mut self.streams.clone(), protocol)
+    /// while the previous one has not been taken are dropped (bounded, never queued); in an
+    /// authorized run, so are streams of peers not admitted.
+    pub fn accept(&self, protocol: &'static str) -> Result<Incoming, Error> {
+        self.accept_from(protocol, |_| true)
+    }
+
+    /// [`Host::accept`] for peers whose role passes `allow` (in an open run: everyone).
+    pub fn accept_from(
+        &self,
+        protocol: &'static str,
+        allow: fn(Role) -> bool,
+    ) -> Result<Incoming, Error> {
+        let inner = accept(&mut self.streams.clone(), protocol)?;
+        Ok(Incoming::new(inner, self.gate.clone(), allow))
+    }
+
+    /// The run's gate, in an authorized run.
+    pub fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
+    }
+
+    /// Presents a renewed token from now on, to the peers connected now too (before the old
+    /// one expires, so that they keep admitting this host).
+    pub async fn renew_token(&self, token: auth::Token) -> Result<(), Error> {
+        if let Some(gate) = &self.gate {
+            gate.set_token(token);
+            self.commands
+                .send(Command::Present)
+                .await
+                .map_err(|_| Error::Stopped)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `peer` and this host admitted each other (authorized runs).
+    async fn admitted(&self, peer: PeerId, deadline: Duration) -> Result<(), Error> {
+        let Some(gate) = &self.gate else {
+            return Ok(());
+        };
+        gate.wait_ready(peer, deadline)
+            .await
+            .map_err(|refused| Error::NotAdmitted {
+                peer,
+                reason: refused.unwrap_or_else(|| format!("no answer within {deadline:?}")),
+            })
     }
 
     /// Sends `bytes` to `peer` over a bulk stream and times it until the peer confirms.
@@ -947,12 +1027,162 @@ fn accept(
         .map_err(|_| Error::AlreadyAccepted(protocol.to_owned()))
 }
 
-/// Answers bandwidth probes, `max` at a time; a probe that stalls for 30 s is dropped.
-async fn serve_probes(
+/// Inbound streams of one protocol, less those of peers the run's gate does not admit (or
+/// whose role `allow` refuses).
+pub struct Incoming {
+    inner: libp2p_stream::IncomingStreams,
+    gate: Option<Arc<Gate>>,
+    allow: fn(Role) -> bool,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("gated", &self.gate.is_some())
+            .finish()
+    }
+}
+
+impl Incoming {
+    fn new(
+        inner: libp2p_stream::IncomingStreams,
+        gate: Option<Arc<Gate>>,
+        allow: fn(Role) -> bool,
+    ) -> Incoming {
+        Incoming { inner, gate, allow }
+    }
+}
+
+impl futures::Stream for Incoming {
+    type Item = (PeerId, libp2p::Stream);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        loop {
+            let Some((peer, stream)) = futures::ready!(self.inner.poll_next_unpin(cx)) else {
+                return std::task::Poll::Ready(None);
+            };
+            let Some(gate) = &self.gate else {
+                return std::task::Poll::Ready(Some((peer, stream)));
+            };
+            match gate.role(peer) {
+                Some(role) if (self.allow)(role) => {
+                    return std::task::Poll::Ready(Some((peer, stream)));
+                }
+                Some(role) => tracing::warn!("refused a stream from {peer}: a {role} may not"),
+                None => tracing::warn!("refused a stream from {peer}: not admitted to the run"),
+            }
+        }
+    }
+}
+
+/// Serves the auth handshake: reads each peer's token (bounded, within
+/// [`auth::HANDSHAKE`]), admits it or says why not and disconnects it.
+async fn serve_auth(
     mut incoming: libp2p_stream::IncomingStreams,
-    max: usize,
-    direct: Option<Arc<direct::Listener>>,
+    gate: Arc<Gate>,
+    commands: mpsc::Sender<Command>,
 ) {
+    // Each handshake is one small message; at most this many are read at once.
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some((peer, mut stream)) = incoming.next().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("dropping a handshake from {peer}: too many at once");
+            continue;
+        };
+        let (gate, commands) = (gate.clone(), commands.clone());
+        tokio::spawn(async move {
+            // One small message: a peer that takes longer holds a slot for nothing.
+            let token = tokio::time::timeout(
+                auth::HANDSHAKE / 3,
+                read_message::<auth::Token>(&mut stream, auth::MAX_TOKEN),
+            )
+            .await;
+            let verdict = match token {
+                Ok(Ok(token)) => gate.present(peer, &token).map_err(|e| e.to_string()),
+                Ok(Err(e)) => Err(format!("not a token: {e}")),
+                Err(_) => Err("no token within the handshake's time".into()),
+            };
+            let reply = match &verdict {
+                Ok(_) => auth::Reply::Admitted,
+                Err(why) => auth::Reply::Refused(why.clone()),
+            };
+            let _ = tokio::time::timeout(auth::HANDSHAKE / 3, async {
+                write_message(&mut stream, &reply).await?;
+                futures::AsyncWriteExt::close(&mut stream).await?;
+                // A refused peer is disconnected once it has read why (it drops the stream).
+                if verdict.is_err() {
+                    let _ = futures::AsyncReadExt::read(&mut stream, &mut [0u8; 1]).await;
+                }
+                std::io::Result::Ok(())
+            })
+            .await;
+            let command = match verdict {
+                Ok(role) => {
+                    tracing::debug!("admitted {peer} as a {role}");
+                    Command::Admitted { peer }
+                }
+                Err(why) => {
+                    tracing::warn!("refused {peer}: {why}");
+                    Command::Disconnect { peer }
+                }
+            };
+            let _ = commands.send(command).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Presents this host's token to `peer` in handshake `session` and records its answer;
+/// retried with backoff (a burst of opens can be refused) until [`auth::HANDSHAKE`] has
+/// passed or the session is over (the connection closed).
+async fn present_token(
+    mut control: libp2p_stream::Control,
+    gate: Arc<Gate>,
+    peer: PeerId,
+    session: u64,
+) {
+    let started = Instant::now();
+    let mut attempt = 0u64;
+    while started.elapsed() < auth::HANDSHAKE && gate.session(peer) == Some(session) {
+        attempt += 1;
+        let exchange = async {
+            let mut stream = control
+                .open_stream(peer, StreamProtocol::new(auth::PROTOCOL))
+                .await
+                .map_err(|e| e.to_string())?;
+            write_message(&mut stream, &gate.token())
+                .await
+                .map_err(|e| e.to_string())?;
+            read_message::<auth::Reply>(&mut stream, auth::MAX_TOKEN)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let left = auth::HANDSHAKE.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, exchange).await {
+            Ok(Ok(auth::Reply::Admitted)) => {
+                gate.admitted_by(peer, session);
+                return;
+            }
+            Ok(Ok(auth::Reply::Refused(why))) => {
+                tracing::warn!("{peer} refused this peer's token: {why}");
+                gate.refused_by(peer, session, why);
+                return;
+            }
+            Ok(Err(e)) => tracing::debug!("presenting the token to {peer} failed: {e}"),
+            Err(_) => tracing::debug!("presenting the token to {peer} timed out"),
+        }
+        let backoff = (50 * attempt).min(1000) + rand::random_range(0..50);
+        tokio::time::sleep(Duration::from_millis(backoff)).await;
+    }
+    let why = "no answer to the token handshake (is it a peer of this run?)".to_owned();
+    gate.refused_by(peer, session, why);
+}
+
+/// Answers bandwidth probes, `max` at a time; a probe that stalls for 30 s is dropped.
+async fn serve_probes(mut incoming: Incoming, max: usize, direct: Option<Arc<direct::Listener>>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
     while let Some((peer, stream)) = incoming.next().await {
         let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -1036,10 +1266,16 @@ struct Task {
     relays: HashMap<PeerId, Multiaddr>,
     /// Relays we asked for a reservation.
     reserved: HashSet<PeerId>,
+    gate: Option<Arc<Gate>>,
+    /// Authorized runs: peers connected but not admitted yet, since when, and what identify
+    /// said of them (held back until they are admitted).
+    unadmitted: HashMap<PeerId, (Instant, Option<identify::Info>)>,
 }
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut sweep = tokio::time::interval(Duration::from_secs(1));
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -1047,8 +1283,66 @@ impl Task {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.event(event),
+                _ = sweep.tick(), if self.gate.is_some() => self.sweep(),
             }
         }
+    }
+
+    /// Authorized runs: disconnects peers that presented no valid token in time, and those
+    /// whose admission ran out (expired or revoked).
+    fn sweep(&mut self) {
+        let Some(gate) = &self.gate else { return };
+        let mut out = gate.expired();
+        for (peer, (since, _)) in &mut self.unadmitted {
+            if since.elapsed() > auth::HANDSHAKE && gate.role(*peer).is_none() {
+                tracing::warn!("{peer} presented no valid token: disconnected");
+                out.push(*peer);
+                // Until the connection is closed (which forgets it), once per handshake time.
+                *since = Instant::now();
+            }
+        }
+        for peer in out {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Why a DHT request of `peer` is refused in an authorized run: it is not admitted, or
+    /// it is a monitor asking to store (a monitor reads the run, it writes nothing).
+    fn refusal(&self, peer: PeerId, request: &Request) -> Option<&'static str> {
+        let gate = self.gate.as_ref()?;
+        let stores = matches!(
+            request.body,
+            crate::dht::wire::RequestBody::Store { .. }
+                | crate::dht::wire::RequestBody::StoreNear { .. }
+        );
+        match gate.role(peer) {
+            None => Some("not admitted to this run: present a token first"),
+            Some(Role::Monitor) if stores => Some("a monitor may not store records in this run"),
+            Some(_) => None,
+        }
+    }
+
+    /// What identify said of `peer`: relay service, listen addresses, whether it serves.
+    fn identified(&mut self, peer_id: PeerId, info: identify::Info) {
+        // A monitor never serves others in an authorized run: it holds and answers no records
+        // (what a server answers to a read is merged into the reader's result).
+        let monitor = self
+            .gate
+            .as_ref()
+            .is_some_and(|g| g.role(peer_id) == Some(Role::Monitor));
+        let serves = !monitor && info.protocols.iter().any(|p| p.as_ref() == SERVING);
+        if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            let direct = self
+                .connections
+                .values()
+                .find(|(p, a, dialed)| *p == peer_id && *dialed && !is_relayed(a))
+                .map(|(_, a, _)| a.clone());
+            if let Some(addr) = direct {
+                self.relays.insert(peer_id, addr);
+                self.reserve_relays();
+            }
+        }
+        self.inbound.identified(peer_id, info.listen_addrs, serves);
     }
 
     fn command(&mut self, command: Command) {
@@ -1118,6 +1412,21 @@ impl Task {
             Command::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Command::Admitted { peer } => {
+                if let Some((_, Some(info))) = self.unadmitted.remove(&peer) {
+                    self.identified(peer, info);
+                }
+            }
+            Command::Present => {
+                let Some(gate) = &self.gate else { return };
+                let peers: HashSet<PeerId> = self.connections.values().map(|(p, ..)| *p).collect();
+                for peer in peers {
+                    if let Some(session) = gate.session(peer) {
+                        let control = self.control.clone();
+                        tokio::spawn(present_token(control, gate.clone(), peer, session));
+                    }
+                }
+            }
         }
     }
 
@@ -1128,21 +1437,15 @@ impl Task {
                 peer_id,
                 info,
                 ..
-            })) => {
-                let serves = info.protocols.iter().any(|p| p.as_ref() == SERVING);
-                if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
-                    let direct = self
-                        .connections
-                        .values()
-                        .find(|(p, a, dialed)| *p == peer_id && *dialed && !is_relayed(a))
-                        .map(|(_, a, _)| a.clone());
-                    if let Some(addr) = direct {
-                        self.relays.insert(peer_id, addr);
-                        self.reserve_relays();
+            })) => match &self.gate {
+                // Held back until the peer is admitted (dropped if it never is).
+                Some(gate) if gate.role(peer_id).is_none() => {
+                    if let Some((_, held)) = self.unadmitted.get_mut(&peer_id) {
+                        *held = Some(info);
                     }
                 }
-                self.inbound.identified(peer_id, info.listen_addrs, serves);
-            }
+                _ => self.identified(peer_id, info),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
                 new,
                 ..
@@ -1183,8 +1486,19 @@ impl Task {
                 peer_id,
                 connection_id,
                 endpoint,
+                num_established,
                 ..
             } => {
+                if let Some(gate) = &self.gate
+                    && num_established.get() == 1
+                {
+                    if gate.role(peer_id).is_none() {
+                        self.unadmitted.insert(peer_id, (Instant::now(), None));
+                    }
+                    let session = gate.presenting(peer_id);
+                    let control = self.control.clone();
+                    tokio::spawn(present_token(control, gate.clone(), peer_id, session));
+                }
                 self.connections.insert(
                     connection_id,
                     (
@@ -1203,9 +1517,16 @@ impl Task {
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
+                num_established,
                 ..
             } => {
                 self.connections.remove(&connection_id);
+                if num_established == 0
+                    && let Some(gate) = &self.gate
+                {
+                    gate.forget(peer_id);
+                    self.unadmitted.remove(&peer_id);
+                }
                 if !self.swarm.is_connected(&peer_id) && self.relays.remove(&peer_id).is_some() {
                     self.reserved.remove(&peer_id);
                     self.reserve_relays();
@@ -1254,7 +1575,18 @@ impl Task {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let response = self.inbound.request(peer, request);
+                    let response = match self.refusal(peer, &request) {
+                        None => self.inbound.request(peer, request),
+                        Some(reason) => {
+                            tracing::warn!("refused a request from {peer}: {reason}");
+                            Response {
+                                now: crate::dht::record::now(),
+                                body: crate::dht::wire::ResponseBody::Refused {
+                                    reason: reason.into(),
+                                },
+                            }
+                        }
+                    };
                     let _ = self
                         .swarm
                         .behaviour_mut()

@@ -3,6 +3,7 @@
 //!
 //! Nothing here knows about models: what travels is records and bytes.
 
+pub mod auth;
 pub mod dht;
 pub mod direct;
 pub mod frame;

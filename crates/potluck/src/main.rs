@@ -41,6 +41,9 @@ enum Command {
     Keygen(cmd::keygen::Args),
     /// Print the parameter counts of a model preset as built (unique and effective).
     ModelInfo(cmd::model_info::Args),
+    /// An authorized run: its authority's key and the tokens that let peers in.
+    #[command(subcommand)]
+    Authority(cmd::authority::Command),
     /// Run a DHT bootstrap node, or read and write a live run's DHT (`serve`, `put`, `get`).
     #[command(subcommand)]
     Dht(cmd::dht::Command),
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::ModelInfo(args) => cmd::model_info::run(args),
         Command::Bench(bench) => cmd::bench::run(bench),
         Command::Dht(command) => cmd::dht::run(command),
+        Command::Authority(command) => cmd::authority::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

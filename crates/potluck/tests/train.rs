@@ -538,3 +538,176 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
     assert!(resumed.contains("at epoch 8"), "{resumed}");
     assert!(resumed.contains("trained to epoch 10"), "{resumed}");
 }
+
+#[test]
+fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let path = |name: &str| dir.path().join(name);
+    let init = run(
+        "authority init --run-id guarded --out",
+        &[s(&path("authority.key"))],
+    );
+    let authority = init
+        .lines()
+        .find_map(|l| l.strip_prefix("authority: "))
+        .unwrap()
+        .to_owned();
+    // Identities and tokens for a bootstrap node and two trainers.
+    for (name, role) in [("boot", "aux"), ("one", "trainer"), ("two", "trainer")] {
+        let id = run("keygen --out", &[s(&path(&format!("{name}.key")))]);
+        let peer = id
+            .lines()
+            .find_map(|l| l.strip_prefix("peer id: "))
+            .unwrap();
+        run(
+            "authority grant --run-id guarded --ttl 1h",
+            &[
+                "--key",
+                s(&path("authority.key")),
+                "--peer",
+                peer,
+                "--role",
+                role,
+                "--out",
+                s(&path(&format!("{name}.token"))),
+            ],
+        );
+    }
+    let member = |name: &str| -> Vec<String> {
+        let key = path(&format!("{name}.key"));
+        let token = path(&format!("{name}.token"));
+        [
+            "--run-id",
+            "guarded",
+            "--authority",
+            &authority,
+            "--identity",
+            s(&key),
+            "--token",
+            s(&token),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect()
+    };
+    let mut args: Vec<String> = ["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+    args.extend(member("boot"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut boot = Peer::spawn(&args);
+    let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
+    let trainer = |name: &str| -> Vec<String> {
+        let mut args: Vec<String> = [
+            "train",
+            "--config",
+            "tiny",
+            "--target-batch-size",
+            "32",
+            "--micro-batch",
+            "8",
+            "--epochs",
+            "6",
+            "--threads",
+            "1",
+            "--data",
+            s(&data),
+            "--initial-peers",
+            &addr,
+            "--out",
+            s(&path(&format!("{name}.ckpt"))),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        args.extend(member(name));
+        args
+    };
+    let args = trainer("one");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let one = Peer::spawn(&args);
+    let args = trainer("two");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let two = ok(&args);
+    let one = one.finish();
+    for out in [&one, &two] {
+        assert!(out.contains("trained to epoch 6"), "{out}");
+    }
+
+    // Without a token: the bootstrap refuses to answer, and the peer says why.
+    let intruder_out = path("intruder.ckpt");
+    let intruder = |extra: &[&str]| {
+        let mut args: Vec<&str> = [
+            "train",
+            "--run-id",
+            "guarded",
+            "--config",
+            "tiny",
+            "--epochs",
+            "2",
+            "--threads",
+            "1",
+            "--data",
+            s(&data),
+            "--initial-peers",
+            &addr,
+            "--out",
+            s(&intruder_out),
+        ]
+        .to_vec();
+        args.extend_from_slice(extra);
+        let out = potluck(&args);
+        assert!(!out.status.success(), "an intruder trained");
+        text(&out.stderr)
+    };
+    let err = intruder(&[]);
+    assert!(err.contains("not admitted to this run"), "{err}");
+    // With its own authority's token: the node refuses the token.
+    let own = run(
+        "authority init --run-id guarded --out",
+        &[s(&path("own.key"))],
+    );
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("authority: "))
+        .unwrap()
+        .to_owned();
+    let id = run("keygen --out", &[s(&path("intruder.key"))]);
+    let peer = id
+        .lines()
+        .find_map(|l| l.strip_prefix("peer id: "))
+        .unwrap();
+    run(
+        "authority grant --run-id guarded",
+        &[
+            "--key",
+            s(&path("own.key")),
+            "--peer",
+            peer,
+            "--out",
+            s(&path("intruder.token")),
+        ],
+    );
+    let err = intruder(&[
+        "--authority",
+        &own,
+        "--identity",
+        s(&path("intruder.key")),
+        "--token",
+        s(&path("intruder.token")),
+    ]);
+    assert!(err.contains("not signed by this run's authority"), "{err}");
+    // A member's token with another identity is refused before anything starts.
+    let err = intruder(&[
+        "--authority",
+        &authority,
+        "--identity",
+        s(&path("intruder.key")),
+        "--token",
+        s(&path("one.token")),
+    ]);
+    assert!(err.contains("pass --identity"), "{err}");
+    boot.kill();
+}

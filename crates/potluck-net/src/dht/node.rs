@@ -373,6 +373,10 @@ impl Dht {
                 .call(peer, vec![addr.clone()], RequestBody::FindNode { target })
                 .await
             {
+                Ok(Response {
+                    body: ResponseBody::Refused { reason },
+                    ..
+                }) if reason != CLIENT_MODE => errors.push(format!("{addr}: refused: {reason}")),
                 Ok(response) => {
                     answered += 1;
                     let received = record::now();

@@ -95,7 +95,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
 
 async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
     args.net.client_mode = reachable(args.net.client_mode)?;
-    let (dht, keypair) = start_dht(&args.net).await?;
+    let (dht, keypair) = start_dht(&args.run_id, &args.net).await?;
     let net = Net::start(dht, keypair)?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;

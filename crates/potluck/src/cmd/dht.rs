@@ -46,6 +46,11 @@ pub(crate) struct ServeArgs {
     /// Don't serve as a relay for peers behind NATs.
     #[arg(long)]
     pub(crate) no_relay: bool,
+    /// The run this node serves (needed in an authorized run: tokens name it).
+    #[arg(long)]
+    pub(crate) run_id: Option<String>,
+    #[command(flatten)]
+    pub(crate) auth: crate::cmd::authority::AuthArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -154,9 +159,15 @@ async fn serve(args: ServeArgs) -> Result<()> {
     } else {
         args.listen.clone()
     };
+    let gate = match (&args.run_id, &args.auth.authority) {
+        (Some(run), _) => args.auth.gate(run, &keypair)?,
+        (None, Some(_)) => bail!("an authorized run's node needs its --run-id (tokens name it)"),
+        (None, None) => None,
+    };
     let mut host_config = host::Config::new(keypair, Transports::Network);
     host_config.listen = parse_addrs(&listen)?;
     host_config.relay = (!args.no_relay).then(host::RelayLimits::default);
+    host_config.auth = gate;
     let config = Config {
         client_mode: args.client_mode,
         ..Config::default()
@@ -174,6 +185,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         dht.bootstrap(&initial)
             .await
             .context("joining through --initial-peers")?;
+    }
+    if let Some(path) = &args.auth.token {
+        tokio::spawn(crate::cmd::authority::watch_token(
+            dht.host().clone(),
+            path.clone(),
+        ));
     }
     println!("peer id: {}", dht.peer_id());
     println!("listening on:");

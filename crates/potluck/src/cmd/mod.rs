@@ -1,5 +1,6 @@
 //! One module per subcommand: its arguments and what it does.
 
+pub(crate) mod authority;
 pub(crate) mod aux;
 pub(crate) mod bench;
 pub(crate) mod bench_allreduce;

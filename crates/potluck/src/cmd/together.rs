@@ -19,6 +19,7 @@ use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use serde_json::json;
 
+use crate::cmd::authority::AuthArgs;
 use crate::cmd::dht::parse_addrs;
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
@@ -40,6 +41,8 @@ pub(crate) struct NetArgs {
     /// receives, reduces no part); off: always serve.
     #[arg(long, default_value = "auto", value_parser = parse_client_mode)]
     pub(crate) client_mode: ClientMode,
+    #[command(flatten)]
+    pub(crate) auth: AuthArgs,
 }
 
 /// How a run's epochs go (every peer of a run gives the same).
@@ -91,6 +94,7 @@ impl Default for SwarmArgs {
                 listen: Vec::new(),
                 identity: None,
                 client_mode: ClientMode::Auto,
+                auth: AuthArgs::default(),
             },
             run: RunArgs {
                 target_batch_size: 256,
@@ -115,13 +119,17 @@ fn run_seed(run: &str, seed: u64) -> u64 {
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) ^ seed
 }
 
-/// Starts this peer's DHT node (and host) and joins through the initial peers; prints where
-/// it listens.
-pub(crate) async fn start_dht(args: &NetArgs) -> Result<(Dht, libp2p::identity::Keypair)> {
+/// Starts this peer's DHT node (and host) for `run` and joins through the initial peers;
+/// prints where it listens.
+pub(crate) async fn start_dht(
+    run: &str,
+    args: &NetArgs,
+) -> Result<(Dht, libp2p::identity::Keypair)> {
     let keypair = match &args.identity {
         Some(path) => identity::load_or_create(path)?,
         None => identity::generate(),
     };
+    let gate = args.auth.gate(run, &keypair)?;
     let listen = if args.listen.is_empty() {
         vec!["/ip4/0.0.0.0/tcp/0".to_owned()]
     } else {
@@ -129,6 +137,7 @@ pub(crate) async fn start_dht(args: &NetArgs) -> Result<(Dht, libp2p::identity::
     };
     let mut host_config = host::Config::new(keypair.clone(), Transports::Network);
     host_config.listen = parse_addrs(&listen)?;
+    host_config.auth = gate;
     let dht_config = dht::Config {
         client_mode: args.client_mode,
         ..dht::Config::default()
@@ -150,6 +159,12 @@ pub(crate) async fn start_dht(args: &NetArgs) -> Result<(Dht, libp2p::identity::
                 args.initial_peers.join(",")
             )
         })?;
+    }
+    if let Some(path) = &args.auth.token {
+        tokio::spawn(crate::cmd::authority::watch_token(
+            dht.host().clone(),
+            path.clone(),
+        ));
     }
     println!("peer id: {}", dht.peer_id());
     for addr in dht.addrs().await? {
@@ -229,7 +244,7 @@ async fn train(
     micro: usize,
 ) -> Result<()> {
     let swarm = &args.swarm;
-    let (dht, keypair) = start_dht(&swarm.net).await?;
+    let (dht, keypair) = start_dht(&run_id, &swarm.net).await?;
     let net = Net::start(dht.clone(), keypair)?;
     let mut settings = collab_settings(&run_id, &swarm.run);
     settings.mode = if swarm.net.client_mode == ClientMode::On {

@@ -1,0 +1,281 @@
+//! `potluck authority init|grant`: a run's authority (an ed25519 key kept offline) and the
+//! signed, expiring tokens that let peers into an authorized run; `AuthArgs`, the flags by which
+//! every command that joins a run takes part in an authorized one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use potluck_net::auth::{Authority, AuthorityKey, Gate, Role, Token, Verifier};
+use potluck_net::dht::record;
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Make a run's authority: a key that signs its tokens (keep it offline).
+    Init(InitArgs),
+    /// Sign a token that lets one peer into the run, in one role, for a while.
+    Grant(GrantArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck authority init --run-id shapes1 --out authority.key\n\
+                        Then grant each peer a token: potluck authority grant --help"
+)]
+pub(crate) struct InitArgs {
+    /// The run's name.
+    #[arg(long)]
+    pub(crate) run_id: String,
+    /// Where to write the authority's key (never overwritten; mode 0600).
+    #[arg(long, default_value = "authority.key")]
+    pub(crate) out: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck authority grant --run-id shapes1 --peer 12D3KooW… --role trainer \
+                  --ttl 6h --out peer1.token\n\
+                  The peer's id is what `potluck keygen --out id.key` printed; the peer joins with \
+                  --identity id.key --authority KEY --token peer1.token"
+)]
+pub(crate) struct GrantArgs {
+    /// The authority's key file (from `potluck authority init`).
+    #[arg(long, default_value = "authority.key")]
+    pub(crate) key: PathBuf,
+    /// The run's name.
+    #[arg(long)]
+    pub(crate) run_id: String,
+    /// The peer id the token is for.
+    #[arg(long)]
+    pub(crate) peer: String,
+    /// trainer, aux or monitor (a monitor reads the run and contributes nothing).
+    #[arg(long, default_value = "trainer")]
+    pub(crate) role: Role,
+    /// How long the token is valid: e.g. 90m, 6h, 2d (at most 30 days).
+    #[arg(long, default_value = "6h", value_parser = parse_ttl)]
+    pub(crate) ttl: Duration,
+    /// Where to write the token (stdout if not given).
+    #[arg(long)]
+    pub(crate) out: Option<PathBuf>,
+}
+
+/// The flags that make a peer part of an authorized run.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub(crate) struct AuthArgs {
+    /// An authorized run's authority (the public key `potluck authority init` printed): only
+    /// peers with its tokens are let in, and this peer must present one (--token).
+    #[arg(long, requires = "token")]
+    pub(crate) authority: Option<String>,
+    /// This peer's token for the run (from `potluck authority grant`); it names this peer's
+    /// id, so pass --identity with the key it was granted to. Re-read when the file changes.
+    #[arg(long, requires = "authority")]
+    pub(crate) token: Option<PathBuf>,
+}
+
+impl AuthArgs {
+    /// The gate of an authorized run (None: an open run), after checking that the token is
+    /// this run's, this peer's, signed by the authority and not expired.
+    pub(crate) fn gate(&self, run: &str, keypair: &Keypair) -> Result<Option<Arc<Gate>>> {
+        let (Some(authority), Some(path)) = (&self.authority, &self.token) else {
+            return Ok(None);
+        };
+        let authority: AuthorityKey = authority.parse()?;
+        let token = Token::load(path)?;
+        let verifier = Verifier {
+            run: run.to_owned(),
+            authority,
+        };
+        let me = keypair.public().to_peer_id();
+        if let Ok(grant) = token.grant()
+            && grant.peer != me.to_bytes()
+        {
+            let named = PeerId::from_bytes(&grant.peer).map_or("?".into(), |p| p.to_string());
+            bail!(
+                "{} is a token for peer {named}, and this peer is {me}: pass --identity with the \
+                 key file it was granted to",
+                path.display()
+            );
+        }
+        let grant = verifier
+            .check(&token, me, record::now())
+            .with_context(|| format!("{} is not a valid token for run {run}", path.display()))?;
+        let left = grant.expires.saturating_sub(record::now()) / 1000;
+        tracing::info!(
+            "authorized run {run}: this peer is a {} for another {}",
+            grant.role,
+            humanize(left)
+        );
+        Ok(Some(Arc::new(Gate::new(verifier, token))))
+    }
+}
+
+/// Keeps this peer's token fresh: re-reads the file when it changes and presents the new
+/// token to every peer; warns as the token nears its end.
+pub(crate) async fn watch_token(host: potluck_net::host::Host, path: PathBuf) {
+    let Some(gate) = host.gate().cloned() else {
+        return;
+    };
+    let me = host.peer_id();
+    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut seen = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let now = modified(&path);
+        if now != seen {
+            seen = now;
+            match Token::load(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|t| {
+                    gate.verifier()
+                        .check(&t, me, record::now())
+                        .map(|_| t)
+                        .map_err(anyhow::Error::from)
+                }) {
+                Ok(token) => {
+                    tracing::info!("{}: presenting the renewed token", path.display());
+                    warned = false;
+                    if host.renew_token(token).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!("{} changed but is not usable: {e:#}", path.display()),
+            }
+        }
+        let expires = gate.token().grant().map_or(0, |g| g.expires);
+        let left = expires.saturating_sub(record::now()) / 1000;
+        if left < 600 && !warned {
+            warned = true;
+            tracing::warn!(
+                "this peer's token expires in {}: write a new one (`potluck authority grant`) to {}",
+                humanize(left),
+                path.display()
+            );
+        }
+    }
+}
+
+fn humanize(secs: u64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3600 => format!("{} hours", s / 3600),
+        s => format!("{} minutes", s / 60),
+    }
+}
+
+/// A duration like `90m`, `6h`, `2d` or `3600s`.
+pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?}: a number and a unit, e.g. 6h"))?;
+    let unit = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: the unit is s, m, h or d")),
+    };
+    let secs = n.saturating_mul(unit);
+    let ttl = Duration::from_secs(secs);
+    if ttl.is_zero() || ttl > potluck_net::auth::MAX_TTL {
+        return Err(format!("{s:?}: between 1 s and 30 days"));
+    }
+    Ok(ttl)
+}
+
+pub(crate) fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Init(args) => init(args),
+        Command::Grant(args) => grant(args),
+    }
+}
+
+fn init(args: InitArgs) -> Result<()> {
+    let authority = Authority::generate();
+    authority.save(&args.out)?;
+    println!("run: {}", args.run_id);
+    println!("authority: {}", authority.public());
+    println!(
+        "key written to {} (keep it offline: whoever holds it can let anyone in)",
+        args.out.display()
+    );
+    println!(
+        "peers join with --run-id {} --authority {} --token FILE; grant tokens with \
+         `potluck authority grant --key {} --run-id {} --peer PEER_ID`",
+        args.run_id,
+        authority.public(),
+        args.out.display(),
+        args.run_id
+    );
+    Ok(())
+}
+
+fn grant(args: GrantArgs) -> Result<()> {
+    let authority = Authority::load(&args.key)?;
+    let peer: PeerId = args.peer.parse().with_context(|| {
+        format!(
+            "{:?} is not a peer id (e.g. 12D3KooW…, as `potluck keygen` prints)",
+            args.peer
+        )
+    })?;
+    let token = authority.grant(&args.run_id, peer, args.role, args.ttl);
+    match &args.out {
+        Some(path) => {
+            std::fs::write(path, token.to_text())
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "token for {peer} ({}, run {}, {}) written to {}",
+                args.role,
+                args.run_id,
+                humanize(args.ttl.as_secs()),
+                path.display()
+            );
+        }
+        None => print!("{}", token.to_text()),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls_parse_with_their_units_and_bounds() {
+        assert_eq!(parse_ttl("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_ttl("6h"), Ok(Duration::from_secs(21_600)));
+        assert_eq!(parse_ttl("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_ttl("6").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("0s").is_err());
+        assert!(parse_ttl("31d").is_err());
+        assert!(parse_ttl("99999999999999999d").is_err());
+    }
+
+    #[test]
+    fn a_gate_is_made_only_from_this_peers_valid_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let authority = Authority::generate();
+        let me = Keypair::generate_ed25519();
+        let path = dir.path().join("token");
+        let args = AuthArgs {
+            authority: Some(authority.public().to_string()),
+            token: Some(path.clone()),
+        };
+        let write = |t: Token| std::fs::write(&path, t.to_text()).unwrap();
+        let hour = Duration::from_secs(3600);
+        write(authority.grant("r", me.public().to_peer_id(), Role::Trainer, hour));
+        assert!(args.gate("r", &me).unwrap().is_some());
+        let other = args.gate("r2", &me).unwrap_err().to_string();
+        assert!(other.contains("not a valid token for run r2"), "{other}");
+        write(authority.grant("r", PeerId::random(), Role::Trainer, hour));
+        let err = args.gate("r", &me).unwrap_err().to_string();
+        assert!(err.contains("pass --identity"), "{err}");
+        assert!(AuthArgs::default().gate("r", &me).unwrap().is_none());
+    }
+}
