@@ -544,35 +544,36 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
     let path = |name: &str| dir.path().join(name);
-    let init = run(
-        "authority init --run-id guarded --out",
-        &[s(&path("authority.key"))],
-    );
-    let authority = init
-        .lines()
-        .find_map(|l| l.strip_prefix("authority: "))
-        .unwrap()
-        .to_owned();
-    // Identities and tokens for a bootstrap node and two trainers.
-    for (name, role) in [("boot", "aux"), ("one", "trainer"), ("two", "trainer")] {
+    // An authority (its public key); a peer `name` with an identity and a token from it.
+    let new_authority = |key: &str| -> String {
+        let init = run("authority init --run-id guarded --out", &[s(&path(key))]);
+        let line = init.lines().find_map(|l| l.strip_prefix("authority: "));
+        line.unwrap().to_owned()
+    };
+    let enrol = |name: &str, role: &str, by: &str| {
         let id = run("keygen --out", &[s(&path(&format!("{name}.key")))]);
         let peer = id
             .lines()
             .find_map(|l| l.strip_prefix("peer id: "))
             .unwrap();
-        run(
-            "authority grant --run-id guarded --ttl 1h",
-            &[
-                "--key",
-                s(&path("authority.key")),
-                "--peer",
-                peer,
-                "--role",
-                role,
-                "--out",
-                s(&path(&format!("{name}.token"))),
-            ],
-        );
+        let token = path(&format!("{name}.token"));
+        let (key, token) = (path(by), s(&token).to_owned());
+        let args = [
+            "--key",
+            s(&key),
+            "--peer",
+            peer,
+            "--role",
+            role,
+            "--out",
+            &token,
+        ];
+        run("authority grant --run-id guarded --ttl 1h", &args);
+    };
+    let authority = new_authority("authority.key");
+    // A bootstrap node and two trainers.
+    for (name, role) in [("boot", "aux"), ("one", "trainer"), ("two", "trainer")] {
+        enrol(name, role, "authority.key");
     }
     let member = |name: &str| -> Vec<String> {
         let key = path(&format!("{name}.key"));
@@ -665,31 +666,8 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     let err = intruder(&[]);
     assert!(err.contains("not admitted to this run"), "{err}");
     // With its own authority's token: the node refuses the token.
-    let own = run(
-        "authority init --run-id guarded --out",
-        &[s(&path("own.key"))],
-    );
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("authority: "))
-        .unwrap()
-        .to_owned();
-    let id = run("keygen --out", &[s(&path("intruder.key"))]);
-    let peer = id
-        .lines()
-        .find_map(|l| l.strip_prefix("peer id: "))
-        .unwrap();
-    run(
-        "authority grant --run-id guarded",
-        &[
-            "--key",
-            s(&path("own.key")),
-            "--peer",
-            peer,
-            "--out",
-            s(&path("intruder.token")),
-        ],
-    );
+    let own = new_authority("own.key");
+    enrol("intruder", "trainer", "own.key");
     let err = intruder(&[
         "--authority",
         &own,
