@@ -12,6 +12,11 @@ pub enum Rule {
     /// `v ← v + Σ wᵢ (xᵢ − v) min(1, τ / ‖xᵢ − v‖) / Σ wᵢ`: a contribution moves the result by
     /// at most τ (times its share of the weight) per iteration, however large it is.
     CenteredClip { tau: f32, iterations: usize },
+    /// CenteredClip with τ taken from the contributions themselves: the median of their
+    /// distances to the coordinate-wise median. Honest contributions lie about that far
+    /// apart, whatever the gradients' scale at this point of training; one contribution far
+    /// out pulls the result by at most its share of that.
+    CenteredClipAuto { iterations: usize },
 }
 
 /// One peer's contribution to a part.
@@ -151,34 +156,55 @@ pub fn aggregate(
         }
         Rule::CenteredClip { tau, iterations } => {
             median_into(&kept, out);
-            let mut step = vec![0f32; out.len()];
-            for _ in 0..iterations {
-                step.fill(0.0);
-                for (c, _) in &kept {
-                    let dist = c
-                        .values
-                        .iter()
-                        .zip(out.iter())
-                        .map(|(x, v)| f64::from(x - v).powi(2))
-                        .sum::<f64>()
-                        .sqrt();
-                    let clip = if dist > f64::from(tau) {
-                        f64::from(tau) / dist
-                    } else {
-                        1.0
-                    };
-                    let w = (f64::from(c.weight) / total * clip) as f32;
-                    for ((s, x), v) in step.iter_mut().zip(c.values).zip(out.iter()) {
-                        *s += w * (x - v);
-                    }
-                }
-                for (o, s) in out.iter_mut().zip(&step) {
-                    *o += s;
-                }
-            }
+            centered_clip(&kept, total, tau, iterations, out);
+        }
+        Rule::CenteredClipAuto { iterations } => {
+            median_into(&kept, out);
+            let mut dists: Vec<f64> = kept.iter().map(|(c, _)| distance(c.values, out)).collect();
+            dists.sort_by(f64::total_cmp);
+            let tau = dists[(dists.len() - 1) / 2] as f32;
+            centered_clip(&kept, total, tau, iterations, out);
         }
     }
     outcome
+}
+
+/// The Euclidean distance between `a` and `b`, summed in f64.
+fn distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, v)| f64::from(x - v).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// `iterations` CenteredClip steps with radius `tau` from the centre in `out`.
+fn centered_clip(
+    kept: &[(&Contribution<'_>, f32)],
+    total: f64,
+    tau: f32,
+    iterations: usize,
+    out: &mut [f32],
+) {
+    let mut step = vec![0f32; out.len()];
+    for _ in 0..iterations {
+        step.fill(0.0);
+        for (c, _) in kept {
+            let dist = distance(c.values, out);
+            let clip = if dist > f64::from(tau) {
+                f64::from(tau) / dist
+            } else {
+                1.0
+            };
+            let w = (f64::from(c.weight) / total * clip) as f32;
+            for ((s, x), v) in step.iter_mut().zip(c.values).zip(out.iter()) {
+                *s += w * (x - v);
+            }
+        }
+        for (o, s) in out.iter_mut().zip(&step) {
+            *o += s;
+        }
+    }
 }
 
 /// The coordinate-wise median (lower middle for an even count) of the kept contributions.
@@ -271,6 +297,46 @@ mod tests {
         assert_eq!(why, [4, 6, 7, 5]);
         assert!(matches!(o.dropped[3].1, Dropped::Norm { .. }));
         assert!((out[0] - 1.15).abs() < 1e-6);
+    }
+
+    #[test]
+    fn centered_clip_auto_bounds_an_attacker_at_every_scale_of_the_gradients() {
+        let n = 64;
+        let checks = Checks {
+            max_norm_ratio: f32::INFINITY,
+        };
+        for scale in [1e-4f32, 1.0, 1e4] {
+            let honest: Vec<Vec<f32>> = (0..4)
+                .map(|p| {
+                    (0..n)
+                        .map(|j| (((p * 31 + j * 7) % 13) as f32 * 0.01 - 0.06) * scale)
+                        .collect()
+                })
+                .collect();
+            let mut mean = vec![0f32; n];
+            let honest_only = contributions(&honest, &[1.0; 4]);
+            aggregate(Rule::Mean, checks, &honest_only, &mut mean);
+            let spread = honest
+                .iter()
+                .map(|h| distance(h, &mean))
+                .fold(0f32, f32::max);
+            // Sign-flipped and scaled a hundred times, as an attacker would.
+            let mut values = honest.clone();
+            values.push(honest[0].iter().map(|v| v * -100.0).collect());
+            let rule = Rule::CenteredClipAuto { iterations: 10 };
+            let mut robust = vec![0f32; n];
+            let o = aggregate(rule, checks, &contributions(&values, &[1.0; 5]), &mut robust);
+            assert_eq!(o.kept.len(), 5);
+            let mut plain = vec![0f32; n];
+            aggregate(Rule::Mean, checks, &contributions(&values, &[1.0; 5]), &mut plain);
+            let (moved, pulled) = (distance(&robust, &mean), distance(&plain, &mean));
+            assert!(moved <= spread, "scale {scale}: moved {moved} > {spread}");
+            assert!(pulled > 10.0 * spread, "scale {scale}: the mean moved {pulled}");
+            // Honest peers alone: close to their mean.
+            let mut alone = vec![0f32; n];
+            aggregate(rule, checks, &honest_only, &mut alone);
+            assert!(distance(&alone, &mean) <= 0.5 * spread);
+        }
     }
 
     #[test]

@@ -44,9 +44,12 @@ use crate::optim::{self, Optimizer};
 use crate::progress::SwarmState;
 use crate::sync::{self, Donor, Partial, Shelf, Snapshot};
 
+mod attack;
 mod job;
 mod swarm;
 
+pub use attack::Attack;
+use attack::Attacker;
 use job::{Job, Stepped};
 use swarm::{Local, Pending, Round, TOO_LATE, View, formed, lock, progress_loop};
 
@@ -84,6 +87,8 @@ pub struct Settings {
     /// Roll back to the last good state when an averaged gradient's norm is more than this
     /// many times the recent median ([`crate::guard`]; infinite: never).
     pub spike: f64,
+    /// For experiments and tests of robustness: this peer sends a corrupted gradient.
+    pub attack: Option<Attack>,
 }
 
 impl Settings {
@@ -105,6 +110,7 @@ impl Settings {
             max_wait: Duration::from_secs(30),
             join_wait: Duration::from_secs(3),
             spike: 10.0,
+            attack: None,
         }
     }
 
@@ -233,6 +239,7 @@ pub struct Collab<T: Trainable> {
     /// A step running in the background (delayed updates), and a spare gradient buffer.
     busy: Option<tokio::task::JoinHandle<Result<Stepped, optim::Error>>>,
     spare: Vec<f32>,
+    attacker: Option<Attacker>,
     /// The download it joined with, if it found a swarm.
     joined: Option<sync::Report>,
     /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
@@ -286,6 +293,7 @@ impl<T: Trainable> Collab<T> {
             view_tx,
             pending.clone(),
         ));
+        let attacker = settings.attack.map(Attacker::new);
         let mut collab = Collab {
             model,
             optimizer,
@@ -303,6 +311,7 @@ impl<T: Trainable> Collab<T> {
             epoch,
             busy: None,
             spare: Vec::new(),
+            attacker,
             joined: None,
             missed: None,
             micro_samples: 0,
@@ -689,6 +698,9 @@ impl<T: Trainable> Collab<T> {
         if samples > 0 {
             let inv = 1.0 / samples as f32;
             grad.iter_mut().for_each(|g| *g *= inv);
+        }
+        if let Some(attacker) = &mut self.attacker {
+            attacker.corrupt(&mut grad);
         }
         let job = Job {
             epoch,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use potluck_allreduce::aggregate::Rule;
 use potluck_allreduce::balance::Mode;
 use potluck_data::Order;
 use potluck_data::tokens::{Row, TokenSet};
@@ -58,6 +59,11 @@ pub(crate) struct RunArgs {
     /// gradient's norm is more than this many times the recent median (0: never).
     #[arg(long, default_value_t = 10.0)]
     pub(crate) spike_factor: f64,
+    /// Byzantine-robust averaging: reducers combine contributions with CenteredClip (radius
+    /// from the contributions' own spread) instead of the mean, so no one peer can move an
+    /// average far, whatever it sends.
+    #[arg(long)]
+    pub(crate) robust: bool,
 }
 
 /// What joining a run takes.
@@ -100,6 +106,7 @@ impl Default for SwarmArgs {
                 target_batch_size: 256,
                 state_every: 10,
                 spike_factor: 10.0,
+                robust: false,
             },
             init: None,
             delayed_updates: false,
@@ -182,8 +189,14 @@ pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     } else {
         f64::INFINITY
     };
+    if run.robust {
+        settings.averaging.rule = ROBUST;
+    }
     settings
 }
+
+/// The aggregation of `--robust` runs.
+pub(crate) const ROBUST: Rule = Rule::CenteredClipAuto { iterations: 5 };
 
 /// Loads a checkpoint's parameters and optimizer state into `model` and `optimizer`.
 pub(crate) fn init_from(

@@ -1,0 +1,103 @@
+//! A peer that misbehaves on purpose, for experiments and tests of Byzantine robustness: what it
+//! sends to the all-reduce in place of its true mean gradient.
+
+use std::collections::VecDeque;
+
+/// How an attacking peer corrupts the gradient it sends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attack {
+    /// Its gradient times this factor (−100: sign-flipped and a hundred times larger).
+    Scale(f32),
+    /// Random values with the norm of its gradient.
+    Noise,
+    /// Not a number, everywhere.
+    NonFinite,
+    /// Its gradient of this many epochs before (computed on parameters that old).
+    Stale(usize),
+}
+
+/// An attack and what it needs to remember (the gradients a stale attack replays).
+#[derive(Debug)]
+pub(super) struct Attacker {
+    attack: Attack,
+    past: VecDeque<Vec<f32>>,
+    draws: u64,
+}
+
+impl Attacker {
+    pub(super) fn new(attack: Attack) -> Attacker {
+        Attacker {
+            attack,
+            past: VecDeque::new(),
+            draws: 0,
+        }
+    }
+
+    /// Replaces `grad` (this peer's true mean gradient) with what the attack sends.
+    pub(super) fn corrupt(&mut self, grad: &mut [f32]) {
+        match self.attack {
+            Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
+            Attack::NonFinite => grad.fill(f32::NAN),
+            Attack::Noise => {
+                let norm = grad.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+                self.draws += 1;
+                let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ self.draws;
+                for g in grad.iter_mut() {
+                    // xorshift64*: uniform in [-1, 1).
+                    state ^= state >> 12;
+                    state ^= state << 25;
+                    state ^= state >> 27;
+                    let bits = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+                    *g = bits as f32 / (1u64 << 23) as f32 - 1.0;
+                }
+                let drawn = grad.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+                let k = if drawn > 0.0 { norm / drawn } else { 0.0 } as f32;
+                grad.iter_mut().for_each(|g| *g *= k);
+            }
+            Attack::Stale(epochs) => {
+                self.past.push_back(grad.to_vec());
+                while self.past.len() > epochs + 1 {
+                    self.past.pop_front();
+                }
+                if let Some(old) = self.past.front() {
+                    grad.copy_from_slice(old);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(v: &[f32]) -> f64 {
+        v.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt()
+    }
+
+    #[test]
+    fn each_attack_sends_what_it_says() {
+        let grad: Vec<f32> = (0..100).map(|i| (i as f32 - 50.0) * 0.01).collect();
+        let mut g = grad.clone();
+        Attacker::new(Attack::Scale(-100.0)).corrupt(&mut g);
+        assert!(g.iter().zip(&grad).all(|(a, b)| *a == -100.0 * b));
+        let mut g = grad.clone();
+        Attacker::new(Attack::NonFinite).corrupt(&mut g);
+        assert!(g.iter().all(|v| v.is_nan()));
+        let mut g = grad.clone();
+        Attacker::new(Attack::Noise).corrupt(&mut g);
+        assert!((norm(&g) - norm(&grad)).abs() < 1e-4 * norm(&grad));
+        assert_ne!(g, grad);
+        // Two epochs stale: the first two epochs send the first gradient, then each sends
+        // the one of two epochs before.
+        let mut stale = Attacker::new(Attack::Stale(2));
+        let sent: Vec<f32> = (0..5)
+            .map(|e| {
+                let mut g = vec![e as f32];
+                stale.corrupt(&mut g);
+                g[0]
+            })
+            .collect();
+        assert_eq!(sent, vec![0.0, 0.0, 0.0, 1.0, 2.0]);
+    }
+}
