@@ -646,6 +646,27 @@ mod tests {
         assert_eq!(Token::load(&file).unwrap(), token);
     }
 
+    proptest::proptest! {
+        /// Whatever a stranger sends as a token or a token file, nothing panics and nothing
+        /// is admitted.
+        #[test]
+        fn no_made_up_token_is_admitted(bytes in proptest::collection::vec(0u8.., 0..600),
+                                        text in ".{0,300}") {
+            let (_, verifier, peer) = setup();
+            let _ = postcard::from_bytes::<Reply>(&bytes);
+            if let Ok(token) = postcard::from_bytes::<Token>(&bytes) {
+                proptest::prop_assert!(verifier.check(&token, peer, now()).is_err());
+            }
+            if let Ok(token) = Token::from_text(&text) {
+                proptest::prop_assert!(verifier.check(&token, peer, now()).is_err());
+            }
+            let hexed = format!("{TOKEN_TAG} {}", hex(&bytes));
+            if let Ok(token) = Token::from_text(&hexed) {
+                proptest::prop_assert!(verifier.check(&token, peer, now()).is_err());
+            }
+        }
+    }
+
     #[test]
     fn a_gate_admits_until_expiry_or_revocation() {
         let (authority, verifier, peer) = setup();
