@@ -325,13 +325,26 @@ mod tests {
             values.push(honest[0].iter().map(|v| v * -100.0).collect());
             let rule = Rule::CenteredClipAuto { iterations: 10 };
             let mut robust = vec![0f32; n];
-            let o = aggregate(rule, checks, &contributions(&values, &[1.0; 5]), &mut robust);
+            let o = aggregate(
+                rule,
+                checks,
+                &contributions(&values, &[1.0; 5]),
+                &mut robust,
+            );
             assert_eq!(o.kept.len(), 5);
             let mut plain = vec![0f32; n];
-            aggregate(Rule::Mean, checks, &contributions(&values, &[1.0; 5]), &mut plain);
+            aggregate(
+                Rule::Mean,
+                checks,
+                &contributions(&values, &[1.0; 5]),
+                &mut plain,
+            );
             let (moved, pulled) = (distance(&robust, &mean), distance(&plain, &mean));
             assert!(moved <= spread, "scale {scale}: moved {moved} > {spread}");
-            assert!(pulled > 10.0 * spread, "scale {scale}: the mean moved {pulled}");
+            assert!(
+                pulled > 10.0 * spread,
+                "scale {scale}: the mean moved {pulled}"
+            );
             // Honest peers alone: close to their mean.
             let mut alone = vec![0f32; n];
             aggregate(rule, checks, &honest_only, &mut alone);

@@ -32,7 +32,7 @@ use crate::optim::{self, Moments, Optimizer, Precision};
 pub const PROTOCOL: &str = "/potluck/state/1";
 
 /// Largest request or response header.
-const MAX_CONTROL: usize = 1024;
+pub const MAX_CONTROL: usize = 1024;
 /// Largest chunk a downloader accepts.
 pub const MAX_CHUNK: usize = 16 << 20;
 /// Largest state a downloader accepts (bounds the manifest's hash list too).
@@ -269,14 +269,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// A downloader's request (postcard, at most [`MAX_CONTROL`] bytes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum Request {
+pub enum Request {
     Manifest,
     Chunk { epoch: u64, index: u32 },
 }
 
+/// A donor's answer (postcard, at most [`MAX_CONTROL`] bytes).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-enum Response {
+pub enum Response {
     /// Followed by a frame holding the manifest (it can be larger than a control message).
     Manifest,
     /// Followed by a frame holding the chunk's bytes.
@@ -442,6 +444,15 @@ pub struct Report {
     pub dropped: Vec<(PeerId, String)>,
 }
 
+/// Decodes a manifest a donor sent and checks it against what this peer expects (sizes,
+/// chunking, one hash per chunk) before anything is downloaded.
+pub fn decode_manifest(bytes: &[u8], shape: &Shape) -> Result<Manifest, Error> {
+    let manifest: Manifest =
+        postcard::from_bytes(bytes).map_err(|e| Error::Mismatch(format!("not a manifest: {e}")))?;
+    check(&manifest, shape)?;
+    Ok(manifest)
+}
+
 fn check(manifest: &Manifest, shape: &Shape) -> Result<(), Error> {
     let mismatch = |why: String| Err(Error::Mismatch(why));
     if manifest.numel != shape.numel
@@ -490,7 +501,8 @@ async fn open(host: &Host, donor: &Donor, settings: &Settings) -> Result<Stream,
     .await
 }
 
-async fn fetch_manifest(stream: &mut Stream, shape: &Shape) -> Result<Manifest, String> {
+/// A donor's manifest, undecoded (bounded by the largest state this peer would take).
+async fn fetch_manifest(stream: &mut Stream, shape: &Shape) -> Result<Vec<u8>, String> {
     write_message(stream, &Request::Manifest)
         .await
         .map_err(|e| e.to_string())?;
@@ -507,7 +519,7 @@ async fn fetch_manifest(stream: &mut Stream, shape: &Shape) -> Result<Manifest, 
     read_frame(stream, limit, &mut buf)
         .await
         .map_err(|e| e.to_string())?;
-    postcard::from_bytes(&buf).map_err(|e| e.to_string())
+    Ok(buf)
 }
 
 /// Downloads the state of the shape `shape` from `donors` (the first that answers gives the
@@ -525,9 +537,12 @@ pub async fn download(
     if donors.is_empty() {
         return Err(Error::NoDonors);
     }
-    // The manifest, from the first donor that gives one that fits.
+    // The manifest, from the first donor that gives one that fits. A donor whose manifest
+    // does not fit is passed over (it may lie); only when every donor that answered gave one
+    // that does not fit is this peer's model not the run's.
     let mut first: Option<(usize, Stream)> = None;
     let mut reasons = Vec::new();
+    let mut misfits = Vec::new();
     for (i, donor) in donors.iter().enumerate() {
         let mut stream = match open(host, donor, settings).await {
             Ok(s) => s,
@@ -539,17 +554,22 @@ pub async fn download(
         let got = tokio::time::timeout(settings.open_timeout, fetch_manifest(&mut stream, &shape))
             .await
             .unwrap_or_else(|_| Err("timed out".into()));
-        match got {
-            Ok(m) => {
-                check(&m, &shape)?;
+        match got.map(|bytes| decode_manifest(&bytes, &shape)) {
+            Ok(Ok(m)) => {
                 partial.adopt(m);
                 first = Some((i, stream));
                 break;
             }
+            Ok(Err(Error::Mismatch(why))) => misfits.push(format!("{}: {why}", donor.peer)),
+            Ok(Err(e)) => reasons.push(format!("{}: {e}", donor.peer)),
             Err(e) => reasons.push(format!("{}: {e}", donor.peer)),
         }
     }
     let Some((first_index, first_stream)) = first else {
+        if reasons.is_empty() && !misfits.is_empty() {
+            return Err(Error::Mismatch(misfits.join("; ")));
+        }
+        reasons.extend(misfits);
         return Err(Error::NoManifest(reasons.join("; ")));
     };
     let Some(manifest) = partial.manifest.clone() else {

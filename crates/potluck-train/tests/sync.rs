@@ -171,3 +171,42 @@ async fn a_state_of_another_shape_is_refused_before_downloading() {
     .unwrap_err();
     assert!(matches!(err, sync::Error::Mismatch(_)), "{err}");
 }
+
+/// A donor whose manifest does not fit (a liar, or a peer of another model) is passed over:
+/// the download completes from the next donor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_donor_whose_manifest_does_not_fit_is_passed_over() {
+    let (params, opt) = state(1.0);
+    let other = Layout::new([("w", vec![30, 20], Role::Weight)]).unwrap();
+    let other_opt = Optimizer::new(
+        Config {
+            precision: Precision::Blockwise8,
+            ..Config::reference_lamb()
+        },
+        &other,
+    );
+    let (_a, misfit) = donor(
+        Snapshot::take(&vec![0.5; other.numel()], &other_opt, 0, 1 << 20),
+        Serving::default(),
+    )
+    .await;
+    let (_b, honest) = donor(
+        Snapshot::take(&params, &opt, 0, 1 << 20),
+        Serving::default(),
+    )
+    .await;
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let (snapshot, report) = sync::download(
+        me.host(),
+        &[misfit, honest],
+        Shape::of(&opt),
+        &mut Partial::default(),
+        &sync::Settings::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(snapshot.state().0, params);
+    assert_eq!(report.per_donor.iter().sum::<usize>(), report.per_donor[1]);
+}

@@ -3,10 +3,10 @@
 use std::sync::{Arc, Barrier};
 
 use libp2p::identity::Keypair;
+use potluck_allreduce::aggregate::Rule as Aggregation;
 use potluck_core::Trainable;
 use potluck_model::dalle::{Config, Dalle, TokenBatch, Tokens};
 use potluck_net::dht::{self, Dht};
-use potluck_allreduce::aggregate::Rule as Aggregation;
 use potluck_train::collab::{self, Attack, Collab, Net, Tick};
 use potluck_train::optim::{self, Optimizer, Precision, Rule, Schedule};
 use potluck_train::solo::Solo;

@@ -39,7 +39,11 @@ impl Attacker {
             Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
             Attack::NonFinite => grad.fill(f32::NAN),
             Attack::Noise => {
-                let norm = grad.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+                let norm = grad
+                    .iter()
+                    .map(|g| f64::from(*g).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 self.draws += 1;
                 let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ self.draws;
                 for g in grad.iter_mut() {
@@ -50,7 +54,11 @@ impl Attacker {
                     let bits = state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
                     *g = bits as f32 / (1u64 << 23) as f32 - 1.0;
                 }
-                let drawn = grad.iter().map(|g| f64::from(*g).powi(2)).sum::<f64>().sqrt();
+                let drawn = grad
+                    .iter()
+                    .map(|g| f64::from(*g).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 let k = if drawn > 0.0 { norm / drawn } else { 0.0 } as f32;
                 grad.iter_mut().for_each(|g| *g *= k);
             }
