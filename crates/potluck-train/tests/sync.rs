@@ -42,6 +42,18 @@ async fn donor(snapshot: Snapshot, serving: Serving) -> (Dht, Donor) {
     (dht, donor)
 }
 
+/// A fresh node downloads a state of `shape` from `donors`, from scratch.
+async fn newcomer_downloads(
+    donors: &[Donor],
+    shape: Shape,
+) -> Result<(Snapshot, sync::Report), sync::Error> {
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let settings = sync::Settings::default();
+    sync::download(me.host(), donors, shape, &mut Partial::default(), &settings).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
     let (params, opt) = state(1.0);
@@ -155,20 +167,9 @@ async fn a_state_of_another_shape_is_refused_before_downloading() {
         Serving::default(),
     )
     .await;
-    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
-        .await
-        .unwrap();
     let mut shape = Shape::of(&opt);
     shape.numel += 1;
-    let err = sync::download(
-        me.host(),
-        &[d],
-        shape,
-        &mut Partial::default(),
-        &sync::Settings::default(),
-    )
-    .await
-    .unwrap_err();
+    let err = newcomer_downloads(&[d], shape).await.unwrap_err();
     assert!(matches!(err, sync::Error::Mismatch(_)), "{err}");
 }
 
@@ -195,18 +196,9 @@ async fn a_donor_whose_manifest_does_not_fit_is_passed_over() {
         Serving::default(),
     )
     .await;
-    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+    let (snapshot, report) = newcomer_downloads(&[misfit, honest], Shape::of(&opt))
         .await
         .unwrap();
-    let (snapshot, report) = sync::download(
-        me.host(),
-        &[misfit, honest],
-        Shape::of(&opt),
-        &mut Partial::default(),
-        &sync::Settings::default(),
-    )
-    .await
-    .unwrap();
     assert_eq!(snapshot.state().0, params);
     assert_eq!(report.per_donor.iter().sum::<usize>(), report.per_donor[1]);
 }
