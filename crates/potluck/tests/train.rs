@@ -575,22 +575,24 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     for (name, role) in [("boot", "aux"), ("one", "trainer"), ("two", "trainer")] {
         enrol(name, role, "authority.key");
     }
-    let member = |name: &str| -> Vec<String> {
-        let key = path(&format!("{name}.key"));
-        let token = path(&format!("{name}.token"));
-        [
-            "--run-id",
-            "guarded",
+    // The flags of a peer of an authorized run: its authority, identity and token.
+    let credentials = |authority: &str, key: &str, token: &str| -> Vec<String> {
+        let (key, token) = (path(key), path(token));
+        let flags = [
             "--authority",
-            &authority,
+            authority,
             "--identity",
             s(&key),
             "--token",
             s(&token),
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect()
+        ];
+        flags.iter().map(|a| (*a).to_owned()).collect()
+    };
+    let member = |name: &str| -> Vec<String> {
+        let mut args = vec!["--run-id".to_owned(), "guarded".to_owned()];
+        let (key, token) = (format!("{name}.key"), format!("{name}.token"));
+        args.extend(credentials(&authority, &key, &token));
+        args
     };
     let mut args: Vec<String> = ["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
         .iter()
@@ -668,24 +670,12 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     // With its own authority's token: the node refuses the token.
     let own = new_authority("own.key");
     enrol("intruder", "trainer", "own.key");
-    let err = intruder(&[
-        "--authority",
-        &own,
-        "--identity",
-        s(&path("intruder.key")),
-        "--token",
-        s(&path("intruder.token")),
-    ]);
+    let flags = credentials(&own, "intruder.key", "intruder.token");
+    let err = intruder(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("not signed by this run's authority"), "{err}");
     // A member's token with another identity is refused before anything starts.
-    let err = intruder(&[
-        "--authority",
-        &authority,
-        "--identity",
-        s(&path("intruder.key")),
-        "--token",
-        s(&path("one.token")),
-    ]);
+    let flags = credentials(&authority, "intruder.key", "one.token");
+    let err = intruder(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("pass --identity"), "{err}");
     boot.kill();
 }
