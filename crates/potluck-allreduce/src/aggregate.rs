@@ -299,6 +299,17 @@ mod tests {
         assert!((out[0] - 1.15).abs() < 1e-6);
     }
 
+    /// Four honest contributions of `n` values, spread about zero, times `scale`.
+    fn honest_peers(n: usize, scale: f32) -> Vec<Vec<f32>> {
+        (0..4)
+            .map(|p| {
+                (0..n)
+                    .map(|j| (((p * 31 + j * 7) % 13) as f32 * 0.01 - 0.06) * scale)
+                    .collect()
+            })
+            .collect()
+    }
+
     #[test]
     fn centered_clip_auto_bounds_an_attacker_at_every_scale_of_the_gradients() {
         let n = 64;
@@ -306,13 +317,7 @@ mod tests {
             max_norm_ratio: f32::INFINITY,
         };
         for scale in [1e-4f32, 1.0, 1e4] {
-            let honest: Vec<Vec<f32>> = (0..4)
-                .map(|p| {
-                    (0..n)
-                        .map(|j| (((p * 31 + j * 7) % 13) as f32 * 0.01 - 0.06) * scale)
-                        .collect()
-                })
-                .collect();
+            let honest = honest_peers(n, scale);
             let mut mean = vec![0f32; n];
             let honest_only = contributions(&honest, &[1.0; 4]);
             aggregate(Rule::Mean, checks, &honest_only, &mut mean);
@@ -355,13 +360,7 @@ mod tests {
     #[test]
     fn centered_clip_keeps_a_peer_scaled_by_a_million_within_tau() {
         let n = 64;
-        let honest: Vec<Vec<f32>> = (0..4)
-            .map(|p| {
-                (0..n)
-                    .map(|j| ((p * 31 + j * 7) % 13) as f32 * 0.01 - 0.06)
-                    .collect()
-            })
-            .collect();
+        let honest = honest_peers(n, 1.0);
         let mut mean = vec![0f32; n];
         aggregate(
             Rule::Mean,
