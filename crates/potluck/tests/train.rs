@@ -120,6 +120,10 @@ fn training_without_solo_or_with_a_bad_preset_says_what_to_do() {
 }
 
 /// A `potluck` process whose output is read on threads (so its pipes never fill).
+/// How long a peer of these tests may take to finish: many times what any of them needs on a
+/// loaded 2-core machine; a peer still running then is stuck, and the test says so.
+const FINISH: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub(crate) struct Peer {
     child: std::process::Child,
     /// Its standard output, line by line.
@@ -131,9 +135,14 @@ pub(crate) struct Peer {
 impl Peer {
     pub(crate) fn spawn(args: &[&str]) -> Peer {
         use std::io::{BufRead, Read};
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"));
+        // `POTLUCK_TEST_LOG=debug` shows the peers' logs in a failing test's output.
+        match std::env::var("POTLUCK_TEST_LOG") {
+            Ok(filter) => command.env("RUST_LOG", filter),
+            Err(_) => command.env_remove("RUST_LOG"),
+        };
+        let mut child = command
             .args(args)
-            .env_remove("RUST_LOG")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -179,14 +188,25 @@ impl Peer {
     }
 
     /// Kills it (SIGKILL).
-    pub(crate) fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub(crate) fn kill(self) {
+        drop(self);
     }
 
-    /// Waits for it to exit successfully; returns its whole standard output.
+    /// Waits for it to exit successfully (within `FINISH`, or it is killed and the test fails
+    /// with its output); returns its whole standard output.
     pub(crate) fn finish(mut self) -> String {
-        let status = self.child.wait().unwrap();
+        let deadline = std::time::Instant::now() + FINISH;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         self.seen.extend(self.lines.iter());
         let err = self
             .stderr
@@ -194,8 +214,18 @@ impl Peer {
             .map(|t| t.join().unwrap())
             .unwrap_or_default();
         let out = self.seen.join("\n");
+        let status =
+            status.unwrap_or_else(|| panic!("still running after {FINISH:?}:\n{out}\n{err}"));
         assert!(status.success(), "{out}\n{err}");
         out
+    }
+}
+
+/// A peer left over by a failing test does not outlive it.
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -464,12 +494,9 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
     let common = ["--target-batch-size", "48", "--epochs", "8"];
-    let mut a_args = peer_args("aux", &data, &dir.path().join("a"), &common);
-    a_args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
-    let mut first = Peer::spawn(&strs(&a_args));
-    let addr = first.wait_for("listening on ");
+    // The aux peer is there from the start, as a run's helper is: the bootstrap node.
     let ckpts = dir.path().join("aux");
-    let aux = Peer::spawn(&[
+    let mut aux = Peer::spawn(&[
         "aux",
         "--run-id",
         "aux",
@@ -477,8 +504,8 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
         "tiny",
         "--data",
         s(&data),
-        "--initial-peers",
-        &addr,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
         "--target-batch-size",
         "48",
         "--checkpoint-dir",
@@ -490,10 +517,14 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
         "--epochs",
         "8",
     ]);
-    let mut b_args = peer_args("aux", &data, &dir.path().join("b"), &common);
-    b_args.extend(["--initial-peers".into(), addr.clone()]);
-    let b = Peer::spawn(&strs(&b_args)).finish();
-    let a = first.finish();
+    let addr = aux.wait_for("listening on ");
+    let trainer = |name: &str| {
+        let mut args = peer_args("aux", &data, &dir.path().join(name), &common);
+        args.extend(["--initial-peers".into(), addr.clone()]);
+        Peer::spawn(&strs(&args))
+    };
+    let (a, b) = (trainer("a"), trainer("b"));
+    let (a, b) = (a.finish(), b.finish());
     let aux = aux.finish();
     assert!(aux.contains("stopped at epoch 8"), "{aux}");
     // Rolling: epochs 3 and 6 were written, then 8 at the stop; two are kept.

@@ -236,6 +236,8 @@ pub struct Collab<T: Trainable> {
     pending: Pending,
     /// The global epoch this peer computes gradients for.
     epoch: u64,
+    /// The newest epoch this peer has seen the swarm in (its own included).
+    newest: u64,
     /// A step running in the background (delayed updates), and a spare gradient buffer.
     busy: Option<tokio::task::JoinHandle<Result<Stepped, optim::Error>>>,
     spare: Vec<f32>,
@@ -309,6 +311,7 @@ impl<T: Trainable> Collab<T> {
             round: None,
             pending,
             epoch,
+            newest: epoch,
             busy: None,
             spare: Vec::new(),
             attacker,
@@ -404,6 +407,17 @@ impl<T: Trainable> Collab<T> {
     /// Samples the swarm trained on up to this epoch.
     pub fn swarm_samples(&self) -> u64 {
         self.swarm_samples
+    }
+
+    /// The newest epoch this peer has seen any peer of the swarm in (its own included), even
+    /// if those peers are gone since.
+    pub fn swarm_epoch(&self) -> u64 {
+        self.newest.max(self.epoch)
+    }
+
+    /// Whether no other peer has been seen for a good while (it steps alone if it computes).
+    pub fn alone(&self) -> bool {
+        self.view.borrow().as_ref().is_none_or(|v| v.alone)
     }
 
     /// The swarm as last seen: its state and how many other peers are live.
@@ -515,6 +529,9 @@ impl<T: Trainable> Collab<T> {
         }
         // Marked seen, so waiting below waits for the next view.
         let view = self.view.borrow_and_update().clone();
+        if let Some(v) = &view {
+            self.newest = self.newest.max(v.state.epoch);
+        }
         let epoch = self.epoch();
         // Behind the swarm: fetch its state (our gradients are for old parameters). A failed
         // download is tried again later: donors come and go.

@@ -65,6 +65,10 @@ pub(super) struct Round {
     pub(super) formed: Option<Result<Group, String>>,
 }
 
+/// The most a deadline's lead grows for a slow DHT (beyond that the DHT is failing, and
+/// waiting longer does not help).
+const MAX_SLACK: Duration = Duration::from_secs(3);
+
 /// Why a peer missed a round's group.
 pub(super) const TOO_LATE: &str = "too late to join the group";
 
@@ -114,10 +118,16 @@ pub(super) async fn progress_loop(
     };
     let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
     let mut closing: Option<(u64, Time)> = None;
-    // A deadline must leave every peer time to see it (one report) and to declare.
-    let min_lead =
-        settings.report_every + settings.matchmaking.declare_ahead + Duration::from_millis(200);
+    // How long this peer's DHT reads take (a moving average): on a loaded machine they take
+    // hundreds of milliseconds, and a deadline must leave room for them.
+    let mut latency = Duration::ZERO;
     loop {
+        // A deadline must leave every peer time to see it (one report, a read of the
+        // proposals) and to declare (a store), at the DHT's pace as this peer measures it.
+        let min_lead = settings.report_every
+            + settings.matchmaking.declare_ahead
+            + Duration::from_millis(200)
+            + (4 * latency).min(MAX_SLACK);
         let l = *local.borrow_and_update();
         if l.publish {
             let report = progress::Report {
@@ -132,7 +142,15 @@ pub(super) async fn progress_loop(
                 tracing::debug!("publishing progress: {e}");
             }
         }
-        match tracker.fetch().await {
+        let asked = Instant::now();
+        let fetched = tracker.fetch().await;
+        latency = if latency.is_zero() {
+            asked.elapsed()
+        } else {
+            latency.mul_f64(0.75) + asked.elapsed().mul_f64(0.25)
+        };
+        let mut near = false;
+        match fetched {
             Ok(mut reports) => {
                 let now = record::now();
                 // Our own report, as we know it now (the DHT's copy may lag).
@@ -166,7 +184,15 @@ pub(super) async fn progress_loop(
                 let state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
-                if closing.is_none_or(|(e, _)| e != l.epoch) && l.publish && !others.is_empty() {
+                let open = closing.is_none_or(|(e, _)| e != l.epoch);
+                // The swarm nears the target: another peer may propose the deadline any
+                // moment, and this one must see it soon enough to declare.
+                near = open
+                    && state.epoch == l.epoch
+                    && state.eta.is_some_and(|eta| {
+                        eta <= settings.lead.max(min_lead) + settings.report_every
+                    });
+                if open && l.publish && !others.is_empty() {
                     let propose = (state.epoch == l.epoch)
                         .then_some(state.eta)
                         .flatten()
@@ -201,12 +227,12 @@ pub(super) async fn progress_loop(
             Err(e) => tracing::debug!("reading progress: {e}"),
         }
         // Wake at the next report, at once when this peer's epoch or wish to report changes,
-        // and soon (a quarter of the interval after the last report) when its samples change:
-        // the others decide whether to compute on them.
+        // and soon (a quarter of the interval after the last report) when its samples change
+        // (the others decide whether to compute on them) or the epoch's end nears.
         let started = tokio::time::Instant::now();
         let until = started + settings.report_every;
         let soon = started + settings.report_every / 4;
-        let mut counted = false;
+        let mut counted = near;
         loop {
             let wake = if counted { soon } else { until };
             tokio::select! {

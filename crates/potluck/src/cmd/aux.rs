@@ -114,8 +114,22 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
         Err("an aux peer computes nothing".into())
     };
     loop {
-        if args.epochs.is_some_and(|n| peer.epoch() >= n) {
-            break;
+        if let Some(n) = args.epochs {
+            if peer.epoch() >= n {
+                break;
+            }
+            // The swarm got there without this peer (it missed the last averaging) and left
+            // before it could download that state: nobody is left to get it from.
+            if peer.swarm_epoch() >= n && peer.alone() {
+                let epoch = peer.epoch();
+                let dir = checkpoint(&args, &peer, epoch, started)?;
+                anyhow::bail!(
+                    "the swarm reached epoch {} and left before this aux peer could download \
+                     that state; its own last state, epoch {epoch}, is in {}",
+                    peer.swarm_epoch(),
+                    dir.display()
+                );
+            }
         }
         let tick = tokio::select! {
             tick = peer.tick(&mut never) => tick?,
