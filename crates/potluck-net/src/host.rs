@@ -27,8 +27,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, autonat, connection_limits, dcutr,
-    identify, noise, ping, relay, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, Transport, allow_block_list, autonat,
+    connection_limits, dcutr, identify, noise, ping, relay, tcp, yamux,
 };
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,6 +36,7 @@ use crate::auth::{self, Gate, Role};
 use crate::dht::wire::{self, Request, Response};
 use crate::direct;
 use crate::frame::{read_message, write_message};
+use crate::limit::{self, Limiter, Verdict};
 
 /// Which transports a host uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +135,9 @@ pub struct Config {
     /// An authorized run's gate ([`crate::auth`]): peers are served only once admitted, and
     /// asked only once they admitted us. None: an open run.
     pub auth: Option<Arc<Gate>>,
+    /// Requests each peer may send ([`crate::limit`]): over the rate they are refused, and a
+    /// peer that floods is banned for a while.
+    pub requests: limit::Rate,
 }
 
 impl Config {
@@ -156,6 +160,7 @@ impl Config {
             max_probes: 4,
             direct: true,
             auth: None,
+            requests: limit::Rate::default(),
         }
     }
 }
@@ -193,6 +198,9 @@ struct Status {
     relay_addrs: Mutex<Vec<Multiaddr>>,
     punched: AtomicU64,
     punch_failed: AtomicU64,
+    /// Requests refused for their peer's rate, and peers banned for flooding.
+    refused: AtomicU64,
+    bans: AtomicU64,
 }
 
 /// The protocol a serving host advertises (through identify); a client host does not, so
@@ -287,6 +295,8 @@ impl Inbound for NoDht {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
+    /// Peers banned for flooding: their connections are denied before any stream opens.
+    banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
     dht: request_response::Behaviour<wire::Codec>,
@@ -398,6 +408,7 @@ fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
         let local = key.public().to_peer_id();
         Behaviour {
             limits: connection_limits::Behaviour::new(limits),
+            banned: allow_block_list::Behaviour::default(),
             identify: identify::Behaviour::new(identify::Config::new(
                 "/potluck/1".into(),
                 key.public(),
@@ -569,6 +580,8 @@ impl Host {
                     .collect(),
             ),
             punched: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            bans: AtomicU64::new(0),
             punch_failed: AtomicU64::new(0),
         });
         let marker = if serving {
@@ -601,6 +614,7 @@ impl Host {
             reserved: HashSet::new(),
             gate: cfg.auth.clone(),
             unadmitted: HashMap::new(),
+            limiter: Limiter::new(cfg.requests),
         };
         tokio::spawn(task.run(rx));
         Ok(Host {
@@ -683,6 +697,15 @@ impl Host {
             hole_punches: self.status.punched.load(Ordering::Relaxed),
             hole_punch_failures: self.status.punch_failed.load(Ordering::Relaxed),
         }
+    }
+
+    /// Requests refused because their peer sent over its rate, and peers banned for flooding,
+    /// since the start.
+    pub fn refusals(&self) -> (u64, u64) {
+        (
+            self.status.refused.load(Ordering::Relaxed),
+            self.status.bans.load(Ordering::Relaxed),
+        )
     }
 
     /// Sends a command whose answer comes back on the channel it is built with, and waits at
@@ -1245,6 +1268,19 @@ async fn answer_probe(
     writer.close().await
 }
 
+/// Why a request over its peer's rate is refused.
+const OVER_RATE: &str = "over this peer's request rate: slow down";
+
+/// A refusal, saying why.
+fn refused(reason: &str) -> Response {
+    Response {
+        now: crate::dht::record::now(),
+        body: crate::dht::wire::ResponseBody::Refused {
+            reason: reason.into(),
+        },
+    }
+}
+
 /// The host task's state: owns the swarm, serves commands and events until every handle is
 /// gone.
 struct Task {
@@ -1270,6 +1306,7 @@ struct Task {
     /// Authorized runs: peers connected but not admitted yet, since when, and what identify
     /// said of them (held back until they are admitted).
     unadmitted: HashMap<PeerId, (Instant, Option<identify::Info>)>,
+    limiter: Limiter,
 }
 
 impl Task {
@@ -1283,14 +1320,17 @@ impl Task {
                     None => break,
                 },
                 event = self.swarm.select_next_some() => self.event(event),
-                _ = sweep.tick(), if self.gate.is_some() => self.sweep(),
+                _ = sweep.tick() => self.sweep(),
             }
         }
     }
 
-    /// Authorized runs: disconnects peers that presented no valid token in time, and those
-    /// whose admission ran out (expired or revoked).
+    /// Drops ended bans; in authorized runs, disconnects peers that presented no valid token
+    /// in time, and those whose admission ran out (expired or revoked).
     fn sweep(&mut self) {
+        for peer in self.limiter.sweep(Instant::now()) {
+            self.swarm.behaviour_mut().banned.unblock_peer(peer);
+        }
         let Some(gate) = &self.gate else { return };
         let mut out = gate.expired();
         for (peer, (since, _)) in &mut self.unadmitted {
@@ -1521,6 +1561,9 @@ impl Task {
                 ..
             } => {
                 self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.limiter.forget(peer_id);
+                }
                 if num_established == 0
                     && let Some(gate) = &self.gate
                 {
@@ -1575,16 +1618,34 @@ impl Task {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let response = match self.refusal(peer, &request) {
+                    // Counted before anything else is done with it: a flood costs this little.
+                    let verdict = self.limiter.check(peer, Instant::now());
+                    let refusal = match verdict {
+                        Verdict::Allow => self.refusal(peer, &request),
+                        Verdict::Refuse | Verdict::Ban => {
+                            self.status.refused.fetch_add(1, Ordering::Relaxed);
+                            Some(OVER_RATE)
+                        }
+                    };
+                    if verdict == Verdict::Ban {
+                        self.status.bans.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            "{peer} sent requests far over its rate: banned for {:?}",
+                            self.limiter.rate().ban_for
+                        );
+                        // Closes its connections and denies new ones until the ban ends.
+                        let banned = &mut self.swarm.behaviour_mut().banned;
+                        banned.block_peer(peer);
+                        for ended in self.limiter.ban(peer, Instant::now()) {
+                            banned.unblock_peer(ended);
+                        }
+                    }
+                    let response = match refusal {
                         None => self.inbound.request(peer, request),
+                        Some(OVER_RATE) => refused(OVER_RATE),
                         Some(reason) => {
                             tracing::warn!("refused a request from {peer}: {reason}");
-                            Response {
-                                now: crate::dht::record::now(),
-                                body: crate::dht::wire::ResponseBody::Refused {
-                                    reason: reason.into(),
-                                },
-                            }
+                            refused(reason)
                         }
                     };
                     let _ = self

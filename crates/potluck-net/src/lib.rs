@@ -9,3 +9,4 @@ pub mod direct;
 pub mod frame;
 pub mod host;
 pub mod identity;
+pub mod limit;

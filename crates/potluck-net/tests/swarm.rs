@@ -115,6 +115,10 @@ async fn owner_records_need_the_owners_signature_and_subkeys_merge() {
         nodes[5].store_record(unsigned).await,
         Err(Error::Rejected(Rejection::Unsigned))
     ));
+    // A replay: Alice's first record, signed and intact, sent again after her second one.
+    // Its expiration is its timestamp: older than what is held, it changes nothing.
+    let replayed = record::signed(&alice, b"run.progress", b"alice 1".to_vec(), exp);
+    let _ = nodes[6].store_record(replayed).await;
     // Oversize.
     let big = vec![0u8; 100 << 10];
     assert!(matches!(
