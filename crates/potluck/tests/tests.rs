@@ -6,6 +6,7 @@ mod allreduce;
 mod cli;
 mod collab;
 mod dht;
+mod invite;
 mod nat;
 mod prepare;
 mod train;

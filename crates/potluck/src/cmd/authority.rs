@@ -18,6 +18,12 @@ pub(crate) enum Command {
     Init(InitArgs),
     /// Sign a token that lets one peer into the run, in one role, for a while.
     Grant(GrantArgs),
+    /// Write invite codes for the invite server.
+    Invite(super::invite::InviteArgs),
+    /// Hand tokens over HTTP to peers that present an invite code.
+    Serve(super::invite::ServeArgs),
+    /// Get a token from an invite server with an invite code.
+    Request(super::invite::RequestArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -192,6 +198,9 @@ pub(crate) fn run(command: Command) -> Result<()> {
     match command {
         Command::Init(args) => init(args),
         Command::Grant(args) => grant(args),
+        Command::Invite(args) => super::invite::invite(args),
+        Command::Serve(args) => super::invite::serve(args),
+        Command::Request(args) => super::invite::request(args),
     }
 }
 

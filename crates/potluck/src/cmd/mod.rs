@@ -9,6 +9,7 @@ pub(crate) mod demo;
 pub(crate) mod dht;
 pub(crate) mod eval;
 pub(crate) mod generate;
+pub(crate) mod invite;
 pub(crate) mod keygen;
 pub(crate) mod model_info;
 pub(crate) mod prepare;
