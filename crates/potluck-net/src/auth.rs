@@ -36,6 +36,9 @@ pub const SKEW: Duration = Duration::from_secs(120);
 /// A peer that has not presented a valid token by then is disconnected.
 pub const HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Revoked peers a gate holds, at most.
+pub const MAX_REVOKED_HELD: usize = 4096;
+
 /// Longest a token may live: an authority grants for hours, not forever.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -157,6 +160,12 @@ pub enum Error {
 #[derive(Clone, PartialEq, Eq)]
 pub struct AuthorityKey(ed25519::PublicKey);
 
+impl AuthorityKey {
+    pub fn ed25519(&self) -> &ed25519::PublicKey {
+        &self.0
+    }
+}
+
 impl fmt::Debug for AuthorityKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "AuthorityKey({self})")
@@ -229,6 +238,11 @@ impl Authority {
 
     pub fn public(&self) -> AuthorityKey {
         AuthorityKey(self.key.public())
+    }
+
+    /// The signing key.
+    pub fn ed25519(&self) -> &ed25519::Keypair {
+        &self.key
     }
 
     /// A token for `peer` in `run` with `role`, valid from now for `ttl` (at most [`MAX_TTL`]).
@@ -535,9 +549,15 @@ impl Gate {
         gone
     }
 
-    /// Revokes `peer`: it is refused from now on.
-    pub fn revoke(&self, peer: PeerId) {
-        lock(&self.state).revoked.insert(peer);
+    /// Revokes `peer`: it is refused from now on (and disconnected at the host's next
+    /// sweep). Whether it was not revoked before. At most [`MAX_REVOKED_HELD`] are held.
+    pub fn revoke(&self, peer: PeerId) -> bool {
+        let mut state = lock(&self.state);
+        if state.revoked.len() >= MAX_REVOKED_HELD && !state.revoked.contains(&peer) {
+            tracing::warn!("{MAX_REVOKED_HELD} peers revoked already: {peer} is not");
+            return false;
+        }
+        state.revoked.insert(peer)
     }
 }
 
@@ -703,7 +723,7 @@ mod tests {
 
         let long = authority.grant("run1", peer, Role::Trainer, Duration::from_secs(60));
         assert_eq!(gate.present(peer, &long), Ok(Role::Trainer));
-        gate.revoke(peer);
+        assert!(gate.revoke(peer));
         assert_eq!(gate.role(peer), None);
         assert_eq!(gate.present(peer, &long), Err(Refusal::Revoked));
     }

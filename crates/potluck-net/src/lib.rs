@@ -10,3 +10,4 @@ pub mod frame;
 pub mod host;
 pub mod identity;
 pub mod limit;
+pub mod revoke;

@@ -14,6 +14,7 @@ use potluck_net::dht::record;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::{Config, Dht};
 use potluck_net::host::{self, ClientMode, Host, NoDht, Transports};
+use potluck_net::revoke;
 
 const RUN: &str = "authrun";
 const BULK: &str = "/potluck-test/bulk/1";
@@ -208,6 +209,76 @@ async fn streams_of_peers_not_admitted_or_in_the_wrong_role_are_dropped() {
     assert_eq!(gate.role(monitor.peer_id()), Some(Role::Monitor));
     assert_eq!(gate.role(intruder.peer_id()), None);
     assert_eq!(gate.role(expired.peer_id()), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_the_authority_revokes_in_the_dht_is_cut_off_by_every_member() {
+    let authority = Authority::generate();
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(dht(&authority, Holds::Valid(Role::Trainer)).await);
+    }
+    let bad = dht(&authority, Holds::Valid(Role::Trainer)).await;
+    let boot = members[0].addrs().await.unwrap();
+    for m in members[1..].iter().chain([&bad]) {
+        m.bootstrap(&boot).await.unwrap();
+    }
+    let exp = record::now() + 60_000;
+    // Admitted: what it stores reaches the members.
+    let stored = bad
+        .store(b"authrun.a", None, b"1".to_vec(), exp)
+        .await
+        .unwrap();
+    assert!(stored >= 3, "stored on {stored}");
+    // A forged list (another key's, under its own subkey) and the authority's real one.
+    let forger = Authority::generate();
+    let forged = forger.revocations(RUN, &[members[1].peer_id()], exp);
+    let _ = members[2].store_record(forged).await;
+    let list = authority.revocations(RUN, &[bad.peer_id()], exp);
+    members[0].store_record(list).await.unwrap();
+    let watchers: Vec<_> = members
+        .iter()
+        .map(|m| tokio::spawn(revoke::watch(m.clone(), Duration::from_millis(100))))
+        .collect();
+    // Every member revokes it and drops its connections (within the watch's period and the
+    // host's one-second sweep); the forged list revoked nobody.
+    for m in &members {
+        let gate = m.host().gate().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while gate.role(bad.peer_id()).is_some()
+            || !m
+                .host()
+                .connections(bad.peer_id())
+                .await
+                .unwrap()
+                .is_empty()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} still admits it",
+                m.peer_id()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for other in &members {
+            if other.peer_id() != m.peer_id() {
+                assert!(gate.role(other.peer_id()).is_some());
+            }
+        }
+    }
+    // Nothing it sends is taken any more.
+    let stored = bad
+        .store(b"authrun.a", None, b"2".to_vec(), exp + 1)
+        .await
+        .unwrap_or(0);
+    assert!(stored <= 1, "stored on {stored} after its revocation");
+    let Some(Entry::Value(item)) = members[1].get(b"authrun.a").await.unwrap() else {
+        panic!("the record is gone");
+    };
+    assert_eq!(item.value, b"1");
+    for w in watchers {
+        w.abort();
+    }
 }
 
 #[test]

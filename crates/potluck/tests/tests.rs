@@ -3,10 +3,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 mod allreduce;
+mod authority;
 mod cli;
 mod collab;
 mod dht;
-mod invite;
 mod nat;
 mod prepare;
 mod train;

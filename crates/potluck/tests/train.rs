@@ -581,7 +581,8 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
         let line = init.lines().find_map(|l| l.strip_prefix("authority: "));
         line.unwrap().to_owned()
     };
-    let enrol = |name: &str, role: &str, by: &str| {
+    // Returns its peer id.
+    let enrol = |name: &str, role: &str, by: &str| -> String {
         let id = run("keygen --out", &[s(&path(&format!("{name}.key")))]);
         let peer = id
             .lines()
@@ -600,11 +601,13 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
             &token,
         ];
         run("authority grant --run-id guarded --ttl 1h", &args);
+        peer.to_owned()
     };
     let authority = new_authority("authority.key");
     // A bootstrap node and two trainers.
+    let mut ids = std::collections::HashMap::new();
     for (name, role) in [("boot", "aux"), ("one", "trainer"), ("two", "trainer")] {
-        enrol(name, role, "authority.key");
+        ids.insert(name, enrol(name, role, "authority.key"));
     }
     // The flags of a peer of an authorized run: its authority, identity and token.
     let credentials = |authority: &str, key: &str, token: &str| -> Vec<String> {
@@ -700,7 +703,7 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     assert!(err.contains("not admitted to this run"), "{err}");
     // With its own authority's token: the node refuses the token.
     let own = new_authority("own.key");
-    enrol("intruder", "trainer", "own.key");
+    let intruder_id = enrol("intruder", "trainer", "own.key");
     let flags = credentials(&own, "intruder.key", "intruder.token");
     let err = intruder(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("not signed by this run's authority"), "{err}");
@@ -708,5 +711,41 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
     let flags = credentials(&authority, "intruder.key", "one.token");
     let err = intruder(&flags.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(err.contains("pass --identity"), "{err}");
+
+    // The authority revokes trainer two through the bootstrap; a node that joins after reads
+    // the list first and refuses it, though its token is valid.
+    let key = path("authority.key");
+    let revoke = |peer: &str| {
+        let args = ["--key", s(&key), "--peer", peer, "--initial-peers", &addr];
+        run("authority revoke --run-id guarded", &args)
+    };
+    let said = revoke(&ids["two"]);
+    assert!(
+        said.contains("revoked 1 peers in run guarded (1 new)"),
+        "{said}"
+    );
+    // Revoking another keeps the published list: it was read back from the DHT.
+    let said = revoke(&intruder_id);
+    assert!(
+        said.contains("revoked 2 peers in run guarded (1 new)"),
+        "{said}"
+    );
+    enrol("late", "aux", "authority.key");
+    let mut args: Vec<String> = ["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .chain(["--initial-peers".to_owned(), addr.clone()])
+        .collect();
+    args.extend(member("late"));
+    let mut late = Peer::spawn(&strs(&args));
+    let late_addr = format!("/ip4/127.0.0.1{}", late.wait_for("/ip4/127.0.0.1"));
+    let mut args = trainer("two");
+    let at = args.iter().position(|a| a == &addr).unwrap();
+    args[at] = late_addr;
+    let out = potluck(&strs(&args));
+    assert!(!out.status.success(), "a revoked peer trained");
+    let err = text(&out.stderr);
+    assert!(err.contains("revoked by the run's authority"), "{err}");
+    late.kill();
     boot.kill();
 }

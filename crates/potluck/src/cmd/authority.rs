@@ -1,4 +1,4 @@
-//! `potluck authority init|grant`: a run's authority (an ed25519 key kept offline) and the
+//! `potluck authority init|grant|revoke`: a run's authority (an ed25519 key kept offline) and the
 //! signed, expiring tokens that let peers into an authorized run; `AuthArgs`, the flags by which
 //! every command that joins a run takes part in an authorized one.
 
@@ -10,7 +10,8 @@ use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use potluck_net::auth::{Authority, AuthorityKey, Gate, Role, Token, Verifier};
-use potluck_net::dht::record;
+use potluck_net::dht::{Dht, record};
+use potluck_net::host;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub(crate) enum Command {
@@ -18,6 +19,8 @@ pub(crate) enum Command {
     Init(InitArgs),
     /// Sign a token that lets one peer into the run, in one role, for a while.
     Grant(GrantArgs),
+    /// Revoke peers: publish the authority's signed list in the run's DHT.
+    Revoke(RevokeArgs),
     /// Write invite codes for the invite server.
     Invite(super::invite::InviteArgs),
     /// Hand tokens over HTTP to peers that present an invite code.
@@ -68,6 +71,27 @@ pub(crate) struct GrantArgs {
     pub(crate) out: Option<PathBuf>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck authority revoke --key authority.key --run-id shapes1 \
+                  --peer 12D3KooW… --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW…\n\
+                  Every peer of the run reads the list within 30 s and cuts the revoked peers off"
+)]
+pub(crate) struct RevokeArgs {
+    /// The authority's key file (from `potluck authority init`).
+    #[arg(long, default_value = "authority.key")]
+    pub(crate) key: PathBuf,
+    /// The run's name.
+    #[arg(long)]
+    pub(crate) run_id: String,
+    /// A peer id to revoke (repeat for several); the list already published is kept.
+    #[arg(long, required = true)]
+    pub(crate) peer: Vec<String>,
+    /// Peers of the run to publish through.
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
+    pub(crate) initial_peers: Vec<String>,
+}
+
 /// The flags that make a peer part of an authorized run.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub(crate) struct AuthArgs {
@@ -115,6 +139,22 @@ impl AuthArgs {
             humanize(left)
         );
         Ok(Some(Arc::new(Gate::new(verifier, token))))
+    }
+}
+
+/// How often a peer of an authorized run reads the authority's revocations.
+const REVOCATIONS_EVERY: Duration = Duration::from_secs(30);
+
+/// In an authorized run: applies the authority's revocations now (before this peer serves
+/// anyone it revoked) and then in the background ([`potluck_net::revoke::watch`]), and keeps
+/// this peer's token fresh ([`watch_token`]).
+pub(crate) async fn keep_up(dht: &Dht, auth: &AuthArgs) {
+    if let Some(path) = &auth.token {
+        if let Err(e) = potluck_net::revoke::apply(dht).await {
+            tracing::warn!("could not read the run's revocations yet: {e}");
+        }
+        tokio::spawn(watch_token(dht.host().clone(), path.clone()));
+        tokio::spawn(potluck_net::revoke::watch(dht.clone(), REVOCATIONS_EVERY));
     }
 }
 
@@ -198,6 +238,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
     match command {
         Command::Init(args) => init(args),
         Command::Grant(args) => grant(args),
+        Command::Revoke(args) => revoke(args),
         Command::Invite(args) => super::invite::invite(args),
         Command::Serve(args) => super::invite::serve(args),
         Command::Request(args) => super::invite::request(args),
@@ -248,6 +289,77 @@ fn grant(args: GrantArgs) -> Result<()> {
         None => print!("{}", token.to_text()),
     }
     Ok(())
+}
+
+/// Joins the run for a moment (with a short token the authority grants itself), adds `peer`s
+/// to the published revocation list and publishes it.
+fn revoke(args: RevokeArgs) -> Result<()> {
+    use potluck_net::revoke;
+    let authority = Authority::load(&args.key)?;
+    let mut peers = Vec::new();
+    for p in &args.peer {
+        let peer: PeerId = p
+            .parse()
+            .with_context(|| format!("{p:?} is not a peer id (e.g. 12D3KooW…)"))?;
+        peers.push(peer);
+    }
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let token = authority.grant(&args.run_id, me, Role::Aux, Duration::from_secs(600));
+    let verifier = Verifier {
+        run: args.run_id.clone(),
+        authority: authority.public(),
+    };
+    let mut host_config = host::Config::new(keypair, host::Transports::Network);
+    host_config.listen = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
+    host_config.client_mode = host::ClientMode::On;
+    host_config.auth = Some(Arc::new(Gate::new(verifier.clone(), token)));
+    let config = potluck_net::dht::Config {
+        client_mode: host::ClientMode::On,
+        ..potluck_net::dht::Config::default()
+    };
+    let initial = crate::cmd::dht::parse_addrs(&args.initial_peers)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let dht = Dht::start(host_config, config, Default::default()).await?;
+        dht.bootstrap(&initial)
+            .await
+            .context("reaching the run through --initial-peers")?;
+        let mut list = revoke::fetch(&dht, &verifier)
+            .await
+            .context("reading the published list")?;
+        let before = list.len();
+        for peer in peers {
+            if !list.contains(&peer) {
+                list.push(peer);
+            }
+        }
+        if list.len() > revoke::MAX_REVOKED {
+            bail!(
+                "{} peers would be revoked, over the limit of {}: start a new run (a new \
+                 authority) instead",
+                list.len(),
+                revoke::MAX_REVOKED
+            );
+        }
+        let expires = record::now() + revoke::LIFETIME.as_millis() as u64;
+        let stored = dht
+            .store_record(authority.revocations(&args.run_id, &list, expires))
+            .await
+            .context("publishing the list")?;
+        println!(
+            "revoked {} peers in run {} ({} new); the list is on {stored} peers and lives {} \
+             (revoke again to republish it)",
+            list.len(),
+            args.run_id,
+            list.len() - before,
+            humanize(revoke::LIFETIME.as_secs())
+        );
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -186,12 +186,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             .await
             .context("joining through --initial-peers")?;
     }
-    if let Some(path) = &args.auth.token {
-        tokio::spawn(crate::cmd::authority::watch_token(
-            dht.host().clone(),
-            path.clone(),
-        ));
-    }
+    crate::cmd::authority::keep_up(&dht, &args.auth).await;
     println!("peer id: {}", dht.peer_id());
     println!("listening on:");
     for addr in dht.addrs().await? {

@@ -167,12 +167,7 @@ pub(crate) async fn start_dht(
             )
         })?;
     }
-    if let Some(path) = &args.auth.token {
-        tokio::spawn(crate::cmd::authority::watch_token(
-            dht.host().clone(),
-            path.clone(),
-        ));
-    }
+    crate::cmd::authority::keep_up(&dht, &args.auth).await;
     println!("peer id: {}", dht.peer_id());
     for addr in dht.addrs().await? {
         println!("  listening on {addr}");

@@ -1,5 +1,6 @@
-//! The invite server: a code gets its peer a token once, the same peer renews, other peers
-//! and unknown codes are refused, uses survive a restart, and guessing is cut off.
+//! The authority's commands: invites (a code gets its peer a token once, the same peer
+//! renews, other peers and unknown codes are refused, uses survive a restart, guessing is cut
+//! off) and revocations published in the run's DHT.
 
 use crate::cli::{ok, potluck, text};
 use crate::train::Peer;
