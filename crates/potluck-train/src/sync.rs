@@ -537,44 +537,56 @@ pub async fn download(
     if donors.is_empty() {
         return Err(Error::NoDonors);
     }
-    // The manifest, from the first donor that gives one that fits. A donor whose manifest
-    // does not fit is passed over (it may lie); only when every donor that answered gave one
-    // that does not fit is this peer's model not the run's.
-    let mut first: Option<(usize, Stream)> = None;
-    let mut reasons = Vec::new();
-    let mut misfits = Vec::new();
-    for (i, donor) in donors.iter().enumerate() {
-        let mut stream = match open(host, donor, settings).await {
-            Ok(s) => s,
-            Err(e) => {
-                reasons.push(format!("{}: {e}", donor.peer));
-                continue;
-            }
-        };
+    // Every donor's manifest, at once. One whose manifest does not fit is passed over (it may
+    // lie); only when every donor that answered gave one that does not fit is this peer's model
+    // not the run's. The manifests that fit are cross-checked: the one most donors give is
+    // taken (on a tie, the first donor's), and only those donors serve the chunks — a donor
+    // with a manifest of its own making cannot make honest donors' chunks look wrong.
+    let asked = donors.iter().map(|donor| async move {
+        let mut stream = open(host, donor, settings)
+            .await
+            .map_err(|e| e.to_string())?;
         let got = tokio::time::timeout(settings.open_timeout, fetch_manifest(&mut stream, &shape))
             .await
-            .unwrap_or_else(|_| Err("timed out".into()));
-        match got.map(|bytes| decode_manifest(&bytes, &shape)) {
-            Ok(Ok(m)) => {
-                partial.adopt(m);
-                first = Some((i, stream));
-                break;
-            }
-            Ok(Err(Error::Mismatch(why))) => misfits.push(format!("{}: {why}", donor.peer)),
-            Ok(Err(e)) => reasons.push(format!("{}: {e}", donor.peer)),
-            Err(e) => reasons.push(format!("{}: {e}", donor.peer)),
+            .unwrap_or_else(|_| Err("timed out".into()))?;
+        Ok::<_, String>((stream, got))
+    });
+    let mut reasons = Vec::new();
+    let mut misfits = Vec::new();
+    let mut fitting: Vec<(usize, Manifest, Stream)> = Vec::new();
+    for (i, answer) in futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let peer = donors[i].peer;
+        match answer.map(|(stream, bytes)| (stream, decode_manifest(&bytes, &shape))) {
+            Ok((stream, Ok(m))) => fitting.push((i, m, stream)),
+            Ok((_, Err(Error::Mismatch(why)))) => misfits.push(format!("{peer}: {why}")),
+            Ok((_, Err(e))) => reasons.push(format!("{peer}: {e}")),
+            Err(e) => reasons.push(format!("{peer}: {e}")),
         }
     }
-    let Some((first_index, first_stream)) = first else {
+    let Some(manifest) = majority(fitting.iter().map(|(_, m, _)| m)) else {
         if reasons.is_empty() && !misfits.is_empty() {
             return Err(Error::Mismatch(misfits.join("; ")));
         }
         reasons.extend(misfits);
         return Err(Error::NoManifest(reasons.join("; ")));
     };
-    let Some(manifest) = partial.manifest.clone() else {
-        return Err(Error::NoManifest("lost".into()));
-    };
+    let manifest = manifest.clone();
+    let mut dropped = Vec::new();
+    let mut streams: Vec<Option<Stream>> = donors.iter().map(|_| None).collect();
+    for (i, m, stream) in fitting {
+        if m == manifest {
+            streams[i] = Some(stream);
+        } else {
+            let why = "its manifest disagrees with the other donors'".to_owned();
+            tracing::warn!("state donor {}: {why}", donors[i].peer);
+            dropped.push((donors[i].peer, why));
+        }
+    }
+    partial.adopt(manifest.clone());
     let manifest = Arc::new(manifest);
     let queue: VecDeque<usize> = (0..manifest.hashes.len())
         .filter(|&i| partial.chunks[i].is_none())
@@ -582,16 +594,12 @@ pub async fn download(
     let queue = Arc::new(Mutex::new(queue));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Vec<u8>)>(2 * donors.len());
     let mut workers = tokio::task::JoinSet::new();
-    let mut first_stream = Some(first_stream);
-    for (i, donor) in donors.iter().enumerate() {
-        let stream = if i == first_index {
-            first_stream.take()
-        } else {
-            None
+    // Only the donors that gave the manifest taken serve chunks, each on its own stream.
+    for (i, stream) in streams.into_iter().enumerate() {
+        let Some(stream) = stream else {
+            continue;
         };
         let job = Worker {
-            host: host.clone(),
-            donor: (*donor).clone(),
             manifest: manifest.clone(),
             queue: queue.clone(),
             tx: tx.clone(),
@@ -606,7 +614,6 @@ pub async fn download(
         bytes += chunk.len() as u64;
         partial.chunks[i] = Some(chunk);
     }
-    let mut dropped = Vec::new();
     while let Some(joined) = workers.join_next().await {
         if let Ok((i, (delivered, error))) = joined {
             per_donor[i] = delivered;
@@ -644,10 +651,25 @@ pub async fn download(
     ))
 }
 
+/// The manifest most of `manifests` are equal to; on a tie, the earliest of those.
+fn majority<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Option<&'a Manifest> {
+    let mut counts: Vec<(&Manifest, usize)> = Vec::new();
+    for m in manifests {
+        match counts.iter_mut().find(|(seen, _)| *seen == m) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((m, 1)),
+        }
+    }
+    // `max_by_key` keeps the last of equals: search from the end to keep the earliest.
+    counts
+        .into_iter()
+        .rev()
+        .max_by_key(|(_, n)| *n)
+        .map(|(m, _)| m)
+}
+
 /// Fetches chunks from one donor until the queue is empty or the donor fails.
 struct Worker {
-    host: Host,
-    donor: Donor,
     manifest: Arc<Manifest>,
     queue: Arc<Mutex<VecDeque<usize>>>,
     tx: tokio::sync::mpsc::Sender<(usize, Vec<u8>)>,
@@ -656,14 +678,7 @@ struct Worker {
 
 impl Worker {
     /// Chunks delivered, and why it stopped early (if it did).
-    async fn run(self, stream: Option<Stream>) -> (usize, Option<String>) {
-        let mut stream = match stream {
-            Some(s) => s,
-            None => match open(&self.host, &self.donor, &self.settings).await {
-                Ok(s) => s,
-                Err(e) => return (0, Some(e.to_string())),
-            },
-        };
+    async fn run(self, mut stream: Stream) -> (usize, Option<String>) {
         let mut delivered = 0;
         // Measured time per chunk; the first chunk gets the open timeout.
         let mut per_chunk: Option<Duration> = None;

@@ -202,3 +202,24 @@ async fn a_donor_whose_manifest_does_not_fit_is_passed_over() {
     assert_eq!(snapshot.state().0, params);
     assert_eq!(report.per_donor.iter().sum::<usize>(), report.per_donor[1]);
 }
+
+/// A donor with a state of its own making (same shape, its own hashes) listed first: the
+/// manifests are cross-checked, the two honest donors outvote it, and it serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
+    let (params, opt) = state(1.0);
+    let (liar_params, liar_opt) = state(2.0);
+    let chunk = 16 << 10;
+    let take = |p: &[f32], o: &Optimizer| Snapshot::take(p, o, 99, chunk);
+    let (_a, liar) = donor(take(&liar_params, &liar_opt), Serving::default()).await;
+    let (_b, one) = donor(take(&params, &opt), Serving::default()).await;
+    let (_c, two) = donor(take(&params, &opt), Serving::default()).await;
+    let (snapshot, report) = newcomer_downloads(&[liar.clone(), one, two], Shape::of(&opt))
+        .await
+        .unwrap();
+    assert_eq!(snapshot.state().0, params);
+    assert_eq!(report.per_donor[0], 0, "{report:?}");
+    let dropped: Vec<_> = report.dropped.iter().map(|(p, _)| *p).collect();
+    assert_eq!(dropped, [liar.peer], "{report:?}");
+    assert!(report.dropped[0].1.contains("disagrees"), "{report:?}");
+}
