@@ -329,10 +329,32 @@ pub struct Inbox {
     /// Members found gone lately (no connection could be made), and when: the next rounds
     /// (the state averaging right after a gradient's, say) go on without them at once.
     gone: Arc<Mutex<HashMap<PeerId, Instant>>>,
+    /// Members whose contributions this host's reducer dropped, and the local bans.
+    strikes: Arc<Mutex<Strikes>>,
 }
+
+/// Why a banned member's contributions are not waited for.
+pub const BANNED: &str = "banned here: its contributions were dropped again and again";
 
 /// How long a member found gone is left out of new rounds (unless it opens a stream first).
 pub const GONE_FOR: Duration = Duration::from_secs(60);
+
+/// Contributions of one member dropped (non-finite, absurd in norm) before it is banned here.
+pub const STRIKES_TO_BAN: u32 = 3;
+/// How long a local ban lasts: this host's reducer ignores the member's contributions from the
+/// start of every round.
+pub const BANNED_FOR: Duration = Duration::from_secs(3600);
+/// Members tracked, at most.
+const MAX_TRACKED: usize = 4096;
+
+/// Dropped contributions per member, and the members banned here (until when, and why).
+#[derive(Debug, Default)]
+struct Strikes {
+    count: HashMap<PeerId, u32>,
+    banned: HashMap<PeerId, (Instant, String)>,
+    /// A ban was made since [`Inbox::take_fresh_bans`] last said so.
+    fresh: bool,
+}
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -371,7 +393,49 @@ impl Inbox {
             host: host.clone(),
             rounds,
             gone: Arc::default(),
+            strikes: Arc::default(),
         })
+    }
+
+    /// Counts a dropped contribution of `peer`; at [`STRIKES_TO_BAN`] it is banned here for
+    /// [`BANNED_FOR`].
+    fn strike(&self, peer: PeerId, why: &str) {
+        let mut s = lock(&self.strikes);
+        let now = Instant::now();
+        s.banned.retain(|_, (until, _)| *until > now);
+        if s.count.len() >= MAX_TRACKED && !s.count.contains_key(&peer) {
+            s.count.clear();
+        }
+        let n = s.count.entry(peer).or_insert(0);
+        *n += 1;
+        if *n >= STRIKES_TO_BAN && s.banned.len() < MAX_TRACKED {
+            s.count.remove(&peer);
+            let why = format!("{STRIKES_TO_BAN} contributions dropped, the last: {why}");
+            tracing::warn!("banned {peer} from this host's parts for {BANNED_FOR:?}: {why}");
+            s.banned.insert(peer, (now + BANNED_FOR, why));
+            s.fresh = true;
+        }
+    }
+
+    /// Whether this host's reducer ignores `peer`'s contributions.
+    pub fn is_banned(&self, peer: &PeerId) -> bool {
+        lock(&self.strikes)
+            .banned
+            .get(peer)
+            .is_some_and(|(until, _)| *until > Instant::now())
+    }
+
+    /// The members banned here now, and why.
+    pub fn bans(&self) -> Vec<(PeerId, String)> {
+        let now = Instant::now();
+        let s = lock(&self.strikes);
+        let live = s.banned.iter().filter(|(_, (until, _))| *until > now);
+        live.map(|(p, (_, why))| (*p, why.clone())).collect()
+    }
+
+    /// Whether a ban was made since the last call (the bans are to be reported again).
+    pub fn take_fresh_bans(&self) -> bool {
+        std::mem::take(&mut lock(&self.strikes).fresh)
     }
 
     /// Records that no connection to `peer` could be made.
@@ -1270,6 +1334,12 @@ async fn reduce(
                 excluded.push((i, "gone: found unreachable lately".into()));
             }
         }
+        // A banned member still gets this part's average (its stream is taken); what it sends
+        // is ignored.
+        if i != me && live[i] && inbox.is_banned(&m.peer) {
+            live[i] = false;
+            excluded.push((i, BANNED.into()));
+        }
     }
     let mut pending: HashMap<usize, Vec<Option<Vec<f32>>>> = HashMap::new();
     let mut weights = vec![0f32; n];
@@ -1331,7 +1401,9 @@ async fn reduce(
             for (s, why) in &outcome.dropped {
                 if live[*s] {
                     live[*s] = false;
-                    excluded.push((*s, format!("contribution dropped: {}", describe(why))));
+                    let why = describe(why);
+                    inbox.strike(group.members[*s].peer, &why);
+                    excluded.push((*s, format!("contribution dropped: {why}")));
                 }
             }
             if outcome.weight > 0.0 {

@@ -592,3 +592,72 @@ async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_contributions_are_dropped_again_and_again_is_banned_by_the_reducers() {
+    let n = 4;
+    let len = 4_000;
+    let peers = peers(n).await;
+    let weights = [1.0; 4];
+    let settings = vec![settings(Codec::None); n];
+    let bad = peers[3].host.peer_id();
+    for round_no in 0..=butterfly::STRIKES_TO_BAN {
+        let g = group(&peers, &[Mode::Full; 4], &[1e7; 4], len).await;
+        let mut inputs = buffers(n, len, round_no as u64);
+        // Non-finite (in every part) until it is banned; then honest values, which are
+        // ignored all the same.
+        let banned = round_no == butterfly::STRIKES_TO_BAN;
+        if !banned {
+            for j in 0..n {
+                inputs[3][g.range(j).start] = f32::NAN;
+            }
+        }
+        let honest = reference(&inputs, &weights, &[0, 1, 2]);
+        let results = round(&peers, &g, &weights, &inputs, &settings, &[true; 4]).await;
+        for (buffer, report) in &results[..3] {
+            let report = report.as_ref().unwrap();
+            // Members are in the group in peer order: member 3 is the one dropped, and once
+            // banned, dropped from the start.
+            let why = report
+                .excluded
+                .iter()
+                .find(|(e, _)| *e == 3)
+                .map(|(_, w)| w);
+            let why = why.unwrap_or_else(|| panic!("round {round_no}: {report:?}"));
+            if banned {
+                assert_eq!(why, butterfly::BANNED, "round {round_no}");
+            } else {
+                assert!(why.starts_with("contribution dropped"), "{why}");
+            }
+            // The parts honest members reduce hold the honest mean.
+            for j in 0..3 {
+                let r = g.range(j);
+                assert!(
+                    max_diff(&buffer[r.clone()], &honest[r]) < 1e-5,
+                    "round {round_no}"
+                );
+            }
+        }
+        // Each honest reducer bans it once, when the third strike lands.
+        let fresh = peers[..3]
+            .iter()
+            .filter(|p| p.inbox.take_fresh_bans())
+            .count();
+        let expected = if round_no + 1 == butterfly::STRIKES_TO_BAN {
+            3
+        } else {
+            0
+        };
+        assert_eq!(fresh, expected, "round {round_no}");
+        if round_no + 1 >= butterfly::STRIKES_TO_BAN {
+            let bans = peers[1].inbox.bans();
+            assert_eq!(bans.len(), 1);
+            assert_eq!(bans[0].0, bad);
+            assert!(bans[0].1.contains("non-finite"), "{bans:?}");
+        }
+        assert_eq!(
+            peers[0].inbox.is_banned(&bad),
+            round_no + 1 >= butterfly::STRIKES_TO_BAN
+        );
+    }
+}

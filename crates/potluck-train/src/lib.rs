@@ -7,5 +7,6 @@ pub mod collab;
 pub mod guard;
 pub mod optim;
 pub mod progress;
+pub mod reports;
 pub mod solo;
 pub mod sync;

@@ -98,7 +98,15 @@ fn initial() -> Vec<f32> {
 
 /// What one peer of a swarm saw: its parameters at each epoch boundary, its epochs, and its
 /// final loss on the fixed samples.
-type Seen = (Vec<(u64, Vec<f32>)>, Vec<collab::EpochReport>, f64);
+/// What one peer of [`swarm`] saw: its parameters at each epoch boundary, its epochs, its
+/// final loss, its id and the swarm's reports of misbehaving peers at the end.
+type Seen = (
+    Vec<(u64, Vec<f32>)>,
+    Vec<collab::EpochReport>,
+    f64,
+    libp2p::PeerId,
+    Vec<(libp2p::PeerId, libp2p::PeerId, String)>,
+);
 
 fn together(delayed: bool, tolerance: f64, max_batch: f64) {
     let init = initial();
@@ -177,8 +185,9 @@ fn swarm(init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen
                         epochs.push(r);
                     }
                     let loss = eval(peer.model_mut());
+                    let reports = peer.reports().await.unwrap_or_default();
                     done.wait();
-                    (at, epochs, loss)
+                    (at, epochs, loss, peer.peer_id(), reports)
                 })
             })
         })
@@ -199,7 +208,7 @@ fn check_together(
     for epoch in 1..=EPOCHS {
         let at: Vec<&Vec<f32>> = results
             .iter()
-            .filter_map(|(at, _, _)| at.iter().rev().find(|(e, _)| *e == epoch).map(|(_, p)| p))
+            .filter_map(|(at, ..)| at.iter().rev().find(|(e, _)| *e == epoch).map(|(_, p)| p))
             .collect();
         for p in &at[1..] {
             let diff = p
@@ -216,7 +225,7 @@ fn check_together(
         "{compared} comparisons"
     );
     // Epochs were averaged in groups of all four, each of about the target batch.
-    let reports: Vec<_> = results.iter().flat_map(|(_, e, _)| e).collect();
+    let reports: Vec<_> = results.iter().flat_map(|(_, e, ..)| e).collect();
     let odd: Vec<String> = reports
         .iter()
         .filter(|r| r.group != PEERS)
@@ -265,6 +274,22 @@ fn robust_averaging_holds_against_one_attacker_in_four() {
                 s.averaging.rule = robust_rule;
             }
         });
+        // Non-finite contributions are dropped whatever the rule: the honest reducers ban the
+        // attacker after a few and report it in the DHT.
+        if attack == Some(Attack::NonFinite) {
+            let attacker = results[0].3;
+            let reports = &results[1].4;
+            let reporters: std::collections::HashSet<_> = reports
+                .iter()
+                .filter(|(_, reported, _)| *reported == attacker)
+                .map(|(by, _, _)| *by)
+                .collect();
+            assert!(reporters.len() >= 2, "robust {robust}: {reports:?}");
+            assert!(
+                !reports.iter().any(|(_, r, _)| *r != attacker),
+                "{reports:?}"
+            );
+        }
         // Every peer applies the same averaged bytes: an honest one's loss is the swarm's.
         results[1].2
     };

@@ -420,6 +420,19 @@ impl<T: Trainable> Collab<T> {
         self.view.borrow().as_ref().is_none_or(|v| v.alone)
     }
 
+    /// What the swarm's peers reported of misbehaving members: (reporter, reported, why)
+    /// ([`crate::reports`]).
+    pub async fn reports(
+        &self,
+    ) -> Result<Vec<(libp2p::PeerId, libp2p::PeerId, String)>, dht::Error> {
+        crate::reports::fetch(&self.net.dht, &self.settings.run).await
+    }
+
+    /// This peer's id.
+    pub fn peer_id(&self) -> libp2p::PeerId {
+        self.net.dht.peer_id()
+    }
+
     /// The swarm as last seen: its state and how many other peers are live.
     pub fn swarm(&self) -> Option<(SwarmState, usize)> {
         self.view

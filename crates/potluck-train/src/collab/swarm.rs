@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use super::{Net, Settings};
 use crate::progress::{self, SwarmState, Tracker};
+use crate::reports;
 use crate::sync::Donor;
 
 /// What this peer tells the progress task.
@@ -140,6 +141,13 @@ pub(super) async fn progress_loop(
             };
             if let Err(e) = tracker.publish(&report).await {
                 tracing::debug!("publishing progress: {e}");
+            }
+        }
+        // Members this peer's reducer banned since the last report: told to the swarm.
+        if net.inbox.take_fresh_bans() {
+            let bans = net.inbox.bans();
+            if let Err(e) = reports::publish(&net.dht, &net.keypair, &settings.run, &bans).await {
+                tracing::warn!("reporting {} banned peers: {e}", bans.len());
             }
         }
         let asked = Instant::now();
