@@ -138,6 +138,11 @@ fn together(delayed: bool, tolerance: f64, max_batch: f64) {
 /// Four peers in one process, each with its own data, trained for EPOCHS from `init`;
 /// `setup(i, settings)` adjusts peer i's settings.
 fn swarm(init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen> {
+    swarm_of(PEERS, init, setup)
+}
+
+/// [`swarm`] with `n` peers.
+fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -150,8 +155,8 @@ fn swarm(init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen
         let addrs = dht.addrs().await.unwrap();
         (dht, addrs)
     });
-    let done = Arc::new(Barrier::new(PEERS));
-    let peers: Vec<_> = (0..PEERS)
+    let done = Arc::new(Barrier::new(n));
+    let peers: Vec<_> = (0..n)
         .map(|i| {
             let handle = runtime.handle().clone();
             let init = init.to_vec();
@@ -265,37 +270,56 @@ fn check_together(
 /// run's; without it, the figure is printed.
 #[test]
 fn robust_averaging_holds_against_one_attacker_in_four() {
+    attacked(4, 1, true, 0.05);
+}
+
+/// Three peers of eight attack, each attack in turn, with robust averaging (the runs without it
+/// take as long again: `POTLUCK_PLAIN=1` adds them, for the figures in docs/BENCHMARKS.md).
+/// Gradients five epochs stale from three of eight are no outliers for CenteredClip to cut:
+/// measured +4.0% and +4.6% (the bar is 5%), so this test allows that attack 7.5% lest the
+/// noise between runs fail it; the others keep the 5% bar.
+#[test]
+fn robust_averaging_holds_against_three_attackers_in_eight() {
+    attacked(8, 3, std::env::var_os("POTLUCK_PLAIN").is_some(), 0.075);
+}
+
+/// `n` peers, the first `attackers` of them attacking: each attack's loss with robust
+/// averaging (and without it too if `plain`) against an all-honest run's: within 5%, or
+/// `stale_bar` for stale gradients.
+fn attacked(n: usize, attackers: usize, plain: bool, stale_bar: f64) {
     let init = initial();
     let robust_rule = Aggregation::CenteredClipAuto { iterations: 5 };
     let loss = |attack: Option<Attack>, robust: bool| -> f64 {
-        let results = swarm(&init, |i, s| {
-            s.attack = attack.filter(|_| i == 0);
+        let results = swarm_of(n, &init, |i, s| {
+            s.attack = attack.filter(|_| i < attackers);
             if robust {
                 s.averaging.rule = robust_rule;
             }
         });
         // Non-finite contributions are dropped whatever the rule: the honest reducers ban the
-        // attacker after a few and report it in the DHT.
+        // attackers after a few and report them in the DHT.
         if attack == Some(Attack::NonFinite) {
-            let attacker = results[0].3;
-            let reports = &results[1].4;
-            let reporters: std::collections::HashSet<_> = reports
-                .iter()
-                .filter(|(_, reported, _)| *reported == attacker)
-                .map(|(by, _, _)| *by)
-                .collect();
-            assert!(reporters.len() >= 2, "robust {robust}: {reports:?}");
+            let bad: Vec<_> = results[..attackers].iter().map(|r| r.3).collect();
+            let reports = &results[attackers].4;
+            for attacker in &bad {
+                let reporters: std::collections::HashSet<_> = reports
+                    .iter()
+                    .filter(|(_, reported, _)| reported == attacker)
+                    .map(|(by, _, _)| *by)
+                    .collect();
+                assert!(reporters.len() >= 2, "robust {robust}: {reports:?}");
+            }
             assert!(
-                !reports.iter().any(|(_, r, _)| *r != attacker),
+                !reports.iter().any(|(_, r, _)| !bad.contains(r)),
                 "{reports:?}"
             );
         }
         // Every peer applies the same averaged bytes: an honest one's loss is the swarm's.
-        results[1].2
+        results[attackers].2
     };
     let honest = loss(None, false);
     let honest_robust = loss(None, true);
-    println!("all honest: loss {honest:.4} (robust averaging: {honest_robust:.4})");
+    println!("{n} peers, all honest: loss {honest:.4} (robust averaging: {honest_robust:.4})");
     assert!((honest_robust - honest).abs() <= 0.05 * honest);
     let mut failed = Vec::new();
     for attack in [
@@ -304,15 +328,24 @@ fn robust_averaging_holds_against_one_attacker_in_four() {
         Attack::NonFinite,
         Attack::Stale(5),
     ] {
-        let plain = loss(Some(attack), false);
-        let robust = loss(Some(attack), true);
         let off = |l: f64| 100.0 * (l - honest) / honest;
+        let robust = loss(Some(attack), true);
+        let without = if plain {
+            let l = loss(Some(attack), false);
+            format!("loss {l:.4} ({:+.1}%), ", off(l))
+        } else {
+            String::new()
+        };
         println!(
-            "{attack:?}: loss {plain:.4} ({:+.1}%), robust {robust:.4} ({:+.1}%)",
-            off(plain),
+            "{attackers} of {n} {attack:?}: {without}robust {robust:.4} ({:+.1}%)",
             off(robust)
         );
-        if !robust.is_finite() || (robust - honest).abs() > 0.05 * honest {
+        let bar = if matches!(attack, Attack::Stale(_)) {
+            stale_bar
+        } else {
+            0.05
+        };
+        if !robust.is_finite() || (robust - honest).abs() > bar * honest {
             failed.push(format!("{attack:?}: robust {robust} vs honest {honest}"));
         }
     }
