@@ -29,6 +29,8 @@ pub struct Config {
     pub client_mode: ClientMode,
     /// Bytes the local store may hold.
     pub store_bytes: usize,
+    /// Bytes of the local store one other peer's records may take.
+    pub store_quota: usize,
     pub limits: Limits,
     /// How long a peer that kept failing stays out of the routing table.
     pub ban: Duration,
@@ -44,6 +46,7 @@ impl Default for Config {
             alpha: 3,
             client_mode: ClientMode::Auto,
             store_bytes: 64 << 20,
+            store_quota: 8 << 20,
             limits: Limits::default(),
             ban: Duration::from_secs(60),
             skew_warn: Duration::from_secs(3),
@@ -182,13 +185,21 @@ impl Shared {
             .collect()
     }
 
-    /// Stores checked records locally.
-    fn store_local(&self, records: &[Record], now: Time) -> Vec<Result<(), Rejection>> {
+    /// Stores checked records locally, charged to `storer` (None: this node's own).
+    fn store_local(
+        &self,
+        records: &[Record],
+        now: Time,
+        storer: Option<&PeerId>,
+    ) -> Vec<Result<(), Rejection>> {
+        let storer = storer.map(|p| p.to_bytes());
         records
             .iter()
             .map(|r| {
                 record::check(r, now, &self.config.limits, &self.validators)?;
-                lock(&self.store).put(r, now).map(|_| ())
+                lock(&self.store)
+                    .put_by(r, now, storer.as_deref())
+                    .map(|_| ())
             })
             .collect()
     }
@@ -229,10 +240,10 @@ impl Inbound for Shared {
                 }
             }
             RequestBody::Store { records } => ResponseBody::Stored {
-                results: self.store_local(&records, now),
+                results: self.store_local(&records, now, Some(&peer)),
             },
             RequestBody::StoreNear { target, records } => ResponseBody::StoredNear {
-                results: self.store_local(&records, now),
+                results: self.store_local(&records, now, Some(&peer)),
                 peers: self.closest_infos(&target, &peer),
             },
         };
@@ -298,7 +309,11 @@ impl Dht {
         let shared = Arc::new(Shared {
             local,
             table: Mutex::new(Table::new(routing::peer_id(&local), config.k, config.ban)),
-            store: Mutex::new(Store::new(config.store_bytes, config.limits)),
+            store: Mutex::new(Store::with_quota(
+                config.store_bytes,
+                config.store_quota,
+                config.limits,
+            )),
             validators,
             rtts: Mutex::new(Rtts::default()),
             servers: Mutex::new(HashMap::new()),
@@ -694,7 +709,7 @@ impl Dht {
                 .get(self.shared.config.k.saturating_sub(1))
                 .map(|c| routing::distance(&c.id, &routing::id_of(&record.key)));
             if kth.is_none_or(|kth| local_distance < kth)
-                && self.shared.store_local(records, record::now())[0].is_ok()
+                && self.shared.store_local(records, record::now(), None)[0].is_ok()
             {
                 stored += 1;
             }

@@ -124,6 +124,8 @@ pub enum Rejection {
     Stale,
     #[error("the store is full")]
     Full,
+    #[error("the storing peer's share of this node's store is used up")]
+    Quota,
 }
 
 /// The bytes an owner signs: a domain tag, then key, subkey, value and expiration.

@@ -8,7 +8,9 @@
 //!   expires later than the plain value;
 //! - expired items vanish (they are never returned, and are dropped as time passes);
 //! - when the store is full, the items that expire first are evicted to make room, and a new
-//!   item that would itself be the first to go is refused.
+//!   item that would itself be the first to go is refused;
+//! - what one peer stored is charged to it, up to a quota: one peer cannot fill the store (and
+//!   evict everyone else's records) alone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -85,18 +87,48 @@ pub struct Store {
     bytes: usize,
     max_bytes: usize,
     limits: Limits,
+    /// Who stored each item (absent: this node itself), and the bytes charged to each.
+    storers: HashMap<(Vec<u8>, Option<Subkey>), Vec<u8>>,
+    charged: HashMap<Vec<u8>, usize>,
+    /// Bytes one storer may hold here.
+    quota: usize,
 }
 
 impl Store {
     /// An empty store of at most `max_bytes` (charged per item: key, subkey, value, signature
     /// and 64 bytes of overhead).
     pub fn new(max_bytes: usize, limits: Limits) -> Store {
+        Store::with_quota(max_bytes, max_bytes, limits)
+    }
+
+    /// The same, where each storing peer may hold at most `quota` bytes.
+    pub fn with_quota(max_bytes: usize, quota: usize, limits: Limits) -> Store {
         Store {
             entries: HashMap::new(),
             by_expiry: BTreeSet::new(),
             bytes: 0,
             max_bytes,
             limits,
+            storers: HashMap::new(),
+            charged: HashMap::new(),
+            quota,
+        }
+    }
+
+    /// Bytes charged to `storer` now.
+    pub fn charged(&self, storer: &[u8]) -> usize {
+        self.charged.get(storer).copied().unwrap_or(0)
+    }
+
+    /// Takes `cost` off the storer of `key`/`subkey`, if another peer stored it.
+    fn uncharge(&mut self, key: &[u8], subkey: Option<&Subkey>, cost: usize) {
+        if let Some(storer) = self.storers.remove(&(key.to_vec(), subkey.cloned()))
+            && let Some(c) = self.charged.get_mut(&storer)
+        {
+            *c = c.saturating_sub(cost);
+            if *c == 0 {
+                self.charged.remove(&storer);
+            }
         }
     }
 
@@ -121,18 +153,24 @@ impl Store {
         };
         match (entry, subkey) {
             (Entry::Value(item), None) => {
-                self.bytes -= cost(key, None, item);
+                let c = cost(key, None, item);
+                self.bytes -= c;
                 self.by_expiry
                     .remove(&(item.expiration, key.to_vec(), None));
                 self.entries.remove(key);
+                self.uncharge(key, None, c);
             }
             (Entry::Dict(d), Some(s)) => {
                 if let Some(item) = d.remove(s) {
-                    self.bytes -= cost(key, Some(s), &item);
+                    let c = cost(key, Some(s), &item);
+                    self.bytes -= c;
                     self.by_expiry
                         .remove(&(item.expiration, key.to_vec(), Some(s.clone())));
-                }
-                if d.is_empty() {
+                    if d.is_empty() {
+                        self.entries.remove(key);
+                    }
+                    self.uncharge(key, Some(s), c);
+                } else if d.is_empty() {
                     self.entries.remove(key);
                 }
             }
@@ -152,8 +190,20 @@ impl Store {
         }
     }
 
-    fn insert_item(&mut self, key: &[u8], subkey: Option<&Subkey>, item: &Item) {
-        self.bytes += cost(key, subkey, item);
+    fn insert_item(
+        &mut self,
+        key: &[u8],
+        subkey: Option<&Subkey>,
+        item: &Item,
+        storer: Option<&[u8]>,
+    ) {
+        let c = cost(key, subkey, item);
+        self.bytes += c;
+        if let Some(storer) = storer {
+            *self.charged.entry(storer.to_vec()).or_insert(0) += c;
+            self.storers
+                .insert((key.to_vec(), subkey.cloned()), storer.to_vec());
+        }
         self.by_expiry
             .insert((item.expiration, key.to_vec(), subkey.cloned()));
         match subkey {
@@ -187,6 +237,17 @@ impl Store {
 
     /// Stores a checked record. `Ok(true)`: stored; `Err(Stale)`: something newer is there.
     pub fn put(&mut self, r: &Record, now: Time) -> Result<bool, Rejection> {
+        self.put_by(r, now, None)
+    }
+
+    /// [`Store::put`] for `storer` (a peer's id bytes; None: this node), charged to it:
+    /// `Err(Quota)` when it would hold more than its quota here.
+    pub fn put_by(
+        &mut self,
+        r: &Record,
+        now: Time,
+        storer: Option<&[u8]>,
+    ) -> Result<bool, Rejection> {
         self.expire(now);
         let key = r.key.as_slice();
         let item = &r.item;
@@ -214,6 +275,20 @@ impl Store {
         if needed > self.max_bytes {
             return Err(Rejection::Full);
         }
+        if let Some(storer) = storer {
+            // What it replaces of its own is credited back.
+            let place = (key.to_vec(), r.subkey.clone());
+            let own = match (self.storers.get(&place), self.entries.get(key), &r.subkey) {
+                (Some(s), Some(Entry::Value(old)), None) if s == storer => cost(key, None, old),
+                (Some(s), Some(Entry::Dict(d)), Some(sub)) if s == storer => {
+                    d.get(sub).map_or(0, |old| cost(key, Some(sub), old))
+                }
+                _ => 0,
+            };
+            if self.charged(storer) - own.min(self.charged(storer)) + needed > self.quota {
+                return Err(Rejection::Quota);
+            }
+        }
         while self.bytes + needed > self.max_bytes {
             let Some((at, k, s)) = self.by_expiry.first().cloned() else {
                 break;
@@ -229,7 +304,7 @@ impl Store {
             (Some(s), Some(Entry::Dict(d))) if d.contains_key(s) => self.remove_item(key, Some(s)),
             _ => {}
         }
-        self.insert_item(key, r.subkey.as_ref(), item);
+        self.insert_item(key, r.subkey.as_ref(), item, storer);
         Ok(true)
     }
 
@@ -317,7 +392,67 @@ mod tests {
         assert!(s.bytes() <= 3 * one);
     }
 
+    #[test]
+    fn one_storer_cannot_hold_more_than_its_quota() {
+        let one = cost(b"a0", None, &item(0, 0));
+        let mut s = Store::with_quota(100 * one, 3 * one, Limits::default());
+        let at = |k: &str, exp| Record {
+            key: k.as_bytes().to_vec(),
+            subkey: None,
+            item: item(0, exp),
+        };
+        let (greedy, other) = (b"greedy".as_slice(), b"other".as_slice());
+        for k in ["a0", "a1", "a2"] {
+            s.put_by(&at(k, 100), 0, Some(greedy)).unwrap();
+        }
+        assert_eq!(s.charged(greedy), 3 * one);
+        assert_eq!(
+            s.put_by(&at("a3", 100), 0, Some(greedy)),
+            Err(Rejection::Quota)
+        );
+        // Replacing its own record is fine: what it replaces is credited back.
+        s.put_by(&at("a0", 200), 0, Some(greedy)).unwrap();
+        assert_eq!(s.charged(greedy), 3 * one);
+        // Others and this node itself are not held back.
+        s.put_by(&at("b0", 100), 0, Some(other)).unwrap();
+        s.put(&at("c0", 100), 0).unwrap();
+        // Another's newer record in its place takes the charge off it; expiry frees the rest.
+        s.put_by(&at("a1", 300), 0, Some(other)).unwrap();
+        assert_eq!((s.charged(greedy), s.charged(other)), (2 * one, 2 * one));
+        s.put_by(&at("a3", 150), 0, Some(greedy)).unwrap();
+        assert_eq!(s.get(b"a2", 100), None);
+        assert_eq!(s.charged(greedy), 2 * one);
+        assert_eq!(s.get(b"zz", 10_000), None);
+        assert_eq!((s.charged(greedy), s.charged(other), s.bytes()), (0, 0, 0));
+    }
+
     proptest! {
+        #[test]
+        fn charges_always_add_up_to_what_peers_hold(
+            ops in proptest::collection::vec((0u8..3, 0u8..6, 0u8..3, 1u64..60), 1..60),
+        ) {
+            let one = cost(b"k0", None, &item(0, 0));
+            let mut s = Store::with_quota(8 * one, 3 * one, Limits::default());
+            for (who, key, sub, exp) in &ops {
+                let r = Record {
+                    key: vec![b'k', *key],
+                    subkey: (*sub > 0).then(|| Subkey::Plain(vec![*sub])),
+                    item: item(0, *exp),
+                };
+                let storer = [*who];
+                let _ = s.put_by(&r, 0, (*who > 0).then_some(&storer[..]));
+                prop_assert!(s.bytes() <= 8 * one);
+                for w in 1..3u8 {
+                    prop_assert!(s.charged(&[w]) <= 3 * one);
+                }
+                let charged: usize = s.charged.values().sum();
+                prop_assert!(charged <= s.bytes());
+            }
+            // Everything expired: nothing is charged to anyone.
+            s.expire(1000);
+            prop_assert!(s.charged.is_empty() && s.storers.is_empty() && s.bytes() == 0);
+        }
+
         #[test]
         fn subkey_merges_keep_the_latest_item_of_each_subkey(
             ops in proptest::collection::vec((0u8..4, 0u8..255, 1u64..50), 1..40),
