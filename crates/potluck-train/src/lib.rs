@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod collab;
 pub mod guard;
+pub mod metrics;
 pub mod optim;
 pub mod progress;
 pub mod reports;

@@ -382,6 +382,15 @@ fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
         .iter()
         .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
     assert!(hi - lo <= 0.01 * lo, "fixed losses {fixed:?}");
+    // Every peer published its metrics once an epoch, signed: the killed ones' records are
+    // there too (they live ten minutes).
+    let got = run("dht get --initial-peers", &[&addr, "churn/metrics"]);
+    let subkeys: usize = got
+        .strip_prefix("churn/metrics: ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{got}"));
+    assert!((4..=7).contains(&subkeys), "{got}");
     boot.kill();
 }
 

@@ -96,7 +96,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
 async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
     args.net.client_mode = reachable(args.net.client_mode)?;
     let (dht, keypair) = start_dht(&args.run_id, &args.net).await?;
-    let net = Net::start(dht, keypair)?;
+    let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;
     let mut peer = Collab::join(model, optimizer, net, settings)
@@ -143,6 +143,19 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
             }
             _ => continue,
         };
+        let m = potluck_train::metrics::Metrics {
+            epoch: peer.epoch(),
+            loss: None,
+            samples: 0,
+            samples_per_second: 0.0,
+            device: String::new(),
+            role: "aux".into(),
+            uptime_s: started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            client: false,
+            time: potluck_net::dht::record::now(),
+        };
+        crate::cmd::together::publish_metrics(&dht, &keypair, &args.run_id, m);
         if epoch > 0 && epoch.is_multiple_of(args.every) {
             let dir = checkpoint(&args, &peer, epoch, started)?;
             println!("epoch {epoch}: checkpoint {}", dir.display());

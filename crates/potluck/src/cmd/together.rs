@@ -6,18 +6,19 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use libp2p::identity::Keypair;
 use potluck_allreduce::aggregate::Rule;
 use potluck_allreduce::balance::Mode;
 use potluck_data::Order;
 use potluck_data::tokens::{Row, TokenSet};
 use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
-use potluck_net::dht::{self, Dht};
+use potluck_net::dht::{self, Dht, record};
 use potluck_net::host::{self, ClientMode, Transports};
 use potluck_net::identity;
-use potluck_train::checkpoint;
 use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
+use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
 use crate::cmd::authority::AuthArgs;
@@ -176,6 +177,16 @@ pub(crate) async fn start_dht(
 }
 
 /// The collaborative optimizer's settings for a run.
+/// Publishes this peer's metrics record ([`metrics`]) in the background: once an epoch.
+pub(crate) fn publish_metrics(dht: &Dht, keypair: &Keypair, run: &str, m: metrics::Metrics) {
+    let (dht, keypair, run) = (dht.clone(), keypair.clone(), run.to_owned());
+    tokio::spawn(async move {
+        if let Err(e) = metrics::publish(&dht, &keypair, &run, &m).await {
+            tracing::debug!("publishing metrics: {e}");
+        }
+    });
+}
+
 pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     let mut settings = collab::Settings::new(run_id, run.target_batch_size);
     settings.state_every = run.state_every;
@@ -253,7 +264,7 @@ async fn train(
 ) -> Result<()> {
     let swarm = &args.swarm;
     let (dht, keypair) = start_dht(&run_id, &swarm.net).await?;
-    let net = Net::start(dht.clone(), keypair)?;
+    let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&run_id, &swarm.run);
     settings.mode = if swarm.net.client_mode == ClientMode::On {
         Mode::Client
@@ -346,6 +357,19 @@ async fn train(
                 }
                 non_finite += u64::from(r.skipped && r.group > 0);
                 rolled_back += u64::from(r.rolled_back.is_some());
+                let m = metrics::Metrics {
+                    epoch: peer.epoch(),
+                    loss: (r.loss.samples > 0).then_some(r.loss.total),
+                    samples: computed,
+                    samples_per_second: computed as f64 / compute_time.as_secs_f64().max(1e-9),
+                    device: args.device.clone(),
+                    role: "trainer".into(),
+                    uptime_s: started.elapsed().as_secs(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    client: !dht.host().reachability().serving,
+                    time: record::now(),
+                };
+                publish_metrics(&dht, &keypair, &run_id, m);
                 tracing::info!(
                     "epoch {} done: {:.0} samples ({} here) in a group of {}{}, loss {:.3}, \
                      lr {:.2e}, {:.2} s from the deadline to new parameters",
