@@ -223,3 +223,74 @@ async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
     assert_eq!(dropped, [liar.peer], "{report:?}");
     assert!(report.dropped[0].1.contains("disagrees"), "{report:?}");
 }
+
+/// A node of an authorized run on the in-memory transport: with a valid token of `authority`
+/// for run `run` (None: no token at all).
+async fn gated(authority: &potluck_net::auth::Authority, run: Option<&str>) -> Dht {
+    use potluck_net::auth::{Gate, Role, Verifier};
+    use potluck_net::host::{self, ClientMode, Transports};
+    let keypair = Keypair::generate_ed25519();
+    let peer = keypair.public().to_peer_id();
+    let mut cfg = host::Config::new(keypair, Transports::Memory);
+    cfg.listen = vec![libp2p::multiaddr::Protocol::Memory(rand::random::<u64>() | 1).into()];
+    cfg.client_mode = ClientMode::Off;
+    if let Some(run) = run {
+        let token = authority.grant(
+            run,
+            peer,
+            Role::Trainer,
+            std::time::Duration::from_secs(600),
+        );
+        let verifier = Verifier {
+            run: "guarded".into(),
+            authority: authority.public(),
+        };
+        cfg.auth = Some(std::sync::Arc::new(Gate::new(verifier, token)));
+    }
+    Dht::start(cfg, dht::Config::default(), Default::default())
+        .await
+        .unwrap()
+}
+
+/// In an authorized run a state is served to admitted peers only: a stranger without a token,
+/// or with a token of another run, downloads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_admitted_peers_download_the_state_of_an_authorized_run() {
+    let authority = potluck_net::auth::Authority::generate();
+    let (params, opt) = state(1.0);
+    let donor_node = gated(&authority, Some("guarded")).await;
+    let shelf = Shelf::default();
+    shelf.put(Snapshot::take(&params, &opt, 5, 16 << 10));
+    sync::serve(donor_node.host(), shelf, Serving::default()).unwrap();
+    let donor = Donor {
+        peer: donor_node.peer_id(),
+        addrs: donor_node.addrs().await.unwrap(),
+    };
+    let shape = Shape::of(&opt);
+    let settings = sync::Settings {
+        open_timeout: std::time::Duration::from_secs(3),
+        ..sync::Settings::default()
+    };
+    let fetch = |node: Dht| {
+        let donor = donor.clone();
+        let settings = settings.clone();
+        async move {
+            let mut partial = Partial::default();
+            sync::download(node.host(), &[donor], shape, &mut partial, &settings).await
+        }
+    };
+    for (who, node) in [
+        ("no token", gated(&authority, None).await),
+        (
+            "another run's token",
+            gated(&authority, Some("elsewhere")).await,
+        ),
+    ] {
+        let err = fetch(node).await.unwrap_err();
+        assert!(matches!(err, sync::Error::NoManifest(_)), "{who}: {err}");
+    }
+    let (snapshot, _) = fetch(gated(&authority, Some("guarded")).await)
+        .await
+        .unwrap();
+    assert_eq!(snapshot.state().0, params);
+}
