@@ -33,6 +33,8 @@ enum Command {
     Train(Box<cmd::train::Args>),
     /// Help a run without computing: average, serve its state, keep rolling checkpoints.
     Aux(Box<cmd::aux::Args>),
+    /// Watch a run: gather its peers' metrics, keep the history, serve a web dashboard.
+    Monitor(Box<cmd::monitor::Args>),
     /// Draw images for text prompts with a trained checkpoint.
     Generate(cmd::generate::Args),
     /// Score a checkpoint trained on `shapes`: per-slot and overall accuracy of its drawings.
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Prepare(args) => cmd::prepare::run(*args),
         Command::Train(args) => cmd::train::run(*args),
         Command::Aux(args) => cmd::aux::run(*args),
+        Command::Monitor(args) => cmd::monitor::run(*args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Eval(args) => cmd::eval::run(args),
         Command::Keygen(args) => cmd::keygen::run(args),

@@ -7,6 +7,7 @@ mod authority;
 mod cli;
 mod collab;
 mod dht;
+mod monitor;
 mod nat;
 mod prepare;
 mod train;

@@ -441,7 +441,7 @@ fn a_slow_peer_gives_its_share_and_does_not_hold_the_epoch_back() {
 }
 
 /// Prepares a tiny `shapes` data set in `dir` (seconds).
-fn tiny_data(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn tiny_data(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("data");
     run(
         "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
@@ -477,7 +477,7 @@ fn peer_args(run_id: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<Strin
     args
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
+pub(crate) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 

@@ -12,6 +12,7 @@ pub(crate) mod generate;
 pub(crate) mod invite;
 pub(crate) mod keygen;
 pub(crate) mod model_info;
+pub(crate) mod monitor;
 pub(crate) mod prepare;
 pub(crate) mod run;
 pub(crate) mod together;
