@@ -4,6 +4,7 @@
 //! next and map to exit code 1 (2 for bad command-line usage, from clap).
 
 mod cmd;
+mod config_file;
 mod progress;
 
 use std::io::IsTerminal;
@@ -55,7 +56,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match config_file::expand(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let filter = std::env::var("RUST_LOG").unwrap_or(cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
@@ -83,5 +91,41 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_flag_keeps_every_value_and_a_single_one_takes_the_last() {
+        let cli = Cli::try_parse_from([
+            "potluck",
+            "train",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--steps",
+            "5",
+            "--listen",
+            "/a",
+            "--listen",
+            "/b",
+            "--initial-peers",
+            "/c",
+            "--initial-peers",
+            "/d,/e",
+            "--steps",
+            "9",
+        ])
+        .unwrap();
+        let Command::Train(args) = cli.command else {
+            panic!("not train")
+        };
+        assert_eq!(args.swarm.net.listen, ["/a", "/b"]);
+        assert_eq!(args.swarm.net.initial_peers, ["/c", "/d", "/e"]);
+        assert_eq!(args.steps, Some(9));
     }
 }

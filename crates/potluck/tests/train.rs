@@ -48,6 +48,17 @@ fn prepare_train_resume_generate_and_eval_end_to_end() {
         !files.iter().any(|f| f.starts_with("model-0000006")),
         "old files left: {files:?}"
     );
+    // Every flag can come from a TOML file; the command line wins over it.
+    let toml = dir.path().join("train.toml");
+    let text = format!(
+        "solo = true\nconfig = \"tiny\"\nbatch-size = 8\nsteps = 10\nresume = true\n\
+         data = {:?}\nout = {:?}\n",
+        s(&data),
+        s(&ckpt)
+    );
+    std::fs::write(&toml, text).unwrap();
+    let out = run("train --config-file", &[s(&toml), "--steps", "11"]);
+    assert!(out.contains("trained to step 11 (88 samples)"), "{out}");
 
     let grid = dir.path().join("grid.png");
     let generate = |out_dir: &Path, grid: Option<&Path>| {

@@ -84,6 +84,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         args.minutes
     );
     train::run(train::Args {
+        config_file: None,
         solo: true,
         swarm: Default::default(),
         data: data.clone(),

@@ -23,9 +23,16 @@ use crate::progress::Progress;
                         --out runs/peer1 --epochs 200
 Others join it: potluck train --run-id shapes1 --data data/shapes --out runs/peer2 \
                         --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW… --epochs 200
-Alone: potluck train --solo --data data/shapes --config small --out runs/small --minutes 20"
+Alone: potluck train --solo --data data/shapes --config small --out runs/small --minutes 20
+From a file: potluck train --config-file peer1.toml --epochs 300   (the command line wins)",
+    args_override_self = true
 )]
 pub(crate) struct Args {
+    /// A TOML file holding any of these flags (`run-id = "shapes1"`, `delayed-updates = true`,
+    /// `initial-peers = ["…"]`); flags on the command line win over the file's (repeated
+    /// ones add to them).
+    #[arg(long)]
+    pub(crate) config_file: Option<PathBuf>,
     /// Train on this machine alone.
     #[arg(long, conflicts_with = "run_id")]
     pub(crate) solo: bool,
