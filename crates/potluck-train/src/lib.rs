@@ -11,3 +11,24 @@ pub mod progress;
 pub mod reports;
 pub mod solo;
 pub mod sync;
+
+/// `n` DHT nodes on the in-memory transport, each joined through the first, with their keys
+/// (unit tests of the records peers publish).
+#[cfg(test)]
+pub(crate) async fn test_nodes(
+    n: usize,
+) -> Vec<(potluck_net::dht::Dht, libp2p::identity::Keypair)> {
+    use potluck_net::dht::{self, Dht};
+    let mut nodes: Vec<(Dht, libp2p::identity::Keypair)> = Vec::new();
+    for _ in 0..n {
+        let key = libp2p::identity::Keypair::generate_ed25519();
+        let node = Dht::start_memory(key.clone(), dht::Config::default())
+            .await
+            .unwrap();
+        if let Some((first, _)) = nodes.first() {
+            node.bootstrap(&first.addrs().await.unwrap()).await.unwrap();
+        }
+        nodes.push((node, key));
+    }
+    nodes
+}

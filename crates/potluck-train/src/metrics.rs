@@ -116,17 +116,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn peers_read_each_others_signed_metrics() {
-        let mut nodes: Vec<(Dht, Keypair)> = Vec::new();
-        for _ in 0..3 {
-            let key = Keypair::generate_ed25519();
-            let node = Dht::start_memory(key.clone(), dht::Config::default())
-                .await
-                .unwrap();
-            if let Some((first, _)) = nodes.first() {
-                node.bootstrap(&first.addrs().await.unwrap()).await.unwrap();
-            }
-            nodes.push((node, key));
-        }
+        let nodes = crate::test_nodes(3).await;
         for (i, (node, key)) in nodes.iter().enumerate() {
             publish(node, key, "run", &metrics(i as u64)).await.unwrap();
         }

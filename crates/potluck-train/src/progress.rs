@@ -198,17 +198,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn peers_see_each_others_signed_reports_through_the_dht() {
-        let mut nodes: Vec<(Dht, Keypair)> = Vec::new();
-        for _ in 0..3 {
-            let key = Keypair::generate_ed25519();
-            let node = Dht::start_memory(key.clone(), dht::Config::default())
-                .await
-                .unwrap();
-            if let Some((first, _)) = nodes.first() {
-                node.bootstrap(&first.addrs().await.unwrap()).await.unwrap();
-            }
-            nodes.push((node, key));
-        }
+        let nodes = crate::test_nodes(3).await;
         let now = record::now();
         for (i, (node, key)) in nodes.iter().enumerate() {
             let tracker = Tracker {
