@@ -50,17 +50,7 @@ pub(crate) fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 /// The flags a config file holds (in key order: each flag is given once, so order does not
 /// matter).
 fn flags(path: &Path) -> Result<Vec<OsString>> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("reading the config file {}", path.display()))?
-        .len();
-    if len > MAX_FILE {
-        bail!(
-            "{} is {len} bytes: a config file is at most {MAX_FILE}",
-            path.display()
-        );
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the config file {}", path.display()))?;
+    let text = crate::cmd::read_bounded(path, MAX_FILE, "the config file")?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not valid TOML", path.display()))?;

@@ -120,23 +120,13 @@ struct Invites {
     used: PathBuf,
 }
 
-fn read_bounded(path: &Path) -> Result<String> {
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
-    if len > MAX_FILE {
-        bail!(
-            "{} is {len} bytes: over the limit of {MAX_FILE}",
-            path.display()
-        );
-    }
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
-}
-
 impl Invites {
     fn load(path: &Path) -> Result<Invites> {
         let mut codes = HashMap::new();
-        for (n, line) in read_bounded(path)?.lines().enumerate() {
+        for (n, line) in super::read_bounded(path, MAX_FILE, "the invite file")?
+            .lines()
+            .enumerate()
+        {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
@@ -165,7 +155,7 @@ impl Invites {
         }
         let used = used_path(path);
         if used.exists() {
-            for line in read_bounded(&used)?.lines() {
+            for line in super::read_bounded(&used, MAX_FILE, "the invite file's uses")?.lines() {
                 let mut words = line.split_whitespace();
                 let (Some(code), Some(peer)) = (words.next(), words.next()) else {
                     continue;

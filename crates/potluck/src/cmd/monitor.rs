@@ -253,15 +253,8 @@ fn load(path: &Path) -> Result<Watch> {
     if !path.exists() {
         return Ok(watch);
     }
-    let len = std::fs::metadata(path)?.len();
-    if len > MAX_HISTORY_FILE {
-        bail!(
-            "{} is {len} bytes, over the limit of {MAX_HISTORY_FILE}: move it away to start afresh",
-            path.display()
-        );
-    }
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // (Over the limit: move the file away to start afresh.)
+    let text = super::read_bounded(path, MAX_HISTORY_FILE, "the monitor's history")?;
     let mut damaged = 0;
     for line in text.lines() {
         match serde_json::from_str::<Line>(line) {
