@@ -106,6 +106,30 @@ impl Builder<'_> {
     }
 }
 
+/// One layer's keys and values of the positions run so far: `[B, heads, len, Dh]`.
+#[derive(Debug, Default)]
+pub(crate) struct Past {
+    keys: Option<Tensor>,
+    values: Option<Tensor>,
+}
+
+/// What generation keeps between steps: every layer's keys and values of the positions run so
+/// far, so each new position costs one position's work instead of the whole prefix's.
+#[derive(Debug)]
+pub(crate) struct Cache {
+    layers: Vec<Past>,
+    len: i64,
+}
+
+impl Cache {
+    pub(crate) fn new(layers: usize) -> Cache {
+        Cache {
+            layers: (0..layers).map(|_| Past::default()).collect(),
+            len: 0,
+        }
+    }
+}
+
 /// The transformer with its weights, masks and rotary tables.
 #[derive(Debug)]
 pub struct Dalle {
@@ -235,12 +259,13 @@ impl Dalle {
         Tensor::embedding(&self.embedding, ids, -1, false, false)
     }
 
-    /// Rotates `x` `[..., len, Dh]` by the rotary angles of the first `len` positions: the
-    /// head's values pair up as `(x[2i], x[2i+1])`, read as complex numbers and multiplied by
-    /// the position's unit turns (one kernel instead of slices, products and a concatenation).
-    fn rotate(&self, x: &Tensor, len: i64) -> Tensor {
+    /// Rotates `x` `[..., len, Dh]` by the rotary angles of positions `start..start + len`:
+    /// the head's values pair up as `(x[2i], x[2i+1])`, read as complex numbers and multiplied
+    /// by the position's unit turns (one kernel instead of slices, products and a
+    /// concatenation).
+    fn rotate(&self, x: &Tensor, start: i64, len: i64) -> Tensor {
         let pairs = self.cfg.head_dim() as i64 / 2;
-        let rot = self.rot.narrow(0, 0, len);
+        let rot = self.rot.narrow(0, start, len);
         (x.unflatten(-1, [pairs, 2]).view_as_complex() * rot)
             .view_as_real()
             .flatten(-2, -1)
@@ -248,6 +273,13 @@ impl Dalle {
 
     /// Layer `i` on hidden states `[B, len, d]` (`len` ≤ L: generation runs on prefixes).
     pub(crate) fn layer(&self, i: usize, h: &Tensor) -> Tensor {
+        self.layer_from(i, h, 0, None)
+    }
+
+    /// Layer `i` on the hidden states `[B, len, d]` of positions `start..start + len`; with
+    /// `past`, the keys and values of positions `0..start` come from it (and these positions'
+    /// are added to it), so a prefix is never computed twice.
+    fn layer_from(&self, i: usize, h: &Tensor, start: i64, past: Option<&mut Past>) -> Tensor {
         let layer = &self.layers[i];
         let block = &self.blocks[i % self.blocks.len()];
         let size = h.size();
@@ -260,11 +292,19 @@ impl Dalle {
             .forward(&a)
             .view([b, len, 3, heads, dh])
             .permute([2, 0, 3, 1, 4]);
-        let q = self.rotate(&qkv.get(0), len);
-        let k = self.rotate(&qkv.get(1), len);
-        let v = qkv.get(2);
+        let q = self.rotate(&qkv.get(0), start, len);
+        let mut k = self.rotate(&qkv.get(1), start, len);
+        let mut v = qkv.get(2);
+        if let Some(past) = past {
+            if let (Some(pk), Some(pv)) = (&past.keys, &past.values) {
+                k = Tensor::cat(&[pk, &k], 2);
+                v = Tensor::cat(&[pv, &v], 2);
+            }
+            past.keys = Some(k.shallow_clone());
+            past.values = Some(v.shallow_clone());
+        }
         let mask = &self.masks[&self.cfg.attention(i)];
-        let mask = mask.narrow(0, 0, len).narrow(1, 0, len);
+        let mask = mask.narrow(0, start, len).narrow(1, 0, start + len);
         let o =
             Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, None, false);
         let o = o.transpose(1, 2).reshape([b, len, d]);
@@ -274,6 +314,18 @@ impl Dalle {
         let parts = u.chunk(2, -1);
         let u = &parts[0] * parts[1].gelu("none");
         h + block.ff_out.forward(&u)
+    }
+
+    /// Hidden states of the positions after those in `cache`, from their ids `[B, n]`; adds
+    /// their keys and values to the cache.
+    pub(crate) fn hidden_cached(&self, ids: &Tensor, cache: &mut Cache) -> Tensor {
+        let start = cache.len;
+        let mut h = self.embed(ids);
+        for (i, past) in cache.layers.iter_mut().enumerate().take(self.cfg.layers) {
+            h = self.layer_from(i, &h, start, Some(past));
+        }
+        cache.len += ids.size()[1];
+        h
     }
 
     /// Final norm and logits: over the text vocabulary for `[B, T - 1]` text targets (`None`
@@ -405,7 +457,7 @@ impl Dalle {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dalle::config::Tokens;
     use crate::dalle::flat::ids;

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
 
 use super::flat::ids;
-use super::model::Dalle;
+use super::model::{Cache, Dalle};
 use crate::Error;
 
 /// How to draw each image code.
@@ -72,8 +72,29 @@ pub(crate) fn draw(logits: &[f32], s: &Sampling, rng: &mut impl Rng) -> usize {
 }
 
 impl Dalle {
-    /// Image codes `[grid²]` for each caption's text ids (each of `text_len` ids).
+    /// Image codes `[grid²]` for each caption's text ids (each of `text_len` ids). Each step
+    /// runs only the new position: the keys and values of those before are cached.
     pub fn generate(&self, prompts: &[Vec<u16>], s: &Sampling) -> Result<Vec<Vec<u16>>, Error> {
+        self.draw_codes(prompts, s, true)
+    }
+
+    /// [`generate`](Dalle::generate) recomputing the whole prefix at every step, as it did
+    /// before the cache: the reference the cached one is measured against (`potluck bench
+    /// generate`) and checked against.
+    pub fn generate_uncached(
+        &self,
+        prompts: &[Vec<u16>],
+        s: &Sampling,
+    ) -> Result<Vec<Vec<u16>>, Error> {
+        self.draw_codes(prompts, s, false)
+    }
+
+    fn draw_codes(
+        &self,
+        prompts: &[Vec<u16>],
+        s: &Sampling,
+        cached: bool,
+    ) -> Result<Vec<Vec<u16>>, Error> {
         let t = self.cfg.tokens;
         if prompts.is_empty() {
             return Ok(Vec::new());
@@ -94,22 +115,34 @@ impl Dalle {
             .map(|i| ChaCha8Rng::seed_from_u64(potluck_data::mix_seed(s.seed, i as u64)))
             .collect();
         let mut codes: Vec<Vec<u16>> = vec![Vec::with_capacity(t.image_len()); b];
+        let offset = t.text_vocab as i64;
         tch::no_grad(|| -> Result<(), Error> {
-            for k in 0..t.image_len() {
-                let so_far: Vec<u16> = codes.iter().flatten().copied().collect();
-                let image = if k == 0 {
-                    Tensor::zeros([b as i64, 0], (Kind::Int64, self.device()))
+            // Cached: the caption once, then one new position a step.
+            let mut cache = Cache::new(self.cfg.layers);
+            let mut next = text.shallow_clone();
+            for _ in 0..t.image_len() {
+                let h = if cached {
+                    self.hidden_cached(&next, &mut cache)
                 } else {
-                    ids(&so_far, b, self.device())
+                    let so_far: Vec<u16> = codes.iter().flatten().copied().collect();
+                    let image = if so_far.is_empty() {
+                        Tensor::zeros([b as i64, 0], (Kind::Int64, self.device()))
+                    } else {
+                        ids(&so_far, b, self.device())
+                    };
+                    self.hidden(&self.input_ids(&text, &image))
                 };
-                let h = self.hidden(&self.input_ids(&text, &image));
                 let logits = self.next_image_logits(&h).to_kind(Kind::Float);
                 let logits = Vec::<f32>::try_from(
                     &logits.to_device(tch::Device::Cpu).contiguous().view(-1),
                 )?;
+                let mut drawn = Vec::with_capacity(b);
                 for (i, row) in logits.chunks_exact(t.image_vocab).enumerate() {
-                    codes[i].push(draw(row, s, &mut rngs[i]) as u16);
+                    let code = draw(row, s, &mut rngs[i]) as u16;
+                    codes[i].push(code);
+                    drawn.push(code);
                 }
+                next = ids(&drawn, b, self.device()) + offset;
             }
             Ok(())
         })?;
@@ -154,5 +187,30 @@ mod tests {
         }
         assert!((counts[0] as f64 / 4000.0 - 0.5).abs() < 0.04, "{counts:?}");
         assert_eq!(counts[3], 0);
+    }
+
+    #[test]
+    fn cached_generation_gives_the_logits_of_the_whole_prefix() {
+        use crate::dalle::model::tests::{batch, tiny};
+        tch::manual_seed(3);
+        let m = Dalle::new(tiny(false), tch::Device::Cpu).unwrap();
+        let t = m.config().tokens;
+        let b = 2;
+        let (text, image) = batch(m.config(), b, 9);
+        let text = ids(&text, b, m.device());
+        let image = ids(&image, b, m.device());
+        let offset = t.text_vocab as i64;
+        tch::no_grad(|| {
+            let mut cache = Cache::new(m.config().layers);
+            let mut next = text.shallow_clone();
+            for n in 0..t.image_len() as i64 {
+                let cached = m.next_image_logits(&m.hidden_cached(&next, &mut cache));
+                let prefix = image.narrow(1, 0, n);
+                let whole = m.next_image_logits(&m.hidden(&m.input_ids(&text, &prefix)));
+                let diff = (cached - whole).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "position {n}: {diff}");
+                next = image.narrow(1, n, 1) + offset;
+            }
+        });
     }
 }

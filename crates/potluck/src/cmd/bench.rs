@@ -25,6 +25,8 @@ pub(crate) enum Bench {
     Optimizer(OptimizerArgs),
     /// DHT store and get latency and success across many nodes in one process.
     Dht(DhtArgs),
+    /// Drawing images: generation with the key/value cache next to recomputing the prefix.
+    Generate(GenerateArgs),
     /// All-reduce of a buffer among peer processes on loopback, next to plain copies.
     Allreduce(crate::cmd::bench_allreduce::Args),
     /// One peer of `bench allreduce` (started by it).
@@ -219,11 +221,69 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+#[derive(Debug, Clone, clap::Args)]
+#[command(after_help = "Example: potluck bench generate --config small --images 32 --threads 2")]
+pub(crate) struct GenerateArgs {
+    /// Model preset (the `shapes` token shapes), randomly initialised.
+    #[arg(long, default_value = "small")]
+    pub(crate) config: String,
+    /// Images drawn at once.
+    #[arg(long, default_value_t = 32)]
+    pub(crate) images: usize,
+    /// Timed rounds of each (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) rounds: usize,
+    /// CPU threads [default: every core].
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+}
+
+/// Times cached and uncached generation of the same prompts in one process, alternating.
+fn bench_generate(args: &GenerateArgs) -> Result<()> {
+    use potluck_model::dalle::Sampling;
+    crate::cmd::train::set_threads(args.threads);
+    let config = Config::preset(&args.config, Some(shapes_tokens()))?;
+    tch::manual_seed(0);
+    let model = Dalle::new(config, tch::Device::Cpu)?;
+    let t = model.config().tokens;
+    let batch = random_batch(&t, args.images.max(1));
+    let prompts: Vec<Vec<u16>> = batch.text.chunks(t.text_len).map(<[u16]>::to_vec).collect();
+    let sampling = Sampling::default();
+    let (mut cached, mut uncached) = (Vec::new(), Vec::new());
+    let mut same = true;
+    for _ in 0..args.rounds.max(1) {
+        let start = Instant::now();
+        let a = model.generate(&prompts, &sampling)?;
+        cached.push(start.elapsed().as_secs_f64());
+        let start = Instant::now();
+        let b = model.generate_uncached(&prompts, &sampling)?;
+        uncached.push(start.elapsed().as_secs_f64());
+        same &= a == b;
+    }
+    let (c, u) = (median(cached), median(uncached));
+    let n = prompts.len() as f64;
+    println!(
+        "{} images of {} codes with `{}`: cached {:.3} s ({:.1} ms an image), recomputing the \
+         prefix {:.3} s ({:.1} ms an image): {:.1}× faster; the same codes: {}",
+        prompts.len(),
+        t.image_len(),
+        args.config,
+        c,
+        1000.0 * c / n,
+        u,
+        1000.0 * u / n,
+        u / c.max(1e-12),
+        if same { "yes" } else { "no" }
+    );
+    Ok(())
+}
+
 pub(crate) fn run(bench: Bench) -> Result<()> {
     let args = match bench {
         Bench::Train(args) => args,
         Bench::Optimizer(args) => return bench_optimizer(&args),
         Bench::Dht(args) => return crate::cmd::bench_dht::run(&args),
+        Bench::Generate(args) => return bench_generate(&args),
         Bench::Allreduce(args) => return crate::cmd::bench_allreduce::run(&args),
         Bench::AllreducePeer(args) => return crate::cmd::bench_allreduce::peer(&args),
     };
