@@ -198,6 +198,11 @@ impl Peer {
         }
     }
 
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it (SIGKILL).
     pub(crate) fn kill(self) {
         drop(self);
@@ -536,6 +541,8 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
         "2",
         "--epochs",
         "8",
+        "--warmup",
+        "5",
     ]);
     let addr = aux.wait_for("listening on ");
     let trainer = |name: &str| {
@@ -561,6 +568,20 @@ fn an_aux_peer_keeps_checkpoints_a_new_swarm_resumes_from() {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(last.join("checkpoint.json")).unwrap()).unwrap();
     assert_eq!(manifest["step"], 8);
+    // The swarm the aux peer started has the run's optimizer (its flags), not a placeholder:
+    // the trainers learnt.
+    assert_eq!(
+        manifest["extra"]["optimizer"]["schedule"]["peak"], 0.01,
+        "{manifest}"
+    );
+    for out in [&a, &b] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("training loss "))
+            .unwrap_or_else(|| panic!("{out}"));
+        let losses: Vec<f64> = line.split(' ').filter_map(|w| w.parse().ok()).collect();
+        assert!(losses[1] < losses[0], "{line}");
+    }
     // The checkpoint is complete: it draws.
     let drawn = dir.path().join("drawn");
     ok(&[

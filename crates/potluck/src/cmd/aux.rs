@@ -13,12 +13,12 @@ use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
 use potluck_net::host::ClientMode;
 use potluck_train::collab::{Collab, Net, Tick};
-use potluck_train::optim::{self, Optimizer, Precision, Rule, Schedule};
+use potluck_train::optim::Optimizer;
 use serde_json::json;
 
 use crate::cmd::run;
 use crate::cmd::together::{NetArgs, RunArgs, collab_settings, init_from, start_dht};
-use crate::cmd::train::{model_config, save_state};
+use crate::cmd::train::{OptimArgs, model_config, optimizer_config, save_state};
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -41,9 +41,9 @@ pub(crate) struct Args {
     /// Model preset of the run.
     #[arg(long, default_value = "small")]
     pub(crate) config: String,
-    /// Optimizer state precision of the run: 8bit or f32.
-    #[arg(long, default_value = "8bit")]
-    pub(crate) state: String,
+    /// The run's optimizer (what a swarm this peer starts takes; joining one, the swarm's).
+    #[command(flatten)]
+    pub(crate) optim: OptimArgs,
     /// Where checkpoints go: one directory per kept epoch, `epoch-NNNNNNN`.
     #[arg(long)]
     pub(crate) checkpoint_dir: PathBuf,
@@ -67,19 +67,12 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let data = TokenSet::open(&args.data)
         .with_context(|| format!("opening prepared data {}", args.data.display()))?;
     let config = model_config(&args.config, &data, false)?;
+    // The same initial weights as the run's trainers (with the default --seed).
+    potluck_model::tch::manual_seed(crate::cmd::together::run_seed(&args.run_id, 0) as i64);
     let mut model = Dalle::new(config, Device::Cpu.tch()?)?;
-    let precision = match args.state.as_str() {
-        "8bit" => Precision::Blockwise8,
-        "f32" => Precision::F32,
-        other => anyhow::bail!("unknown optimizer state {other:?}: use 8bit or f32"),
-    };
-    // The swarm's own settings replace these when its state is downloaded.
-    let cfg = optim::Config {
-        rule: Rule::Lamb,
-        precision,
-        schedule: Schedule::constant(0.0),
-        ..optim::Config::reference_lamb()
-    };
+    // A swarm this peer starts takes these settings (the first peer's); joining one, the
+    // swarm's replace them.
+    let cfg = optimizer_config(&args.optim, args.epochs)?;
     let mut optimizer = Optimizer::new(cfg, potluck_core::Trainable::layout(&model));
     if let Some(dir) = &args.init {
         init_from(dir, &mut model, &mut optimizer)?;
@@ -110,6 +103,7 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
         args.checkpoint_dir.display()
     );
     let started = Instant::now();
+    let mut interrupt = super::Interrupt::new()?;
     let mut never = |_: usize| -> Result<TokenBatch, Box<dyn std::error::Error + Send + Sync>> {
         Err("an aux peer computes nothing".into())
     };
@@ -133,7 +127,7 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
         }
         let tick = tokio::select! {
             tick = peer.tick(&mut never) => tick?,
-            _ = tokio::signal::ctrl_c() => break,
+            () = interrupt.recv() => break,
         };
         let epoch = match tick {
             Tick::Epoch(r) if !r.skipped || r.group > 0 => r.epoch,

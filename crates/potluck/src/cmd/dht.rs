@@ -184,7 +184,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     if !initial.is_empty() {
         dht.bootstrap(&initial)
             .await
-            .context("joining through --initial-peers")?;
+            .map_err(|e| crate::cmd::together::joining(e, &args.initial_peers))?;
     }
     crate::cmd::authority::keep_up(&dht, &args.auth).await;
     println!("peer id: {}", dht.peer_id());
@@ -198,9 +198,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let mut refresh = tokio::time::interval(Duration::from_secs(60));
     let mut watch = tokio::time::interval(Duration::from_secs(1));
     let mut shown = Shown::default();
+    let mut interrupt = super::Interrupt::new()?;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            () = interrupt.recv() => break,
             _ = refresh.tick() => {
                 dht.refresh(Duration::from_secs(600)).await;
                 tracing::info!("{} peers in the routing table", dht.routing_len());

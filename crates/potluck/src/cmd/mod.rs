@@ -32,3 +32,23 @@ pub(crate) fn read_bounded(path: &std::path::Path, max: u64, what: &str) -> anyh
     }
     std::fs::read_to_string(path).with_context(reading)
 }
+
+/// Ctrl-C (SIGINT) from the moment this is made: a signal that comes while the caller is busy
+/// (computing a micro-batch, between two `select!`s) is kept until it looks, where a fresh
+/// `tokio::signal::ctrl_c()` per loop would miss it. Made inside a Tokio runtime.
+#[derive(Debug)]
+pub(crate) struct Interrupt(tokio::signal::unix::Signal);
+
+impl Interrupt {
+    pub(crate) fn new() -> anyhow::Result<Interrupt> {
+        use anyhow::Context;
+        let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("listening for Ctrl-C")?;
+        Ok(Interrupt(signal))
+    }
+
+    /// Returns at the next Ctrl-C (at once for one that came since the last call).
+    pub(crate) async fn recv(&mut self) {
+        self.0.recv().await;
+    }
+}

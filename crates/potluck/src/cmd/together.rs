@@ -121,7 +121,7 @@ fn parse_client_mode(s: &str) -> Result<ClientMode, String> {
 }
 
 /// A seed every peer of the run derives alike (so peers that start together start equal).
-fn run_seed(run: &str, seed: u64) -> u64 {
+pub(crate) fn run_seed(run: &str, seed: u64) -> u64 {
     use sha2::Digest;
     let h = sha2::Sha256::digest(run.as_bytes());
     u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) ^ seed
@@ -160,13 +160,9 @@ pub(crate) async fn start_dht(
         })?;
     let initial = parse_addrs(&args.initial_peers)?;
     if !initial.is_empty() {
-        dht.bootstrap(&initial).await.with_context(|| {
-            format!(
-                "could not reach any of --initial-peers {}: check the addresses and that a peer \
-                 of the run is up there",
-                args.initial_peers.join(",")
-            )
-        })?;
+        dht.bootstrap(&initial)
+            .await
+            .map_err(|e| joining(e, &args.initial_peers))?;
     }
     crate::cmd::authority::keep_up(&dht, &args.auth).await;
     println!("peer id: {}", dht.peer_id());
@@ -176,7 +172,19 @@ pub(crate) async fn start_dht(
     Ok((dht, keypair))
 }
 
-/// The collaborative optimizer's settings for a run.
+/// A failure to join through the initial peers, saying what to do about it.
+pub(crate) fn joining(e: dht::Error, initial_peers: &[String]) -> anyhow::Error {
+    match e {
+        dht::Error::NoBootstrap(why) => anyhow::anyhow!(
+            "could not reach any of --initial-peers {} ({why}): check the addresses (the full \
+             /ip4/…/tcp/…/p2p/… that a peer of the run prints), that a peer is up there, and \
+             that no firewall between blocks its port",
+            initial_peers.join(",")
+        ),
+        e => anyhow::Error::from(e).context("joining through --initial-peers"),
+    }
+}
+
 /// Publishes this peer's metrics record ([`metrics`]) in the background: once an epoch.
 pub(crate) fn publish_metrics(dht: &Dht, keypair: &Keypair, run: &str, m: metrics::Metrics) {
     let (dht, keypair, run) = (dht.clone(), keypair.clone(), run.to_owned());
@@ -187,6 +195,7 @@ pub(crate) fn publish_metrics(dht: &Dht, keypair: &Keypair, run: &str, m: metric
     });
 }
 
+/// The collaborative optimizer's settings for a run.
 pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     let mut settings = collab::Settings::new(run_id, run.target_batch_size);
     settings.state_every = run.state_every;
@@ -241,7 +250,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let config = model_config(&args.config, &data, args.checkpointing)?;
     potluck_model::tch::manual_seed(run_seed(&run_id, args.seed) as i64);
     let mut model = Dalle::new(config.clone(), device)?;
-    let opt_cfg = optimizer_config(&args)?;
+    let opt_cfg = optimizer_config(&args.optim, args.steps)?;
     let mut optimizer = Optimizer::new(opt_cfg, model.layout());
     if let Some(dir) = &args.swarm.init {
         init_from(dir, &mut model, &mut optimizer)?;
@@ -321,6 +330,7 @@ async fn train(
     let mut first_loss = None;
     let mut non_finite = 0u64;
     let mut rolled_back = 0u64;
+    let mut interrupt = super::Interrupt::new()?;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
             || limit.is_some_and(|l| started.elapsed() >= l)
@@ -330,7 +340,7 @@ async fn train(
         let t = Instant::now();
         let tick = tokio::select! {
             tick = peer.tick(&mut next) => tick?,
-            _ = tokio::signal::ctrl_c() => {
+            () = interrupt.recv() => {
                 println!("interrupted: writing a final checkpoint");
                 break;
             }

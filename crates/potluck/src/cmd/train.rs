@@ -63,6 +63,30 @@ pub(crate) struct Args {
     /// Samples per forward/backward pass (gradients accumulate up to --batch-size).
     #[arg(long)]
     pub(crate) micro_batch: Option<usize>,
+    #[command(flatten)]
+    pub(crate) optim: OptimArgs,
+    /// Recompute activations in the backward pass (less memory, ~1/3 more compute).
+    #[arg(long)]
+    pub(crate) checkpointing: bool,
+    /// Compute device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub(crate) device: String,
+    /// CPU threads for the model's kernels [default: every core]. Give each of several peers
+    /// on one machine its share: oversubscribed kernel threads spin and run ~20× slower.
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// Seed of the initial weights and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) seed: u64,
+    /// Minutes between checkpoints.
+    #[arg(long, default_value_t = 5.0)]
+    pub(crate) checkpoint_minutes: f64,
+}
+
+/// The optimizer of a run: every peer of a run gives the same (aux peers too: a swarm an aux
+/// peer starts takes its settings), and one that joins a swarm takes the swarm's.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct OptimArgs {
     /// Inner optimizer: lamb or adamw.
     #[arg(long, default_value = "lamb")]
     pub(crate) optimizer: String,
@@ -82,22 +106,6 @@ pub(crate) struct Args {
     /// Weight decay (not on norms and biases).
     #[arg(long, default_value_t = 0.01)]
     pub(crate) weight_decay: f64,
-    /// Recompute activations in the backward pass (less memory, ~1/3 more compute).
-    #[arg(long)]
-    pub(crate) checkpointing: bool,
-    /// Compute device: cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub(crate) device: String,
-    /// CPU threads for the model's kernels [default: every core]. Give each of several peers
-    /// on one machine its share: oversubscribed kernel threads spin and run ~20× slower.
-    #[arg(long)]
-    pub(crate) threads: Option<usize>,
-    /// Seed of the initial weights and the data order.
-    #[arg(long, default_value_t = 0)]
-    pub(crate) seed: u64,
-    /// Minutes between checkpoints.
-    #[arg(long, default_value_t = 5.0)]
-    pub(crate) checkpoint_minutes: f64,
 }
 
 /// Batches of the fixed evaluation at the end of a run.
@@ -115,7 +123,9 @@ pub(crate) struct RunInfo {
     pub(crate) seconds: f64,
 }
 
-pub(crate) fn optimizer_config(args: &Args) -> Result<optim::Config> {
+/// The optimizer's settings; `steps` (the run's length) is where the learning rate has decayed
+/// to zero unless `--decay-steps` says otherwise.
+pub(crate) fn optimizer_config(args: &OptimArgs, steps: Option<u64>) -> Result<optim::Config> {
     let rule = match args.optimizer.as_str() {
         "lamb" => Rule::Lamb,
         "adamw" => Rule::AdamW,
@@ -135,7 +145,7 @@ pub(crate) fn optimizer_config(args: &Args) -> Result<optim::Config> {
         schedule: Schedule {
             peak,
             warmup: args.warmup,
-            total: args.decay_steps.or(args.steps).unwrap_or(u64::MAX),
+            total: args.decay_steps.or(steps).unwrap_or(u64::MAX),
         },
         beta1: 0.9,
         beta2: 0.96,
@@ -197,7 +207,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let config = model_config(&args.config, &data, args.checkpointing)?;
     potluck_model::tch::manual_seed(args.seed as i64);
     let model = Dalle::new(config.clone(), device)?;
-    let mut opt_cfg = optimizer_config(&args)?;
+    let mut opt_cfg = optimizer_config(&args.optim, args.steps)?;
     let (mut solo, info) = if args.resume {
         let (manifest, params) = checkpoint::load_params(&args.out, model.layout())
             .with_context(|| format!("resuming from {}", args.out.display()))?;
@@ -297,7 +307,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         if report.step == first_step + 5 {
             timing_from = Some(Instant::now());
         }
-        if args.decay_steps.is_none()
+        if args.optim.decay_steps.is_none()
             && total_steps.is_none()
             && let (Some(limit), Some(from)) = (limit, timing_from)
             && [20, 100, 300].contains(&(report.step - first_step))
