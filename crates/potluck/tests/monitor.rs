@@ -1,12 +1,18 @@
 //! The monitor against a live local run: it sees the peers' metrics, draws the loss history,
-//! serves JSON, Prometheus and the join page, and a restart keeps the history.
+//! draws samples with the newest checkpoint and answers prompts, serves JSON, Prometheus and the
+//! join page, a restart keeps the history; and the dashboard, driven in headless Chromium,
+//! shows it all.
 
 use std::io::{Read, Write};
 
 use crate::train::{Peer, strs, tiny_data};
 
 /// GET `path` from `addr` (host:port); the body of a 200 answer.
-fn get(addr: &str, path: &str) -> String {
+pub(crate) fn get(addr: &str, path: &str) -> String {
+    String::from_utf8_lossy(&get_bytes(addr, path)).into_owned()
+}
+
+fn get_bytes(addr: &str, path: &str) -> Vec<u8> {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
@@ -15,14 +21,15 @@ fn get(addr: &str, path: &str) -> String {
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
-    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply).unwrap();
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&reply[..split]);
     assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    body.to_owned()
+    reply[split + 4..].to_vec()
 }
 
-fn monitor(boot: &str, data: &std::path::Path) -> (Peer, String) {
+fn monitor(boot: &str, data: &std::path::Path, checkpoint: &std::path::Path) -> (Peer, String) {
     let mut m = Peer::spawn(&[
         "monitor",
         "--run-id",
@@ -35,6 +42,12 @@ fn monitor(boot: &str, data: &std::path::Path) -> (Peer, String) {
         data.to_str().unwrap(),
         "--every",
         "0.5",
+        "--checkpoints",
+        checkpoint.to_str().unwrap(),
+        "--samples-every",
+        "1",
+        "--eval-prompts",
+        "4",
     ]);
     let line = m.wait_for("monitor for run watched: http://");
     let addr = line.split_whitespace().next().unwrap().to_owned();
@@ -48,7 +61,9 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
     let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
     let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
     let history = dir.path().join("monitor");
-    let (m, http) = monitor(&addr, &history);
+    // It draws with trainer a's checkpoint (written at its end).
+    let ckpt = dir.path().join("a");
+    let (m, http) = monitor(&addr, &history, &ckpt);
     let trainer = |name: &str| {
         let out = dir.path().join(name);
         let args: Vec<String> = [
@@ -84,7 +99,10 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let status = loop {
         let s: serde_json::Value = serde_json::from_str(&get(&http, "/api/status")).unwrap();
-        if s["epoch"] == 10 && s["live"].as_array().unwrap().len() == 2 {
+        if s["epoch"] == 10
+            && s["live"].as_array().unwrap().len() == 2
+            && s["samples"]["epoch"] == 10
+        {
             break s;
         }
         assert!(std::time::Instant::now() < deadline, "{s}");
@@ -98,6 +116,32 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
             .all(|p| p["loss"].as_f64().is_some_and(f64::is_finite))
     );
     assert_eq!(status["leaderboard"].as_array().unwrap().len(), 2);
+    // Samples of the checkpoint, and its score on prompts of the grammar (tiny data is shapes).
+    let images = status["samples"]["images"].as_array().unwrap();
+    assert_eq!(images.len(), 8, "{status}");
+    let png = get_bytes(&http, images[0]["url"].as_str().unwrap());
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let eval = &status["evals"][0];
+    assert!(eval["epoch"] == 10 && eval["prompts"] == 4, "{status}");
+    assert!(
+        eval["accuracy"]
+            .as_f64()
+            .is_some_and(|a| (0.0..=1.0).contains(&a))
+    );
+    // The prompt form's endpoint draws one image; the same seed draws the same.
+    let drawn = get_bytes(
+        &http,
+        "/api/generate?prompt=a%20small%20red%20circle%20in%20the%20center&seed=3",
+    );
+    assert!(drawn.starts_with(b"\x89PNG"));
+    assert_eq!(
+        drawn,
+        get_bytes(
+            &http,
+            "/api/generate?prompt=a%20small%20red%20circle%20in%20the%20center&seed=3"
+        )
+    );
+    dashboard_in_chromium(&http, dir.path());
     let page = get(&http, "/");
     assert!(
         page.contains("<svg id=\"curve\"") && !page.contains("http://cdn"),
@@ -113,9 +157,126 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
     );
     // A restart keeps the history: it is there before the first poll.
     m.kill();
-    let (m, http) = monitor(&addr, &dir.path().join("monitor"));
+    let (m, http) = monitor(&addr, &dir.path().join("monitor"), &ckpt);
     let again: serde_json::Value = serde_json::from_str(&get(&http, "/api/status")).unwrap();
     assert_eq!(again["history"], status["history"]);
+    assert_eq!(again["evals"], status["evals"]);
+    assert_eq!(again["samples"], status["samples"]);
     m.kill();
     boot.kill();
+}
+
+/// Debian's `chromium` (`.ci/run` installs it), or another Chromium on the path.
+fn chromium() -> Option<&'static str> {
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+}
+
+/// Runs headless Chromium with `args` (within two minutes); its standard output.
+fn headless(browser: &str, profile: &std::path::Path, args: &[&str]) -> String {
+    let mut child = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = out.read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium ran past two minutes: {args:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    reader.join().unwrap()
+}
+
+/// The dashboard as a browser runs it: its script fills in the peers, the loss curve, the
+/// leaderboard and the samples from the API, and a link with a prompt draws it.
+fn dashboard_in_chromium(http: &str, dir: &std::path::Path) {
+    let Some(browser) = chromium() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs the dashboard in Chromium: .ci/run installs Debian's chromium"
+        );
+        eprintln!("skipping the dashboard in Chromium: no chromium here (apt install chromium)");
+        return;
+    };
+    let url = format!("http://{http}/?prompt=a+small+red+circle+in+the+center&seed=3");
+    // Virtual time runs the page's timers without waiting for them, and stops while requests
+    // are under way: the DOM is read once the page has fetched and drawn everything.
+    let dom = headless(
+        browser,
+        &dir.join("chromium"),
+        &["--virtual-time-budget=20000", "--dump-dom", &url],
+    );
+    let cell = |id: &str| {
+        let start = dom
+            .find(&format!("id=\"{id}\">"))
+            .unwrap_or_else(|| panic!("{id}: {dom}"));
+        let rest = &dom[start..];
+        rest[rest.find('>').unwrap() + 1..rest.find('<').unwrap()].to_owned()
+    };
+    assert_eq!(cell("peers"), "2", "{dom}");
+    assert_eq!(cell("epoch"), "10", "{dom}");
+    assert!(
+        dom.contains("id=\"loss-line\""),
+        "the loss curve is drawn: {dom}"
+    );
+    let board = &dom[dom.find("id=\"board\"").unwrap()..];
+    let board = &board[..board.find("</table>").unwrap()];
+    assert_eq!(
+        board.matches("<tr>").count(),
+        3,
+        "a header and two peers: {board}"
+    );
+    let samples = &dom[dom.find("id=\"samples\"").unwrap()..];
+    let samples = &samples[..samples.find("</div>").unwrap()];
+    assert_eq!(
+        samples.matches("data-loaded=\"1\"").count(),
+        8,
+        "eight sample images loaded: {samples}"
+    );
+    let at = dom.find("id=\"generated\"").unwrap();
+    let start = dom[..at].rfind('<').unwrap();
+    let generated = &dom[start..start + dom[start..].find('>').unwrap()];
+    assert!(
+        generated.contains("data-loaded=\"1\"") && !generated.contains("hidden"),
+        "the prompt's image is shown: {generated}"
+    );
+    // And a screenshot of it (docs/img/dashboard.png is one of the demo's).
+    let shot = dir.join("dashboard.png");
+    headless(
+        browser,
+        &dir.join("chromium"),
+        &[
+            "--virtual-time-budget=20000",
+            "--window-size=1200,1800",
+            &format!("--screenshot={}", shot.display()),
+            &url,
+        ],
+    );
+    let image = image::open(&shot).unwrap();
+    assert_eq!((image.width(), image.height()), (1200, 1800));
 }

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
+use image::RgbImage;
 use potluck_data::detect::score;
 use potluck_data::shapes::Caption;
 use potluck_model::Device;
@@ -58,18 +59,31 @@ pub(crate) fn evaluate(args: &Args) -> Result<Accuracy> {
         loaded.manifest.step,
         loaded.manifest.samples
     );
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(potluck_data::mix_seed(args.seed, 0xE7A1));
-    let captions: Vec<Caption> = (0..args.prompts)
-        .map(|_| Caption::random(&mut rng))
-        .collect();
-    let prompts: Vec<String> = captions.iter().map(ToString::to_string).collect();
     let sampling = Sampling {
         temperature: args.temperature,
         top_k: args.top_k,
         seed: args.seed,
         ..Sampling::default()
     };
-    let images = run::draw(&loaded, &prompts, &sampling)?;
+    let (a, images, prompts) = score_loaded(&loaded, args.prompts, &sampling)?;
+    if let Some(path) = &args.out {
+        run::write_grid(path, &images, &prompts)?;
+    }
+    Ok(a)
+}
+
+/// Draws `n` prompts of the grammar (chosen by the sampling's seed) with a loaded model and
+/// reads the images back with the detector; also returns the images and their prompts.
+pub(crate) fn score_loaded(
+    loaded: &run::Loaded,
+    n: usize,
+    sampling: &Sampling,
+) -> Result<(Accuracy, Vec<RgbImage>, Vec<String>)> {
+    let mut rng =
+        rand_chacha::ChaCha8Rng::seed_from_u64(potluck_data::mix_seed(sampling.seed, 0xE7A1));
+    let captions: Vec<Caption> = (0..n).map(|_| Caption::random(&mut rng)).collect();
+    let prompts: Vec<String> = captions.iter().map(ToString::to_string).collect();
+    let images = run::draw(loaded, &prompts, sampling)?;
     let mut a = Accuracy {
         prompts: prompts.len(),
         ..Accuracy::default()
@@ -82,7 +96,7 @@ pub(crate) fn evaluate(args: &Args) -> Result<Accuracy> {
         a.size += f64::from(u8::from(s.size));
         a.overall += f64::from(u8::from(s.overall()));
     }
-    let n = prompts.len().max(1) as f64;
+    let total = prompts.len().max(1) as f64;
     for v in [
         &mut a.color,
         &mut a.shape,
@@ -90,12 +104,9 @@ pub(crate) fn evaluate(args: &Args) -> Result<Accuracy> {
         &mut a.size,
         &mut a.overall,
     ] {
-        *v /= n;
+        *v /= total;
     }
-    if let Some(path) = &args.out {
-        run::write_grid(path, &images, &prompts)?;
-    }
-    Ok(a)
+    Ok((a, images, prompts))
 }
 
 pub(crate) fn run(args: Args) -> Result<()> {

@@ -18,6 +18,18 @@ use crate::cmd::prepare::{TOKENIZER_FILE, VQVAE_FILE};
 /// Metadata key of the model configuration in a checkpoint's parameter file.
 pub(crate) const META_MODEL: &str = "potluck.model";
 
+/// Prompts of the `shapes` sample grids (the demo's, the monitor's): one of each colour, with every shape, size and position.
+pub(crate) const SAMPLE_PROMPTS: [&str; 8] = [
+    "a large red circle in the center",
+    "a small green square at the top left",
+    "a large blue triangle at the bottom right",
+    "a small yellow circle at the top right",
+    "a large purple square at the bottom left",
+    "a small orange triangle in the center",
+    "a large white circle at the top left",
+    "a small cyan square at the bottom right",
+];
+
 /// A trained model with everything needed to draw with it.
 pub(crate) struct Loaded {
     pub(crate) model: Dalle,
