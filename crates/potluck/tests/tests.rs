@@ -6,6 +6,7 @@ mod allreduce;
 mod authority;
 mod cli;
 mod collab;
+mod demo;
 mod dht;
 mod monitor;
 mod nat;
