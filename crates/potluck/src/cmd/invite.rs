@@ -359,14 +359,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.http)
-            .await
-            .with_context(|| {
-                format!(
-                    "listening on {} (in use? pick another with --http)",
-                    args.http
-                )
-            })?;
+        let listener = crate::cmd::bind_http(args.http).await?;
         println!(
             "invite server for run {}: http://{} ({codes} codes, tokens valid {:?})",
             args.run_id,

@@ -133,15 +133,7 @@ pub(crate) fn run(mut args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.http)
-            .await
-            .with_context(|| {
-                format!(
-                    "listening on {} (in use? pick another port with --http, or 127.0.0.1:0 \
-                     for any free one)",
-                    args.http
-                )
-            })?;
+        let listener = crate::cmd::bind_http(args.http).await?;
         let (dht, _) = start_dht(&args.run_id, &args.net).await?;
         let join = join_command(&args);
         println!(
