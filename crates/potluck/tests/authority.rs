@@ -3,7 +3,7 @@
 //! off) and revocations published in the run's DHT.
 
 use crate::cli::{ok, potluck, text};
-use crate::train::Peer;
+use crate::harness::Peer;
 
 /// `potluck authority request` as `who` (identity and token files in `dir`): whether it got a
 /// token, and what it said.

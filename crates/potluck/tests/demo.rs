@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::train::{Peer, tiny_data};
+use crate::harness::{Peer, tiny_data};
 
 fn demo(dir: &Path, minutes: &str) -> Peer {
     Peer::spawn(&[

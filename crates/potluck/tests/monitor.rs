@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 
-use crate::train::{Peer, strs, tiny_data};
+use crate::harness::{Peer, peer_args, strs, tiny_data};
 
 /// GET `path` from `addr` (host:port); the body of a 200 answer.
 pub(crate) fn get(addr: &str, path: &str) -> String {
@@ -65,32 +65,20 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
     let ckpt = dir.path().join("a");
     let (m, http) = monitor(&addr, &history, &ckpt);
     let trainer = |name: &str| {
-        let out = dir.path().join(name);
-        let args: Vec<String> = [
-            "train",
-            "--run-id",
-            "watched",
-            "--config",
-            "tiny",
+        let extra = [
             "--target-batch-size",
             "32",
-            "--micro-batch",
-            "8",
             "--epochs",
             "10",
-            "--threads",
-            "1",
             "--initial-peers",
             &addr,
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|a| (*a).to_owned())
-        .collect();
-        Peer::spawn(&strs(&args))
+        ];
+        Peer::spawn(&strs(&peer_args(
+            "watched",
+            &data,
+            &dir.path().join(name),
+            &extra,
+        )))
     };
     let (a, b) = (trainer("a"), trainer("b"));
     let (a, b) = (a.finish(), b.finish());

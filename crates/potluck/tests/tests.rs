@@ -8,6 +8,7 @@ mod cli;
 mod collab;
 mod demo;
 mod dht;
+mod harness;
 mod monitor;
 mod nat;
 mod prepare;

@@ -1,17 +1,10 @@
+//! End-to-end tests of training: on one machine, in swarms (joining, churn, a slow peer), with an
+//! aux peer, and in an authorized run.
+
 use std::path::Path;
 
 use crate::cli::{ok, potluck, text};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Runs `potluck` with `words` (split at spaces) followed by `more`.
-fn run(words: &str, more: &[&str]) -> String {
-    let mut args: Vec<&str> = words.split_whitespace().collect();
-    args.extend_from_slice(more);
-    ok(&args)
-}
+use crate::harness::{Peer, peer_args, run, s, strs, tiny_data};
 
 #[test]
 fn prepare_train_resume_generate_and_eval_end_to_end() {
@@ -128,121 +121,6 @@ fn training_without_solo_or_with_a_bad_preset_says_what_to_do() {
         "{}",
         text(&out.stderr)
     );
-}
-
-/// A `potluck` process whose output is read on threads (so its pipes never fill).
-/// How long a peer of these tests may take to finish: many times what any of them needs on a
-/// loaded 2-core machine; a peer still running then is stuck, and the test says so.
-const FINISH: std::time::Duration = std::time::Duration::from_secs(600);
-
-pub(crate) struct Peer {
-    child: std::process::Child,
-    /// Its standard output, line by line.
-    pub(crate) lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Peer {
-    pub(crate) fn spawn(args: &[&str]) -> Peer {
-        use std::io::{BufRead, Read};
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_potluck"));
-        // `POTLUCK_TEST_LOG=debug` shows the peers' logs in a failing test's output.
-        match std::env::var("POTLUCK_TEST_LOG") {
-            Ok(filter) => command.env("RUST_LOG", filter),
-            Err(_) => command.env_remove("RUST_LOG"),
-        };
-        let mut child = command
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::sync_channel(1 << 16);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = std::thread::spawn(move || {
-            let mut err = String::new();
-            let _ = stderr.read_to_string(&mut err);
-            err
-        });
-        Peer {
-            child,
-            lines,
-            seen: Vec::new(),
-            stderr: Some(stderr),
-        }
-    }
-
-    /// Waits for a line starting with `prefix` (within a minute) and returns the rest of it.
-    pub(crate) fn wait_for(&mut self, prefix: &str) -> String {
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no line {prefix:?} in {:?}", self.seen));
-            self.seen.push(line.clone());
-            if let Some(rest) = line.trim().strip_prefix(prefix) {
-                return rest.to_owned();
-            }
-        }
-    }
-
-    /// Its process id.
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Kills it (SIGKILL).
-    pub(crate) fn kill(self) {
-        drop(self);
-    }
-
-    /// Waits for it to exit successfully (within `FINISH`, or it is killed and the test fails
-    /// with its output); returns its whole standard output.
-    pub(crate) fn finish(mut self) -> String {
-        let deadline = std::time::Instant::now() + FINISH;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break Some(status);
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break None;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        self.seen.extend(self.lines.iter());
-        let err = self
-            .stderr
-            .take()
-            .map(|t| t.join().unwrap())
-            .unwrap_or_default();
-        let out = self.seen.join("\n");
-        let status =
-            status.unwrap_or_else(|| panic!("still running after {FINISH:?}:\n{out}\n{err}"));
-        assert!(status.success(), "{out}\n{err}");
-        out
-    }
-}
-
-/// A peer left over by a failing test does not outlive it.
-impl Drop for Peer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
@@ -454,47 +332,6 @@ fn a_slow_peer_gives_its_share_and_does_not_hold_the_epoch_back() {
     // Held back, the fast peer would idle while the slow one computes: it computes for as
     // large a part of its time as the slow one.
     assert!(busy(&fast) >= 0.8 * busy(&slow), "{fast}\n{slow}");
-}
-
-/// Prepares a tiny `shapes` data set in `dir` (seconds).
-pub(crate) fn tiny_data(dir: &Path) -> std::path::PathBuf {
-    let data = dir.join("data");
-    run(
-        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
-         --vq-images 64 --vq-channels 8 --codebook 64",
-        &["--out", s(&data)],
-    );
-    data
-}
-
-/// `train` arguments for a tiny swarm peer of run `run`.
-fn peer_args(run_id: &str, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--run-id",
-        run_id,
-        "--config",
-        "tiny",
-        "--micro-batch",
-        "8",
-        "--warmup",
-        "5",
-        "--threads",
-        "1",
-        "--data",
-        s(data),
-        "--out",
-        s(out),
-    ]
-    .iter()
-    .map(|a| (*a).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    args
-}
-
-pub(crate) fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
 }
 
 /// The number before `word` in the line starting with `prefix`.

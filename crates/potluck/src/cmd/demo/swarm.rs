@@ -88,14 +88,21 @@ impl Swarm {
         )?;
         let line = boot.wait_for("/ip4/127.0.0.1/tcp/", START_WAIT)?;
         let addr = line.trim().to_owned();
-        let run_args = |extra: &[String]| -> Vec<String> {
-            let mut v = strings(&[
+        // How every process of the swarm joins it.
+        let joining = |command: &str| {
+            strings(&[
+                command,
                 "--run-id",
                 RUN,
                 "--initial-peers",
                 &addr,
                 "--listen",
                 local,
+            ])
+        };
+        let run_args = |command: &str, extra: &[String]| -> Vec<String> {
+            let mut v = joining(command);
+            v.extend(strings(&[
                 "--data",
                 &s(data),
                 "--config",
@@ -106,22 +113,24 @@ impl Swarm {
                 &epochs.to_string(),
                 "--warmup",
                 &warmup.to_string(),
-            ]);
+            ]));
             v.extend_from_slice(extra);
             v
         };
         // The aux peer first: it is the swarm's helper and keeps its checkpoints (about one a
         // minute, five at least) for the monitor to draw with.
         let every = ((epochs as f64 / args.minutes).ceil() as u64).clamp(1, (epochs / 5).max(1));
-        let mut aux_args = strings(&["aux"]);
-        aux_args.extend(run_args(&strings(&[
-            "--checkpoint-dir",
-            &s(&dir.join("aux")),
-            "--keep",
-            "3",
-            "--every",
-            &every.to_string(),
-        ])));
+        let aux_args = run_args(
+            "aux",
+            &strings(&[
+                "--checkpoint-dir",
+                &s(&dir.join("aux")),
+                "--keep",
+                "3",
+                "--every",
+                &every.to_string(),
+            ]),
+        );
         let mut aux = Proc::spawn("aux peer", dir, &aux_args)?;
         aux.wait_for("aux for run", START_WAIT)?;
         // The dashboard's port, or any free one if it is taken.
@@ -138,27 +147,24 @@ impl Swarm {
         let mut monitor = Proc::spawn(
             "monitor",
             dir,
-            &strings(&[
-                "monitor",
-                "--run-id",
-                RUN,
-                "--initial-peers",
-                &addr,
-                "--listen",
-                local,
-                "--http",
-                &http.to_string(),
-                "--data",
-                &s(&dir.join("monitor")),
-                "--checkpoints",
-                &s(&dir.join("aux")),
-                "--every",
-                "2",
-                "--samples-every",
-                "10",
-                "--temperature",
-                &args.temperature.to_string(),
-            ]),
+            &[
+                joining("monitor"),
+                strings(&[
+                    "--http",
+                    &http.to_string(),
+                    "--data",
+                    &s(&dir.join("monitor")),
+                    "--checkpoints",
+                    &s(&dir.join("aux")),
+                    "--every",
+                    "2",
+                    "--samples-every",
+                    "10",
+                    "--temperature",
+                    &args.temperature.to_string(),
+                ]),
+            ]
+            .concat(),
         )?;
         let line = monitor.wait_for("monitor for run", START_WAIT)?;
         let http = line
@@ -169,17 +175,19 @@ impl Swarm {
             .to_owned();
         let mut trainers = Vec::new();
         for i in 1..=args.trainers {
-            let mut a = strings(&["train"]);
-            a.extend(run_args(&strings(&[
-                "--out",
-                &s(&dir.join(format!("peer-{i}"))),
-                "--threads",
-                "1",
-                "--micro-batch",
-                &MICRO_BATCH.to_string(),
-                "--seed",
-                &args.seed.to_string(),
-            ])));
+            let a = run_args(
+                "train",
+                &strings(&[
+                    "--out",
+                    &s(&dir.join(format!("peer-{i}"))),
+                    "--threads",
+                    "1",
+                    "--micro-batch",
+                    &MICRO_BATCH.to_string(),
+                    "--seed",
+                    &args.seed.to_string(),
+                ]),
+            );
             trainers.push(Proc::spawn(&format!("trainer {i}"), dir, &a)?);
         }
         for t in &mut trainers {
