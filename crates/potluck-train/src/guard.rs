@@ -1,7 +1,7 @@
 //! The spike guard of collaborative training: a bad step (one peer's corrupted batch, a
 //! numerical blow-up) shows as an averaged gradient far larger than the recent ones. The guard
-//! keeps the norms of the last epochs' averaged gradients and, every few epochs, a copy of a
-//! good state (parameters and optimizer); an averaged gradient whose norm is more than
+//! keeps the norms of the last epochs' averaged gradients and, every few epochs, a good state
+//! (parameters and optimizer: the peer's own state of that epoch, shared); an averaged gradient whose norm is more than
 //! `factor` times the recent median rolls the peer back to that state instead of stepping
 //! (the epoch still advances, so the schedule goes on). Every member of a group holds the same
 //! averaged gradient and, having taken the same steps, the same history: they all decide
@@ -12,8 +12,9 @@
 //! (the history starts over) rather than stalling training.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-use crate::optim::Optimizer;
+use crate::state::TrainState;
 
 /// Epochs of history the median is taken over, and the fewest it judges with.
 const HISTORY: usize = 16;
@@ -31,20 +32,13 @@ pub enum Verdict {
     RollBack { epoch: u64, norm: f64, ratio: f64 },
 }
 
-/// A good state to go back to.
-#[derive(Debug, Clone)]
-struct Good {
-    epoch: u64,
-    params: Vec<f32>,
-    optimizer: Optimizer,
-}
-
 /// Norm history and the last good state (see the module doc).
 #[derive(Debug, Clone)]
 pub struct Guard {
     factor: f64,
     norms: VecDeque<f64>,
-    good: Option<Good>,
+    /// The good state, shared with whoever else holds it (the peer while it is current).
+    good: Option<Arc<TrainState>>,
     rollbacks: u32,
 }
 
@@ -71,7 +65,7 @@ impl Guard {
             if ratio > self.factor {
                 self.rollbacks += 1;
                 if self.rollbacks <= MAX_ROLLBACKS {
-                    let epoch = self.good.as_ref().map_or(0, |g| g.epoch);
+                    let epoch = self.good.as_ref().map_or(0, |g| g.epoch());
                     return Verdict::RollBack { epoch, norm, ratio };
                 }
                 tracing::warn!(
@@ -89,30 +83,19 @@ impl Guard {
         Verdict::Step
     }
 
-    /// Keeps `params` and `optimizer` (the state after `epoch` steps) as the good state.
-    pub fn keep(&mut self, epoch: u64, params: &[f32], optimizer: &Optimizer) {
-        match &mut self.good {
-            Some(good) if good.params.len() == params.len() => {
-                good.epoch = epoch;
-                good.params.copy_from_slice(params);
-                good.optimizer.clone_from(optimizer);
-            }
-            _ => {
-                self.good = Some(Good {
-                    epoch,
-                    params: params.to_vec(),
-                    optimizer: optimizer.clone(),
-                })
-            }
-        }
+    /// Keeps `state` as the good state (shared, not copied: a state is never changed once
+    /// shared, the next step works on a copy).
+    pub fn keep(&mut self, state: &Arc<TrainState>) {
+        self.good = Some(Arc::clone(state));
     }
 
-    /// Puts the good state into `params` and `optimizer`; false if there is none.
-    pub fn restore(&self, params: &mut [f32], optimizer: &mut Optimizer) -> bool {
+    /// Puts the good state's parameters and optimizer into `state` (its sample count stays:
+    /// the samples were trained on all the same); false if there is none.
+    pub fn restore(&self, state: &mut TrainState) -> bool {
         match &self.good {
-            Some(good) if good.params.len() == params.len() => {
-                params.copy_from_slice(&good.params);
-                optimizer.clone_from(&good.optimizer);
+            Some(good) if good.params.len() == state.params.len() => {
+                state.params.copy_from_slice(&good.params);
+                state.optimizer.clone_from(&good.optimizer);
                 true
             }
             _ => false,
@@ -120,35 +103,35 @@ impl Guard {
     }
 
     /// Forgets the history (a downloaded state starts it over) and keeps this state as good.
-    pub fn restart(&mut self, epoch: u64, params: &[f32], optimizer: &Optimizer) {
+    pub fn restart(&mut self, state: &Arc<TrainState>) {
         self.norms.clear();
         self.rollbacks = 0;
-        self.keep(epoch, params, optimizer);
+        self.keep(state);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::Config;
+    use crate::optim::{Config, Optimizer};
     use potluck_core::{Layout, Role};
 
-    fn state(v: f32) -> (Vec<f32>, Optimizer) {
+    /// A state of four parameters `v` after `epoch` steps.
+    fn state(v: f32, epoch: u64) -> TrainState {
         let layout = Layout::new([("w", vec![4], Role::Weight)]).unwrap();
-        (
-            vec![v; 4],
-            Optimizer::new(Config::reference_lamb(), &layout),
-        )
+        let mut optimizer = Optimizer::new(Config::reference_lamb(), &layout);
+        optimizer.set_steps(epoch);
+        TrainState::new(vec![v; 4], optimizer, 0)
     }
 
     #[test]
     fn a_spike_rolls_back_to_the_good_state_and_normal_norms_step() {
         let mut guard = Guard::new(10.0);
-        let (params, opt) = state(1.0);
-        guard.keep(5, &params, &opt);
+        let good = Arc::new(state(1.0, 5));
+        guard.keep(&good);
         // Too little history: no judgement yet.
         assert_eq!(guard.judge(1e6), Verdict::Step);
-        guard.restart(5, &params, &opt);
+        guard.restart(&good);
         for i in 0..MIN_HISTORY {
             assert_eq!(guard.judge(1.0 + i as f64 * 0.1), Verdict::Step);
         }
@@ -161,16 +144,15 @@ mod tests {
             }
             v => panic!("{v:?}"),
         }
-        let (mut now, mut now_opt) = state(7.0);
-        assert!(guard.restore(&mut now, &mut now_opt));
-        assert_eq!(now, params);
+        let mut now = state(7.0, 9);
+        assert!(guard.restore(&mut now));
+        assert_eq!(now.params, good.params);
     }
 
     #[test]
     fn a_lasting_new_scale_is_accepted_after_a_few_rollbacks() {
         let mut guard = Guard::new(10.0);
-        let (params, opt) = state(1.0);
-        guard.restart(0, &params, &opt);
+        guard.restart(&Arc::new(state(1.0, 0)));
         for _ in 0..MIN_HISTORY {
             guard.judge(1.0);
         }
@@ -188,8 +170,8 @@ mod tests {
     #[test]
     fn without_a_good_state_nothing_is_restored() {
         let guard = Guard::new(10.0);
-        let (mut params, mut opt) = state(3.0);
-        assert!(!guard.restore(&mut params, &mut opt));
-        assert_eq!(params, vec![3.0; 4]);
+        let mut now = state(3.0, 0);
+        assert!(!guard.restore(&mut now));
+        assert_eq!(now.params, vec![3.0; 4]);
     }
 }

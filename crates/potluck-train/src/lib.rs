@@ -1,6 +1,8 @@
-//! Training in potluck, on flat buffers (no tensors here): the inner optimizers ([`optim`]),
-//! checkpoints ([`checkpoint`]), training on one machine ([`solo`]) and the swarm's progress
-//! over the DHT ([`progress`]). The collaborative optimizer joins this crate with the network.
+//! Training in potluck, on flat buffers (no tensors here): one peer's training state
+//! ([`state`]: parameters, optimizer, epoch, samples), the inner optimizers ([`optim`]),
+//! checkpoints ([`checkpoint`]), training on one machine ([`solo`]), and training with a swarm:
+//! the collaborative optimizer ([`collab`]), the swarm's progress over the DHT ([`progress`]),
+//! state sync ([`sync`]), the spike guard ([`guard`]), metrics and reports for the monitor.
 
 pub mod checkpoint;
 pub mod collab;
@@ -10,6 +12,7 @@ pub mod optim;
 pub mod progress;
 pub mod reports;
 pub mod solo;
+pub mod state;
 pub mod sync;
 
 /// `n` DHT nodes on the in-memory transport, each joined through the first, with their keys

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use potluck_core::{Loss, Trainable};
 
 use crate::optim::{self, Optimizer};
+use crate::state::TrainState;
 
 /// Errors of a training step.
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +42,8 @@ pub struct Report {
 #[derive(Debug)]
 pub struct Solo<T: Trainable> {
     model: T,
-    optimizer: Optimizer,
-    params: Vec<f32>,
+    state: TrainState,
     grad: Vec<f32>,
-    samples: u64,
 }
 
 impl<T: Trainable> Solo<T> {
@@ -55,10 +54,8 @@ impl<T: Trainable> Solo<T> {
         model.read_params(&mut params).map_err(Error::Model)?;
         Ok(Solo {
             model,
-            optimizer,
-            params,
+            state: TrainState::new(params, optimizer, 0),
             grad: vec![0.0; n],
-            samples: 0,
         })
     }
 
@@ -73,10 +70,8 @@ impl<T: Trainable> Solo<T> {
         let n = params.len();
         Ok(Solo {
             model,
-            optimizer,
-            params,
+            state: TrainState::new(params, optimizer, samples),
             grad: vec![0.0; n],
-            samples,
         })
     }
 
@@ -98,16 +93,17 @@ impl<T: Trainable> Solo<T> {
 
         let started = Instant::now();
         // The buffer holds the summed gradient; the optimizer divides by the samples as it reads.
+        let state = &mut self.state;
         let (info, skipped) =
-            match self
+            match state
                 .optimizer
-                .step_scaled(&mut self.params, &mut self.grad, 1.0 / n)
+                .step_scaled(&mut state.params, &mut self.grad, 1.0 / n)
             {
                 Ok(info) => (info, false),
                 Err(optim::Error::NonFinite { norm }) => {
                     tracing::warn!("step skipped: the gradient is not finite (norm {norm})");
                     let info = optim::StepInfo {
-                        step: self.optimizer.steps(),
+                        step: state.optimizer.steps(),
                         lr: 0.0,
                         grad_norm: norm,
                     };
@@ -119,9 +115,9 @@ impl<T: Trainable> Solo<T> {
         let started = Instant::now();
         if !skipped {
             self.model
-                .write_params(&self.params)
+                .write_params(&self.state.params)
                 .map_err(Error::Model)?;
-            self.samples += total.samples as u64;
+            self.state.samples += total.samples as u64;
         }
         Ok(Report {
             step: info.step,
@@ -147,21 +143,26 @@ impl<T: Trainable> Solo<T> {
 
     /// The optimizer.
     pub fn optimizer(&self) -> &Optimizer {
-        &self.optimizer
+        &self.state.optimizer
     }
 
     /// The optimizer, mutably (to change its schedule).
     pub fn optimizer_mut(&mut self) -> &mut Optimizer {
-        &mut self.optimizer
+        &mut self.state.optimizer
     }
 
     /// The current parameters.
     pub fn params(&self) -> &[f32] {
-        &self.params
+        &self.state.params
     }
 
     /// Samples trained on so far.
     pub fn samples(&self) -> u64 {
-        self.samples
+        self.state.samples
+    }
+
+    /// The whole training state.
+    pub fn state(&self) -> &TrainState {
+        &self.state
     }
 }

@@ -1,27 +1,29 @@
 //! One epoch's end: the gradient's all-reduce, the spike guard, the inner step and, every few
 //! epochs, the parameters' averaging.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use potluck_allreduce::butterfly::{self, Group};
 use potluck_core::Loss;
 
-use super::{EpochReport, Net};
+use super::{Alone, EpochReport, Net};
 use crate::guard::{Guard, Verdict};
 use crate::optim::{self, Optimizer};
+use crate::state::TrainState;
 
 /// One epoch's averaging and step, with everything it needs (so it can run in the
 /// background while the next epoch's gradients are computed).
 pub(super) struct Job {
     pub(super) epoch: u64,
-    /// The group, or why there is none ("" when alone).
-    pub(super) group: Result<Group, String>,
+    /// The group, or why there is none.
+    pub(super) group: Result<Group, Alone>,
     /// This peer's mean gradient.
     pub(super) grad: Vec<f32>,
     pub(super) samples: u64,
     pub(super) loss: Loss,
-    pub(super) params: Vec<f32>,
-    pub(super) optimizer: Optimizer,
+    /// The state to step: the job's own (donors serve the one it was taken from meanwhile).
+    pub(super) state: TrainState,
     pub(super) net: Net,
     pub(super) averaging: butterfly::Settings,
     pub(super) state_every: u64,
@@ -29,26 +31,36 @@ pub(super) struct Job {
     pub(super) started: Instant,
 }
 
+/// Why a [`Job`] could not step.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Failed {
+    #[error(transparent)]
+    Optimizer(#[from] optim::Error),
+    /// The optimizer step's thread panicked.
+    #[error("the optimizer step stopped")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// What a [`Job`] gives back.
 pub(super) struct Stepped {
-    pub(super) params: Vec<f32>,
-    pub(super) optimizer: Optimizer,
+    pub(super) state: TrainState,
     pub(super) guard: Guard,
+    /// The guard is to keep the new state as the good one (once it is shared).
+    pub(super) keep: bool,
     /// The gradient buffer, for reuse.
     pub(super) scratch: Vec<f32>,
     pub(super) report: EpochReport,
 }
 
 impl Job {
-    pub(super) async fn run(self) -> Result<Stepped, optim::Error> {
+    pub(super) async fn run(self) -> Result<Stepped, Failed> {
         let Job {
             epoch,
             group,
             mut grad,
             samples,
             loss,
-            mut params,
-            mut optimizer,
+            mut state,
             net,
             averaging,
             state_every,
@@ -87,12 +99,12 @@ impl Job {
                             }
                             averaged = Some((group, me));
                         }
-                        Err(e) => alone_because = Some(e.to_string()),
+                        Err(e) => alone_because = Some(Alone::AllReduce(Arc::new(e))),
                     }
                 }
-                None => alone_because = Some("not in its own group".into()),
+                None => alone_because = Some(Alone::NotAMember),
             },
-            Err(why) if !why.is_empty() => alone_because = Some(why),
+            Err(why) if why.is_fault() => alone_because = Some(why),
             Err(_) => {}
         }
         if let Some(why) = &alone_because {
@@ -100,7 +112,7 @@ impl Job {
         }
         // The step is a few hundred milliseconds of arithmetic: off the async workers. A
         // spiking gradient rolls back to the guard's good state instead.
-        let (optimizer_back, params_back, grad_back, guard_back, rolled_back, result) =
+        let (state_back, grad_back, guard_back, rolled_back, result) =
             tokio::task::spawn_blocking(move || {
                 let norm = optim::global_norm(&grad, 1);
                 let verdict = if norm.is_finite() {
@@ -113,31 +125,30 @@ impl Job {
                         epoch: to,
                         norm,
                         ratio,
-                    } if guard.restore(&mut params, &mut optimizer) => {
+                    } if guard.restore(&mut state) => {
                         tracing::warn!(
                             "epoch {epoch}: the averaged gradient's norm {norm:.3e} is {ratio:.0}× \
                              the recent median: back to the state of epoch {to}"
                         );
-                        optimizer.set_steps(epoch + 1);
+                        state.optimizer.set_steps(epoch + 1);
                         let info = optim::StepInfo {
                             step: epoch + 1,
                             lr: 0.0,
                             grad_norm: norm,
                         };
-                        return (optimizer, params, grad, guard, Some(to), Ok(info));
+                        return (state, grad, guard, Some(to), Ok(info));
                     }
-                    _ => optimizer.step(&mut params, &mut grad),
+                    _ => state.optimizer.step(&mut state.params, &mut grad),
                 };
-                (optimizer, params, grad, guard, None, result)
+                (state, grad, guard, None, result)
             })
-            .await
-            .map_err(|_| optim::Error::NonFinite { norm: f64::NAN })?;
-        (optimizer, params, grad, guard) = (optimizer_back, params_back, grad_back, guard_back);
+            .await?;
+        (state, grad, guard) = (state_back, grad_back, guard_back);
         let (info, skipped) = match result {
             Ok(info) => (info, false),
             Err(optim::Error::NonFinite { norm }) => {
                 tracing::warn!("epoch {epoch}: the averaged gradient is not finite, step skipped");
-                optimizer.set_steps(epoch + 1);
+                state.optimizer.set_steps(epoch + 1);
                 let info = optim::StepInfo {
                     step: epoch + 1,
                     lr: 0.0,
@@ -145,7 +156,7 @@ impl Job {
                 };
                 (info, true)
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let boundary = (epoch + 1).is_multiple_of(if state_every > 0 { state_every } else { 10 });
         let mut state_averaged = false;
@@ -153,23 +164,22 @@ impl Job {
             && state_every > 0
             && boundary
         {
-            state_averaged =
-                average_state(&net, group, *me, &averaging, &mut params, &mut optimizer)
-                    .await
-                    .inspect_err(|e| {
-                        tracing::warn!("epoch {epoch}: averaging the state failed: {e}")
-                    })
-                    .unwrap_or(false);
+            let TrainState {
+                params, optimizer, ..
+            } = &mut state;
+            state_averaged = average_state(&net, group, *me, &averaging, params, optimizer)
+                .await
+                .inspect_err(|e| tracing::warn!("epoch {epoch}: averaging the state failed: {e}"))
+                .unwrap_or(false);
         }
+        state.samples += swarm_samples.max(0.0) as u64;
         // The state every few epochs is the one to go back to (the same on every peer once
         // the parameters were averaged).
-        if boundary && !skipped && rolled_back.is_none() {
-            guard.keep(epoch + 1, &params, &optimizer);
-        }
+        let keep = boundary && !skipped && rolled_back.is_none();
         Ok(Stepped {
-            params,
-            optimizer,
+            state,
             guard,
+            keep,
             scratch: grad,
             report: EpochReport {
                 epoch: info.step,

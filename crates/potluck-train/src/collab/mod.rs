@@ -26,108 +26,34 @@
 //! This module holds the compute loop ([`Collab::tick`]); `swarm` the background task that
 //! reports progress and forms groups; `job` the end of an epoch (all-reduce, guard, step).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use libp2p::Multiaddr;
-use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
-use potluck_allreduce::butterfly::{self, Inbox};
-use potluck_allreduce::matchmaking;
 use potluck_core::{Loss, Trainable};
+use potluck_net::dht;
 use potluck_net::dht::record;
-use potluck_net::dht::{self, Dht};
 use tokio::sync::watch;
 
 use crate::guard::Guard;
 use crate::optim::{self, Optimizer};
 use crate::progress::SwarmState;
-use crate::sync::{self, Donor, Partial, Shelf, Snapshot};
+use crate::state::TrainState;
+use crate::sync::{self, Donor, Partial, Snapshot};
 
 mod attack;
 mod job;
+mod outcome;
+mod settings;
 mod swarm;
 
 pub use attack::Attack;
 use attack::Attacker;
 use job::{Job, Stepped};
-use swarm::{Local, Pending, Round, TOO_LATE, View, formed, lock, progress_loop};
-
-/// How a peer takes part.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Names the run (every DHT key and round).
-    pub run: String,
-    /// Samples the swarm gathers per epoch (one optimizer step).
-    pub target_batch: u64,
-    /// How often progress is published and the swarm's read.
-    pub report_every: Duration,
-    /// How long before the estimated end of an epoch its averaging deadline is proposed (so
-    /// the group is formed when the target is reached); at least one report interval plus the
-    /// matchmaking's `declare_ahead` is always left.
-    pub lead: Duration,
-    pub matchmaking: matchmaking::Settings,
-    pub averaging: butterfly::Settings,
-    pub mode: Mode,
-    /// Average the parameters and the optimizer's moments every this many epochs; 0: never.
-    pub state_every: u64,
-    /// Bytes per second this peer moves each way (for the parts it reduces).
-    pub rate: f64,
-    pub sync: sync::Settings,
-    /// Bytes per chunk of the state it serves.
-    pub chunk_bytes: usize,
-    /// How long after the deadline a round averages even if the swarm has not reached the
-    /// target (peers left, or the estimate was far off).
-    pub max_wait: Duration,
-    /// Delayed parameter updates: average and step in the background while the next epoch's
-    /// gradients are computed (on parameters one step stale).
-    pub delayed: bool,
-    /// How long a starting peer looks for a swarm before it starts one.
-    pub join_wait: Duration,
-    /// Roll back to the last good state when an averaged gradient's norm is more than this
-    /// many times the recent median ([`crate::guard`]; infinite: never).
-    pub spike: f64,
-    /// For experiments and tests of robustness: this peer sends a corrupted gradient.
-    pub attack: Option<Attack>,
-}
-
-impl Settings {
-    /// Defaults for a run named `run` with `target_batch` samples per epoch.
-    pub fn new(run: &str, target_batch: u64) -> Settings {
-        Settings {
-            run: run.into(),
-            target_batch,
-            report_every: Duration::from_millis(500),
-            lead: Duration::from_secs(2),
-            matchmaking: matchmaking::Settings::default(),
-            averaging: butterfly::Settings::default(),
-            mode: Mode::Full,
-            state_every: 10,
-            rate: 1e8,
-            sync: sync::Settings::default(),
-            chunk_bytes: 1 << 20,
-            delayed: false,
-            max_wait: Duration::from_secs(30),
-            join_wait: Duration::from_secs(3),
-            spike: 10.0,
-            attack: None,
-        }
-    }
-
-    /// Short intervals for peers in one process, where an epoch takes milliseconds (tests,
-    /// benches): reports every 50 ms, deadlines 0.3 s ahead, 64 KiB state chunks.
-    pub fn in_process(run: &str, target_batch: u64) -> Settings {
-        let mut s = Settings::new(run, target_batch);
-        s.report_every = Duration::from_millis(50);
-        s.lead = Duration::from_millis(300);
-        s.join_wait = Duration::from_millis(300);
-        s.matchmaking.declare_ahead = Duration::from_millis(100);
-        s.matchmaking.poll = Duration::from_millis(20);
-        s.matchmaking.grace = Duration::from_secs(2);
-        s.chunk_bytes = 64 << 10;
-        s
-    }
-}
+pub use outcome::{Alone, EpochReport, Tick};
+pub use settings::{Net, Settings};
+use swarm::{Local, Pending, Round, View, formed, lock, progress_loop};
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -144,92 +70,31 @@ pub enum Error<E: std::error::Error + 'static> {
     Host(#[from] potluck_net::host::Error),
     #[error("state download")]
     Sync(#[from] sync::Error),
+    /// The task that averages and steps panicked or was cancelled.
+    #[error("the step task stopped")]
+    StepTask(#[source] tokio::task::JoinError),
 }
 
-/// The network side of a peer: its DHT node (and host), the all-reduce inbox, the state it
-/// serves.
-#[derive(Debug, Clone)]
-pub struct Net {
-    pub dht: Dht,
-    pub keypair: Keypair,
-    pub inbox: Inbox,
-    pub shelf: Shelf,
-}
-
-impl Net {
-    /// A peer on libp2p's in-memory transport with a fresh identity, joined through `boot`
-    /// (peers of one process: tests, benches).
-    pub async fn start_memory(boot: &[Multiaddr]) -> Result<Net, Error<std::convert::Infallible>> {
-        let keypair = Keypair::generate_ed25519();
-        let dht = Dht::start_memory(keypair.clone(), dht::Config::default()).await?;
-        dht.bootstrap(boot).await?;
-        Ok(Net::start(dht, keypair)?)
+impl<E: std::error::Error + 'static> From<job::Failed> for Error<E> {
+    fn from(failed: job::Failed) -> Error<E> {
+        match failed {
+            job::Failed::Optimizer(e) => Error::Optimizer(e),
+            job::Failed::Task(e) => Error::StepTask(e),
+        }
     }
-
-    /// Starts the all-reduce inbox and the state server on `dht`'s host.
-    pub fn start(dht: Dht, keypair: Keypair) -> Result<Net, potluck_net::host::Error> {
-        let inbox = Inbox::start(dht.host())?;
-        let shelf = Shelf::default();
-        sync::serve(dht.host(), shelf.clone(), sync::Serving::default())?;
-        Ok(Net {
-            dht,
-            keypair,
-            inbox,
-            shelf,
-        })
-    }
-}
-
-/// What happened at an epoch boundary.
-#[derive(Debug, Clone)]
-pub struct EpochReport {
-    /// The epoch just finished (the step number taken).
-    pub epoch: u64,
-    /// This peer's samples in it, and the swarm's (the weight behind the average).
-    pub samples: u64,
-    pub swarm_samples: f64,
-    /// Members of the group (1: it stepped alone).
-    pub group: usize,
-    /// Why it stepped alone, if it did though others were around.
-    pub alone_because: Option<String>,
-    pub loss: Loss,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub skipped: bool,
-    /// The good state it went back to instead of stepping (the averaged gradient spiked).
-    pub rolled_back: Option<u64>,
-    /// Whether the parameters were averaged too.
-    pub state_averaged: bool,
-    /// Time from the end of computing to the new parameters.
-    pub averaging: Duration,
-}
-
-/// What one [`Collab::tick`] did.
-#[derive(Debug, Clone)]
-pub enum Tick {
-    /// A micro-batch was computed: its mean loss.
-    Computed(Loss),
-    /// The epoch ended: the step taken.
-    Epoch(EpochReport),
-    /// The swarm was ahead: its state was downloaded.
-    Synced(sync::Report, u64),
-    /// Waiting for the swarm (target reached elsewhere, averaging not due yet).
-    Waited,
 }
 
 /// A peer of a collaborative run.
 pub struct Collab<T: Trainable> {
     model: T,
-    optimizer: Optimizer,
-    params: Vec<f32>,
+    /// The state the model holds and the state server serves (the same allocation).
+    state: Arc<TrainState>,
     grad: Vec<f32>,
     net: Net,
     settings: Settings,
     /// Samples and summed loss accumulated in this epoch.
     samples: u64,
     loss: Loss,
-    /// Samples trained on by the swarm up to this epoch (as the state says).
-    swarm_samples: u64,
     local: watch::Sender<Local>,
     view: watch::Receiver<Option<View>>,
     round: Option<Round>,
@@ -239,7 +104,7 @@ pub struct Collab<T: Trainable> {
     /// The newest epoch this peer has seen the swarm in (its own included).
     newest: u64,
     /// A step running in the background (delayed updates), and a spare gradient buffer.
-    busy: Option<tokio::task::JoinHandle<Result<Stepped, optim::Error>>>,
+    busy: Option<tokio::task::JoinHandle<Result<Stepped, job::Failed>>>,
     spare: Vec<f32>,
     attacker: Option<Attacker>,
     /// The download it joined with, if it found a swarm.
@@ -298,14 +163,12 @@ impl<T: Trainable> Collab<T> {
         let attacker = settings.attack.map(Attacker::new);
         let mut collab = Collab {
             model,
-            optimizer,
-            params,
+            state: Arc::new(TrainState::new(params, optimizer, 0)),
             grad: vec![0.0; n],
             net,
             settings,
             samples: 0,
             loss: Loss::default(),
-            swarm_samples: 0,
             local,
             view,
             round: None,
@@ -323,7 +186,7 @@ impl<T: Trainable> Collab<T> {
             guard: None,
         };
         let mut guard = Guard::new(collab.settings.spike);
-        guard.restart(epoch, &collab.params, &collab.optimizer);
+        guard.restart(&collab.state);
         collab.guard = Some(guard);
         // Look for a swarm; download its state if there is one.
         let until = tokio::time::Instant::now() + collab.settings.join_wait;
@@ -387,11 +250,16 @@ impl<T: Trainable> Collab<T> {
     }
 
     pub fn optimizer(&self) -> &Optimizer {
-        &self.optimizer
+        &self.state.optimizer
     }
 
     pub fn params(&self) -> &[f32] {
-        &self.params
+        &self.state.params
+    }
+
+    /// The state the model holds and this peer serves (the last step's, or the downloaded).
+    pub fn state(&self) -> &Arc<TrainState> {
+        &self.state
     }
 
     /// The state download it joined with (none if it started the swarm).
@@ -406,7 +274,7 @@ impl<T: Trainable> Collab<T> {
 
     /// Samples the swarm trained on up to this epoch.
     pub fn swarm_samples(&self) -> u64 {
-        self.swarm_samples
+        self.state.samples
     }
 
     /// The newest epoch this peer has seen any peer of the swarm in (its own included), even
@@ -444,20 +312,17 @@ impl<T: Trainable> Collab<T> {
     fn report(&self, publish: bool) {
         self.local.send_replace(Local {
             epoch: self.epoch(),
-            held: self.optimizer.steps(),
+            held: self.state.epoch(),
             samples: self.samples,
             rate: self.rate,
             publish,
         });
     }
 
+    /// Serves the current state (shared: nothing is copied or encoded until someone asks).
     fn shelve(&self) {
-        self.net.shelf.put(Snapshot::take(
-            &self.params,
-            &self.optimizer,
-            self.swarm_samples,
-            self.settings.chunk_bytes,
-        ));
+        let snapshot = Snapshot::of(Arc::clone(&self.state), self.settings.chunk_bytes);
+        self.net.shelf.put(snapshot);
     }
 
     /// Downloads the newest state from the peers that report it and installs it.
@@ -481,7 +346,7 @@ impl<T: Trainable> Collab<T> {
                     .map(|(_, _, d)| d.clone())
                     .collect()
             };
-            let shape = sync::Shape::of(&self.optimizer);
+            let shape = sync::Shape::of(&self.state.optimizer);
             match sync::download(
                 self.net.dht.host(),
                 &donors,
@@ -492,22 +357,21 @@ impl<T: Trainable> Collab<T> {
             .await
             {
                 Ok((snapshot, report)) => {
-                    snapshot.install(&mut self.params, &mut self.optimizer)?;
+                    self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
                     self.guard
                         .get_or_insert_with(|| Guard::new(self.settings.spike))
-                        .restart(snapshot.epoch, &self.params, &self.optimizer);
-                    self.epoch = snapshot.epoch;
+                        .restart(&self.state);
+                    self.epoch = self.state.epoch();
                     self.model
-                        .write_params(&self.params)
+                        .write_params(&self.state.params)
                         .map_err(Error::Model)?;
-                    self.swarm_samples = snapshot.samples;
                     self.grad.fill(0.0);
                     self.samples = 0;
                     self.loss = Loss::default();
                     self.missed = None;
                     tracing::info!(
                         "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
-                        snapshot.epoch,
+                        self.state.epoch(),
                         report.bytes / 1_000_000,
                         report.elapsed.as_secs_f64(),
                         report.per_donor.iter().filter(|&&n| n > 0).count()
@@ -551,7 +415,7 @@ impl<T: Trainable> Collab<T> {
         if self.round.is_none()
             && self.busy.is_none()
             && let Some(v) = &view
-            && v.newest() > self.optimizer.steps()
+            && v.newest() > self.state.epoch()
         {
             return match self.sync().await {
                 Ok(report) => Ok(Tick::Synced(report, self.epoch())),
@@ -573,7 +437,7 @@ impl<T: Trainable> Collab<T> {
             {
                 round.formed = Some(formed(done));
             }
-            let too_late = matches!(&round.formed, Some(Err(e)) if e == TOO_LATE);
+            let too_late = matches!(&round.formed, Some(Err(Alone::TooLate)));
             let ready = view.as_ref().is_some_and(|v| {
                 v.state.epoch > epoch
                     || (v.state.epoch == epoch && v.state.ready(self.settings.target_batch))
@@ -686,7 +550,7 @@ impl<T: Trainable> Collab<T> {
         self.started_computing = None;
         self.local.send_replace(Local {
             epoch: self.epoch(),
-            held: self.optimizer.steps(),
+            held: self.state.epoch(),
             samples: self.samples,
             rate: 0.0,
             publish: true,
@@ -701,7 +565,7 @@ impl<T: Trainable> Collab<T> {
         let epoch = self.epoch;
         let group = match self.round.take() {
             Some(round) => match round.formed {
-                Some(Err(e)) if e == TOO_LATE => {
+                Some(Err(Alone::TooLate)) => {
                     // This peer cannot take part: the swarm moves on without it, and it will
                     // download the new state.
                     tracing::info!("too late for epoch {}'s averaging", round.epoch);
@@ -710,17 +574,18 @@ impl<T: Trainable> Collab<T> {
                     return Ok(Tick::Epoch(self.missed_report(epoch, started)));
                 }
                 Some(formed) => formed,
-                None => Err("the group did not form".into()),
+                None => Err(Alone::NotFormed),
             },
-            None => Err(String::new()),
+            None => Err(Alone::Solitary),
         };
         // One step at a time: the previous epoch's must be in before this one starts.
         let earlier = self.settle().await?;
         // The mean gradient of this peer's samples (weighted by their count in the average).
         let samples = self.samples;
+        let n = self.state.params.len();
         let mut grad = std::mem::replace(&mut self.grad, std::mem::take(&mut self.spare));
-        if grad.len() != self.params.len() {
-            grad = vec![0.0; self.params.len()];
+        if grad.len() != n {
+            grad = vec![0.0; n];
         }
         if self.grad.len() != grad.len() {
             self.grad = vec![0.0; grad.len()];
@@ -738,8 +603,8 @@ impl<T: Trainable> Collab<T> {
             grad,
             samples,
             loss: self.loss.mean(),
-            params: self.params.clone(),
-            optimizer: self.optimizer.clone(),
+            // The step's own copy: donors serve the current state until the new one is in.
+            state: TrainState::clone(&self.state),
             net: self.net.clone(),
             averaging: self.settings.averaging.clone(),
             state_every: self.settings.state_every,
@@ -766,23 +631,24 @@ impl<T: Trainable> Collab<T> {
         let Some(busy) = self.busy.take() else {
             return Ok(None);
         };
-        let stepped = busy
-            .await
-            .map_err(|e| Error::Data(format!("the step task failed: {e}").into()))??;
+        let stepped = busy.await.map_err(Error::StepTask)??;
         self.install(stepped).map(Some)
     }
 
-    /// Takes a finished step's parameters and optimizer state.
+    /// Takes a finished step's state: the model gets its parameters, the state server serves
+    /// it, and the guard keeps it if it is a good state to go back to.
     fn install(&mut self, stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
-        self.params = stepped.params;
-        self.optimizer = stepped.optimizer;
+        self.state = Arc::new(stepped.state);
         self.spare = stepped.scratch;
-        self.guard = Some(stepped.guard);
+        let mut guard = stepped.guard;
+        if stepped.keep {
+            guard.keep(&self.state);
+        }
+        self.guard = Some(guard);
         self.spare.fill(0.0);
         self.model
-            .write_params(&self.params)
+            .write_params(&self.state.params)
             .map_err(Error::Model)?;
-        self.swarm_samples += stepped.report.swarm_samples.max(0.0) as u64;
         self.shelve();
         Ok(stepped.report)
     }
@@ -793,7 +659,7 @@ impl<T: Trainable> Collab<T> {
             samples: self.samples,
             swarm_samples: 0.0,
             group: 0,
-            alone_because: Some("too late for the group: will download the state".into()),
+            alone_because: Some(Alone::TooLate),
             loss: Loss::default(),
             lr: 0.0,
             grad_norm: 0.0,

@@ -1,6 +1,7 @@
 //! The background task of a collaborative peer: publishes its progress, reads the swarm's,
 //! agrees on each epoch's deadline and forms its group ahead of it.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
@@ -10,7 +11,7 @@ use potluck_net::dht;
 use potluck_net::dht::record::{self, Time};
 use tokio::sync::watch;
 
-use super::{Net, Settings};
+use super::{Alone, Net, Settings};
 use crate::progress::{self, SwarmState, Tracker};
 use crate::reports;
 use crate::sync::Donor;
@@ -63,25 +64,22 @@ pub(super) struct Round {
     pub(super) deadline: Time,
     pub(super) group: tokio::task::JoinHandle<Result<Group, matchmaking::Error>>,
     /// The group's outcome once formed.
-    pub(super) formed: Option<Result<Group, String>>,
+    pub(super) formed: Option<Result<Group, Alone>>,
 }
 
 /// The most a deadline's lead grows for a slow DHT (beyond that the DHT is failing, and
 /// waiting longer does not help).
 const MAX_SLACK: Duration = Duration::from_secs(3);
 
-/// Why a peer missed a round's group.
-pub(super) const TOO_LATE: &str = "too late to join the group";
-
-/// A group task's outcome, its errors as text ([`TOO_LATE`] for a peer that declared late).
+/// A group task's outcome.
 pub(super) fn formed(
     done: Result<Result<Group, matchmaking::Error>, tokio::task::JoinError>,
-) -> Result<Group, String> {
+) -> Result<Group, Alone> {
     match done {
         Ok(Ok(group)) => Ok(group),
-        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(TOO_LATE.into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
+        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(Alone::TooLate),
+        Ok(Err(e)) => Err(Alone::Matchmaking(Arc::new(e))),
+        Err(e) => Err(Alone::GroupTask(Arc::new(e))),
     }
 }
 

@@ -388,7 +388,7 @@ async fn train(
                     r.samples,
                     r.group,
                     r.alone_because
-                        .as_deref()
+                        .as_ref()
                         .map_or(String::new(), |w| format!(" ({w})")),
                     r.loss.total,
                     r.lr,

@@ -1,0 +1,81 @@
+//! What a collaborative peer's tick and epoch came to, as types: the epoch's report, and why a
+//! peer stepped without its group.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use potluck_allreduce::{butterfly, matchmaking};
+use potluck_core::Loss;
+
+use crate::sync;
+
+/// What happened at an epoch boundary.
+#[derive(Debug, Clone)]
+pub struct EpochReport {
+    /// The epoch just finished (the step number taken).
+    pub epoch: u64,
+    /// This peer's samples in it, and the swarm's (the weight behind the average).
+    pub samples: u64,
+    pub swarm_samples: f64,
+    /// Members of the group (1: it stepped alone).
+    pub group: usize,
+    /// Why it stepped alone, if it did though others were around.
+    pub alone_because: Option<Alone>,
+    pub loss: Loss,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    /// The good state it went back to instead of stepping (the averaged gradient spiked).
+    pub rolled_back: Option<u64>,
+    /// Whether the parameters were averaged too.
+    pub state_averaged: bool,
+    /// Time from the end of computing to the new parameters.
+    pub averaging: Duration,
+}
+
+/// What one [`Collab::tick`] did.
+#[derive(Debug, Clone)]
+pub enum Tick {
+    /// A micro-batch was computed: its mean loss.
+    Computed(Loss),
+    /// The epoch ended: the step taken.
+    Epoch(EpochReport),
+    /// The swarm was ahead: its state was downloaded.
+    Synced(sync::Report, u64),
+    /// Waiting for the swarm (target reached elsewhere, averaging not due yet).
+    Waited,
+}
+
+/// Why a peer had no group to average with at an epoch's end.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Alone {
+    /// No round was started for the epoch: no other peer was around (nothing went wrong).
+    #[error("no other peer in the swarm")]
+    Solitary,
+    /// It declared too late to be taken into the epoch's group: it sits the epoch out and
+    /// downloads the new state.
+    #[error("too late for the group: will download the state")]
+    TooLate,
+    /// The epoch ended before its group was formed.
+    #[error("the group did not form")]
+    NotFormed,
+    /// Forming the group failed.
+    #[error(transparent)]
+    Matchmaking(Arc<matchmaking::Error>),
+    /// The task forming the group panicked or was cancelled.
+    #[error("the group task stopped: {0}")]
+    GroupTask(Arc<tokio::task::JoinError>),
+    /// The group formed without this peer in it.
+    #[error("not in its own group")]
+    NotAMember,
+    /// The all-reduce of the gradient failed.
+    #[error(transparent)]
+    AllReduce(Arc<butterfly::Error>),
+}
+
+impl Alone {
+    /// Whether it is worth a warning: anything but being the only peer.
+    pub fn is_fault(&self) -> bool {
+        !matches!(self, Alone::Solitary)
+    }
+}

@@ -1,0 +1,123 @@
+//! How a collaborative peer takes part ([`Settings`]) and its network side ([`Net`]).
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p::identity::Keypair;
+use potluck_allreduce::balance::Mode;
+use potluck_allreduce::butterfly::{self, Inbox};
+use potluck_allreduce::matchmaking;
+use potluck_net::dht::{self, Dht};
+
+use super::{Attack, Error};
+use crate::sync::{self, Shelf};
+
+/// How a peer takes part.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Names the run (every DHT key and round).
+    pub run: String,
+    /// Samples the swarm gathers per epoch (one optimizer step).
+    pub target_batch: u64,
+    /// How often progress is published and the swarm's read.
+    pub report_every: Duration,
+    /// How long before the estimated end of an epoch its averaging deadline is proposed (so
+    /// the group is formed when the target is reached); at least one report interval plus the
+    /// matchmaking's `declare_ahead` is always left.
+    pub lead: Duration,
+    pub matchmaking: matchmaking::Settings,
+    pub averaging: butterfly::Settings,
+    pub mode: Mode,
+    /// Average the parameters and the optimizer's moments every this many epochs; 0: never.
+    pub state_every: u64,
+    /// Bytes per second this peer moves each way (for the parts it reduces).
+    pub rate: f64,
+    pub sync: sync::Settings,
+    /// Bytes per chunk of the state it serves.
+    pub chunk_bytes: usize,
+    /// How long after the deadline a round averages even if the swarm has not reached the
+    /// target (peers left, or the estimate was far off).
+    pub max_wait: Duration,
+    /// Delayed parameter updates: average and step in the background while the next epoch's
+    /// gradients are computed (on parameters one step stale).
+    pub delayed: bool,
+    /// How long a starting peer looks for a swarm before it starts one.
+    pub join_wait: Duration,
+    /// Roll back to the last good state when an averaged gradient's norm is more than this
+    /// many times the recent median ([`crate::guard`]; infinite: never).
+    pub spike: f64,
+    /// For experiments and tests of robustness: this peer sends a corrupted gradient.
+    pub attack: Option<Attack>,
+}
+
+impl Settings {
+    /// Defaults for a run named `run` with `target_batch` samples per epoch.
+    pub fn new(run: &str, target_batch: u64) -> Settings {
+        Settings {
+            run: run.into(),
+            target_batch,
+            report_every: Duration::from_millis(500),
+            lead: Duration::from_secs(2),
+            matchmaking: matchmaking::Settings::default(),
+            averaging: butterfly::Settings::default(),
+            mode: Mode::Full,
+            state_every: 10,
+            rate: 1e8,
+            sync: sync::Settings::default(),
+            chunk_bytes: 1 << 20,
+            delayed: false,
+            max_wait: Duration::from_secs(30),
+            join_wait: Duration::from_secs(3),
+            spike: 10.0,
+            attack: None,
+        }
+    }
+
+    /// Short intervals for peers in one process, where an epoch takes milliseconds (tests,
+    /// benches): reports every 50 ms, deadlines 0.3 s ahead, 64 KiB state chunks.
+    pub fn in_process(run: &str, target_batch: u64) -> Settings {
+        let mut s = Settings::new(run, target_batch);
+        s.report_every = Duration::from_millis(50);
+        s.lead = Duration::from_millis(300);
+        s.join_wait = Duration::from_millis(300);
+        s.matchmaking.declare_ahead = Duration::from_millis(100);
+        s.matchmaking.poll = Duration::from_millis(20);
+        s.matchmaking.grace = Duration::from_secs(2);
+        s.chunk_bytes = 64 << 10;
+        s
+    }
+}
+
+/// The network side of a peer: its DHT node (and host), the all-reduce inbox, the state it
+/// serves.
+#[derive(Debug, Clone)]
+pub struct Net {
+    pub dht: Dht,
+    pub keypair: Keypair,
+    pub inbox: Inbox,
+    pub shelf: Shelf,
+}
+
+impl Net {
+    /// A peer on libp2p's in-memory transport with a fresh identity, joined through `boot`
+    /// (peers of one process: tests, benches).
+    pub async fn start_memory(boot: &[Multiaddr]) -> Result<Net, Error<std::convert::Infallible>> {
+        let keypair = Keypair::generate_ed25519();
+        let dht = Dht::start_memory(keypair.clone(), dht::Config::default()).await?;
+        dht.bootstrap(boot).await?;
+        Ok(Net::start(dht, keypair)?)
+    }
+
+    /// Starts the all-reduce inbox and the state server on `dht`'s host.
+    pub fn start(dht: Dht, keypair: Keypair) -> Result<Net, potluck_net::host::Error> {
+        let inbox = Inbox::start(dht.host())?;
+        let shelf = Shelf::default();
+        sync::serve(dht.host(), shelf.clone(), sync::Serving::default())?;
+        Ok(Net {
+            dht,
+            keypair,
+            inbox,
+            shelf,
+        })
+    }
+}

@@ -1,0 +1,369 @@
+//! The downloader's side: the manifests of several donors at once, cross-checked, then the
+//! chunks from every donor that gave the manifest taken, each checked against its hash.
+//!
+//! A donor that drops, stalls, moves on to a newer epoch or sends a chunk that does not match
+//! leaves its chunks to the others; a chunk already received is never fetched again
+//! ([`Partial`] carries them into a retry).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_net::frame::{read_frame, read_message, write_message};
+use potluck_net::host::{self, Host};
+use sha2::{Digest, Sha256};
+
+use super::snapshot::Snapshot;
+use super::wire::{
+    MAX_CONTROL, Manifest, PROTOCOL, Request, Response, Shape, decode_manifest, manifest_limit,
+};
+use super::{Error, lock};
+
+/// Donors fetched from at once.
+const MAX_DONORS: usize = 8;
+
+/// A donor: a peer and where to reach it.
+#[derive(Debug, Clone)]
+pub struct Donor {
+    pub peer: PeerId,
+    pub addrs: Vec<Multiaddr>,
+}
+
+/// Chunks received so far, kept across attempts.
+#[derive(Debug, Default)]
+pub struct Partial {
+    manifest: Option<Manifest>,
+    chunks: Vec<Option<Vec<u8>>>,
+}
+
+impl Partial {
+    /// Chunks received, of how many.
+    pub fn progress(&self) -> (usize, usize) {
+        (
+            self.chunks.iter().filter(|c| c.is_some()).count(),
+            self.chunks.len(),
+        )
+    }
+
+    /// Adopts `manifest`, keeping received chunks whose hashes it shares.
+    pub(super) fn adopt(&mut self, manifest: Manifest) {
+        let mut kept: std::collections::HashMap<[u8; 32], Vec<u8>> = Default::default();
+        if let Some(old) = self.manifest.take() {
+            for (h, c) in old.hashes.iter().zip(self.chunks.drain(..)) {
+                if let Some(c) = c {
+                    kept.insert(*h, c);
+                }
+            }
+        }
+        self.chunks = manifest
+            .hashes
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                kept.remove(h)
+                    .filter(|c| c.len() == manifest.range(i).len())
+            })
+            .collect();
+        self.manifest = Some(manifest);
+    }
+}
+
+/// How a download runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time to connect and get a manifest from one donor.
+    pub open_timeout: Duration,
+    /// The least time a chunk may take before its donor is dropped; beyond it, a chunk may
+    /// take `slack` times the donor's measured time per chunk.
+    pub min_stall: Duration,
+    pub slack: f64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            open_timeout: Duration::from_secs(30),
+            min_stall: Duration::from_secs(5),
+            slack: 8.0,
+        }
+    }
+}
+
+/// What a download did.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub bytes: u64,
+    pub elapsed: Duration,
+    /// Chunks each donor delivered, in donor order.
+    pub per_donor: Vec<usize>,
+    /// Donors dropped, and why.
+    pub dropped: Vec<(PeerId, String)>,
+}
+
+async fn open(host: &Host, donor: &Donor, settings: &Settings) -> Result<Stream, host::Error> {
+    host.open_stream(
+        donor.peer,
+        donor.addrs.clone(),
+        PROTOCOL,
+        settings.open_timeout,
+    )
+    .await
+}
+
+/// A donor's manifest, undecoded (bounded by the largest state this peer would take).
+async fn fetch_manifest(stream: &mut Stream, shape: &Shape) -> Result<Vec<u8>, String> {
+    write_message(stream, &Request::Manifest)
+        .await
+        .map_err(|e| e.to_string())?;
+    match read_message::<Response>(stream, MAX_CONTROL)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Response::Manifest => {}
+        other => return Err(format!("answered {other:?}")),
+    }
+    let mut buf = Vec::new();
+    read_frame(stream, manifest_limit(shape), &mut buf)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
+}
+
+/// Downloads the state of the shape `shape` from `donors` (the first that answers gives the
+/// manifest; all fetch chunks), carrying on from `partial`. Returns the snapshot (not yet
+/// installed) and what the download did.
+pub async fn download(
+    host: &Host,
+    donors: &[Donor],
+    shape: Shape,
+    partial: &mut Partial,
+    settings: &Settings,
+) -> Result<(Snapshot, Report), Error> {
+    let started = Instant::now();
+    let donors: Vec<&Donor> = donors.iter().take(MAX_DONORS).collect();
+    if donors.is_empty() {
+        return Err(Error::NoDonors);
+    }
+    // Every donor's manifest, at once. One whose manifest does not fit is passed over (it may
+    // lie); only when every donor that answered gave one that does not fit is this peer's model
+    // not the run's. The manifests that fit are cross-checked: the one most donors give is
+    // taken (on a tie, the first donor's), and only those donors serve the chunks — a donor
+    // with a manifest of its own making cannot make honest donors' chunks look wrong.
+    let asked = donors.iter().map(|donor| async move {
+        let mut stream = open(host, donor, settings)
+            .await
+            .map_err(|e| e.to_string())?;
+        let got = tokio::time::timeout(settings.open_timeout, fetch_manifest(&mut stream, &shape))
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))?;
+        Ok::<_, String>((stream, got))
+    });
+    let mut reasons = Vec::new();
+    let mut misfits = Vec::new();
+    let mut fitting: Vec<(usize, Manifest, Stream)> = Vec::new();
+    for (i, answer) in futures::future::join_all(asked)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let peer = donors[i].peer;
+        match answer.map(|(stream, bytes)| (stream, decode_manifest(&bytes, &shape))) {
+            Ok((stream, Ok(m))) => fitting.push((i, m, stream)),
+            Ok((_, Err(Error::Mismatch(why)))) => misfits.push(format!("{peer}: {why}")),
+            Ok((_, Err(e))) => reasons.push(format!("{peer}: {e}")),
+            Err(e) => reasons.push(format!("{peer}: {e}")),
+        }
+    }
+    let Some(manifest) = majority(fitting.iter().map(|(_, m, _)| m)) else {
+        if reasons.is_empty() && !misfits.is_empty() {
+            return Err(Error::Mismatch(misfits.join("; ")));
+        }
+        reasons.extend(misfits);
+        return Err(Error::NoManifest(reasons.join("; ")));
+    };
+    let manifest = manifest.clone();
+    let mut dropped = Vec::new();
+    let mut streams: Vec<Option<Stream>> = donors.iter().map(|_| None).collect();
+    for (i, m, stream) in fitting {
+        if m == manifest {
+            streams[i] = Some(stream);
+        } else {
+            let why = "its manifest disagrees with the other donors'".to_owned();
+            tracing::warn!("state donor {}: {why}", donors[i].peer);
+            dropped.push((donors[i].peer, why));
+        }
+    }
+    partial.adopt(manifest.clone());
+    let manifest = Arc::new(manifest);
+    let queue: VecDeque<usize> = (0..manifest.hashes.len())
+        .filter(|&i| partial.chunks[i].is_none())
+        .collect();
+    let queue = Arc::new(Mutex::new(queue));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Vec<u8>)>(2 * donors.len());
+    let mut workers = tokio::task::JoinSet::new();
+    // Only the donors that gave the manifest taken serve chunks, each on its own stream.
+    for (i, stream) in streams.into_iter().enumerate() {
+        let Some(stream) = stream else {
+            continue;
+        };
+        let job = Worker {
+            manifest: manifest.clone(),
+            queue: queue.clone(),
+            tx: tx.clone(),
+            settings: settings.clone(),
+        };
+        workers.spawn(async move { (i, job.run(stream).await) });
+    }
+    drop(tx);
+    let mut per_donor = vec![0; donors.len()];
+    let mut bytes = 0u64;
+    while let Some((i, chunk)) = rx.recv().await {
+        bytes += chunk.len() as u64;
+        partial.chunks[i] = Some(chunk);
+    }
+    while let Some(joined) = workers.join_next().await {
+        if let Ok((i, (delivered, error))) = joined {
+            per_donor[i] = delivered;
+            if let Some(e) = error {
+                dropped.push((donors[i].peer, e));
+            }
+        }
+    }
+    let (got, total) = partial.progress();
+    if got < total {
+        return Err(Error::Incomplete { got, total });
+    }
+    // Decoded chunk by chunk: each is dropped once its values are out.
+    let chunks = partial.chunks.drain(..).map(Option::unwrap_or_default);
+    let snapshot = Snapshot::decode(&manifest, shape, chunks)?;
+    partial.manifest = None;
+    Ok((
+        snapshot,
+        Report {
+            bytes,
+            elapsed: started.elapsed(),
+            per_donor,
+            dropped,
+        },
+    ))
+}
+
+/// The manifest most of `manifests` are equal to; on a tie, the earliest of those.
+fn majority<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Option<&'a Manifest> {
+    let mut counts: Vec<(&Manifest, usize)> = Vec::new();
+    for m in manifests {
+        match counts.iter_mut().find(|(seen, _)| *seen == m) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((m, 1)),
+        }
+    }
+    // `max_by_key` keeps the last of equals: search from the end to keep the earliest.
+    counts
+        .into_iter()
+        .rev()
+        .max_by_key(|(_, n)| *n)
+        .map(|(m, _)| m)
+}
+
+/// Fetches chunks from one donor until the queue is empty or the donor fails.
+struct Worker {
+    manifest: Arc<Manifest>,
+    queue: Arc<Mutex<VecDeque<usize>>>,
+    tx: tokio::sync::mpsc::Sender<(usize, Vec<u8>)>,
+    settings: Settings,
+}
+
+impl Worker {
+    /// Chunks delivered, and why it stopped early (if it did).
+    async fn run(self, mut stream: Stream) -> (usize, Option<String>) {
+        let mut delivered = 0;
+        // Measured time per chunk; the first chunk gets the open timeout.
+        let mut per_chunk: Option<Duration> = None;
+        loop {
+            let Some(index) = lock(&self.queue).pop_front() else {
+                return (delivered, None);
+            };
+            let allow = match per_chunk {
+                Some(t) => self.settings.min_stall.max(t.mul_f64(self.settings.slack)),
+                None => self.settings.open_timeout,
+            };
+            let started = Instant::now();
+            let got = tokio::time::timeout(allow, self.fetch(&mut stream, index)).await;
+            let failure = match got {
+                Ok(Ok(bytes)) => {
+                    let t = started.elapsed();
+                    per_chunk = Some(per_chunk.map_or(t, |p| (p * 3 + t) / 4));
+                    if self.tx.send((index, bytes)).await.is_err() {
+                        return (delivered, None);
+                    }
+                    delivered += 1;
+                    continue;
+                }
+                Ok(Err(e)) => e,
+                Err(_) => format!("no chunk within {allow:?}"),
+            };
+            lock(&self.queue).push_back(index);
+            return (delivered, Some(failure));
+        }
+    }
+
+    async fn fetch(&self, stream: &mut Stream, index: usize) -> Result<Vec<u8>, String> {
+        let request = Request::Chunk {
+            epoch: self.manifest.epoch,
+            index: index as u32,
+        };
+        write_message(stream, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        match read_message::<Response>(stream, MAX_CONTROL)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Chunk => {}
+            Response::Gone { epoch } => return Err(format!("moved on to epoch {epoch:?}")),
+            Response::Manifest => return Err("answered out of turn".into()),
+        }
+        let want = self.manifest.range(index).len();
+        let mut buf = Vec::new();
+        read_frame(stream, want, &mut buf)
+            .await
+            .map_err(|e| e.to_string())?;
+        if buf.len() != want
+            || <[u8; 32]>::from(Sha256::digest(&buf)) != self.manifest.hashes[index]
+        {
+            return Err(format!("chunk {index} does not match the manifest"));
+        }
+        Ok(buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::optim::Precision;
+    use crate::sync::test_state as optimizer;
+
+    #[test]
+    fn a_retry_keeps_the_chunks_a_new_manifest_shares() {
+        let (params, opt) = optimizer(Precision::F32);
+        let snap = Snapshot::take(&params, &opt, 0, 4096);
+        let m = snap.manifest();
+        let mut partial = Partial::default();
+        partial.adopt(m.clone());
+        let chunk = |i| {
+            let mut bytes = Vec::new();
+            snap.read_chunk(i, &mut bytes);
+            assert_eq!(bytes.len(), m.range(i).len());
+            bytes
+        };
+        partial.chunks[0] = Some(chunk(0));
+        partial.chunks[1] = Some(chunk(1));
+        let mut changed = m.clone();
+        changed.hashes[1] = [0; 32];
+        partial.adopt(changed);
+        assert!(partial.chunks[0].is_some());
+        assert!(partial.chunks[1].is_none());
+        assert_eq!(partial.progress(), (1, m.hashes.len()));
+    }
+}
