@@ -14,7 +14,7 @@ use potluck_net::frame::{read_frame, read_message, write_message};
 use potluck_net::host::{self, Host};
 use sha2::{Digest, Sha256};
 
-use super::snapshot::Snapshot;
+use super::snapshot::{Snapshot, Values};
 use super::wire::{
     MAX_CONTROL, Manifest, PROTOCOL, Request, Response, Shape, decode_manifest, manifest_limit,
 };
@@ -30,42 +30,53 @@ pub struct Donor {
     pub addrs: Vec<Multiaddr>,
 }
 
-/// Chunks received so far, kept across attempts.
+/// Chunks received so far, kept across attempts: their bytes are already in place in the
+/// state being filled.
 #[derive(Debug, Default)]
 pub struct Partial {
     manifest: Option<Manifest>,
-    chunks: Vec<Option<Vec<u8>>>,
+    got: Vec<bool>,
+    values: Option<Values>,
 }
 
 impl Partial {
     /// Chunks received, of how many.
     pub fn progress(&self) -> (usize, usize) {
-        (
-            self.chunks.iter().filter(|c| c.is_some()).count(),
-            self.chunks.len(),
-        )
+        (self.got.iter().filter(|&&g| g).count(), self.got.len())
     }
 
-    /// Adopts `manifest`, keeping received chunks whose hashes it shares.
+    /// Adopts `manifest`, keeping the received chunks it shares (same place, same hash).
     pub(super) fn adopt(&mut self, manifest: Manifest) {
-        let mut kept: std::collections::HashMap<[u8; 32], Vec<u8>> = Default::default();
-        if let Some(old) = self.manifest.take() {
-            for (h, c) in old.hashes.iter().zip(self.chunks.drain(..)) {
-                if let Some(c) = c {
-                    kept.insert(*h, c);
+        let shape = Shape {
+            numel: manifest.numel,
+            precision: manifest.precision,
+            scales: manifest.scales,
+        };
+        let same_cut = self.manifest.as_ref().is_some_and(|old| {
+            old.chunk == manifest.chunk && old.hashes.len() == manifest.hashes.len()
+        }) && self.values.as_ref().is_some_and(|v| v.shape() == shape);
+        match self.manifest.take() {
+            Some(old) if same_cut => {
+                for ((got, old), new) in self.got.iter_mut().zip(&old.hashes).zip(&manifest.hashes)
+                {
+                    *got &= old == new;
                 }
             }
+            _ => {
+                self.got = vec![false; manifest.hashes.len()];
+                self.values = Some(Values::zeroed(shape));
+            }
         }
-        self.chunks = manifest
-            .hashes
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                kept.remove(h)
-                    .filter(|c| c.len() == manifest.range(i).len())
-            })
-            .collect();
         self.manifest = Some(manifest);
+    }
+
+    /// Writes chunk `index`'s bytes (checked against the manifest) in place.
+    fn write(&mut self, index: usize, bytes: &[u8]) {
+        let (Some(manifest), Some(values)) = (&self.manifest, &mut self.values) else {
+            return;
+        };
+        values.write(manifest.range(index).start, bytes);
+        self.got[index] = true;
     }
 }
 
@@ -197,7 +208,7 @@ pub async fn download(
     partial.adopt(manifest.clone());
     let manifest = Arc::new(manifest);
     let queue: VecDeque<usize> = (0..manifest.hashes.len())
-        .filter(|&i| partial.chunks[i].is_none())
+        .filter(|&i| !partial.got[i])
         .collect();
     let queue = Arc::new(Mutex::new(queue));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Vec<u8>)>(2 * donors.len());
@@ -220,7 +231,7 @@ pub async fn download(
     let mut bytes = 0u64;
     while let Some((i, chunk)) = rx.recv().await {
         bytes += chunk.len() as u64;
-        partial.chunks[i] = Some(chunk);
+        partial.write(i, &chunk);
     }
     while let Some(joined) = workers.join_next().await {
         if let Ok((i, (delivered, error))) = joined {
@@ -234,10 +245,14 @@ pub async fn download(
     if got < total {
         return Err(Error::Incomplete { got, total });
     }
-    // Decoded chunk by chunk: each is dropped once its values are out.
-    let chunks = partial.chunks.drain(..).map(Option::unwrap_or_default);
-    let snapshot = Snapshot::decode(&manifest, shape, chunks)?;
     partial.manifest = None;
+    partial.got.clear();
+    let values = partial
+        .values
+        .take()
+        .ok_or(Error::Incomplete { got, total })?;
+    debug_assert_eq!(values.shape(), shape);
+    let snapshot = Snapshot::downloaded(&manifest, values);
     Ok((
         snapshot,
         Report {
@@ -357,13 +372,13 @@ mod tests {
             assert_eq!(bytes.len(), m.range(i).len());
             bytes
         };
-        partial.chunks[0] = Some(chunk(0));
-        partial.chunks[1] = Some(chunk(1));
+        partial.write(0, &chunk(0));
+        partial.write(1, &chunk(1));
         let mut changed = m.clone();
         changed.hashes[1] = [0; 32];
         partial.adopt(changed);
-        assert!(partial.chunks[0].is_some());
-        assert!(partial.chunks[1].is_none());
+        assert!(partial.got[0]);
+        assert!(!partial.got[1]);
         assert_eq!(partial.progress(), (1, m.hashes.len()));
     }
 }

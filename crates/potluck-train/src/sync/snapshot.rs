@@ -4,9 +4,10 @@
 //! A donor's [`Snapshot`] shares the peer's live [`TrainState`] and encodes the bytes of a
 //! chunk when a downloader asks for it: serving keeps no copy of the state, and nothing is
 //! serialised until someone downloads (the chunks' hashes are computed on the first request
-//! for the manifest, once per state). A downloaded snapshot holds the decoded parameters and
-//! moments, which [`Snapshot::into_state`] moves into a state with the downloader's own
-//! optimizer layout.
+//! for the manifest, once per state). A downloader writes each chunk's bytes in place into the
+//! state's buffers as it arrives ([`Values`]); the downloaded snapshot holds those, and
+//! [`Snapshot::into_state`] moves them into a state with the downloader's own optimizer
+//! layout.
 //!
 //! The byte string: `params` (f32 × n), then with `f32` moments `m` (f32 × n) and `v`
 //! (f32 × n); with 8-bit moments `m` (u8 × n), `m_scale` (f32 × scales), `v` (u8 × n),
@@ -17,7 +18,6 @@ use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 
-use super::Error;
 use super::wire::{MAX_CHUNK, Manifest, Shape};
 use crate::optim::{self, Moments, Optimizer, Precision};
 use crate::state::TrainState;
@@ -122,43 +122,21 @@ impl Snapshot {
         Snapshot::of(Arc::new(state), chunk)
     }
 
-    /// Decodes the chunks of a download (`manifest`'s, in order, already checked against its
-    /// hashes and against `shape`). Each chunk is dropped once decoded.
-    pub(super) fn decode(
-        manifest: &Manifest,
-        shape: Shape,
-        chunks: impl Iterator<Item = Vec<u8>>,
-    ) -> Result<Snapshot, Error> {
-        let mut bytes = Bytes {
-            chunks,
-            current: Vec::new(),
-            at: 0,
-        };
-        let short = || Error::Mismatch("the chunks hold fewer bytes than the manifest says".into());
-        let n = shape.numel as usize;
-        let s = shape.scales as usize;
-        let params = bytes.f32s(n).ok_or_else(short)?;
-        let moments = match shape.precision {
-            Precision::F32 => Moments::F32 {
-                m: bytes.f32s(n).ok_or_else(short)?,
-                v: bytes.f32s(n).ok_or_else(short)?,
-            },
-            Precision::Blockwise8 => Moments::Blockwise8 {
-                m: bytes.u8s(n).ok_or_else(short)?,
-                m_scale: bytes.f32s(s).ok_or_else(short)?,
-                v: bytes.u8s(n).ok_or_else(short)?,
-                v_scale: bytes.f32s(s).ok_or_else(short)?,
-            },
-        };
-        Ok(Snapshot {
+    /// A downloaded state: `values` (every chunk of `manifest` written in, each checked
+    /// against its hash on arrival).
+    pub(super) fn downloaded(manifest: &Manifest, values: Values) -> Snapshot {
+        Snapshot {
             epoch: manifest.epoch,
             samples: manifest.samples,
             config: manifest.config,
-            shape,
+            shape: values.shape,
             chunk: manifest.chunk as usize,
-            body: Body::Parts { params, moments },
+            body: Body::Parts {
+                params: values.params,
+                moments: values.moments,
+            },
             hashes: OnceLock::from(manifest.hashes.clone()),
-        })
+        }
     }
 
     fn parts(&self) -> (&[f32], &Moments) {
@@ -264,67 +242,107 @@ impl Snapshot {
     }
 }
 
-/// Reads values in order from a sequence of chunks, dropping each once it is used up.
-struct Bytes<I> {
-    chunks: I,
-    current: Vec<u8>,
-    at: usize,
+/// The values of a state being downloaded: each chunk's bytes are written in place as it
+/// arrives (no chunk is kept), into buffers allocated zeroed (pages the kernel maps only as
+/// they are written).
+#[derive(Debug)]
+pub(super) struct Values {
+    shape: Shape,
+    params: Vec<f32>,
+    moments: Moments,
 }
 
-impl<I: Iterator<Item = Vec<u8>>> Bytes<I> {
-    /// The unread bytes of the current chunk (the next chunk once this one is used up);
-    /// `None` when there are no more.
-    fn rest(&mut self) -> Option<&[u8]> {
-        while self.at == self.current.len() {
-            self.current = self.chunks.next()?;
-            self.at = 0;
+impl Values {
+    pub(super) fn zeroed(shape: Shape) -> Values {
+        let (n, s) = (shape.numel as usize, shape.scales as usize);
+        let moments = match shape.precision {
+            Precision::F32 => Moments::F32 {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+            },
+            Precision::Blockwise8 => Moments::Blockwise8 {
+                m: vec![0; n],
+                m_scale: vec![0.0; s],
+                v: vec![0; n],
+                v_scale: vec![0.0; s],
+            },
+        };
+        Values {
+            shape,
+            params: vec![0.0; n],
+            moments,
         }
-        Some(&self.current[self.at..])
     }
 
-    fn u8s(&mut self, n: usize) -> Option<Vec<u8>> {
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            let rest = self.rest()?;
-            let k = rest.len().min(n - out.len());
-            out.extend_from_slice(&rest[..k]);
-            self.at += k;
-        }
-        Some(out)
+    pub(super) fn shape(&self) -> Shape {
+        self.shape
     }
 
-    fn f32s(&mut self, n: usize) -> Option<Vec<f32>> {
-        let mut out = Vec::with_capacity(n);
-        let mut split = [0u8; 4];
-        let mut have = 0;
-        while out.len() < n {
-            let rest = self.rest()?;
-            if have == 0 {
-                // Whole values within this chunk.
-                let k = (rest.len() / 4).min(n - out.len());
-                out.extend(
-                    rest[..4 * k]
-                        .chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-                );
-                self.at += 4 * k;
-                if out.len() == n || self.at == self.current.len() {
-                    continue;
+    /// Writes `bytes`, the bytes `start..` of the state's byte string, in place.
+    pub(super) fn write(&mut self, start: usize, bytes: &[u8]) {
+        let end = start + bytes.len();
+        let mut at = 0;
+        for section in sections_mut(&mut self.params, &mut self.moments) {
+            let len = section.bytes();
+            let (lo, hi) = (start.max(at), end.min(at + len));
+            if lo < hi {
+                let src = &bytes[lo - start..hi - start];
+                let (lo, hi) = (lo - at, hi - at);
+                match section {
+                    SectionMut::U8(v) => v[lo..hi].copy_from_slice(src),
+                    SectionMut::F32(v) => {
+                        // A value the chunk cuts keeps the bytes another chunk brings.
+                        let mut taken = 0;
+                        for (k, x) in v[lo / 4..hi.div_ceil(4)].iter_mut().enumerate() {
+                            let base = 4 * (lo / 4 + k);
+                            let (from, to) = (lo.max(base) - base, hi.min(base + 4) - base);
+                            let mut b = x.to_le_bytes();
+                            b[from..to].copy_from_slice(&src[taken..taken + to - from]);
+                            taken += to - from;
+                            *x = f32::from_le_bytes(b);
+                        }
+                    }
                 }
             }
-            // A value cut by the end of a chunk: byte by byte.
-            let Some(&byte) = self.rest()?.first() else {
-                continue;
-            };
-            split[have] = byte;
-            have += 1;
-            self.at += 1;
-            if have == 4 {
-                out.push(f32::from_le_bytes(split));
-                have = 0;
-            }
+            at += len;
         }
-        Some(out)
+    }
+}
+
+/// One run of the byte string, to write into.
+enum SectionMut<'a> {
+    F32(&'a mut [f32]),
+    U8(&'a mut [u8]),
+}
+
+impl SectionMut<'_> {
+    fn bytes(&self) -> usize {
+        match self {
+            SectionMut::F32(v) => 4 * v.len(),
+            SectionMut::U8(v) => v.len(),
+        }
+    }
+}
+
+fn sections_mut<'a>(params: &'a mut [f32], moments: &'a mut Moments) -> Vec<SectionMut<'a>> {
+    match moments {
+        Moments::F32 { m, v } => vec![
+            SectionMut::F32(params),
+            SectionMut::F32(m),
+            SectionMut::F32(v),
+        ],
+        Moments::Blockwise8 {
+            m,
+            m_scale,
+            v,
+            v_scale,
+        } => vec![
+            SectionMut::F32(params),
+            SectionMut::U8(m),
+            SectionMut::F32(m_scale),
+            SectionMut::U8(v),
+            SectionMut::F32(v_scale),
+        ],
     }
 }
 
@@ -364,9 +382,9 @@ mod tests {
         }
     }
 
-    /// Chunks of any size, cutting values anywhere, decode to the state they were read from,
-    /// and the state comes out with the downloader's optimizer layout and the snapshot's
-    /// epoch and settings.
+    /// Chunks of any size, cutting values anywhere, written in any order, give back the state
+    /// they were read from, with the downloader's optimizer layout and the snapshot's epoch
+    /// and settings.
     #[test]
     fn chunks_cut_anywhere_decode_to_the_state_served() {
         for precision in [Precision::F32, Precision::Blockwise8] {
@@ -376,8 +394,11 @@ mod tests {
                 let snap = Snapshot::take(&params, &opt, 42, chunk);
                 let manifest = snap.manifest();
                 let all = bytes(&snap);
-                let chunks = all.chunks(chunk).map(<[u8]>::to_vec);
-                let got = Snapshot::decode(&manifest, shape, chunks).unwrap();
+                let mut values = Values::zeroed(shape);
+                for (i, c) in all.chunks(chunk).enumerate().rev() {
+                    values.write(i * chunk, c);
+                }
+                let got = Snapshot::downloaded(&manifest, values);
                 assert_eq!(got.manifest(), manifest, "{precision:?}, chunk {chunk}");
                 let (_, mut like) = optimizer(precision);
                 like.set_steps(0);
@@ -386,12 +407,6 @@ mod tests {
                 assert_eq!(state.optimizer.moments(), opt.moments());
                 assert_eq!((state.epoch(), state.samples), (3, 42));
             }
-            // Too few bytes is an error, not a panic.
-            let snap = Snapshot::take(&params, &opt, 0, 4096);
-            let mut all = bytes(&snap);
-            all.truncate(all.len() - 3);
-            let err = Snapshot::decode(&snap.manifest(), shape, std::iter::once(all));
-            assert!(matches!(err, Err(Error::Mismatch(_))));
         }
     }
 }
