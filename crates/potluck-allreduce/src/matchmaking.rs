@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use potluck_net::dht::record::{self, Time};
+use potluck_net::dht::record::{self, Time, Validator};
+use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -101,6 +102,52 @@ struct Published {
     members: Vec<(Vec<u8>, Offer)>,
 }
 
+/// Bytes of a peer id on the wire (an identity multihash of an ed25519 key takes 38).
+const MAX_PEER_ID: usize = 64;
+
+impl Typed for Offer {
+    const NAME: &'static str = "offer";
+    const MAX_BYTES: usize = 64 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::numbered(key, "avg", None)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        typed::check_addrs(&self.addrs)
+    }
+}
+
+impl Typed for Published {
+    const NAME: &'static str = "group";
+    const MAX_BYTES: usize = 64 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::numbered(key, "avg", Some("groups"))
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.members.len() > MAX_GROUP {
+            return Err(format!(
+                "{} members (at most {MAX_GROUP})",
+                self.members.len()
+            ));
+        }
+        for (id, offer) in &self.members {
+            if id.len() > MAX_PEER_ID {
+                return Err(format!("a peer id of {} bytes", id.len()));
+            }
+            offer.check()?;
+        }
+        Ok(())
+    }
+}
+
+/// The checks of matchmaking's records (offers, published groups), for a node's store.
+pub fn validators() -> [std::sync::Arc<dyn Validator>; 2] {
+    [typed::validator::<Offer>(), typed::validator::<Published>()]
+}
+
 /// Why no group was formed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -116,12 +163,14 @@ pub enum Error {
     Group(#[from] GroupError),
 }
 
-fn declare_key(run: &str, round: u64) -> Vec<u8> {
-    format!("{run}/avg/{round}").into_bytes()
+/// The offers of `round`: `RUN/avg/ROUND`.
+fn offers_of(run: &str, round: u64) -> Owned<Offer> {
+    Owned::at(format!("{run}/avg/{round}"))
 }
 
-fn groups_key(run: &str, round: u64) -> Vec<u8> {
-    format!("{run}/avg/{round}/groups").into_bytes()
+/// The groups leaders published for `round`: `RUN/avg/ROUND/groups`.
+fn groups_of(run: &str, round: u64) -> Owned<Published> {
+    Owned::at(format!("{run}/avg/{round}/groups"))
 }
 
 /// The groups `peers` fall into in `round`: ordered by `SHA-256(round, peer)`, cut into
@@ -171,15 +220,9 @@ impl Matchmaker<'_> {
         if left_ms < self.settings.declare_ahead.as_millis() as i64 {
             return Err(Error::TooLate { round, left_ms });
         }
-        let value = postcard::to_allocvec(offer).unwrap_or_default();
         let expiration = deadline + 60_000;
-        self.dht
-            .store_signed(
-                self.keypair,
-                &declare_key(self.run, round),
-                value,
-                expiration,
-            )
+        offers_of(self.run, round)
+            .put(self.dht, self.keypair, offer, expiration)
             .await?;
         Ok(())
     }
@@ -202,9 +245,8 @@ impl Matchmaker<'_> {
     /// After the deadline: partition, publish as a leader, take the published group.
     pub async fn agree(&self, round: u64, deadline: Time, len: usize) -> Result<Group, Error> {
         let me = self.keypair.public().to_peer_id();
-        let offers: BTreeMap<PeerId, Offer> = self
-            .dht
-            .get_owned(&declare_key(self.run, round))
+        let offers: BTreeMap<PeerId, Offer> = offers_of(self.run, round)
+            .get(self.dht)
             .await?
             .into_iter()
             .collect();
@@ -226,14 +268,8 @@ impl Matchmaker<'_> {
                         .filter_map(|p| offers.get(p).map(|o| (p.to_bytes(), o.clone())))
                         .collect(),
                 };
-                let value = postcard::to_allocvec(&published).unwrap_or_default();
-                self.dht
-                    .store_signed(
-                        self.keypair,
-                        &groups_key(self.run, round),
-                        value,
-                        deadline + 60_000,
-                    )
+                groups_of(self.run, round)
+                    .put(self.dht, self.keypair, &published, deadline + 60_000)
                     .await?;
             }
             let until = tokio::time::Instant::now() + self.settings.grace;
@@ -263,9 +299,8 @@ impl Matchmaker<'_> {
         me: PeerId,
         len: usize,
     ) -> Result<Option<Group>, Error> {
-        let published: BTreeMap<PeerId, Published> = self
-            .dht
-            .get_owned(&groups_key(self.run, round))
+        let published: BTreeMap<PeerId, Published> = groups_of(self.run, round)
+            .get(self.dht)
             .await?
             .into_iter()
             .collect();

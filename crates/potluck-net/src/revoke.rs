@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::auth::{Authority, AuthorityKey, Verifier};
 use crate::dht::record::{self, Record, Subkey, Time};
 use crate::dht::store::Entry;
+use crate::dht::typed::{self, Owned, Typed};
 use crate::dht::{self, Dht};
 
 /// Peers one list names, at most (a list must fit in one record's value).
@@ -35,6 +36,25 @@ pub struct Revocations {
     pub peers: Vec<Vec<u8>>,
 }
 
+impl Typed for Revocations {
+    const NAME: &'static str = "revocations";
+    const MAX_BYTES: usize = 64 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::ends_with(key, "revoked")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.peers.len() > MAX_REVOKED {
+            return Err(format!(
+                "{} peers (at most {MAX_REVOKED})",
+                self.peers.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why a list was not used.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -48,9 +68,9 @@ pub enum Error {
     Dht(#[from] dht::Error),
 }
 
-/// The DHT key of `run`'s list.
-pub fn key(run: &str) -> Vec<u8> {
-    format!("{run}/revoked").into_bytes()
+/// `run`'s list: `RUN/revoked`, under the authority's subkey.
+pub fn records(run: &str) -> Owned<Revocations> {
+    Owned::at(format!("{run}/revoked"))
 }
 
 /// The authority's peer id: the owner of the list's subkey.
@@ -66,9 +86,8 @@ impl Authority {
             issued: record::now(),
             peers: peers.iter().map(|p| p.to_bytes()).collect(),
         };
-        let value = postcard::to_allocvec(&list).unwrap_or_default();
         let keypair = Keypair::from(self.ed25519().clone());
-        record::signed(&keypair, &key(run), value, expiration)
+        records(run).record(&keypair, &list, expiration)
     }
 }
 
@@ -99,7 +118,7 @@ pub fn decode(entry: &Entry, verifier: &Verifier) -> Result<Vec<PeerId>, Error> 
 
 /// The revoked peers of `verifier`'s run, as the DHT holds them now.
 pub async fn fetch(dht: &Dht, verifier: &Verifier) -> Result<Vec<PeerId>, Error> {
-    match dht.get(&key(&verifier.run)).await? {
+    match dht.get(records(&verifier.run).key()).await? {
         Some(entry) => decode(&entry, verifier),
         None => Ok(Vec::new()),
     }

@@ -2,7 +2,8 @@
 //! ([`state`]: parameters, optimizer, epoch, samples), the inner optimizers ([`optim`]),
 //! checkpoints ([`checkpoint`]), training on one machine ([`solo`]), and training with a swarm:
 //! the collaborative optimizer ([`collab`]), the swarm's progress over the DHT ([`progress`]),
-//! state sync ([`sync`]), the spike guard ([`guard`]), metrics and reports for the monitor.
+//! state sync ([`sync`]), the spike guard ([`guard`]), metrics and reports for the monitor, and
+//! the checks of every typed record of a run ([`records`]).
 
 pub mod checkpoint;
 pub mod collab;
@@ -10,6 +11,7 @@ pub mod guard;
 pub mod metrics;
 pub mod optim;
 pub mod progress;
+pub mod records;
 pub mod reports;
 pub mod solo;
 pub mod state;

@@ -6,6 +6,7 @@
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use potluck_net::dht::record::Time;
+use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 
@@ -56,9 +57,29 @@ impl Metrics {
     }
 }
 
-/// The DHT key of `run`'s metrics.
-pub fn key(run: &str) -> Vec<u8> {
-    format!("{run}/metrics").into_bytes()
+impl Typed for Metrics {
+    const NAME: &'static str = "metrics";
+    const MAX_BYTES: usize = 4 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::ends_with(key, "metrics")
+    }
+
+    /// What [`Metrics::bounded`] makes of a record: a publisher always sends that.
+    fn check(&self) -> Result<(), String> {
+        match [&self.device, &self.role, &self.version]
+            .into_iter()
+            .find(|t| t.chars().count() > MAX_TEXT)
+        {
+            Some(t) => Err(format!("a text of {} characters", t.chars().count())),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `run`'s metrics records: `RUN/metrics`.
+pub fn records(run: &str) -> Owned<Metrics> {
+    Owned::at(format!("{run}/metrics"))
 }
 
 /// Publishes `metrics` as this peer's record; it expires [`LIFETIME_MS`] after its `time`
@@ -69,14 +90,15 @@ pub async fn publish(
     run: &str,
     metrics: &Metrics,
 ) -> Result<usize, dht::Error> {
-    let value = postcard::to_allocvec(&metrics.clone().bounded()).unwrap_or_default();
-    dht.store_signed(keypair, &key(run), value, metrics.time + LIFETIME_MS)
+    let bounded = metrics.clone().bounded();
+    records(run)
+        .put(dht, keypair, &bounded, metrics.time + LIFETIME_MS)
         .await
 }
 
 /// Every peer's latest record (signatures checked by the DHT; undecodable ones skipped).
 pub async fn fetch(dht: &Dht, run: &str) -> Result<Vec<(PeerId, Metrics)>, dht::Error> {
-    let records: Vec<(PeerId, Metrics)> = dht.get_owned(&key(run)).await?;
+    let records = records(run).get(dht).await?;
     Ok(records.into_iter().map(|(p, m)| (p, m.bounded())).collect())
 }
 

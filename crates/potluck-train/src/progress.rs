@@ -9,6 +9,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use potluck_net::dht::record::{self, Time};
+use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,38 @@ pub struct Report {
     pub held: u64,
     /// Where it can be reached (multiaddrs as bytes): it serves its state there.
     pub addrs: Vec<Vec<u8>>,
+}
+
+impl Typed for Report {
+    const NAME: &'static str = "progress";
+    const MAX_BYTES: usize = 64 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::ends_with(key, "progress")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        typed::check_addrs(&self.addrs)
+    }
+}
+
+/// The deadline of an epoch's averaging (wall-clock ms), as a peer proposes it under
+/// `RUN/close/EPOCH`: every peer takes the earliest proposal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Deadline(pub Time);
+
+impl Typed for Deadline {
+    const NAME: &'static str = "deadline";
+    const MAX_BYTES: usize = 16;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::numbered(key, "close", None)
+    }
+}
+
+/// The deadlines proposed for `epoch` of `run`.
+pub fn deadlines(run: &str, epoch: u64) -> Owned<Deadline> {
+    Owned::at(format!("{run}/close/{epoch}"))
 }
 
 /// The swarm as one peer estimates it.
@@ -123,23 +156,22 @@ pub struct Tracker<'a> {
 }
 
 impl Tracker<'_> {
-    fn key(&self) -> Vec<u8> {
-        format!("{}/progress", self.run).into_bytes()
+    fn reports(&self) -> Owned<Report> {
+        Owned::at(format!("{}/progress", self.run))
     }
 
     /// Stores `report` under this peer's signed subkey.
     pub async fn publish(&self, report: &Report) -> Result<(), dht::Error> {
-        let value = postcard::to_allocvec(report).unwrap_or_default();
         let expiration = record::now() + self.ttl.as_millis() as u64;
-        self.dht
-            .store_signed(self.keypair, &self.key(), value, expiration)
+        self.reports()
+            .put(self.dht, self.keypair, report, expiration)
             .await?;
         Ok(())
     }
 
     /// Every peer's latest report (signatures checked by the DHT; undecodable ones skipped).
     pub async fn fetch(&self) -> Result<Vec<(PeerId, Report)>, dht::Error> {
-        self.dht.get_owned(&self.key()).await
+        self.reports().get(self.dht).await
     }
 
     /// The swarm's state now, toward `target` samples.

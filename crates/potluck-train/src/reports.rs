@@ -4,8 +4,9 @@
 //! run's organiser deciding on a revocation); a report alone bans no one anywhere else.
 
 use libp2p::PeerId;
-use potluck_net::dht::record::{self, Subkey};
+use potluck_net::dht::record;
 use potluck_net::dht::store::Entry;
+use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
 
@@ -23,9 +24,38 @@ pub struct Report {
     pub banned: Vec<(Vec<u8>, String)>,
 }
 
-/// The DHT key of `run`'s reports.
-pub fn key(run: &str) -> Vec<u8> {
-    format!("{run}/reports").into_bytes()
+/// Bytes of a reported peer's id (an identity multihash of an ed25519 key takes 38).
+const MAX_PEER_ID: usize = 64;
+
+impl Typed for Report {
+    const NAME: &'static str = "reports";
+    const MAX_BYTES: usize = 64 << 10;
+
+    fn is_key(key: &[u8]) -> bool {
+        typed::ends_with(key, "reports")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.banned.len() > MAX_NAMED {
+            return Err(format!(
+                "{} peers named (at most {MAX_NAMED})",
+                self.banned.len()
+            ));
+        }
+        match self
+            .banned
+            .iter()
+            .find(|(peer, why)| peer.len() > MAX_PEER_ID || why.chars().count() > MAX_WHY)
+        {
+            Some(_) => Err("a peer id or a reason too long".into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// `run`'s reports: `RUN/reports`.
+pub fn records(run: &str) -> Owned<Report> {
+    Owned::at(format!("{run}/reports"))
 }
 
 /// Publishes the bans of `net`'s reducer as this peer's report.
@@ -42,31 +72,16 @@ pub async fn publish(
             .map(|(p, why)| (p.to_bytes(), why.chars().take(MAX_WHY).collect()))
             .collect(),
     };
-    let value = postcard::to_allocvec(&report).unwrap_or_default();
-    dht.store_signed(keypair, &key(run), value, record::now() + LIFETIME_MS)
+    records(run)
+        .put(dht, keypair, &report, record::now() + LIFETIME_MS)
         .await
 }
 
 /// Every report in what a node holds under the key: (reporter, reported, why). A report that
 /// does not decode, or names too many, is skipped.
 pub fn decode(entry: &Entry) -> Vec<(PeerId, PeerId, String)> {
-    let Entry::Dict(subkeys) = entry else {
-        return Vec::new();
-    };
     let mut out = Vec::new();
-    for (subkey, item) in subkeys {
-        let Subkey::Owner(owner) = subkey else {
-            continue;
-        };
-        let Ok(reporter) = PeerId::from_bytes(owner) else {
-            continue;
-        };
-        let Ok(report) = postcard::from_bytes::<Report>(&item.value) else {
-            continue;
-        };
-        if report.banned.len() > MAX_NAMED {
-            continue;
-        }
+    for (reporter, report) in Owned::<Report>::read(entry) {
         for (peer, why) in report.banned {
             if let Ok(peer) = PeerId::from_bytes(&peer) {
                 out.push((reporter, peer, why));
@@ -79,7 +94,7 @@ pub fn decode(entry: &Entry) -> Vec<(PeerId, PeerId, String)> {
 /// The reports of `run` the DHT holds now.
 pub async fn fetch(dht: &Dht, run: &str) -> Result<Vec<(PeerId, PeerId, String)>, dht::Error> {
     Ok(dht
-        .get(&key(run))
+        .get(records(run).key())
         .await?
         .map_or_else(Vec::new, |e| decode(&e)))
 }
@@ -89,7 +104,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use potluck_net::dht::record::Item;
+    use potluck_net::dht::record::{Item, Subkey};
 
     proptest::proptest! {
         #[test]

@@ -12,7 +12,7 @@ use potluck_net::dht::record::{self, Time};
 use tokio::sync::watch;
 
 use super::{Alone, Net, Settings};
-use crate::progress::{self, SwarmState, Tracker};
+use crate::progress::{self, Deadline, SwarmState, Tracker};
 use crate::reports;
 use crate::sync::Donor;
 
@@ -300,20 +300,19 @@ pub(super) async fn close(
     epoch: u64,
     propose: Option<Time>,
 ) -> Result<Option<Time>, dht::Error> {
-    let key = format!("{}/close/{epoch}", settings.run).into_bytes();
-    let earliest = |v: Vec<(PeerId, Time)>| v.into_iter().map(|(_, t)| t).min();
-    if let Some(t) = earliest(net.dht.get_owned(&key).await?) {
+    let deadlines = progress::deadlines(&settings.run, epoch);
+    let earliest = |v: Vec<(PeerId, Deadline)>| v.into_iter().map(|(_, t)| t.0).min();
+    if let Some(t) = earliest(deadlines.get(&net.dht).await?) {
         return Ok(Some(t));
     }
     let Some(mine) = propose else {
         return Ok(None);
     };
-    let value = postcard::to_allocvec(&mine).unwrap_or_default();
-    net.dht
-        .store_signed(&net.keypair, &key, value, mine + 60_000)
+    deadlines
+        .put(&net.dht, &net.keypair, &Deadline(mine), mine + 60_000)
         .await?;
     Ok(Some(
-        earliest(net.dht.get_owned(&key).await?)
+        earliest(deadlines.get(&net.dht).await?)
             .unwrap_or(mine)
             .min(mine),
     ))

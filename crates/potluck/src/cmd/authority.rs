@@ -324,7 +324,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let dht = Dht::start(host_config, config, Default::default()).await?;
+        let dht = Dht::start(host_config, config, potluck_train::records::validators()).await?;
         dht.bootstrap(&initial)
             .await
             .context("reaching the run through --initial-peers")?;

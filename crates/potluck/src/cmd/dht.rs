@@ -172,7 +172,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         client_mode: args.client_mode,
         ..Config::default()
     };
-    let dht = Dht::start(host_config, config, Default::default())
+    let dht = Dht::start(host_config, config, potluck_train::records::validators())
         .await
         .map_err(|e| match e {
             potluck_net::dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
@@ -275,7 +275,7 @@ async fn probe(args: ProbeArgs) -> Result<()> {
         client_mode: host::ClientMode::On,
         ..Config::default()
     };
-    let dht = Dht::start(host_config, config, Default::default()).await?;
+    let dht = Dht::start(host_config, config, potluck_train::records::validators()).await?;
     if !args.initial_peers.is_empty() {
         dht.bootstrap(&parse_addrs(&args.initial_peers)?)
             .await
@@ -324,7 +324,7 @@ async fn client(initial: &[String]) -> Result<Dht> {
             client_mode: host::ClientMode::On,
             ..Config::default()
         },
-        Default::default(),
+        potluck_train::records::validators(),
     )
     .await?;
     let initial = parse_addrs(initial)?;

@@ -150,14 +150,18 @@ pub(crate) async fn start_dht(
         client_mode: args.client_mode,
         ..dht::Config::default()
     };
-    let dht = Dht::start(host_config, dht_config, Default::default())
-        .await
-        .map_err(|e| match e {
-            dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
-                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
-            ),
-            e => e.into(),
-        })?;
+    let dht = Dht::start(
+        host_config,
+        dht_config,
+        potluck_train::records::validators(),
+    )
+    .await
+    .map_err(|e| match e {
+        dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
+            "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
+        ),
+        e => e.into(),
+    })?;
     let initial = parse_addrs(&args.initial_peers)?;
     if !initial.is_empty() {
         dht.bootstrap(&initial)
