@@ -4,6 +4,8 @@
 //! contributions arrive, and returns every averaged chunk to every member as soon as it is done
 //! ([`write_results`]). Senders that go silent, send bad values or never come are excluded for
 //! the rest of the round. The senders' side is [`super::send`].
+//!
+//! [`Settings::window`]: super::Settings::window
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -16,12 +18,12 @@ use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host::{self, Host};
 use tokio::sync::{mpsc, watch};
 
-use super::flow::{Flow, Uplink};
+use super::flow::Flow;
 use super::inbox::{Incoming, Registration};
-use super::round::{Counters, Crash, Timing};
+use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
 use super::wire::Ack;
-use super::{BANNED, Fault, Group, Inbox, Member, PartResult, Reader, Settings, Writer, lock};
+use super::{BANNED, Fault, Member, PartResult, Reader, Writer, lock};
 use crate::aggregate::{self, Contribution, Dropped};
 use crate::codec;
 
@@ -84,21 +86,37 @@ enum Arrival {
     },
 }
 
-/// Reads sender `s`'s chunks of our part and passes them on, at most `window` ahead of the
-/// chunks already averaged.
-#[allow(clippy::too_many_arguments)]
-async fn read_contributions(
-    sender: usize,
-    mut reader: Reader,
+/// What every reader of this member's part shares (each its own clone: readers are tasks).
+#[derive(Clone)]
+struct Readers {
+    /// The part's chunks, as ranges of the part.
     chunks: Vec<Range<usize>>,
+    /// Chunks averaged so far.
     finished: watch::Receiver<usize>,
+    /// Chunks a reader may read ahead of those averaged
+    /// ([`Settings::window`](super::Settings::window)).
     window: usize,
-    allow: Vec<Duration>,
     arrivals: mpsc::Sender<Arrival>,
     counters: Arc<Counters>,
     pool: Pool,
+}
+
+/// Reads `sender`'s chunks of our part and passes them on, at most `window` ahead of the
+/// chunks already averaged; `allow` is how long each chunk may take.
+async fn read_contributions(
+    sender: usize,
+    mut reader: Reader,
+    allow: Vec<Duration>,
+    readers: Readers,
 ) {
-    let mut finished = finished;
+    let Readers {
+        chunks,
+        mut finished,
+        window,
+        arrivals,
+        counters,
+        pool,
+    } = readers;
     let mut buf = Vec::new();
     for (c, range) in chunks.iter().enumerate() {
         if finished.wait_for(|f| c < f + window).await.is_err() {
@@ -167,20 +185,23 @@ async fn write_results(mut writer: Writer, mut results: mpsc::Receiver<Arc<Vec<u
 
 /// This member's part: takes the streams of the round, aggregates chunk by chunk, returns the
 /// averaged chunks to every member, and writes them into `part`.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn reduce(
+    round: &Round<'_>,
     mut registration: Registration,
-    group: &Group,
-    me: usize,
-    weight: f32,
     part: &mut [f32],
-    settings: &Settings,
-    timing: Timing,
-    crash: &Crash,
-    uplink: &Arc<Uplink>,
-    counters: Arc<Counters>,
-    inbox: &Inbox,
 ) -> (PartResult, Vec<(usize, String)>) {
+    let &Round {
+        inbox,
+        group,
+        me,
+        weight,
+        settings,
+        timing,
+        ref crash,
+        ref uplink,
+        ref counters,
+        ..
+    } = round;
     let started = Instant::now();
     let n = group.members.len();
     let range = group.range(me);
@@ -237,6 +258,14 @@ pub(super) async fn reduce(
     let mut out = Vec::new();
     let mut done_results: Vec<Arc<Vec<u8>>> = Vec::new();
     let pool = Pool::default();
+    let readers = Readers {
+        chunks: ranges.clone(),
+        finished: finished_rx,
+        window: settings.window,
+        arrivals: arrivals_tx,
+        counters: counters.clone(),
+        pool: pool.clone(),
+    };
     let mut arrived = 0;
     let mut next = 0;
     // Until every chunk is averaged, and every member has its stream (late ones get the
@@ -363,17 +392,7 @@ pub(super) async fn reduce(
                             timing.allow(bytes, sender_rate, n).max(timing.allow(bytes, my_rate, n))
                         })
                         .collect();
-                    tokio::spawn(read_contributions(
-                        s,
-                        reader,
-                        ranges.clone(),
-                        finished_rx.clone(),
-                        settings.window,
-                        allow,
-                        arrivals_tx.clone(),
-                        counters.clone(),
-                        pool.clone(),
-                    ));
+                    tokio::spawn(read_contributions(s, reader, allow, readers.clone()));
                 }
             },
             Some(s) = gone.recv(), if joining => {

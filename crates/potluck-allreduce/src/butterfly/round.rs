@@ -110,7 +110,9 @@ pub struct Report {
 impl Report {
     /// This member's achieved throughput in the round: bytes moved each way per second. A
     /// lower bound on its capacity, and it follows the part it was given: balancing parts on
-    /// it round after round feeds back (measure capacity with [`Host::probe`](potluck_net::host::Host::probe) instead).
+    /// it round after round feeds back (measure capacity with [`Host::probe`] instead).
+    ///
+    /// [`Host::probe`]: potluck_net::host::Host::probe
     pub fn rate(&self) -> f64 {
         let bytes = self.bytes_sent.max(self.bytes_received) as f64;
         bytes / self.elapsed.as_secs_f64().max(1e-6)
@@ -237,11 +239,7 @@ async fn run(
         });
     }
     let registration = inbox.register(group.round, group.members.len());
-    let timing = Timing {
-        min_stall: settings.min_stall,
-        slack: settings.slack,
-    };
-    let weight = if group.sends(me) { weight } else { 0.0 };
+    let round = Round::new(inbox, group, me, weight, settings);
     // Split the buffer into the members' parts.
     let mut parts: Vec<&mut [f32]> = Vec::with_capacity(group.members.len());
     let mut residuals: Vec<Option<&mut [f32]>> = Vec::with_capacity(group.members.len());
@@ -260,14 +258,6 @@ async fn run(
             None => residuals.push(None),
         }
     }
-    let counters = Arc::new(Counters::default());
-    let crash = Crash {
-        fault: settings.fault,
-        sent: Default::default(),
-        fired: tokio::sync::Notify::new(),
-    };
-    let pace = Pace::new(group.members.len());
-    let uplink = Uplink::new(settings.pace.map(|f| f * group.members[me].rate));
     let mut jobs = Vec::new();
     let mut own = None;
     for (j, (part, residual)) in parts.into_iter().zip(residuals).enumerate() {
@@ -278,40 +268,11 @@ async fn run(
             own = Some(part);
             continue;
         }
-        jobs.push(exchange(
-            inbox,
-            group,
-            me,
-            j,
-            weight,
-            part,
-            residual,
-            settings,
-            timing,
-            &crash,
-            &pace,
-            &uplink,
-            counters.clone(),
-        ));
+        jobs.push(exchange(&round, j, part, residual));
     }
     let reduce = async {
         match own {
-            Some(part) => Some(
-                reduce(
-                    registration,
-                    group,
-                    me,
-                    weight,
-                    part,
-                    settings,
-                    timing,
-                    &crash,
-                    &uplink,
-                    counters.clone(),
-                    inbox,
-                )
-                .await,
-            ),
+            Some(part) => Some(reduce(&round, registration, part).await),
             None => {
                 // No part: refuse whoever opens a stream to us (they keep their values).
                 drop(registration);
@@ -319,10 +280,10 @@ async fn run(
             }
         }
     };
-    let round = async { futures::join!(futures::future::join_all(jobs), reduce) };
+    let tasks = async { futures::join!(futures::future::join_all(jobs), reduce) };
     let (mut results, mine) = tokio::select! {
-        done = round => done,
-        () = crash.fired.notified() => return Err(Error::Vanished),
+        done = tasks => done,
+        () = round.crash.fired.notified() => return Err(Error::Vanished),
     };
     let mut report = Report::default();
     if let Some((result, excluded)) = mine {
@@ -331,12 +292,67 @@ async fn run(
     }
     results.sort_by_key(|r| r.reducer);
     report.parts = results;
+    let counters = &round.counters;
     report.bytes_sent = counters.sent.load(Ordering::Relaxed);
     report.bytes_received = counters.received.load(Ordering::Relaxed);
     report.direct_channels = counters.direct.load(Ordering::Relaxed);
     report.channels = counters.channels.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// What every task of one round of this member shares: its sending side of each other part
+/// ([`exchange`]) and its own part ([`reduce`]) borrow it for the round.
+pub(super) struct Round<'a> {
+    pub(super) inbox: &'a Inbox,
+    pub(super) group: &'a Group,
+    /// This member's index in the group.
+    pub(super) me: usize,
+    /// Its weight; 0 where it does not send.
+    pub(super) weight: f32,
+    pub(super) settings: &'a Settings,
+    pub(super) timing: Timing,
+    pub(super) crash: Crash,
+    pub(super) pace: Pace,
+    pub(super) uplink: Arc<Uplink>,
+    /// Shared with the readers a reducer spawns (tasks of their own, which can't borrow).
+    pub(super) counters: Arc<Counters>,
+}
+
+impl<'a> Round<'a> {
+    fn new(
+        inbox: &'a Inbox,
+        group: &'a Group,
+        me: usize,
+        weight: f32,
+        settings: &'a Settings,
+    ) -> Round<'a> {
+        let timing = Timing {
+            min_stall: settings.min_stall,
+            slack: settings.slack,
+        };
+        let weight = if group.sends(me) { weight } else { 0.0 };
+        let counters = Arc::new(Counters::default());
+        let crash = Crash {
+            fault: settings.fault,
+            sent: Default::default(),
+            fired: tokio::sync::Notify::new(),
+        };
+        let pace = Pace::new(group.members.len());
+        let uplink = Uplink::new(settings.pace.map(|f| f * group.members[me].rate));
+        Round {
+            inbox,
+            group,
+            me,
+            weight,
+            settings,
+            timing,
+            crash,
+            pace,
+            uplink,
+            counters,
+        }
+    }
 }
 
 /// What a member's round counts as it goes.

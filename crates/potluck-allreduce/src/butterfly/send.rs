@@ -4,8 +4,8 @@
 //! part, paced ([`super::flow`]), and read the averaged chunks back into the buffer, both at
 //! once. The reducer's side is [`super::reduce`].
 
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt;
@@ -14,11 +14,11 @@ use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host;
 use tokio::sync::watch;
 
-use super::flow::{LEAD, Pace, Uplink};
+use super::flow::LEAD;
 use super::reduce::WATCH;
-use super::round::{Counters, Crash, Timing};
+use super::round::Round;
 use super::wire::{Ack, Hello, PROTOCOL, parse_result, read_control, result_limit};
-use super::{Group, Inbox, PartResult, Reader, Settings, Writer, lock};
+use super::{PartResult, Reader, Writer, lock};
 use crate::codec;
 
 /// Why opening a stream failed.
@@ -31,21 +31,27 @@ enum Open {
 }
 
 /// Times a member may be found unreachable, [`WATCH`] apart, before the round goes on without
-/// it and the next rounds leave it out for [`GONE_FOR`](super::GONE_FOR) (a member killed after its group formed
+/// it and the next rounds leave it out for [`GONE_FOR`] (a member killed after its group formed
 /// would otherwise hold everyone up for the open timeout, round after round).
+///
+/// [`GONE_FOR`]: super::GONE_FOR
 pub(super) const UNREACHABLE_TRIES: usize = 3;
 
 /// Opens a stream to member `j`, says hello and moves to a direct channel where the member
 /// offers one and it connects; retries refusals until the open deadline (a reducer that has
 /// not started the round yet refuses it as unknown).
 async fn open(
-    inbox: &Inbox,
-    group: &Group,
-    me: usize,
+    round: &Round<'_>,
     j: usize,
-    weight: f32,
     deadline: Instant,
 ) -> Result<(Reader, Writer, Option<direct::Pacing>), String> {
+    let &Round {
+        inbox,
+        group,
+        me,
+        weight,
+        ..
+    } = round;
     let member = &group.members[j];
     let hello = Hello {
         round: group.round,
@@ -127,22 +133,23 @@ async fn open(
 
 /// This member's side of part `j`: sends its chunks (if it sends) and reads back the averaged
 /// ones into `part`.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn exchange(
-    inbox: &Inbox,
-    group: &Group,
-    me: usize,
+    round: &Round<'_>,
     j: usize,
-    weight: f32,
     part: &mut [f32],
     residual: Option<&mut [f32]>,
-    settings: &Settings,
-    timing: Timing,
-    crash: &Crash,
-    pace: &Pace,
-    uplink: &Arc<Uplink>,
-    counters: Arc<Counters>,
 ) -> PartResult {
+    let &Round {
+        group,
+        me,
+        settings,
+        timing,
+        ref crash,
+        ref pace,
+        ref uplink,
+        ref counters,
+        ..
+    } = round;
     let range = group.range(j);
     let chunks = settings.plan.chunks(range.clone(), settings.chunk);
     let mut result = PartResult {
@@ -155,7 +162,7 @@ pub(super) async fn exchange(
     };
     let started = Instant::now();
     let (mut reader, mut writer, pacing) =
-        match open(inbox, group, me, j, weight, started + settings.open_timeout).await {
+        match open(round, j, started + settings.open_timeout).await {
             Ok(halves) => halves,
             Err(why) => {
                 tracing::warn!(
