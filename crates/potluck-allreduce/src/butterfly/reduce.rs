@@ -22,7 +22,7 @@ use super::flow::Flow;
 use super::inbox::{Incoming, Registration};
 use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
-use super::wire::Ack;
+use super::wire::{Ack, result_frame};
 use super::{BANNED, Fault, Member, PartResult, Reader, Writer, lock};
 use crate::aggregate::{self, Contribution, Dropped};
 use crate::codec;
@@ -315,15 +315,7 @@ pub(super) async fn reduce(
             for v in got.into_iter().flatten() {
                 pool.give(v);
             }
-            let mut bitmap = vec![0u8; n.div_ceil(8)];
-            for &m in &outcome.kept {
-                bitmap[m / 8] |= 1 << (m % 8);
-            }
-            let codec = chunks[next].1;
-            let mut frame = Vec::with_capacity(8 + bitmap.len() + codec.encoded_len(r.len()));
-            frame.extend_from_slice(&outcome.weight.to_le_bytes());
-            frame.extend_from_slice(&bitmap);
-            codec::encode(codec, &part[r], &mut frame);
+            let frame = result_frame(outcome.weight, &outcome.kept, n, chunks[next].1, &part[r]);
             let shared = Arc::new(frame);
             for w in &writers {
                 // Bounded by the chunk count: never waits.

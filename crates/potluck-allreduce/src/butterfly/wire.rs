@@ -1,13 +1,13 @@
 //! The wire messages of `/potluck/allreduce/2`: the opener's [`Hello`], the reducer's [`Ack`],
-//! and the result frame a reducer returns for every averaged chunk ([`parse_result`]); their
-//! size limits. Wire I/O only: who opens what, and when, is [`super::send`]'s and
+//! and the result frame a reducer returns for every averaged chunk ([`result_frame`],
+//! [`parse_result`]); their size limits. Wire I/O only: who opens what, and when, is [`super::send`]'s and
 //! [`super::inbox`]'s business; the chunks themselves are [`crate::codec`]'s frames.
 
 use potluck_net::direct;
 use potluck_net::frame::read_message;
 use serde::{Deserialize, Serialize};
 
-use crate::codec;
+use crate::codec::{self, Codec};
 
 /// The protocol's name.
 pub const PROTOCOL: &str = "/potluck/allreduce/2";
@@ -50,6 +50,26 @@ pub(super) fn result_limit(members: usize, values: usize) -> usize {
     8 + members.div_ceil(8) + codec::HEADER + 4 * values
 }
 
+/// A result frame ([`result_limit`]) for a chunk of `values` encoded with `codec`, averaged
+/// with total `weight` from the members `kept` of a group of `members`.
+pub(super) fn result_frame(
+    weight: f64,
+    kept: &[usize],
+    members: usize,
+    codec: Codec,
+    values: &[f32],
+) -> Vec<u8> {
+    let mut bitmap = vec![0u8; members.div_ceil(8)];
+    for &m in kept {
+        bitmap[m / 8] |= 1 << (m % 8);
+    }
+    let mut frame = Vec::with_capacity(8 + bitmap.len() + codec.encoded_len(values.len()));
+    frame.extend_from_slice(&weight.to_le_bytes());
+    frame.extend_from_slice(&bitmap);
+    codec::encode(codec, values, &mut frame);
+    frame
+}
+
 /// Parses a result frame for a chunk of `out.len()` values in a group of `members`: the
 /// chunk's total weight and the members behind it; the averaged values go into `out`
 /// (untouched on error).
@@ -85,4 +105,21 @@ pub fn decode_control(bytes: &[u8]) -> [bool; 3] {
         postcard::from_bytes::<Ack>(bytes).is_ok(),
         postcard::from_bytes::<direct::Via>(bytes).is_ok(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_frame_parses_back_to_its_weight_members_and_values() {
+        let values = [1.0f32, -2.5, 3.25];
+        let frame = result_frame(6.5, &[0, 2, 9], 10, Codec::None, &values);
+        assert!(frame.len() <= result_limit(10, values.len()));
+        let mut out = [0f32; 3];
+        let (weight, behind) = parse_result(&frame, 10, &mut out).unwrap();
+        assert_eq!(weight, 6.5);
+        assert_eq!(behind, vec![0, 2, 9]);
+        assert_eq!(out, values);
+    }
 }
