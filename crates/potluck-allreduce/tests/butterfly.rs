@@ -3,8 +3,6 @@
 //! codecs, with members that vanish at every phase, with client and auxiliary members, and
 //! with CenteredClip against a peer sending huge values.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
-
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +16,8 @@ use potluck_allreduce::butterfly::{
 use potluck_allreduce::codec::Codec;
 use potluck_net::host::{self, ClientMode, Host, NoDht, Transports};
 use rand::{Rng, SeedableRng};
+
+use crate::util::tcp;
 
 struct Peer {
     host: Host,
@@ -46,11 +46,7 @@ async fn peers_on(n: usize, on: On) -> Vec<Peer> {
                 cfg.listen = vec![Protocol::Memory(rand::random::<u64>() | 1).into()];
                 cfg
             }
-            On::Tcp => {
-                let mut cfg = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
-                cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-                cfg
-            }
+            On::Tcp => tcp(Keypair::generate_ed25519()),
         };
         cfg.client_mode = ClientMode::Off;
         let host = Host::start(cfg, Arc::new(NoDht)).await.unwrap();

@@ -1,8 +1,6 @@
 //! Proptest cases of the all-reduce's frame decoders (the fuzz target `allreduce_frames` runs
 //! the same checks for longer): control messages and averaged-chunk results from a peer.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
-
 use potluck_allreduce::butterfly;
 use proptest::prelude::*;
 

@@ -2,33 +2,20 @@
 //! from finishing its rounds (matchmaking over the DHT, then the all-reduce), and its memory
 //! stays bounded. Real TCP hosts on loopback, one process.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
-use potluck_allreduce::butterfly::{self, Inbox};
+use potluck_allreduce::butterfly;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_net::dht::record::{self, Validators};
 use potluck_net::dht::wire::{Request, RequestBody, ResponseBody};
 use potluck_net::dht::{self, Dht};
-use potluck_net::host::{self, ClientMode, Host, NoDht, Transports};
+use potluck_net::host::{ClientMode, Host, NoDht};
 
-struct Node {
-    dht: Dht,
-    keypair: Keypair,
-    inbox: Inbox,
-}
-
-fn tcp(keypair: Keypair) -> host::Config {
-    let mut cfg = host::Config::new(keypair, Transports::Network);
-    cfg.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
-    cfg.client_mode = ClientMode::Off;
-    cfg
-}
+use crate::util::{Node, tcp};
 
 async fn nodes(n: usize) -> Vec<Node> {
     let mut out: Vec<Node> = Vec::new();
@@ -41,12 +28,7 @@ async fn nodes(n: usize) -> Vec<Node> {
         let dht = Dht::start(tcp(keypair.clone()), config, Validators::default())
             .await
             .unwrap();
-        let inbox = Inbox::start(dht.host()).unwrap();
-        out.push(Node {
-            dht,
-            keypair,
-            inbox,
-        });
+        out.push(Node::start(dht, keypair));
     }
     let boot = out[0].dht.addrs().await.unwrap();
     for node in &out[1..] {
@@ -79,11 +61,7 @@ async fn round(nodes: &[Node], round: u64, len: usize) -> Duration {
             nodes.len(),
             "round {round}: a member is missing"
         );
-        let me = group
-            .members
-            .iter()
-            .position(|m| m.peer == node.dht.peer_id())
-            .unwrap();
+        let me = node.index_in(&group);
         let mut buffer = vec![i as f32 + 1.0; len];
         let settings = butterfly::Settings::default();
         let report = butterfly::all_reduce(&node.inbox, &group, me, 1.0, &mut buffer, &settings)

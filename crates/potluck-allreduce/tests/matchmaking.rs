@@ -1,18 +1,12 @@
 //! Matchmaking among DHT nodes on the in-memory transport, then averaging in the groups.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
-
 use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
-use potluck_allreduce::butterfly::{self, Inbox, Settings};
+use potluck_allreduce::butterfly::{self, Settings};
 use potluck_allreduce::matchmaking::{self, Error, Matchmaker};
 use potluck_net::dht::{self, Dht, record};
 
-struct Node {
-    dht: Dht,
-    keypair: Keypair,
-    inbox: Inbox,
-}
+use crate::util::Node;
 
 async fn nodes(n: usize) -> Vec<Node> {
     let mut out: Vec<Node> = Vec::new();
@@ -26,12 +20,7 @@ async fn nodes(n: usize) -> Vec<Node> {
                 .await
                 .unwrap();
         }
-        let inbox = Inbox::start(dht.host()).unwrap();
-        out.push(Node {
-            dht,
-            keypair,
-            inbox,
-        });
+        out.push(Node::start(dht, keypair));
     }
     let boot = out[0].dht.addrs().await.unwrap();
     futures::future::join_all(out.iter().map(|n| n.dht.bootstrap(&boot))).await;
@@ -61,11 +50,7 @@ async fn peers_agree_on_groups_and_average_within_them() {
         let addrs = node.dht.addrs().await.unwrap();
         let offer = matchmaking::offer(&addrs, Mode::Full, 1e7);
         let group = mm.form_group(7, deadline, &offer, len).await.unwrap();
-        let me = group
-            .members
-            .iter()
-            .position(|m| m.peer == node.dht.peer_id())
-            .unwrap();
+        let me = node.index_in(&group);
         let mut buffer = vec![i as f32; len];
         let report = butterfly::all_reduce(
             &node.inbox,
