@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, ed25519};
+use potluck_core::lock;
 use serde::{Deserialize, Serialize};
 
-use crate::dht::record::{Time, now};
+use potluck_core::clock::{Time, now};
 
 /// The handshake's protocol.
 pub const PROTOCOL: &str = "/potluck/auth/1";
@@ -559,10 +560,6 @@ impl Gate {
         }
         state.revoked.insert(peer)
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -39,6 +39,7 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
+use potluck_core::lock;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
@@ -85,10 +86,6 @@ impl std::fmt::Debug for Offer {
 }
 
 type Pending = Arc<Mutex<HashMap<[u8; TOKEN], oneshot::Sender<TcpStream>>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The TCP port direct channels are accepted on; one per host. Dropping the last handle stops
 /// accepting.

@@ -30,6 +30,7 @@ use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, Transport, allow_block_list, autonat,
     connection_limits, dcutr, identify, noise, ping, relay, tcp, yamux,
 };
+use potluck_core::lock;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{self, Gate, Role};
@@ -1037,10 +1038,6 @@ impl Host {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn accept(
     control: &mut libp2p_stream::Control,
     protocol: &'static str,
@@ -1274,7 +1271,7 @@ const OVER_RATE: &str = "over this peer's request rate: slow down";
 /// A refusal, saying why.
 fn refused(reason: &str) -> Response {
     Response {
-        now: crate::dht::record::now(),
+        now: potluck_core::clock::now(),
         body: crate::dht::wire::ResponseBody::Refused {
             reason: reason.into(),
         },

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
+use potluck_core::clock::{Time, now};
+use potluck_core::lock;
 
-use super::record::{self, Item, Limits, Record, Rejection, Subkey, Time, Validators};
+use super::record::{self, Item, Limits, Record, Rejection, Subkey, Validators};
 use super::routing::{self, Contact, Id, Table};
 use super::store::{Entry, Store};
 use super::wire::{self, PeerInfo, Request, RequestBody, Response, ResponseBody, WireEntry};
@@ -121,11 +123,6 @@ impl Shared {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding a lock leaves data that is still consistent for our uses.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 fn info(c: &Contact) -> PeerInfo {
     PeerInfo {
         id: c.peer.to_bytes(),
@@ -207,7 +204,7 @@ impl Shared {
 
 impl Inbound for Shared {
     fn request(&self, peer: PeerId, request: Request) -> Response {
-        let now = record::now();
+        let now = now();
         if self.is_client() {
             let reason = CLIENT_MODE.into();
             return Response {
@@ -382,7 +379,7 @@ impl Dht {
                 answered += 1;
                 continue;
             }
-            let sent = record::now();
+            let sent = now();
             let target = routing::peer_id(&self.peer_id());
             match self
                 .call(peer, vec![addr.clone()], RequestBody::FindNode { target })
@@ -394,7 +391,7 @@ impl Dht {
                 }) if reason != CLIENT_MODE => errors.push(format!("{addr}: refused: {reason}")),
                 Ok(response) => {
                     answered += 1;
-                    let received = record::now();
+                    let received = now();
                     let ours = (sent + received) / 2;
                     let skew = response.now as i64 - ours as i64;
                     let abs = Duration::from_millis(skew.unsigned_abs());
@@ -687,7 +684,7 @@ impl Dht {
     pub async fn store_record(&self, record: Record) -> Result<usize, Error> {
         record::check(
             &record,
-            record::now(),
+            now(),
             &self.shared.config.limits,
             &self.shared.validators,
         )?;
@@ -709,7 +706,7 @@ impl Dht {
                 .get(self.shared.config.k.saturating_sub(1))
                 .map(|c| routing::distance(&c.id, &routing::id_of(&record.key)));
             if kth.is_none_or(|kth| local_distance < kth)
-                && self.shared.store_local(records, record::now(), None)[0].is_ok()
+                && self.shared.store_local(records, now(), None)[0].is_ok()
             {
                 stored += 1;
             }
@@ -751,7 +748,7 @@ impl Dht {
     /// What `key` holds across the network (the latest of every replica, merged), or `None`.
     /// The result is cached on the nearest node that lacked it.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Entry>, Error> {
-        let now = record::now();
+        let now = now();
         let mut entry = if self.shared.is_client() {
             None
         } else {
@@ -808,7 +805,7 @@ impl Dht {
 /// Merges a replica's answer into what a get found, keeping only records that pass the checks
 /// (a node may lie).
 fn merge_wire(found: &mut Option<Entry>, key: &[u8], e: &WireEntry, shared: &Shared) {
-    let now = record::now();
+    let now = now();
     for r in records_of(key, e) {
         if record::check(&r, now, &shared.config.limits, &shared.validators).is_err() {
             continue;

@@ -6,7 +6,9 @@ use libp2p::StreamProtocol;
 use libp2p::request_response;
 use serde::{Deserialize, Serialize};
 
-use super::record::{Item, Record, Rejection, Subkey, Time};
+use potluck_core::clock::Time;
+
+use super::record::{Item, Record, Rejection, Subkey};
 
 /// The protocol name.
 pub const PROTOCOL: &str = "/potluck/dht/1";
