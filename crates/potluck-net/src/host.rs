@@ -367,6 +367,15 @@ impl std::fmt::Debug for Host {
     }
 }
 
+impl From<auth::handshake::Outcome> for Command {
+    fn from(outcome: auth::handshake::Outcome) -> Command {
+        match outcome {
+            auth::handshake::Outcome::Admitted(peer) => Command::Admitted { peer },
+            auth::handshake::Outcome::Refused(peer) => Command::Disconnect { peer },
+        }
+    }
+}
+
 impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -595,7 +604,7 @@ impl Host {
         tokio::spawn(serve_probes(probes, cfg.max_probes, direct.clone()));
         if let Some(gate) = &cfg.auth {
             let handshakes = accept(&mut streams, auth::PROTOCOL)?;
-            tokio::spawn(serve_auth(handshakes, gate.clone(), tx.clone()));
+            tokio::spawn(auth::handshake::serve(handshakes, gate.clone(), tx.clone()));
         }
         inbound.serving(serving);
         let task = Task {
@@ -1098,109 +1107,6 @@ impl futures::Stream for Incoming {
     }
 }
 
-/// Serves the auth handshake: reads each peer's token (bounded, within
-/// [`auth::HANDSHAKE`]), admits it or says why not and disconnects it.
-async fn serve_auth(
-    mut incoming: libp2p_stream::IncomingStreams,
-    gate: Arc<Gate>,
-    commands: mpsc::Sender<Command>,
-) {
-    // Each handshake is one small message; at most this many are read at once.
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
-    while let Some((peer, mut stream)) = incoming.next().await {
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("dropping a handshake from {peer}: too many at once");
-            continue;
-        };
-        let (gate, commands) = (gate.clone(), commands.clone());
-        tokio::spawn(async move {
-            // One small message: a peer that takes longer holds a slot for nothing.
-            let token = tokio::time::timeout(
-                auth::HANDSHAKE / 3,
-                read_message::<auth::Token>(&mut stream, auth::MAX_TOKEN),
-            )
-            .await;
-            let verdict = match token {
-                Ok(Ok(token)) => gate.present(peer, &token).map_err(|e| e.to_string()),
-                Ok(Err(e)) => Err(format!("not a token: {e}")),
-                Err(_) => Err("no token within the handshake's time".into()),
-            };
-            let reply = match &verdict {
-                Ok(_) => auth::Reply::Admitted,
-                Err(why) => auth::Reply::Refused(why.clone()),
-            };
-            let _ = tokio::time::timeout(auth::HANDSHAKE / 3, async {
-                write_message(&mut stream, &reply).await?;
-                futures::AsyncWriteExt::close(&mut stream).await?;
-                // A refused peer is disconnected once it has read why (it drops the stream).
-                if verdict.is_err() {
-                    let _ = futures::AsyncReadExt::read(&mut stream, &mut [0u8; 1]).await;
-                }
-                std::io::Result::Ok(())
-            })
-            .await;
-            let command = match verdict {
-                Ok(role) => {
-                    tracing::debug!("admitted {peer} as a {role}");
-                    Command::Admitted { peer }
-                }
-                Err(why) => {
-                    tracing::warn!("refused {peer}: {why}");
-                    Command::Disconnect { peer }
-                }
-            };
-            let _ = commands.send(command).await;
-            drop(slot);
-        });
-    }
-}
-
-/// Presents this host's token to `peer` in handshake `session` and records its answer;
-/// retried with backoff (a burst of opens can be refused) until [`auth::HANDSHAKE`] has
-/// passed or the session is over (the connection closed).
-async fn present_token(
-    mut control: libp2p_stream::Control,
-    gate: Arc<Gate>,
-    peer: PeerId,
-    session: u64,
-) {
-    let started = Instant::now();
-    let mut attempt = 0u64;
-    while started.elapsed() < auth::HANDSHAKE && gate.session(peer) == Some(session) {
-        attempt += 1;
-        let exchange = async {
-            let mut stream = control
-                .open_stream(peer, StreamProtocol::new(auth::PROTOCOL))
-                .await
-                .map_err(|e| e.to_string())?;
-            write_message(&mut stream, &gate.token())
-                .await
-                .map_err(|e| e.to_string())?;
-            read_message::<auth::Reply>(&mut stream, auth::MAX_TOKEN)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        let left = auth::HANDSHAKE.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, exchange).await {
-            Ok(Ok(auth::Reply::Admitted)) => {
-                gate.admitted_by(peer, session);
-                return;
-            }
-            Ok(Ok(auth::Reply::Refused(why))) => {
-                tracing::warn!("{peer} refused this peer's token: {why}");
-                gate.refused_by(peer, session, why);
-                return;
-            }
-            Ok(Err(e)) => tracing::debug!("presenting the token to {peer} failed: {e}"),
-            Err(_) => tracing::debug!("presenting the token to {peer} timed out"),
-        }
-        let backoff = (50 * attempt).min(1000) + rand::random_range(0..50);
-        tokio::time::sleep(Duration::from_millis(backoff)).await;
-    }
-    let why = "no answer to the token handshake (is it a peer of this run?)".to_owned();
-    gate.refused_by(peer, session, why);
-}
-
 /// Answers bandwidth probes, `max` at a time; a probe that stalls for 30 s is dropped.
 async fn serve_probes(mut incoming: Incoming, max: usize, direct: Option<Arc<direct::Listener>>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max));
@@ -1460,7 +1366,12 @@ impl Task {
                 for peer in peers {
                     if let Some(session) = gate.session(peer) {
                         let control = self.control.clone();
-                        tokio::spawn(present_token(control, gate.clone(), peer, session));
+                        tokio::spawn(auth::handshake::present(
+                            control,
+                            gate.clone(),
+                            peer,
+                            session,
+                        ));
                     }
                 }
             }
@@ -1534,7 +1445,12 @@ impl Task {
                     }
                     let session = gate.presenting(peer_id);
                     let control = self.control.clone();
-                    tokio::spawn(present_token(control, gate.clone(), peer_id, session));
+                    tokio::spawn(auth::handshake::present(
+                        control,
+                        gate.clone(),
+                        peer_id,
+                        session,
+                    ));
                 }
                 self.connections.insert(
                     connection_id,
