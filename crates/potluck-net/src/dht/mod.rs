@@ -7,7 +7,7 @@
 //! - [`wire`]: the messages and their bounded encoding;
 //! - [`node`]: a running node: answers requests, runs lookups, stores and gets.
 
-pub use node::{Config, Dht, Error};
+pub use node::{Config, Dht, Error, Refusing};
 
 pub mod node;
 pub mod record;

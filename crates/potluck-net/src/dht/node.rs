@@ -17,7 +17,8 @@ use super::record::{self, Item, Limits, Record, Rejection, Subkey, Validators};
 use super::routing::{self, Contact, Id, Table};
 use super::store::{Entry, Store};
 use super::wire::{self, PeerInfo, Request, RequestBody, Response, ResponseBody, WireEntry};
-use crate::host::{self, ClientMode, Host, Inbound, Transports};
+use crate::auth::Role;
+use crate::host::{self, ClientMode, Host, Inbound, Rpc, Transports};
 
 /// How a DHT node behaves.
 #[derive(Debug, Clone)]
@@ -202,8 +203,9 @@ impl Shared {
     }
 }
 
-impl Inbound for Shared {
-    fn request(&self, peer: PeerId, request: Request) -> Response {
+impl Shared {
+    /// The answer to `request` from `peer`, from the store and the routing table.
+    fn answer(&self, peer: PeerId, request: Request) -> Response {
         let now = now();
         if self.is_client() {
             let reason = CLIENT_MODE.into();
@@ -246,6 +248,26 @@ impl Inbound for Shared {
         };
         Response { now, body }
     }
+}
+
+impl Inbound for Shared {
+    type Request = Request;
+
+    fn rpc(&self) -> Option<Rpc> {
+        Some(wire::RPC)
+    }
+
+    fn decode(&self, frame: &[u8]) -> Result<Request, String> {
+        Request::decode(frame).map_err(|e| e.to_string())
+    }
+
+    fn request(&self, peer: PeerId, role: Option<Role>, request: Request) -> Vec<u8> {
+        answer_as(peer, role, request, |request| self.answer(peer, request))
+    }
+
+    fn refusal(&self, reason: &str) -> Vec<u8> {
+        wire::encode(&refused(reason))
+    }
 
     fn serving(&self, serving: bool) {
         self.client.store(!serving, Ordering::Relaxed);
@@ -259,6 +281,71 @@ impl Inbound for Shared {
             lock(&self.servers).remove(&peer);
             lock(&self.table).remove(&peer);
         }
+    }
+}
+
+/// An [`Inbound`] for a host that asks others but holds no DHT of its own (tests): it
+/// refuses every request and ignores what identify learns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Refusing;
+
+impl Inbound for Refusing {
+    type Request = Request;
+
+    fn rpc(&self) -> Option<Rpc> {
+        Some(wire::RPC)
+    }
+
+    fn decode(&self, frame: &[u8]) -> Result<Request, String> {
+        Request::decode(frame).map_err(|e| e.to_string())
+    }
+
+    fn request(&self, peer: PeerId, role: Option<Role>, request: Request) -> Vec<u8> {
+        answer_as(peer, role, request, |_| {
+            let reason = "no DHT here".into();
+            Response {
+                now: 0,
+                body: ResponseBody::Refused { reason },
+            }
+        })
+    }
+
+    fn refusal(&self, reason: &str) -> Vec<u8> {
+        wire::encode(&refused(reason))
+    }
+
+    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
+}
+
+/// `answer`'s answer to `request` from `peer`, unless its `role` in an authorized run may not
+/// ask it: a monitor reads the run, it writes nothing. The frame to send.
+fn answer_as(
+    peer: PeerId,
+    role: Option<Role>,
+    request: Request,
+    answer: impl FnOnce(Request) -> Response,
+) -> Vec<u8> {
+    let stores = matches!(
+        request.body,
+        RequestBody::Store { .. } | RequestBody::StoreNear { .. }
+    );
+    let response = if role == Some(Role::Monitor) && stores {
+        let reason = "a monitor may not store records in this run";
+        tracing::warn!("refused a request from {peer}: {reason}");
+        refused(reason)
+    } else {
+        answer(request)
+    };
+    wire::encode(&response)
+}
+
+/// A refusal, saying why.
+fn refused(reason: &str) -> Response {
+    Response {
+        now: now(),
+        body: ResponseBody::Refused {
+            reason: reason.into(),
+        },
     }
 }
 
@@ -461,7 +548,7 @@ impl Dht {
             client: self.shared.is_client(),
             body,
         };
-        let result = self.host.rpc(peer, addrs, request, deadline).await;
+        let result = wire::rpc(&self.host, peer, addrs, &request, deadline).await;
         match &result {
             Ok(Response {
                 body: ResponseBody::Refused { reason },

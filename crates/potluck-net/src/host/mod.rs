@@ -1,10 +1,11 @@
 //! The libp2p host, in-process: a swarm (TCP + noise + yamux and QUIC, or libp2p's in-memory
 //! transport for tests; identify, ping, connection limits, autonat, relay v2 server and client,
-//! dcutr hole punching, `/potluck/dht/1` over request–response and bulk byte streams) driven by
-//! one task, and a [`Host`] handle that talks to it over a bounded channel.
+//! dcutr hole punching, the request–response protocol it is given and bulk byte streams)
+//! driven by one task, and a [`Host`] handle that talks to it over a bounded channel.
 //!
-//! Inbound requests are answered by an [`Inbound`] handler (the DHT); outbound ones are
-//! [`Host::rpc`], each with its own deadline, so nothing waits forever on a peer.
+//! Inbound requests are answered by an [`Inbound`] handler (the DHT), which also says what the
+//! requests are: the host carries their bytes; outbound ones are [`Host::rpc`], each with its
+//! own deadline, so nothing waits forever on a peer.
 //!
 //! Reachability: with [`ClientMode::Auto`] a host serves until autonat finds it unreachable;
 //! then it switches to client mode by itself (it stops advertising [`SERVING`], so peers drop it
@@ -15,6 +16,7 @@
 //! - `config`: how a host is set up ([`Config`]);
 //! - `swarm`: the swarm's behaviours and transports;
 //! - `task`: the task that drives the swarm, serving the handles' commands;
+//! - `requests`: the request–response protocol carried ([`Rpc`]), its [`Inbound`] handler;
 //! - `incoming`: inbound streams, gated ([`Incoming`]);
 //! - `channels`: direct channels ([`crate::direct`]) from the host's side;
 //! - `probe`: bandwidth probes ([`Host::probe`]).
@@ -29,18 +31,19 @@ use potluck_core::lock;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{self, Gate, Role};
-use crate::dht::wire::{Request, Response};
 use crate::direct;
 
 pub use channels::DIRECT_RETRY;
 pub use config::{ClientMode, Config, RelayLimits, Security, Transports};
 pub use incoming::Incoming;
 pub use probe::{MAX_PROBE, PROBE, Probe, ProbeHello};
+pub use requests::{Inbound, NoDht, Rpc};
 
 mod channels;
 mod config;
 mod incoming;
 mod probe;
+mod requests;
 mod swarm;
 mod task;
 
@@ -109,39 +112,12 @@ pub enum Error {
     NotAdmitted { peer: PeerId, reason: String },
 }
 
-/// Who answers inbound requests, and hears what identify learns.
-pub trait Inbound: Send + Sync + 'static {
-    /// The answer to `request` from `peer`.
-    fn request(&self, peer: PeerId, request: Request) -> Response;
-    /// `peer` told us its listen addresses and whether it serves (advertises [`SERVING`]).
-    fn identified(&self, peer: PeerId, addrs: Vec<Multiaddr>, serves: bool);
-    /// This host started (true) or stopped (false) serving.
-    fn serving(&self, _serving: bool) {}
-}
-
-/// An [`Inbound`] for hosts that serve no DHT (benchmarks, tests): it refuses every request
-/// and ignores what identify learns.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoDht;
-
-impl Inbound for NoDht {
-    fn request(&self, _: PeerId, _: Request) -> Response {
-        let reason = "no DHT here".into();
-        Response {
-            now: 0,
-            body: crate::dht::wire::ResponseBody::Refused { reason },
-        }
-    }
-
-    fn identified(&self, _: PeerId, _: Vec<Multiaddr>, _: bool) {}
-}
-
 enum Command {
     Rpc {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        request: Request,
-        reply: oneshot::Sender<Result<Response, Error>>,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, Error>>,
     },
     Dial {
         addr: Multiaddr,
@@ -220,8 +196,8 @@ impl Host {
     /// Starts a host on the current tokio runtime; inbound requests go to `inbound`. Returns
     /// once it listens on every address of `cfg.listen` (a circuit address: once the relay
     /// granted the reservation).
-    pub async fn start(cfg: Config, inbound: Arc<dyn Inbound>) -> Result<Host, Error> {
-        let mut swarm = swarm::build_swarm(&cfg)?;
+    pub async fn start<I: Inbound>(cfg: Config, inbound: Arc<I>) -> Result<Host, Error> {
+        let mut swarm = swarm::build_swarm(&cfg, inbound.rpc())?;
         let listening = swarm::listen(&mut swarm, &cfg.listen).await?;
         if cfg.client_mode == ClientMode::Off {
             // Known reachable: our listen addresses are our external ones (a relay serves
@@ -335,15 +311,15 @@ impl Host {
         }
     }
 
-    /// Sends `request` to `peer` (dialing `addrs` if not connected) and waits at most
-    /// `deadline` for the answer.
+    /// Sends `request` (a frame of the protocol this host carries, see [`Rpc`]) to `peer`
+    /// (dialing `addrs` if not connected) and waits at most `deadline` for the answer's frame.
     pub async fn rpc(
         &self,
         peer: PeerId,
         addrs: Vec<Multiaddr>,
-        request: Request,
+        request: Vec<u8>,
         deadline: Duration,
-    ) -> Result<Response, Error> {
+    ) -> Result<Vec<u8>, Error> {
         let started = Instant::now();
         let addrs = match &self.gate {
             Some(_) => {

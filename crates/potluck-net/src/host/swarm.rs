@@ -13,12 +13,12 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, StreamProtocol, Swarm, Transport, allow_block_list, autonat, connection_limits,
-    dcutr, identify, noise, ping, relay, tcp, yamux,
+    Multiaddr, Swarm, Transport, allow_block_list, autonat, connection_limits, dcutr, identify,
+    noise, ping, relay, tcp, yamux,
 };
 
+use super::requests::{Codec, Rpc};
 use super::{ClientMode, Config, Error, Security, Transports};
-use crate::dht::wire;
 
 #[derive(NetworkBehaviour)]
 pub(super) struct Behaviour {
@@ -27,7 +27,7 @@ pub(super) struct Behaviour {
     pub(super) banned: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub(super) identify: identify::Behaviour,
     pub(super) ping: ping::Behaviour,
-    pub(super) dht: request_response::Behaviour<wire::Codec>,
+    pub(super) rpc: Toggle<request_response::Behaviour<Codec>>,
     pub(super) streams: libp2p_stream::Behaviour,
     pub(super) autonat: Toggle<autonat::Behaviour>,
     pub(super) relay: Toggle<relay::Behaviour>,
@@ -35,8 +35,9 @@ pub(super) struct Behaviour {
     pub(super) dcutr: dcutr::Behaviour,
 }
 
-pub(super) fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
-    let protocol = StreamProtocol::new(wire::PROTOCOL);
+/// The swarm of a host set up by `cfg`, carrying `rpc`.
+pub(super) fn build_swarm(cfg: &Config, rpc: Option<Rpc>) -> Result<Swarm<Behaviour>, Error> {
+    let codec = rpc.map(Codec::new);
     let rr_config = request_response::Config::default()
         .with_request_timeout(cfg.request_timeout)
         .with_max_concurrent_streams(256);
@@ -70,10 +71,15 @@ pub(super) fn build_swarm(cfg: &Config) -> Result<Swarm<Behaviour>, Error> {
             ping: ping::Behaviour::new(ping::Config::new()),
             // Everyone answers requests; whether a host counts as a server is what it
             // advertises (SERVING), which can change while it runs.
-            dht: request_response::Behaviour::new(
-                [(protocol.clone(), ProtocolSupport::Full)],
-                rr_config.clone(),
-            ),
+            rpc: codec
+                .map(|codec| {
+                    request_response::Behaviour::with_codec(
+                        codec,
+                        [(codec.protocol(), ProtocolSupport::Full)],
+                        rr_config.clone(),
+                    )
+                })
+                .into(),
             streams: libp2p_stream::Behaviour::new(),
             autonat: autonat_on
                 .then(|| autonat::Behaviour::new(local, nat_config.clone()))

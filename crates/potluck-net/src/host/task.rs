@@ -19,27 +19,16 @@ use super::incoming::accept;
 use super::swarm::{Behaviour, BehaviourEvent, is_relayed};
 use super::{ClientMode, Command, Config, Error, Inbound, Nat, SERVING, Status};
 use crate::auth::{self, Gate, Role};
-use crate::dht::wire::{Request, Response};
 use crate::limit::{Limiter, Verdict};
 
 /// Why a request over its peer's rate is refused.
 const OVER_RATE: &str = "over this peer's request rate: slow down";
 
-/// A refusal, saying why.
-fn refused(reason: &str) -> Response {
-    Response {
-        now: potluck_core::clock::now(),
-        body: crate::dht::wire::ResponseBody::Refused {
-            reason: reason.into(),
-        },
-    }
-}
-
 /// The host task's state: owns the swarm, serves commands and events until every handle is
 /// gone.
-pub(super) struct Task {
+pub(super) struct Task<I> {
     swarm: Swarm<Behaviour>,
-    inbound: Arc<dyn Inbound>,
+    inbound: Arc<I>,
     listening: Vec<Multiaddr>,
     status: Arc<Status>,
     client_mode: ClientMode,
@@ -47,7 +36,7 @@ pub(super) struct Task {
     /// Held while serving: advertises SERVING.
     marker: Option<libp2p_stream::IncomingStreams>,
     control: libp2p_stream::Control,
-    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Response, Error>>>,
+    pending: HashMap<OutboundRequestId, oneshot::Sender<Result<Vec<u8>, Error>>>,
     dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<(), Error>>)>,
     connects: HashMap<PeerId, Vec<oneshot::Sender<Result<(), Error>>>>,
     /// Every established connection: its peer, remote address, and whether we dialed it.
@@ -63,18 +52,18 @@ pub(super) struct Task {
     limiter: Limiter,
 }
 
-impl Task {
+impl<I: Inbound> Task<I> {
     /// The task of a host whose swarm listens on `listening`; `marker` is held while it serves
     /// (it advertises SERVING).
     pub(super) fn new(
         swarm: Swarm<Behaviour>,
-        inbound: Arc<dyn Inbound>,
+        inbound: Arc<I>,
         cfg: &Config,
         listening: Vec<Multiaddr>,
         status: Arc<Status>,
         marker: Option<libp2p_stream::IncomingStreams>,
         control: libp2p_stream::Control,
-    ) -> Task {
+    ) -> Task<I> {
         Task {
             swarm,
             inbound,
@@ -132,19 +121,15 @@ impl Task {
         }
     }
 
-    /// Why a DHT request of `peer` is refused in an authorized run: it is not admitted, or
-    /// it is a monitor asking to store (a monitor reads the run, it writes nothing).
-    fn refusal(&self, peer: PeerId, request: &Request) -> Option<&'static str> {
-        let gate = self.gate.as_ref()?;
-        let stores = matches!(
-            request.body,
-            crate::dht::wire::RequestBody::Store { .. }
-                | crate::dht::wire::RequestBody::StoreNear { .. }
-        );
+    /// The role `peer` is admitted as in an authorized run (None: an open run), or why its
+    /// requests are refused: it is not admitted. (What a role may ask is the handler's.)
+    fn admitted(&self, peer: PeerId) -> Result<Option<Role>, &'static str> {
+        let Some(gate) = &self.gate else {
+            return Ok(None);
+        };
         match gate.role(peer) {
-            None => Some("not admitted to this run: present a token first"),
-            Some(Role::Monitor) if stores => Some("a monitor may not store records in this run"),
-            Some(_) => None,
+            None => Err("not admitted to this run: present a token first"),
+            Some(role) => Ok(Some(role)),
         }
     }
 
@@ -178,14 +163,18 @@ impl Task {
                 addrs,
                 request,
                 reply,
-            } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .dht
-                    .send_request_with_addresses(&peer, request, addrs);
-                self.pending.insert(id, reply);
-            }
+            } => match self.swarm.behaviour_mut().rpc.as_mut() {
+                Some(rpc) => {
+                    let id = rpc.send_request_with_addresses(&peer, request, addrs);
+                    self.pending.insert(id, reply);
+                }
+                None => {
+                    let _ = reply.send(Err(Error::Rpc {
+                        peer,
+                        reason: "this host carries no requests".into(),
+                    }));
+                }
+            },
             Command::Dial { addr, reply } => {
                 let opts = DialOpts::unknown_peer_id().address(addr.clone()).build();
                 let id = opts.connection_id();
@@ -263,7 +252,7 @@ impl Task {
 
     fn event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::Behaviour(BehaviourEvent::Dht(event)) => self.dht_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Rpc(event)) => self.rpc_event(event),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
                 peer_id,
                 info,
@@ -408,19 +397,27 @@ impl Task {
         }
     }
 
-    fn dht_event(&mut self, event: request_response::Event<Request, Response>) {
+    fn rpc_event(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
+                    let request = match self.inbound.decode(&request) {
+                        Ok(request) => request,
+                        Err(e) => {
+                            // Dropped unanswered, as if it never came.
+                            tracing::debug!("inbound request from {peer} failed: {e}");
+                            return;
+                        }
+                    };
                     // Counted before anything else is done with it: a flood costs this little.
                     let verdict = self.limiter.check(peer, Instant::now());
-                    let refusal = match verdict {
-                        Verdict::Allow => self.refusal(peer, &request),
+                    let admitted = match verdict {
+                        Verdict::Allow => self.admitted(peer),
                         Verdict::Refuse | Verdict::Ban => {
                             self.status.refused.fetch_add(1, Ordering::Relaxed);
-                            Some(OVER_RATE)
+                            Err(OVER_RATE)
                         }
                     };
                     if verdict == Verdict::Ban {
@@ -436,19 +433,17 @@ impl Task {
                             banned.unblock_peer(ended);
                         }
                     }
-                    let response = match refusal {
-                        None => self.inbound.request(peer, request),
-                        Some(OVER_RATE) => refused(OVER_RATE),
-                        Some(reason) => {
+                    let response = match admitted {
+                        Ok(role) => self.inbound.request(peer, role, request),
+                        Err(OVER_RATE) => self.inbound.refusal(OVER_RATE),
+                        Err(reason) => {
                             tracing::warn!("refused a request from {peer}: {reason}");
-                            refused(reason)
+                            self.inbound.refusal(reason)
                         }
                     };
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .dht
-                        .send_response(channel, response);
+                    if let Some(rpc) = self.swarm.behaviour_mut().rpc.as_mut() {
+                        let _ = rpc.send_response(channel, response);
+                    }
                 }
                 request_response::Message::Response {
                     request_id,
