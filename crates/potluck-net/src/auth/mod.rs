@@ -14,7 +14,8 @@
 //!
 //! - `token`: grants, tokens, the authority's keys, and checking a token ([`Verifier`]);
 //! - `gate`: a host's side of a run: whom it admitted, who admitted it ([`Gate`]);
-//! - `handshake`: presenting tokens to peers and answering theirs, over libp2p streams.
+//! - `handshake`: presenting tokens to peers and answering theirs, over libp2p streams;
+//! - `watch`: keeping this peer's token fresh from its file ([`watch_token`]).
 //!
 //! What admission means for requests and streams is the host's ([`crate::host`]).
 
@@ -26,10 +27,12 @@ use serde::{Deserialize, Serialize};
 pub use gate::Gate;
 pub use handshake::Reply;
 pub use token::{Authority, AuthorityKey, Grant, Refusal, Token, Verifier};
+pub use watch::watch_token;
 
 mod gate;
 pub(crate) mod handshake;
 mod token;
+mod watch;
 
 /// The handshake's protocol.
 pub const PROTOCOL: &str = "/potluck/auth/1";
