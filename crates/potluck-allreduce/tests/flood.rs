@@ -11,9 +11,9 @@ use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_net::dht::record::{self, Validators};
-use potluck_net::dht::wire::{Request, RequestBody, ResponseBody};
+use potluck_net::dht::wire::{self, Request, RequestBody, ResponseBody};
 use potluck_net::dht::{self, Dht};
-use potluck_net::host::{ClientMode, Host, NoDht};
+use potluck_net::host::{ClientMode, Host};
 
 use crate::util::{Node, tcp};
 
@@ -131,9 +131,8 @@ async fn flood(
                         key: b"flood/key".to_vec(),
                     },
                 };
-                let answer = host
-                    .rpc(target, addrs, request, Duration::from_secs(2))
-                    .await;
+                let answer =
+                    wire::rpc(&host, target, addrs, &request, Duration::from_secs(2)).await;
                 let counter = match answer {
                     Ok(r) if matches!(r.body, ResponseBody::Refused { .. }) => &counts.refused,
                     Ok(_) => &counts.answered,
@@ -157,7 +156,7 @@ async fn a_flood_of_requests_does_not_stop_a_node_finishing_its_rounds() {
     }
     let before = rss();
     // One peer floods node 0 with 10,000 requests a second.
-    let attacker = Host::start(tcp(Keypair::generate_ed25519()), Arc::new(NoDht))
+    let attacker = Host::start(tcp(Keypair::generate_ed25519()), Arc::new(dht::Refusing))
         .await
         .unwrap();
     let stop = Arc::new(AtomicBool::new(false));

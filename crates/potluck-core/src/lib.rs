@@ -6,10 +6,18 @@
 //! The model fills a gradient buffer; the averager averages buffers; the optimizer updates a
 //! parameter buffer; the model reads it back. LAMB's per-tensor trust ratio, weight-decay masks
 //! and per-tensor compression choices all come from the layout.
+//!
+//! Beside the seam, two small things every crate shares: the wall clock ([`clock`]) and
+//! [`lock`], which locks a mutex whether or not a panic poisoned it.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
+
+pub mod clock;
+mod sync;
+
+pub use sync::lock;
 
 /// What a tensor is for; optimizers and codecs treat roles differently (no weight decay on norms
 /// and biases, say).

@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
+use potluck_core::clock::{Time, now};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::{Authority, AuthorityKey, Verifier};
-use crate::dht::record::{self, Record, Subkey, Time};
+use crate::dht::record::{Record, Subkey};
 use crate::dht::store::Entry;
 use crate::dht::typed::{self, Owned, Typed};
 use crate::dht::{self, Dht};
@@ -83,7 +84,7 @@ impl Authority {
     pub fn revocations(&self, run: &str, peers: &[PeerId], expiration: Time) -> Record {
         let list = Revocations {
             run: run.into(),
-            issued: record::now(),
+            issued: now(),
             peers: peers.iter().map(|p| p.to_bytes()).collect(),
         };
         let keypair = Keypair::from(self.ed25519().clone());
@@ -177,7 +178,7 @@ mod tests {
     fn only_the_authoritys_list_for_this_run_counts() {
         let authority = Authority::generate();
         let (a, b) = (PeerId::random(), PeerId::random());
-        let exp = record::now() + 60_000;
+        let exp = now() + 60_000;
         let list = held(authority.revocations("r", &[a, b], exp));
         assert_eq!(decode(&list, &verifier(&authority, "r")).unwrap(), [a, b]);
         // Another run's list from the same authority.

@@ -11,15 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity;
 
-/// Milliseconds since the Unix epoch.
-pub type Time = u64;
-
-/// The wall clock, in [`Time`].
-pub fn now() -> Time {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as Time)
-}
+// The clock moved to potluck-core; other crates still name it here.
+pub use potluck_core::clock::{Time, now};
 
 /// A subkey of a dictionary entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -14,7 +14,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::record::{Item, Limits, Record, Rejection, Subkey, Time};
+use potluck_core::clock::Time;
+
+use super::record::{Item, Limits, Record, Rejection, Subkey};
 
 /// What a key holds.
 #[derive(Debug, Clone, PartialEq, Eq)]

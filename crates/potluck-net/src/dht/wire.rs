@@ -1,12 +1,15 @@
 //! The messages of `/potluck/dht/1` and their encoding: postcard, each message framed by its
 //! length (an unsigned LEB128 varint), the length checked against the limit before anything is
-//! allocated. See docs/PROTOCOL.md.
+//! allocated. See docs/PROTOCOL.md. The host carries the frames ([`RPC`]); [`rpc`] asks a peer.
 
-use libp2p::StreamProtocol;
-use libp2p::request_response;
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use potluck_core::clock::Time;
 use serde::{Deserialize, Serialize};
 
-use super::record::{Item, Record, Rejection, Subkey, Time};
+use super::record::{Item, Record, Rejection, Subkey};
+use crate::host::{self, Host, Rpc};
 
 /// The protocol name.
 pub const PROTOCOL: &str = "/potluck/dht/1";
@@ -198,104 +201,28 @@ impl Response {
     }
 }
 
-/// The request–response codec of `/potluck/dht/1`: a length-prefixed postcard message, the
-/// length checked before anything is read.
-#[derive(Debug, Clone, Default)]
-pub struct Codec;
+/// `/potluck/dht/1` as a host carries it: the host reads each frame within these limits and
+/// leaves the rest to [`Request::decode`] and [`Response::decode`].
+pub const RPC: Rpc = Rpc {
+    name: PROTOCOL,
+    max_request: MAX_REQUEST,
+    max_response: MAX_RESPONSE,
+};
 
-async fn read_frame<T: futures::AsyncRead + Unpin + Send>(
-    io: &mut T,
-    limit: usize,
-) -> std::io::Result<Vec<u8>> {
-    use futures::AsyncReadExt;
-    let mut prefix = Vec::with_capacity(5);
-    loop {
-        let mut b = [0u8; 1];
-        io.read_exact(&mut b).await?;
-        prefix.push(b[0]);
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-        if prefix.len() == 5 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "bad length prefix",
-            ));
-        }
-    }
-    let (len, _) =
-        read_len(&prefix).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    if len > limit {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes over the limit of {limit}"),
-        ));
-    }
-    let mut frame = prefix;
-    let start = frame.len();
-    frame.resize(start + len, 0);
-    io.read_exact(&mut frame[start..]).await?;
-    Ok(frame)
-}
-
-async fn write_frame<T: futures::AsyncWrite + Unpin + Send>(
-    io: &mut T,
-    frame: &[u8],
-) -> std::io::Result<()> {
-    use futures::AsyncWriteExt;
-    io.write_all(frame).await?;
-    io.close().await
-}
-
-impl request_response::Codec for Codec {
-    type Protocol = StreamProtocol;
-    type Request = Request;
-    type Response = Response;
-
-    async fn read_request<T>(&mut self, _: &StreamProtocol, io: &mut T) -> std::io::Result<Request>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let frame = read_frame(io, MAX_REQUEST).await?;
-        Request::decode(&frame).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    async fn read_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-    ) -> std::io::Result<Response>
-    where
-        T: futures::AsyncRead + Unpin + Send,
-    {
-        let frame = read_frame(io, MAX_RESPONSE).await?;
-        Response::decode(&frame)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-    }
-
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        req: Request,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &encode(&req)).await
-    }
-
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        res: Response,
-    ) -> std::io::Result<()>
-    where
-        T: futures::AsyncWrite + Unpin + Send,
-    {
-        write_frame(io, &encode(&res)).await
-    }
+/// Sends `request` to `peer` over `host` (dialing `addrs` if not connected) and waits at most
+/// `deadline` for the answer. An answer that does not decode fails the request.
+pub async fn rpc(
+    host: &Host,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    request: &Request,
+    deadline: Duration,
+) -> Result<Response, host::Error> {
+    let frame = host.rpc(peer, addrs, encode(request), deadline).await?;
+    Response::decode(&frame).map_err(|e| host::Error::Rpc {
+        peer,
+        reason: e.to_string(),
+    })
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_net::auth::{Authority, AuthorityKey, Gate, Role, Token, Verifier};
+use potluck_net::auth::{Authority, AuthorityKey, Gate, Role, Token, Verifier, watch_token};
 use potluck_net::dht::{Dht, record};
 use potluck_net::host;
 
@@ -155,53 +155,6 @@ pub(crate) async fn keep_up(dht: &Dht, auth: &AuthArgs) {
         }
         tokio::spawn(watch_token(dht.host().clone(), path.clone()));
         tokio::spawn(potluck_net::revoke::watch(dht.clone(), REVOCATIONS_EVERY));
-    }
-}
-
-/// Keeps this peer's token fresh: re-reads the file when it changes and presents the new
-/// token to every peer; warns as the token nears its end.
-pub(crate) async fn watch_token(host: potluck_net::host::Host, path: PathBuf) {
-    let Some(gate) = host.gate().cloned() else {
-        return;
-    };
-    let me = host.peer_id();
-    let modified = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let mut seen = modified(&path);
-    let mut tick = tokio::time::interval(Duration::from_secs(15));
-    let mut warned = false;
-    loop {
-        tick.tick().await;
-        let now = modified(&path);
-        if now != seen {
-            seen = now;
-            match Token::load(&path)
-                .map_err(anyhow::Error::from)
-                .and_then(|t| {
-                    gate.verifier()
-                        .check(&t, me, record::now())
-                        .map(|_| t)
-                        .map_err(anyhow::Error::from)
-                }) {
-                Ok(token) => {
-                    tracing::info!("{}: presenting the renewed token", path.display());
-                    warned = false;
-                    if host.renew_token(token).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => tracing::warn!("{} changed but is not usable: {e:#}", path.display()),
-            }
-        }
-        let expires = gate.token().grant().map_or(0, |g| g.expires);
-        let left = expires.saturating_sub(record::now()) / 1000;
-        if left < 600 && !warned {
-            warned = true;
-            tracing::warn!(
-                "this peer's token expires in {}: write a new one (`potluck authority grant`) to {}",
-                humanize(left),
-                path.display()
-            );
-        }
     }
 }
 

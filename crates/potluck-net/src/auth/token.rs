@@ -1,90 +1,20 @@
-//! Authorized runs. A run authority — an ed25519 key its organiser keeps offline — signs
-//! short-lived tokens, each naming one run, one peer and one role. A run's identity is its name
-//! together with the authority's public key: every host of an authorized run is given both, and
-//! admits a connection's requests only after its peer has presented a valid token for them.
-//!
-//! The handshake (`/potluck/auth/1`) runs right after the secure channel: each side opens one
-//! stream to the other, sends its token and reads [`Reply`]. The token names the peer id the
-//! secure channel (noise or TLS) authenticated, so a token copied by someone else is useless;
-//! until a peer is admitted nothing it sends is processed (its DHT requests are refused, its
-//! streams dropped, what identify says of it held back), and a peer that presents no valid token
-//! within [`HANDSHAKE`] is disconnected. Admissions end when the token expires.
-//!
-//! A token on disk is one line of text: `potluck-token/1 ` and the hex of its postcard bytes.
+//! Tokens and the authority's keys: what the authority signs ([`Grant`]), the signed
+//! [`Token`] and its text form, the [`Authority`] that signs and the [`AuthorityKey`] that
+//! checks, and [`Verifier`], which says whether a token is valid for a run and a peer now.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, ed25519};
+use potluck_core::clock::{Time, now};
 use serde::{Deserialize, Serialize};
 
-use crate::dht::record::{Time, now};
-
-/// The handshake's protocol.
-pub const PROTOCOL: &str = "/potluck/auth/1";
-
-/// Largest encoded token (or reply) read from a peer or a file.
-pub const MAX_TOKEN: usize = 1024;
-
-/// Clock difference tolerated between the authority, the holder and the checker.
-pub const SKEW: Duration = Duration::from_secs(120);
-
-/// A peer that has not presented a valid token by then is disconnected.
-pub const HANDSHAKE: Duration = Duration::from_secs(10);
-
-/// Revoked peers a gate holds, at most.
-pub const MAX_REVOKED_HELD: usize = 4096;
-
-/// Longest a token may live: an authority grants for hours, not forever.
-pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+use super::{Error, MAX_TOKEN, MAX_TTL, Role, SKEW};
 
 const TOKEN_TAG: &str = "potluck-token/1";
 const SIGNING_DOMAIN: &[u8] = b"potluck token v1\0";
-
-/// What a token lets its peer do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Role {
-    /// Computes gradients, averages, serves state.
-    Trainer,
-    /// Averages (with weight 0) and serves state; computes nothing.
-    Aux,
-    /// Reads the run (DHT, state) and contributes nothing to averages.
-    Monitor,
-}
-
-impl Role {
-    /// Whether the role takes part in averaging (sends or reduces parts).
-    pub fn averages(self) -> bool {
-        matches!(self, Role::Trainer | Role::Aux)
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Trainer => "trainer",
-            Role::Aux => "aux",
-            Role::Monitor => "monitor",
-        })
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Role, String> {
-        match s {
-            "trainer" => Ok(Role::Trainer),
-            "aux" => Ok(Role::Aux),
-            "monitor" => Ok(Role::Monitor),
-            other => Err(format!("unknown role {other:?}: trainer, aux or monitor")),
-        }
-    }
-}
 
 /// What the authority signs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,33 +56,6 @@ pub enum Refusal {
     TooLong,
     #[error("revoked by the run's authority")]
     Revoked,
-}
-
-/// The answer to a presented token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Reply {
-    Admitted,
-    Refused(String),
-}
-
-/// Errors of key and token files.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path}: {reason}")]
-    Invalid {
-        path: std::path::PathBuf,
-        reason: String,
-    },
-    #[error("not an authority public key ({0}): 64 hex digits, as `potluck authority init` prints")]
-    PublicKey(String),
-    #[error("{0}")]
-    Identity(#[from] crate::identity::Error),
 }
 
 /// The authority's public key: what every host of an authorized run is given
@@ -375,196 +278,6 @@ impl Verifier {
     }
 }
 
-/// A host's side of an authorized run: the token it presents, the peers it admitted (with
-/// their roles, until their tokens expire) and the peers that admitted it.
-#[derive(Debug)]
-pub struct Gate {
-    verifier: Verifier,
-    own: Mutex<Token>,
-    state: Mutex<GateState>,
-    changed: tokio::sync::Notify,
-}
-
-#[derive(Debug, Default)]
-struct GateState {
-    /// Peers whose token we accepted: role and expiry (with the skew allowed).
-    admitted: HashMap<PeerId, (Role, Time)>,
-    /// Peers that accepted our token (on the connection now open).
-    admitted_by: HashMap<PeerId, Time>,
-    /// Peers that refused our token, and why (until we present it again).
-    refused_by: HashMap<PeerId, String>,
-    /// The handshake session of each connected peer (a new one per first connection): a
-    /// handshake of a connection gone by the time it ends changes nothing.
-    sessions: HashMap<PeerId, u64>,
-    next_session: u64,
-    /// Peers the authority revoked.
-    revoked: std::collections::HashSet<PeerId>,
-}
-
-impl Gate {
-    /// A gate for `verifier`'s run presenting `own`.
-    pub fn new(verifier: Verifier, own: Token) -> Gate {
-        Gate {
-            verifier,
-            own: Mutex::new(own),
-            state: Mutex::default(),
-            changed: tokio::sync::Notify::new(),
-        }
-    }
-
-    pub fn verifier(&self) -> &Verifier {
-        &self.verifier
-    }
-
-    /// The token this host presents.
-    pub fn token(&self) -> Token {
-        lock(&self.own).clone()
-    }
-
-    /// Replaces the token this host presents (a renewed one); the host presents it again.
-    pub fn set_token(&self, token: Token) {
-        *lock(&self.own) = token;
-    }
-
-    /// Checks a token `peer` presented and admits it if valid.
-    pub fn present(&self, peer: PeerId, token: &Token) -> Result<Role, Refusal> {
-        let grant = self.verifier.check(token, peer, now())?;
-        let mut state = lock(&self.state);
-        if state.revoked.contains(&peer) {
-            return Err(Refusal::Revoked);
-        }
-        let until = grant.expires + SKEW.as_millis() as Time;
-        state.admitted.insert(peer, (grant.role, until));
-        drop(state);
-        self.changed.notify_waiters();
-        Ok(grant.role)
-    }
-
-    /// A fresh connection to `peer`: our token is to be presented to it (again); the new
-    /// handshake session.
-    pub fn presenting(&self, peer: PeerId) -> u64 {
-        let mut state = lock(&self.state);
-        state.next_session += 1;
-        let session = state.next_session;
-        state.sessions.insert(peer, session);
-        state.refused_by.remove(&peer);
-        state.admitted_by.remove(&peer);
-        session
-    }
-
-    /// The handshake session with `peer` now, if connected.
-    pub fn session(&self, peer: PeerId) -> Option<u64> {
-        lock(&self.state).sessions.get(&peer).copied()
-    }
-
-    /// `peer` accepted our token in `session` (ignored if that session is over).
-    pub fn admitted_by(&self, peer: PeerId, session: u64) {
-        let expires = self.token().grant().map_or(0, |g| g.expires);
-        let mut state = lock(&self.state);
-        if state.sessions.get(&peer) != Some(&session) {
-            return;
-        }
-        state.refused_by.remove(&peer);
-        state.admitted_by.insert(peer, expires);
-        drop(state);
-        self.changed.notify_waiters();
-    }
-
-    /// `peer` refused our token in `session`, or never answered, saying why.
-    pub fn refused_by(&self, peer: PeerId, session: u64, why: String) {
-        let mut state = lock(&self.state);
-        if state.sessions.get(&peer) != Some(&session) {
-            return;
-        }
-        if state.refused_by.len() >= 4096 {
-            state.refused_by.clear();
-        }
-        state.refused_by.insert(peer, why);
-        drop(state);
-        self.changed.notify_waiters();
-    }
-
-    /// The role of `peer` if it is admitted now.
-    pub fn role(&self, peer: PeerId) -> Option<Role> {
-        self.role_at(peer, now())
-    }
-
-    /// The role of `peer` if it is admitted at `at`.
-    pub fn role_at(&self, peer: PeerId, at: Time) -> Option<Role> {
-        let state = lock(&self.state);
-        let (role, until) = *state.admitted.get(&peer)?;
-        (until > at && !state.revoked.contains(&peer)).then_some(role)
-    }
-
-    /// Whether `peer` may be sent requests: it is admitted and it admitted us.
-    pub fn ready(&self, peer: PeerId) -> bool {
-        self.role(peer).is_some() && lock(&self.state).admitted_by.contains_key(&peer)
-    }
-
-    /// Waits until [`Gate::ready`] for `peer`, at most `deadline`. Err: refused (why), or
-    /// no answer in time (None).
-    pub async fn wait_ready(&self, peer: PeerId, deadline: Duration) -> Result<(), Option<String>> {
-        let wait = async {
-            loop {
-                let changed = self.changed.notified();
-                if self.ready(peer) {
-                    return Ok(());
-                }
-                if let Some(why) = lock(&self.state).refused_by.get(&peer) {
-                    return Err(Some(why.clone()));
-                }
-                changed.await;
-            }
-        };
-        tokio::time::timeout(deadline, wait)
-            .await
-            .unwrap_or(Err(None))
-    }
-
-    /// Forgets `peer`'s handshake (its last connection closed): it presents again next time.
-    pub fn forget(&self, peer: PeerId) {
-        let mut state = lock(&self.state);
-        state.admitted.remove(&peer);
-        state.admitted_by.remove(&peer);
-        state.sessions.remove(&peer);
-    }
-
-    /// Peers admitted before whose admission has run out now.
-    pub fn expired(&self) -> Vec<PeerId> {
-        self.expired_at(now())
-    }
-
-    /// Peers admitted before whose admission has run out at `at` (they are forgotten).
-    pub fn expired_at(&self, at: Time) -> Vec<PeerId> {
-        let mut state = lock(&self.state);
-        let gone: Vec<PeerId> = state
-            .admitted
-            .iter()
-            .filter(|(p, (_, until))| *until <= at || state.revoked.contains(p))
-            .map(|(p, _)| *p)
-            .collect();
-        for p in &gone {
-            state.admitted.remove(p);
-        }
-        gone
-    }
-
-    /// Revokes `peer`: it is refused from now on (and disconnected at the host's next
-    /// sweep). Whether it was not revoked before. At most [`MAX_REVOKED_HELD`] are held.
-    pub fn revoke(&self, peer: PeerId) -> bool {
-        let mut state = lock(&self.state);
-        if state.revoked.len() >= MAX_REVOKED_HELD && !state.revoked.contains(&peer) {
-            tracing::warn!("{MAX_REVOKED_HELD} peers revoked already: {peer} is not");
-            return false;
-        }
-        state.revoked.insert(peer)
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -580,10 +293,11 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::auth::Reply;
 
-    fn setup() -> (Authority, Verifier, PeerId) {
+    pub(in crate::auth) fn setup() -> (Authority, Verifier, PeerId) {
         let authority = Authority::generate();
         let verifier = Verifier {
             run: "run1".into(),
@@ -685,46 +399,5 @@ mod tests {
                 proptest::prop_assert!(verifier.check(&token, peer, now()).is_err());
             }
         }
-    }
-
-    #[test]
-    fn a_gate_admits_until_expiry_or_revocation() {
-        let (authority, verifier, peer) = setup();
-        let own = authority.grant(
-            "run1",
-            PeerId::random(),
-            Role::Trainer,
-            Duration::from_secs(60),
-        );
-        let gate = Gate::new(verifier, own);
-        assert_eq!(gate.role(peer), None);
-        let t = now();
-        let skew = SKEW.as_millis() as Time;
-        // Valid for another minute (and the skew allowed beyond).
-        let short = authority.grant_at("run1", peer, Role::Monitor, t - 10_000, t + 60_000);
-        assert_eq!(gate.present(peer, &short), Ok(Role::Monitor));
-        assert_eq!(gate.role(peer), Some(Role::Monitor));
-        assert!(!gate.ready(peer), "ready only once it admitted us too");
-        let old = gate.presenting(peer);
-        let session = gate.presenting(peer);
-        gate.admitted_by(peer, old);
-        assert!(
-            !gate.ready(peer),
-            "an answer of a connection gone changes nothing"
-        );
-        gate.admitted_by(peer, session);
-        assert!(gate.ready(peer));
-        let lapsed = t + 60_000 + skew;
-        assert_eq!(gate.role_at(peer, lapsed - 1), Some(Role::Monitor));
-        assert_eq!(gate.role_at(peer, lapsed), None);
-        assert_eq!(gate.expired_at(lapsed - 1), vec![]);
-        assert_eq!(gate.expired_at(lapsed), vec![peer]);
-        assert_eq!(gate.role(peer), None, "forgotten once expired");
-
-        let long = authority.grant("run1", peer, Role::Trainer, Duration::from_secs(60));
-        assert_eq!(gate.present(peer, &long), Ok(Role::Trainer));
-        assert!(gate.revoke(peer));
-        assert_eq!(gate.role(peer), None);
-        assert_eq!(gate.present(peer, &long), Err(Refusal::Revoked));
     }
 }

@@ -1,0 +1,215 @@
+//! The TCP port direct channels are accepted on: it reads each new connection's token
+//! (bounded in time and number) and hands the connection to the offer that expects it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use potluck_core::lock;
+use ring::rand::{SecureRandom, SystemRandom};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::offer::Side;
+use super::{Channel, HANDSHAKE, KEY, MAX_HANDSHAKES, MAX_PENDING, Offer, TOKEN};
+
+type Pending = Arc<Mutex<HashMap<[u8; TOKEN], oneshot::Sender<TcpStream>>>>;
+
+/// The TCP port direct channels are accepted on; one per host. Dropping the last handle stops
+/// accepting.
+#[derive(Debug)]
+pub struct Listener {
+    addr: SocketAddr,
+    pending: Pending,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Listener {
+    /// Listens on `ip` at a port the system picks (call inside a tokio runtime).
+    pub fn bind(ip: IpAddr) -> io::Result<Listener> {
+        let std = std::net::TcpListener::bind((ip, 0))?;
+        std.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std)?;
+        let addr = listener.local_addr()?;
+        let pending: Pending = Arc::default();
+        let accept = tokio::spawn(accept_loop(listener, pending.clone()));
+        Ok(Listener {
+            addr,
+            pending,
+            accept,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Makes an offer for one connection: send the [`Offer`] to the peer, then wait for its
+    /// connection with [`Expected::accept`]. None when [`MAX_PENDING`] offers already wait.
+    pub fn expect(&self) -> Option<(Offer, Expected)> {
+        let rng = SystemRandom::new();
+        let mut token = [0u8; TOKEN];
+        let mut keys = [[0u8; KEY]; 2];
+        rng.fill(&mut token).ok()?;
+        for k in &mut keys {
+            rng.fill(k).ok()?;
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = lock(&self.pending);
+            if pending.len() >= MAX_PENDING {
+                return None;
+            }
+            pending.insert(token, tx);
+        }
+        let offer = Offer {
+            port: self.addr.port(),
+            token,
+            keys,
+        };
+        let expected = Expected {
+            token,
+            keys,
+            connection: Some(rx),
+            pending: self.pending.clone(),
+        };
+        Some((offer, expected))
+    }
+}
+
+/// An offer's connection, still to come; dropping it withdraws the offer.
+#[derive(Debug)]
+pub struct Expected {
+    token: [u8; TOKEN],
+    keys: [[u8; KEY]; 2],
+    connection: Option<oneshot::Receiver<TcpStream>>,
+    pending: Pending,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        lock(&self.pending).remove(&self.token);
+    }
+}
+
+impl Expected {
+    /// The channel, once the dialer connected with the offer's token, or an error after
+    /// `within`.
+    pub async fn accept(mut self, within: Duration) -> io::Result<Channel> {
+        let rx = self
+            .connection
+            .take()
+            .ok_or_else(|| io::Error::other("already accepted"))?;
+        let stream = match tokio::time::timeout(within, rx).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(_)) => return Err(io::Error::other("the listener stopped")),
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no direct connection within {within:?}"),
+                ));
+            }
+        };
+        Channel::new(stream, &self.keys, Side::Accepter)
+    }
+}
+
+async fn accept_loop(listener: TcpListener, pending: Pending) {
+    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: give the system a moment rather than spin.
+                tracing::debug!("direct listener: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            continue;
+        };
+        let pending = pending.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut stream = stream;
+            let mut token = [0u8; TOKEN];
+            if !matches!(
+                tokio::time::timeout(HANDSHAKE, stream.read_exact(&mut token)).await,
+                Ok(Ok(_))
+            ) {
+                return;
+            }
+            let waiting = lock(&pending).remove(&token);
+            if let Some(tx) = waiting {
+                let _ = tx.send(stream);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
+
+    use super::*;
+    use crate::direct::{connect, ips};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_offer_connects_once_both_ways_and_a_wrong_token_gets_nothing() {
+        let listener = Listener::bind(IpAddr::from([127, 0, 0, 1])).unwrap();
+        let (offer, expected) = listener.expect().unwrap();
+        // A stranger with a made-up token is closed and takes nothing.
+        let mut stranger = TcpStream::connect(listener.addr()).await.unwrap();
+        stranger.write_all(&[0u8; TOKEN]).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(stranger.read(&mut b).await.unwrap(), 0);
+
+        let ips = ips(&["/ip4/127.0.0.1/tcp/1".parse().unwrap()]);
+        let dial = tokio::spawn(async move {
+            let ch = connect(&ips, &offer, Duration::from_secs(5)).await.unwrap();
+            let (mut r, mut w) = ch.into_split();
+            w.write_all(b"ping").await.unwrap();
+            w.close().await.unwrap();
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let ch = expected.accept(Duration::from_secs(5)).await.unwrap();
+        let (mut r, mut w) = ch.into_split();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ping");
+        w.write_all(b"pong").await.unwrap();
+        w.close().await.unwrap();
+        assert_eq!(dial.await.unwrap(), b"pong");
+        // The token is spent.
+        assert!(lock(&listener.pending).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_offer_is_forgotten_and_an_unanswered_one_times_out() {
+        let listener = Listener::bind(IpAddr::from([127, 0, 0, 1])).unwrap();
+        let (_, expected) = listener.expect().unwrap();
+        drop(expected);
+        assert!(lock(&listener.pending).is_empty());
+        let (_, expected) = listener.expect().unwrap();
+        let e = expected
+            .accept(Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(lock(&listener.pending).is_empty());
+    }
+}
