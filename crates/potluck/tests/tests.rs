@@ -4,6 +4,7 @@
 
 mod allreduce;
 mod authority;
+mod checkpoint;
 mod cli;
 mod collab;
 mod demo;

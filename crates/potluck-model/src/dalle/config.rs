@@ -114,8 +114,82 @@ const REFERENCE_TOKENS: Tokens = Tokens {
 pub const PRESETS: [&str; 4] = ["tiny", "small", "gpt", "dalle-1.1b"];
 
 impl Config {
-    /// A preset by name. `tiny` and `small` take their token shapes from the data (`tokens`);
-    /// `gpt` and `dalle-1.1b` have fixed shapes, and data must fit inside them.
+    /// `tiny`: seconds per step, for tests; the token shapes are the data's.
+    pub fn tiny(tokens: Tokens) -> Config {
+        Config {
+            name: "tiny".into(),
+            d_model: 32,
+            heads: 2,
+            layers: 4,
+            blocks: vec![
+                Attention::Full,
+                Attention::AxialRow,
+                Attention::AxialCol,
+                Attention::Conv(3),
+            ],
+            ff_mult: 2,
+            tokens,
+            checkpointing: false,
+        }
+    }
+
+    /// `small`: the CPU demo, 8 layers on 4 unique blocks; the token shapes are the data's.
+    pub fn small(tokens: Tokens) -> Config {
+        Config {
+            name: "small".into(),
+            d_model: 256,
+            heads: 8,
+            layers: 8,
+            blocks: vec![Attention::Full; 4],
+            ff_mult: 4,
+            tokens,
+            checkpointing: false,
+        }
+    }
+
+    /// `gpt`: the GPT-sized model of ANCHORS.md (8 layers, d 512, 8 heads, vocabulary 16,384,
+    /// 64 text + 256 image tokens), no weight sharing: for speed comparisons.
+    pub fn gpt() -> Config {
+        Config {
+            name: "gpt".into(),
+            d_model: 512,
+            heads: 8,
+            layers: 8,
+            blocks: vec![Attention::Full; 8],
+            ff_mult: 4,
+            tokens: Tokens {
+                text_len: 64,
+                text_vocab: 8192,
+                image_grid: 16,
+                image_vocab: 8192,
+            },
+            checkpointing: false,
+        }
+    }
+
+    /// `dalle-1.1b`: the reference run, exactly: 64 layers on 4 axial + 1 conv-like unique
+    /// blocks, with checkpointing.
+    pub fn dalle_1_1b() -> Config {
+        Config {
+            name: "dalle-1.1b".into(),
+            d_model: 1024,
+            heads: 16,
+            layers: 64,
+            blocks: vec![
+                Attention::AxialRow,
+                Attention::AxialCol,
+                Attention::AxialRow,
+                Attention::AxialCol,
+                Attention::Conv(5),
+            ],
+            ff_mult: 4,
+            tokens: REFERENCE_TOKENS,
+            checkpointing: true,
+        }
+    }
+
+    /// A preset by name (see [`PRESETS`]). `tiny` and `small` take their token shapes from the
+    /// data (`tokens`); `gpt` and `dalle-1.1b` have fixed shapes, and data must fit inside them.
     pub fn preset(name: &str, tokens: Option<Tokens>) -> Result<Config, Error> {
         let data = || {
             tokens.ok_or_else(|| {
@@ -125,67 +199,10 @@ impl Config {
             })
         };
         let config = match name {
-            // Seconds per step: for tests.
-            "tiny" => Config {
-                name: name.into(),
-                d_model: 32,
-                heads: 2,
-                layers: 4,
-                blocks: vec![
-                    Attention::Full,
-                    Attention::AxialRow,
-                    Attention::AxialCol,
-                    Attention::Conv(3),
-                ],
-                ff_mult: 2,
-                tokens: data()?,
-                checkpointing: false,
-            },
-            // The CPU demo: 8 layers on 4 unique blocks.
-            "small" => Config {
-                name: name.into(),
-                d_model: 256,
-                heads: 8,
-                layers: 8,
-                blocks: vec![Attention::Full; 4],
-                ff_mult: 4,
-                tokens: data()?,
-                checkpointing: false,
-            },
-            // The GPT-sized model of ANCHORS.md (8 layers, d 512, 8 heads, vocabulary 16,384,
-            // 64 text + 256 image tokens), no weight sharing: for speed comparisons.
-            "gpt" => Config {
-                name: name.into(),
-                d_model: 512,
-                heads: 8,
-                layers: 8,
-                blocks: vec![Attention::Full; 8],
-                ff_mult: 4,
-                tokens: Tokens {
-                    text_len: 64,
-                    text_vocab: 8192,
-                    image_grid: 16,
-                    image_vocab: 8192,
-                },
-                checkpointing: false,
-            },
-            // The reference run, exactly: 64 layers on 4 axial + 1 conv-like unique blocks.
-            "dalle-1.1b" => Config {
-                name: name.into(),
-                d_model: 1024,
-                heads: 16,
-                layers: 64,
-                blocks: vec![
-                    Attention::AxialRow,
-                    Attention::AxialCol,
-                    Attention::AxialRow,
-                    Attention::AxialCol,
-                    Attention::Conv(5),
-                ],
-                ff_mult: 4,
-                tokens: REFERENCE_TOKENS,
-                checkpointing: true,
-            },
+            "tiny" => Config::tiny(data()?),
+            "small" => Config::small(data()?),
+            "gpt" => Config::gpt(),
+            "dalle-1.1b" => Config::dalle_1_1b(),
             _ => {
                 return Err(Error::Config(format!(
                     "unknown model config {name:?}: one of {}",
@@ -303,7 +320,7 @@ mod tests {
 
     #[test]
     fn the_reference_preset_has_the_reference_sizes() {
-        let c = Config::preset("dalle-1.1b", None).unwrap();
+        let c = Config::dalle_1_1b();
         let unique = c.unique_params() as f64;
         let effective = c.effective_params() as f64;
         assert!((unique / 126e6 - 1.0).abs() < 0.03, "{unique}");

@@ -192,7 +192,7 @@ mod tests {
             image_grid: 3,
             image_vocab: 9,
         };
-        Config::preset("tiny", Some(tokens)).unwrap()
+        Config::tiny(tokens)
     }
 
     fn batch(cfg: &Config, b: usize) -> TokenBatch {
@@ -223,44 +223,6 @@ mod tests {
         let batch = batch(&a.cfg, 2);
         assert_eq!(a.evaluate(&batch).unwrap(), b.evaluate(&batch).unwrap());
         assert!(b.write_params(&flat[1..]).is_err());
-    }
-
-    #[test]
-    fn a_saved_checkpoint_loads_into_a_model_with_identical_outputs() {
-        use potluck_train::checkpoint::{Save, load_params, save};
-        tch::manual_seed(6);
-        let mut a = Dalle::new(tiny(), tch::Device::Cpu).unwrap();
-        let mut flat = vec![0.0; a.layout().numel()];
-        a.read_params(&mut flat).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        save(
-            dir.path(),
-            Save {
-                layout: a.layout(),
-                params: &flat,
-                optimizer: None,
-                samples: 0,
-                model_meta: Default::default(),
-                extra: serde_json::Value::Null,
-            },
-        )
-        .unwrap();
-        tch::manual_seed(7);
-        let mut b = Dalle::new(tiny(), tch::Device::Cpu).unwrap();
-        let batch = batch(&a.cfg, 3);
-        assert_ne!(a.evaluate(&batch).unwrap(), b.evaluate(&batch).unwrap());
-        let (_, loaded) = load_params(dir.path(), b.layout()).unwrap();
-        b.write_params(&loaded).unwrap();
-        assert_eq!(a.evaluate(&batch).unwrap(), b.evaluate(&batch).unwrap());
-        let s = Sampling {
-            seed: 2,
-            ..Sampling::default()
-        };
-        let prompts = vec![vec![1u16, 2, 3, 0]];
-        assert_eq!(
-            a.generate(&prompts, &s).unwrap(),
-            b.generate(&prompts, &s).unwrap()
-        );
     }
 
     #[test]

@@ -471,7 +471,7 @@ pub(crate) mod tests {
         };
         Config {
             checkpointing,
-            ..Config::preset("tiny", Some(tokens)).unwrap()
+            ..Config::tiny(tokens)
         }
     }
 
