@@ -7,14 +7,16 @@
 //! parameter buffer; the model reads it back. LAMB's per-tensor trust ratio, weight-decay masks
 //! and per-tensor compression choices all come from the layout.
 //!
-//! Beside the seam, two small things every crate shares: the wall clock ([`clock`]) and
-//! [`lock`], which locks a mutex whether or not a panic poisoned it.
+//! Beside the seam, small things every crate shares: the wall clock ([`clock`]), bounded reads
+//! and atomic writes of files with their one error type ([`file`]), and [`lock`], which locks
+//! a mutex whether or not a panic poisoned it.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
 pub mod clock;
+pub mod file;
 mod sync;
 
 pub use sync::lock;

@@ -142,11 +142,11 @@ struct Package {
 fn read_package(path: &Path, vendor: &str, skips: &Skips) -> Result<Package, Error> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.len() > MAX_PACKAGE_BYTES {
-        return Err(Error::TooLarge {
+        return Err(Error::File(potluck_core::file::Error::TooLarge {
             path: path.into(),
             len: meta.len(),
             limit: MAX_PACKAGE_BYTES,
-        });
+        }));
     }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let gz = flate2::read::GzDecoder::new(BufReader::new(file));

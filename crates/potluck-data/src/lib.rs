@@ -17,7 +17,6 @@
 pub mod detect;
 pub mod emoji;
 pub mod font;
-pub mod fsutil;
 pub mod grid;
 mod order;
 pub mod shapes;
@@ -43,13 +42,9 @@ pub struct Sample {
 /// [`Skips`]).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A file or directory could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or directory could not be read or written, or is larger than its reader accepts.
+    #[error(transparent)]
+    File(#[from] potluck_core::file::Error),
     /// The data set name is not one we know.
     #[error(
         "unknown data set {0:?}: use `shapes`, `emoji`, `emoji:DIR` or `webdataset:PATH` \
@@ -59,13 +54,6 @@ pub enum Error {
     /// A data set's files are missing or unusable as a whole.
     #[error("{0}")]
     Invalid(String),
-    /// A file is larger than we accept.
-    #[error("{path}: {len} bytes is more than the limit of {limit}")]
-    TooLarge {
-        path: std::path::PathBuf,
-        len: u64,
-        limit: u64,
-    },
     /// A token shard or manifest is malformed.
     #[error("{path}: {reason}")]
     Format {
@@ -77,9 +65,6 @@ pub enum Error {
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<std::path::PathBuf>, source: std::io::Error) -> Error {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::File(potluck_core::file::Error::io(path, source))
     }
 }

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{read_limited, write_atomic};
 use crate::{Error, Order};
+use potluck_core::file::{read_limited, write_atomic};
 
 /// The format tag in manifests and shard metadata.
 pub const FORMAT: &str = "potluck-tokens/1";
@@ -87,15 +87,16 @@ impl Manifest {
     /// Reads and checks `DIR/data.json`.
     pub fn load(dir: &Path) -> Result<Manifest, Error> {
         let path = dir.join(MANIFEST);
-        let bytes = read_limited(&path, MAX_MANIFEST_BYTES).map_err(|e| match e {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+        let bytes = read_limited(&path, MAX_MANIFEST_BYTES).map_err(|e| {
+            if e.is_not_found() {
                 Error::Invalid(format!(
                     "{} has no {MANIFEST}: make one with `potluck prepare --out {}`",
                     dir.display(),
                     dir.display()
                 ))
+            } else {
+                Error::File(e)
             }
-            e => e,
         })?;
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Format {
             path: path.clone(),
@@ -139,7 +140,7 @@ impl Manifest {
     /// Writes `DIR/data.json` atomically.
     pub fn save(&self, dir: &Path) -> Result<(), Error> {
         let json = serde_json::to_vec_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?;
-        write_atomic(&dir.join(MANIFEST), &json)
+        Ok(write_atomic(&dir.join(MANIFEST), &json)?)
     }
 }
 

@@ -23,13 +23,9 @@ pub enum Error {
     /// The text tokenizer failed to train, load or encode.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file could not be read or written, or is larger than its reader accepts.
+    #[error(transparent)]
+    File(#[from] potluck_core::file::Error),
     /// A weights file does not match the model that reads it.
     #[error("{path}: {reason}")]
     Format {

@@ -46,13 +46,13 @@ pub fn save(vs: &VarStore, path: &Path, metadata: HashMap<String, String>) -> Re
         .collect::<Result<Vec<_>, Error>>()?;
     let bytes = safetensors::serialize(views, Some(metadata))
         .map_err(|e| format_error(path, e.to_string()))?;
-    potluck_data::fsutil::write_atomic(path, &bytes)?;
+    potluck_core::file::write_atomic(path, &bytes)?;
     Ok(())
 }
 
 /// Reads the metadata of a weights file (its configuration), bounding the size first.
 pub fn read_metadata(path: &Path) -> Result<(Vec<u8>, HashMap<String, String>), Error> {
-    let bytes = potluck_data::fsutil::read_limited(path, MAX_FILE_BYTES)?;
+    let bytes = potluck_core::file::read_limited(path, MAX_FILE_BYTES)?;
     let (_, meta) =
         SafeTensors::read_metadata(&bytes).map_err(|e| format_error(path, e.to_string()))?;
     let metadata = meta.metadata().clone().unwrap_or_default();

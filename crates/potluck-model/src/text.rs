@@ -63,7 +63,7 @@ impl TextTokenizer {
 
     /// Loads any Hugging Face `tokenizer.json`, fixing its output to `len` ids.
     pub fn load(path: &Path, len: usize) -> Result<TextTokenizer, Error> {
-        let bytes = potluck_data::fsutil::read_limited(path, MAX_FILE_BYTES)?;
+        let bytes = potluck_core::file::read_limited(path, MAX_FILE_BYTES)?;
         let inner = Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         TextTokenizer::with_len(inner, len)
@@ -110,7 +110,7 @@ impl TextTokenizer {
     /// Writes the tokenizer as `tokenizer.json` (atomically).
     pub fn save(&self, path: &Path) -> Result<(), Error> {
         let json = self.inner.to_string(true).map_err(err)?;
-        potluck_data::fsutil::write_atomic(path, json.as_bytes())?;
+        potluck_core::file::write_atomic(path, json.as_bytes())?;
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
+use potluck_core::file;
 
 /// Largest identity file we read.
 const MAX_FILE_BYTES: u64 = 4096;
@@ -15,12 +16,8 @@ const MAX_FILE_BYTES: u64 = 4096;
 /// Errors reading or writing an identity.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] file::Error),
     #[error("{path}: not an identity file ({reason}); make one with `potluck keygen --out FILE`")]
     Invalid {
         path: std::path::PathBuf,
@@ -37,18 +34,13 @@ pub fn generate() -> Keypair {
 
 /// Reads an identity file.
 pub fn load(path: &Path) -> Result<Keypair, Error> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > MAX_FILE_BYTES {
-        return Err(Error::Invalid {
+    let bytes = file::read_limited(path, MAX_FILE_BYTES).map_err(|e| match e {
+        file::Error::TooLarge { len, .. } => Error::Invalid {
             path: path.to_path_buf(),
             reason: format!("{len} bytes"),
-        });
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
+        },
+        e => Error::File(e),
+    })?;
     let key = Keypair::from_protobuf_encoding(&bytes).map_err(|e| Error::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -67,10 +59,7 @@ pub fn save(key: &Keypair, path: &Path) -> Result<(), Error> {
     if path.exists() {
         return Err(Error::Exists(path.to_path_buf()));
     }
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| Error::File(file::Error::io(path, source));
     let bytes = key.to_protobuf_encoding().map_err(|e| Error::Invalid {
         path: path.to_path_buf(),
         reason: e.to_string(),

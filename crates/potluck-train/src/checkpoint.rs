@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use potluck_core::Layout;
-use potluck_data::fsutil::{read_limited, write_atomic};
+use potluck_core::file::{read_limited, write_atomic};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +33,7 @@ const META_OPTIMIZER: &str = "potluck.optimizer";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Io(#[from] potluck_data::Error),
+    File(#[from] potluck_core::file::Error),
     #[error("{path}: {reason}")]
     Format { path: PathBuf, reason: String },
     #[error("{path}: no checkpoint here (no {MANIFEST})")]
@@ -134,7 +134,7 @@ pub struct Save<'a> {
 /// Writes a checkpoint into `dir` (created if missing) and removes the files of the one it
 /// replaces.
 pub fn save(dir: &Path, s: Save<'_>) -> Result<Manifest, Error> {
-    std::fs::create_dir_all(dir).map_err(|e| potluck_data::Error::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| potluck_core::file::Error::io(dir, e))?;
     s.layout.check(s.params).map_err(|e| format_error(dir, e))?;
     let step = s.optimizer.map_or(0, Optimizer::steps);
     let old = read_manifest(dir).ok();

@@ -50,7 +50,8 @@ pub(crate) fn expand(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 /// The flags a config file holds (in key order: each flag is given once, so order does not
 /// matter).
 fn flags(path: &Path) -> Result<Vec<OsString>> {
-    let text = crate::cmd::read_bounded(path, MAX_FILE, "the config file")?;
+    let text =
+        potluck_core::file::read_text_limited(path, MAX_FILE).context("reading the config file")?;
     let table: toml::Table = text
         .parse()
         .with_context(|| format!("{} is not valid TOML", path.display()))?;

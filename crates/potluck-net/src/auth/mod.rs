@@ -96,12 +96,8 @@ impl std::str::FromStr for Role {
 /// Errors of key and token files.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] potluck_core::file::Error),
     #[error("{path}: {reason}")]
     Invalid {
         path: std::path::PathBuf,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, ed25519};
 use potluck_core::clock::{Time, now};
+use potluck_core::file;
 use serde::{Deserialize, Serialize};
 
 use super::{Error, MAX_TOKEN, MAX_TTL, Role, SKEW};
@@ -216,18 +217,13 @@ impl Token {
 
     /// Reads a token file.
     pub fn load(path: &Path) -> Result<Token, Error> {
-        let io = |source| Error::Io {
-            path: path.into(),
-            source,
-        };
-        let len = std::fs::metadata(path).map_err(io)?.len();
-        if len > 4 * MAX_TOKEN as u64 {
-            return Err(Error::Invalid {
+        let text = file::read_text_limited(path, 4 * MAX_TOKEN as u64).map_err(|e| match e {
+            file::Error::TooLarge { len, .. } => Error::Invalid {
                 path: path.into(),
                 reason: format!("{len} bytes: not a token"),
-            });
-        }
-        let text = std::fs::read_to_string(path).map_err(io)?;
+            },
+            e => Error::File(e),
+        })?;
         Token::from_text(&text).map_err(|e| Error::Invalid {
             path: path.into(),
             reason: e.to_string(),

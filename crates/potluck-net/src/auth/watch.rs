@@ -47,7 +47,7 @@ pub async fn watch_token(host: Host, path: PathBuf) {
             warned = true;
             tracing::warn!(
                 "this peer's token expires in {}: write a new one (`potluck authority grant`) to {}",
-                humanize(left),
+                clock::humanize(left),
                 path.display()
             );
         }
@@ -66,14 +66,6 @@ fn chain(error: &dyn std::error::Error) -> String {
     out
 }
 
-fn humanize(secs: u64) -> String {
-    match secs {
-        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
-        s if s >= 2 * 3600 => format!("{} hours", s / 3600),
-        s => format!("{} minutes", s / 60),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,16 +73,14 @@ mod tests {
 
     #[test]
     fn errors_read_as_the_binary_logged_them() {
-        let io = Error::Io {
-            path: "token".into(),
-            source: std::io::Error::other("gone"),
-        };
+        let io = Error::File(potluck_core::file::Error::io(
+            "token",
+            std::io::Error::other("gone"),
+        ));
         assert_eq!(chain(&io), "token: gone: gone");
         assert_eq!(
             chain(&Refusal::Forged),
             "not signed by this run's authority"
         );
-        assert_eq!(humanize(3 * 86_400), "3 days");
-        assert_eq!(humanize(599), "9 minutes");
     }
 }

@@ -10,6 +10,7 @@ pub(crate) mod dht;
 pub(crate) mod eval;
 pub(crate) mod generate;
 pub(crate) mod invite;
+pub(crate) mod joining;
 pub(crate) mod keygen;
 pub(crate) mod model_info;
 pub(crate) mod monitor;
@@ -17,21 +18,6 @@ pub(crate) mod prepare;
 pub(crate) mod run;
 pub(crate) mod together;
 pub(crate) mod train;
-
-/// Reads a whole text file of at most `max` bytes (size checked before reading); `what` names
-/// it in errors ("the config file", "the invite file").
-pub(crate) fn read_bounded(path: &std::path::Path, max: u64, what: &str) -> anyhow::Result<String> {
-    use anyhow::Context;
-    let reading = || format!("reading {what} {}", path.display());
-    let len = std::fs::metadata(path).with_context(reading)?.len();
-    if len > max {
-        anyhow::bail!(
-            "{what} {} is {len} bytes: over the limit of {max}",
-            path.display()
-        );
-    }
-    std::fs::read_to_string(path).with_context(reading)
-}
 
 /// Ctrl-C (SIGINT) from the moment this is made: a signal that comes while the caller is busy
 /// (computing a micro-batch, between two `select!`s) is kept until it looks, where a fresh

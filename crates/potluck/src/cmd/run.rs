@@ -85,7 +85,7 @@ pub(crate) fn copy_tokenizers(data: &Path, out: &Path) -> Result<()> {
     for file in [TOKENIZER_FILE, VQVAE_FILE] {
         let bytes = std::fs::read(data.join(file))
             .with_context(|| format!("reading {}", data.join(file).display()))?;
-        potluck_data::fsutil::write_atomic(&out.join(file), &bytes)?;
+        potluck_core::file::write_atomic(&out.join(file), &bytes)?;
     }
     Ok(())
 }
