@@ -1,6 +1,6 @@
 //! `potluck authority init|grant|revoke`: a run's authority (an ed25519 key kept offline) and the
-//! signed, expiring tokens that let peers into an authorized run; `AuthArgs`, the flags by which
-//! every command that joins a run takes part in an authorized one.
+//! signed, expiring tokens that let peers into an authorized run (the flags by which a peer takes
+//! part in one are `joining::AuthArgs`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_net::auth::{Authority, AuthorityKey, Gate, Role, Token, Verifier, watch_token};
-use potluck_net::dht::{Dht, record};
+use potluck_core::clock;
+use potluck_net::auth::{Authority, Gate, Role, Verifier};
+use potluck_net::dht::Dht;
 use potluck_net::host;
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -92,80 +93,6 @@ pub(crate) struct RevokeArgs {
     pub(crate) initial_peers: Vec<String>,
 }
 
-/// The flags that make a peer part of an authorized run.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub(crate) struct AuthArgs {
-    /// An authorized run's authority (the public key `potluck authority init` printed): only
-    /// peers with its tokens are let in, and this peer must present one (--token).
-    #[arg(long, requires = "token")]
-    pub(crate) authority: Option<String>,
-    /// This peer's token for the run (from `potluck authority grant`); it names this peer's
-    /// id, so pass --identity with the key it was granted to. Re-read when the file changes.
-    #[arg(long, requires = "authority")]
-    pub(crate) token: Option<PathBuf>,
-}
-
-impl AuthArgs {
-    /// The gate of an authorized run (None: an open run), after checking that the token is
-    /// this run's, this peer's, signed by the authority and not expired.
-    pub(crate) fn gate(&self, run: &str, keypair: &Keypair) -> Result<Option<Arc<Gate>>> {
-        let (Some(authority), Some(path)) = (&self.authority, &self.token) else {
-            return Ok(None);
-        };
-        let authority: AuthorityKey = authority.parse()?;
-        let token = Token::load(path)?;
-        let verifier = Verifier {
-            run: run.to_owned(),
-            authority,
-        };
-        let me = keypair.public().to_peer_id();
-        if let Ok(grant) = token.grant()
-            && grant.peer != me.to_bytes()
-        {
-            let named = PeerId::from_bytes(&grant.peer).map_or("?".into(), |p| p.to_string());
-            bail!(
-                "{} is a token for peer {named}, and this peer is {me}: pass --identity with the \
-                 key file it was granted to",
-                path.display()
-            );
-        }
-        let grant = verifier
-            .check(&token, me, record::now())
-            .with_context(|| format!("{} is not a valid token for run {run}", path.display()))?;
-        let left = grant.expires.saturating_sub(record::now()) / 1000;
-        tracing::info!(
-            "authorized run {run}: this peer is a {} for another {}",
-            grant.role,
-            humanize(left)
-        );
-        Ok(Some(Arc::new(Gate::new(verifier, token))))
-    }
-}
-
-/// How often a peer of an authorized run reads the authority's revocations.
-const REVOCATIONS_EVERY: Duration = Duration::from_secs(30);
-
-/// In an authorized run: applies the authority's revocations now (before this peer serves
-/// anyone it revoked) and then in the background ([`potluck_net::revoke::watch`]), and keeps
-/// this peer's token fresh ([`watch_token`]).
-pub(crate) async fn keep_up(dht: &Dht, auth: &AuthArgs) {
-    if let Some(path) = &auth.token {
-        if let Err(e) = potluck_net::revoke::apply(dht).await {
-            tracing::warn!("could not read the run's revocations yet: {e}");
-        }
-        tokio::spawn(watch_token(dht.host().clone(), path.clone()));
-        tokio::spawn(potluck_net::revoke::watch(dht.clone(), REVOCATIONS_EVERY));
-    }
-}
-
-fn humanize(secs: u64) -> String {
-    match secs {
-        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
-        s if s >= 2 * 3600 => format!("{} hours", s / 3600),
-        s => format!("{} minutes", s / 60),
-    }
-}
-
 /// A duration like `90m`, `6h`, `2d` or `3600s`.
 pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -235,7 +162,7 @@ fn grant(args: GrantArgs) -> Result<()> {
                 "token for {peer} ({}, run {}, {}) written to {}",
                 args.role,
                 args.run_id,
-                humanize(args.ttl.as_secs()),
+                potluck_core::clock::humanize(args.ttl.as_secs()),
                 path.display()
             );
         }
@@ -271,7 +198,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
         client_mode: host::ClientMode::On,
         ..potluck_net::dht::Config::default()
     };
-    let initial = crate::cmd::dht::parse_addrs(&args.initial_peers)?;
+    let initial = crate::cmd::joining::parse_addrs(&args.initial_peers)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -298,7 +225,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
                 revoke::MAX_REVOKED
             );
         }
-        let expires = record::now() + revoke::LIFETIME.as_millis() as u64;
+        let expires = clock::now() + revoke::LIFETIME.as_millis() as u64;
         let stored = dht
             .store_record(authority.revocations(&args.run_id, &list, expires))
             .await
@@ -309,7 +236,7 @@ fn revoke(args: RevokeArgs) -> Result<()> {
             list.len(),
             args.run_id,
             list.len() - before,
-            humanize(revoke::LIFETIME.as_secs())
+            potluck_core::clock::humanize(revoke::LIFETIME.as_secs())
         );
         Ok(())
     })
@@ -329,27 +256,5 @@ mod tests {
         assert!(parse_ttl("0s").is_err());
         assert!(parse_ttl("31d").is_err());
         assert!(parse_ttl("99999999999999999d").is_err());
-    }
-
-    #[test]
-    fn a_gate_is_made_only_from_this_peers_valid_token() {
-        let dir = tempfile::tempdir().unwrap();
-        let authority = Authority::generate();
-        let me = Keypair::generate_ed25519();
-        let path = dir.path().join("token");
-        let args = AuthArgs {
-            authority: Some(authority.public().to_string()),
-            token: Some(path.clone()),
-        };
-        let write = |t: Token| std::fs::write(&path, t.to_text()).unwrap();
-        let hour = Duration::from_secs(3600);
-        write(authority.grant("r", me.public().to_peer_id(), Role::Trainer, hour));
-        assert!(args.gate("r", &me).unwrap().is_some());
-        let other = args.gate("r2", &me).unwrap_err().to_string();
-        assert!(other.contains("not a valid token for run r2"), "{other}");
-        write(authority.grant("r", PeerId::random(), Role::Trainer, hour));
-        let err = args.gate("r", &me).unwrap_err().to_string();
-        assert!(err.contains("pass --identity"), "{err}");
-        assert!(AuthArgs::default().gate("r", &me).unwrap().is_none());
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use potluck_allreduce::balance::Mode;
+use potluck_core::clock;
 use potluck_data::tokens::TokenSet;
 use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
@@ -16,8 +17,9 @@ use potluck_train::collab::{Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use serde_json::json;
 
+use crate::cmd::joining::{NetArgs, publish_metrics, run_seed, start_dht};
 use crate::cmd::run;
-use crate::cmd::together::{NetArgs, RunArgs, collab_settings, init_from, start_dht};
+use crate::cmd::together::{RunArgs, collab_settings, init_from};
 use crate::cmd::train::{OptimArgs, model_config, optimizer_config, save_state};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -68,7 +70,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
         .with_context(|| format!("opening prepared data {}", args.data.display()))?;
     let config = model_config(&args.config, &data, false)?;
     // The same initial weights as the run's trainers (with the default --seed).
-    potluck_model::tch::manual_seed(crate::cmd::together::run_seed(&args.run_id, 0) as i64);
+    potluck_model::tch::manual_seed(run_seed(&args.run_id, 0) as i64);
     let mut model = Dalle::new(config, Device::Cpu.tch()?)?;
     // A swarm this peer starts takes these settings (the first peer's); joining one, the
     // swarm's replace them.
@@ -147,9 +149,9 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
             uptime_s: started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
             client: false,
-            time: potluck_net::dht::record::now(),
+            time: clock::now(),
         };
-        crate::cmd::together::publish_metrics(&dht, &keypair, &args.run_id, m);
+        publish_metrics(&dht, &keypair, &args.run_id, m);
         if epoch > 0 && epoch.is_multiple_of(args.every) {
             let dir = checkpoint(&args, &peer, epoch, started)?;
             println!("epoch {epoch}: checkpoint {}", dir.display());

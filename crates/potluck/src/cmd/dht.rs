@@ -4,11 +4,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use potluck_net::dht::record::{self, Subkey};
+use potluck_core::clock;
+use potluck_net::dht::record::Subkey;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::{Config, Dht};
 use potluck_net::host::{self, Transports};
 use potluck_net::identity;
+
+use crate::cmd::joining::{join, parse_addrs, start_node};
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub(crate) enum Command {
@@ -50,7 +53,7 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     pub(crate) run_id: Option<String>,
     #[command(flatten)]
-    pub(crate) auth: crate::cmd::authority::AuthArgs,
+    pub(crate) auth: crate::cmd::joining::AuthArgs,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -118,17 +121,6 @@ pub(crate) struct GetArgs {
     pub(crate) key: String,
 }
 
-pub(crate) fn parse_addrs(addrs: &[String]) -> Result<Vec<libp2p::Multiaddr>> {
-    addrs
-        .iter()
-        .map(|a| {
-            a.parse().with_context(|| {
-                format!("{a:?} is not a multiaddr (e.g. /ip4/1.2.3.4/tcp/31337/p2p/12D3KooW…)")
-            })
-        })
-        .collect()
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -172,21 +164,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         client_mode: args.client_mode,
         ..Config::default()
     };
-    let dht = Dht::start(host_config, config, potluck_train::records::validators())
-        .await
-        .map_err(|e| match e {
-            potluck_net::dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
-                "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
-            ),
-            e => e.into(),
-        })?;
-    let initial = parse_addrs(&args.initial_peers)?;
-    if !initial.is_empty() {
-        dht.bootstrap(&initial)
-            .await
-            .map_err(|e| crate::cmd::together::joining(e, &args.initial_peers))?;
-    }
-    crate::cmd::authority::keep_up(&dht, &args.auth).await;
+    let dht = start_node(host_config, config).await?;
+    join(&dht, &args.initial_peers, &args.auth).await?;
     println!("peer id: {}", dht.peer_id());
     println!("listening on:");
     for addr in dht.addrs().await? {
@@ -336,7 +315,7 @@ async fn client(initial: &[String]) -> Result<Dht> {
 
 async fn put(args: PutArgs) -> Result<()> {
     let dht = client(&args.initial_peers).await?;
-    let expiration = record::now() + args.ttl * 1000;
+    let expiration = clock::now() + args.ttl * 1000;
     let value = args.value.clone().into_bytes();
     let stored = match &args.identity {
         Some(path) => {
@@ -366,7 +345,7 @@ fn show(value: &[u8]) -> String {
 
 async fn get(args: GetArgs) -> Result<()> {
     let dht = client(&args.initial_peers).await?;
-    let now = record::now();
+    let now = clock::now();
     match dht.get(args.key.as_bytes()).await? {
         None => bail!("{} holds nothing (or it expired)", args.key),
         Some(Entry::Value(item)) => {

@@ -6,46 +6,22 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use libp2p::identity::Keypair;
 use potluck_allreduce::aggregate::Rule;
 use potluck_allreduce::balance::Mode;
+use potluck_core::clock;
 use potluck_data::Order;
 use potluck_data::tokens::{Row, TokenSet};
 use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
-use potluck_net::dht::{self, Dht, record};
-use potluck_net::host::{self, ClientMode, Transports};
-use potluck_net::identity;
+use potluck_net::host::ClientMode;
 use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
-use crate::cmd::authority::AuthArgs;
-use crate::cmd::dht::parse_addrs;
+use crate::cmd::joining::{AuthArgs, NetArgs, publish_metrics, run_seed, start_dht};
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
-
-/// Where a peer is on the network and how it joins.
-#[derive(Debug, Clone, clap::Args)]
-pub(crate) struct NetArgs {
-    /// Peers of the run to join through (full multiaddrs ending in /p2p/PEER_ID; repeat or
-    /// separate with commas). The first peer of a run needs none.
-    #[arg(long, value_delimiter = ',')]
-    pub(crate) initial_peers: Vec<String>,
-    /// Addresses to listen on [default: every interface, a free TCP port].
-    #[arg(long)]
-    pub(crate) listen: Vec<String>,
-    /// Identity file: created if missing, so the peer keeps its id across restarts.
-    #[arg(long)]
-    pub(crate) identity: Option<PathBuf>,
-    /// auto: serve while others can reach this peer; on: a client (behind a NAT: sends and
-    /// receives, reduces no part); off: always serve.
-    #[arg(long, default_value = "auto", value_parser = parse_client_mode)]
-    pub(crate) client_mode: ClientMode,
-    #[command(flatten)]
-    pub(crate) auth: AuthArgs,
-}
 
 /// How a run's epochs go (every peer of a run gives the same).
 #[derive(Debug, Clone, clap::Args)]
@@ -114,89 +90,6 @@ impl Default for SwarmArgs {
             throttle: 1,
         }
     }
-}
-
-fn parse_client_mode(s: &str) -> Result<ClientMode, String> {
-    s.parse()
-}
-
-/// A seed every peer of the run derives alike (so peers that start together start equal).
-pub(crate) fn run_seed(run: &str, seed: u64) -> u64 {
-    use sha2::Digest;
-    let h = sha2::Sha256::digest(run.as_bytes());
-    u64::from_le_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]) ^ seed
-}
-
-/// Starts this peer's DHT node (and host) for `run` and joins through the initial peers;
-/// prints where it listens.
-pub(crate) async fn start_dht(
-    run: &str,
-    args: &NetArgs,
-) -> Result<(Dht, libp2p::identity::Keypair)> {
-    let keypair = match &args.identity {
-        Some(path) => identity::load_or_create(path)?,
-        None => identity::generate(),
-    };
-    let gate = args.auth.gate(run, &keypair)?;
-    let listen = if args.listen.is_empty() {
-        vec!["/ip4/0.0.0.0/tcp/0".to_owned()]
-    } else {
-        args.listen.clone()
-    };
-    let mut host_config = host::Config::new(keypair.clone(), Transports::Network);
-    host_config.listen = parse_addrs(&listen)?;
-    host_config.auth = gate;
-    let dht_config = dht::Config {
-        client_mode: args.client_mode,
-        ..dht::Config::default()
-    };
-    let dht = Dht::start(
-        host_config,
-        dht_config,
-        potluck_train::records::validators(),
-    )
-    .await
-    .map_err(|e| match e {
-        dht::Error::Host(host::Error::Listen { addr, reason }) => anyhow::anyhow!(
-            "could not listen on {addr}: {reason} (is the port in use? pick another with --listen)"
-        ),
-        e => e.into(),
-    })?;
-    let initial = parse_addrs(&args.initial_peers)?;
-    if !initial.is_empty() {
-        dht.bootstrap(&initial)
-            .await
-            .map_err(|e| joining(e, &args.initial_peers))?;
-    }
-    crate::cmd::authority::keep_up(&dht, &args.auth).await;
-    println!("peer id: {}", dht.peer_id());
-    for addr in dht.addrs().await? {
-        println!("  listening on {addr}");
-    }
-    Ok((dht, keypair))
-}
-
-/// A failure to join through the initial peers, saying what to do about it.
-pub(crate) fn joining(e: dht::Error, initial_peers: &[String]) -> anyhow::Error {
-    match e {
-        dht::Error::NoBootstrap(why) => anyhow::anyhow!(
-            "could not reach any of --initial-peers {} ({why}): check the addresses (the full \
-             /ip4/…/tcp/…/p2p/… that a peer of the run prints), that a peer is up there, and \
-             that no firewall between blocks its port",
-            initial_peers.join(",")
-        ),
-        e => anyhow::Error::from(e).context("joining through --initial-peers"),
-    }
-}
-
-/// Publishes this peer's metrics record ([`metrics`]) in the background: once an epoch.
-pub(crate) fn publish_metrics(dht: &Dht, keypair: &Keypair, run: &str, m: metrics::Metrics) {
-    let (dht, keypair, run) = (dht.clone(), keypair.clone(), run.to_owned());
-    tokio::spawn(async move {
-        if let Err(e) = metrics::publish(&dht, &keypair, &run, &m).await {
-            tracing::debug!("publishing metrics: {e}");
-        }
-    });
 }
 
 /// The collaborative optimizer's settings for a run.
@@ -381,7 +274,7 @@ async fn train(
                     uptime_s: started.elapsed().as_secs(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     client: !dht.host().reachability().serving,
-                    time: record::now(),
+                    time: clock::now(),
                 };
                 publish_metrics(&dht, &keypair, &run_id, m);
                 tracing::info!(
