@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use potluck_net::dht::record::{self, Time, Validator};
+use potluck_core::clock::{self, Time};
+use potluck_net::dht::record::Validator;
 use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
@@ -216,7 +217,7 @@ pub struct Matchmaker<'a> {
 impl Matchmaker<'_> {
     /// Stores this peer's offer for `round` (deadline `deadline`, wall-clock ms).
     pub async fn declare(&self, round: u64, deadline: Time, offer: &Offer) -> Result<(), Error> {
-        let left_ms = deadline as i64 - record::now() as i64;
+        let left_ms = deadline as i64 - clock::now() as i64;
         if left_ms < self.settings.declare_ahead.as_millis() as i64 {
             return Err(Error::TooLate { round, left_ms });
         }
@@ -237,7 +238,7 @@ impl Matchmaker<'_> {
         len: usize,
     ) -> Result<Group, Error> {
         self.declare(round, deadline, offer).await?;
-        let wait = deadline.saturating_sub(record::now());
+        let wait = deadline.saturating_sub(clock::now());
         tokio::time::sleep(Duration::from_millis(wait)).await;
         self.agree(round, deadline, len).await
     }

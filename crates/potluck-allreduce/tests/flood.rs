@@ -10,7 +10,8 @@ use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
-use potluck_net::dht::record::{self, Validators};
+use potluck_core::clock;
+use potluck_net::dht::record::Validators;
 use potluck_net::dht::wire::{self, Request, RequestBody, ResponseBody};
 use potluck_net::dht::{self, Dht};
 use potluck_net::host::{ClientMode, Host};
@@ -42,7 +43,7 @@ async fn nodes(n: usize) -> Vec<Node> {
 /// result.
 async fn round(nodes: &[Node], round: u64, len: usize) -> Duration {
     const LEAD: Duration = Duration::from_millis(1500);
-    let (start, deadline) = (Instant::now(), record::now() + LEAD.as_millis() as u64);
+    let (start, deadline) = (Instant::now(), clock::now() + LEAD.as_millis() as u64);
     let jobs = nodes.iter().enumerate().map(|(i, node)| async move {
         let mm = Matchmaker {
             dht: &node.dht,

@@ -4,7 +4,8 @@ use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::{self, Settings};
 use potluck_allreduce::matchmaking::{self, Error, Matchmaker};
-use potluck_net::dht::{self, Dht, record};
+use potluck_core::clock;
+use potluck_net::dht::{self, Dht};
 
 use crate::util::Node;
 
@@ -39,7 +40,7 @@ fn settings(target: usize) -> matchmaking::Settings {
 async fn peers_agree_on_groups_and_average_within_them() {
     let nodes = nodes(8).await;
     let len = 3000;
-    let deadline = record::now() + 2000;
+    let deadline = clock::now() + 2000;
     let jobs = nodes.iter().enumerate().map(|(i, node)| async move {
         let mm = Matchmaker {
             dht: &node.dht,
@@ -89,7 +90,7 @@ async fn peers_agree_on_groups_and_average_within_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_leader_costs_one_grace_period_not_the_round() {
     let nodes = nodes(5).await;
-    let deadline = record::now() + 1500;
+    let deadline = clock::now() + 1500;
     let round = 3;
     // The leader (smallest peer id) declares, then goes silent.
     let leader = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
@@ -136,7 +137,7 @@ async fn a_late_peer_waits_for_the_next_round() {
         settings: settings(8),
     };
     let offer = matchmaking::offer(&[], Mode::Full, 1e7);
-    let late = mm.declare(1, record::now() + 100, &offer).await;
+    let late = mm.declare(1, clock::now() + 100, &offer).await;
     assert!(
         matches!(late, Err(Error::TooLate { round: 1, .. })),
         "{late:?}"

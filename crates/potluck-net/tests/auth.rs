@@ -9,8 +9,8 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use potluck_core::clock;
 use potluck_net::auth::{Authority, Gate, Role, Token, Verifier};
-use potluck_net::dht::record;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::{Config, Dht};
 use potluck_net::host::{self, ClientMode, Host, NoDht, Transports};
@@ -40,7 +40,7 @@ fn host_config(authority: &Authority, holds: Holds) -> host::Config {
     cfg.listen = vec![memory_addr()];
     cfg.client_mode = ClientMode::Off;
     let hour = Duration::from_secs(3600);
-    let now = record::now();
+    let now = clock::now();
     let token = match holds {
         Holds::Nothing => return cfg,
         Holds::Valid(role) => authority.grant(RUN, peer, role, hour),
@@ -85,7 +85,7 @@ async fn only_peers_with_a_valid_token_can_store_and_read() {
     for m in &members[1..] {
         m.bootstrap(&boot).await.unwrap();
     }
-    let exp = record::now() + 60_000;
+    let exp = clock::now() + 60_000;
     let stored = members[1]
         .store(b"authrun.secret", None, b"members only".to_vec(), exp)
         .await
@@ -223,7 +223,7 @@ async fn a_peer_the_authority_revokes_in_the_dht_is_cut_off_by_every_member() {
     for m in members[1..].iter().chain([&bad]) {
         m.bootstrap(&boot).await.unwrap();
     }
-    let exp = record::now() + 60_000;
+    let exp = clock::now() + 60_000;
     // Admitted: what it stores reaches the members.
     let stored = bad
         .store(b"authrun.a", None, b"1".to_vec(), exp)

@@ -2,6 +2,7 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use libp2p::identity::Keypair;
+use potluck_core::clock;
 use potluck_net::dht::record::{self, Rejection, Subkey};
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::{Config, Dht, Error};
@@ -44,7 +45,7 @@ async fn find_all(nodes: &[Dht], keys: &[String]) -> usize {
 async fn sixty_four_nodes_find_every_key_and_survive_losing_a_tenth() {
     let started = Instant::now();
     let mut nodes = swarm(64).await;
-    let expiration = record::now() + 600_000;
+    let expiration = clock::now() + 600_000;
     let keys: Vec<String> = (0..nodes.len()).map(|i| format!("run.key{i}")).collect();
     for (node, key) in nodes.iter().zip(&keys) {
         let stored = node
@@ -69,7 +70,7 @@ async fn sixty_four_nodes_find_every_key_and_survive_losing_a_tenth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_records_need_the_owners_signature_and_subkeys_merge() {
     let nodes = swarm(8).await;
-    let exp = record::now() + 60_000;
+    let exp = clock::now() + 60_000;
     let alice = Keypair::generate_ed25519();
     let bob = Keypair::generate_ed25519();
     nodes[0]
@@ -148,7 +149,7 @@ async fn client_mode_nodes_store_and_get_but_stay_out_of_routing_tables() {
     .await
     .unwrap();
     client.bootstrap(&boot).await.unwrap();
-    let exp = record::now() + 60_000;
+    let exp = clock::now() + 60_000;
     client
         .store(b"run.c", None, b"from a client".to_vec(), exp)
         .await
@@ -177,14 +178,14 @@ async fn client_mode_nodes_store_and_get_but_stay_out_of_routing_tables() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_records_vanish() {
     let nodes = swarm(4).await;
-    let exp = record::now() + 3_000;
+    let exp = clock::now() + 3_000;
     nodes[0]
         .store(b"run.short", None, b"soon gone".to_vec(), exp)
         .await
         .unwrap();
     assert!(nodes[1].get(b"run.short").await.unwrap().is_some());
     // Expiration is wall-clock time: let it pass.
-    let left = exp.saturating_sub(record::now()) + 50;
+    let left = exp.saturating_sub(clock::now()) + 50;
     tokio::time::sleep(std::time::Duration::from_millis(left)).await;
     assert!(nodes[2].get(b"run.short").await.unwrap().is_none());
 }

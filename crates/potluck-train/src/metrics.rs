@@ -5,7 +5,7 @@
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_net::dht::record::Time;
+use potluck_core::clock::Time;
 use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
@@ -105,7 +105,7 @@ pub async fn fetch(dht: &Dht, run: &str) -> Result<Vec<(PeerId, Metrics)>, dht::
 #[cfg(test)]
 mod tests {
     use super::*;
-    use potluck_net::dht::record;
+    use potluck_core::clock;
 
     fn metrics(epoch: u64) -> Metrics {
         Metrics {
@@ -118,7 +118,7 @@ mod tests {
             uptime_s: 60,
             version: "0.1.0".into(),
             client: false,
-            time: record::now(),
+            time: clock::now(),
         }
     }
 
@@ -145,7 +145,7 @@ mod tests {
         // A later record replaces a peer's earlier one.
         let (node, key) = &nodes[1];
         let later = Metrics {
-            time: record::now() + 5,
+            time: clock::now() + 5,
             ..metrics(7)
         };
         publish(node, key, "run", &later).await.unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_net::dht::record::{self, Time};
+use potluck_core::clock::{self, Time};
 use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
 use serde::{Deserialize, Serialize};
@@ -162,7 +162,7 @@ impl Tracker<'_> {
 
     /// Stores `report` under this peer's signed subkey.
     pub async fn publish(&self, report: &Report) -> Result<(), dht::Error> {
-        let expiration = record::now() + self.ttl.as_millis() as u64;
+        let expiration = clock::now() + self.ttl.as_millis() as u64;
         self.reports()
             .put(self.dht, self.keypair, report, expiration)
             .await?;
@@ -177,7 +177,7 @@ impl Tracker<'_> {
     /// The swarm's state now, toward `target` samples.
     pub async fn state(&self, target: u64) -> Result<SwarmState, dht::Error> {
         let reports = self.fetch().await?;
-        Ok(swarm_state(&reports, record::now(), target, self.ttl))
+        Ok(swarm_state(&reports, clock::now(), target, self.ttl))
     }
 }
 
@@ -231,7 +231,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn peers_see_each_others_signed_reports_through_the_dht() {
         let nodes = crate::test_nodes(3).await;
-        let now = record::now();
+        let now = clock::now();
         for (i, (node, key)) in nodes.iter().enumerate() {
             let tracker = Tracker {
                 dht: node,

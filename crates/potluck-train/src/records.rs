@@ -35,6 +35,7 @@ pub fn validators() -> Validators {
 #[cfg(test)]
 mod tests {
     use libp2p::identity::Keypair;
+    use potluck_core::clock;
     use potluck_net::dht::record::{self, Rejection};
     use potluck_net::dht::{self, Dht};
     use potluck_net::host::{self, ClientMode, Transports};
@@ -63,7 +64,7 @@ mod tests {
         // A peer that checks nothing itself, and stores only through others.
         let (liar, key) = node_without_checks().await;
         liar.bootstrap(&node.addrs().await.unwrap()).await.unwrap();
-        let expiration = record::now() + 60_000;
+        let expiration = clock::now() + 60_000;
         let progress = b"run/progress";
         let garbage = record::signed(&key, progress, vec![0xff; 40], expiration);
         assert!(matches!(
@@ -92,7 +93,7 @@ mod tests {
             epoch: 3,
             samples: 16,
             samples_per_second: 2.0,
-            time: record::now(),
+            time: clock::now(),
             held: 3,
             addrs: Vec::new(),
         };

@@ -4,7 +4,7 @@
 //! run's organiser deciding on a revocation); a report alone bans no one anywhere else.
 
 use libp2p::PeerId;
-use potluck_net::dht::record;
+use potluck_core::clock;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
@@ -73,7 +73,7 @@ pub async fn publish(
             .collect(),
     };
     records(run)
-        .put(dht, keypair, &report, record::now() + LIFETIME_MS)
+        .put(dht, keypair, &report, clock::now() + LIFETIME_MS)
         .await
 }
 

@@ -82,9 +82,13 @@ fn a_poisoned_batch_rolls_every_peer_back_to_the_same_good_state() {
         .build()
         .unwrap();
     let (_boot, boot_addrs) = runtime.block_on(async {
-        let boot = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
-            .await
-            .unwrap();
+        let boot = Dht::start_memory_with(
+            Keypair::generate_ed25519(),
+            dht::Config::default(),
+            potluck_train::records::validators(),
+        )
+        .await
+        .unwrap();
         let addrs = boot.addrs().await.unwrap();
         (boot, addrs)
     });

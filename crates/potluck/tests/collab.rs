@@ -13,7 +13,7 @@ use potluck_train::solo::Solo;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-const TOKENS: Tokens = Tokens {
+pub(crate) const TOKENS: Tokens = Tokens {
     text_len: 6,
     text_vocab: 24,
     image_grid: 4,
@@ -22,7 +22,7 @@ const TOKENS: Tokens = Tokens {
 
 /// Captions of a few random words; the image codes follow from the first word and the
 /// position (learnable in a few dozen steps).
-fn batch(rng: &mut ChaCha8Rng, n: usize) -> TokenBatch {
+pub(crate) fn batch(rng: &mut ChaCha8Rng, n: usize) -> TokenBatch {
     let mut text = Vec::new();
     let mut image = Vec::new();
     for _ in 0..n {
@@ -56,7 +56,7 @@ fn optimizer(layout: &potluck_core::Layout) -> Optimizer {
 }
 
 fn model(params: &[f32]) -> Dalle {
-    let cfg = Config::preset("tiny", Some(TOKENS)).unwrap();
+    let cfg = Config::tiny(TOKENS);
     let mut m = Dalle::new(cfg, potluck_model::tch::Device::Cpu).unwrap();
     m.write_params(params).unwrap();
     m
@@ -89,7 +89,7 @@ fn four_peers_with_delayed_updates_hold_identical_parameters_and_learn() {
 fn initial() -> Vec<f32> {
     potluck_model::tch::set_num_threads(1);
     potluck_model::tch::manual_seed(1);
-    let cfg = Config::preset("tiny", Some(TOKENS)).unwrap();
+    let cfg = Config::tiny(TOKENS);
     let m = Dalle::new(cfg, potluck_model::tch::Device::Cpu).unwrap();
     let mut p = vec![0.0; m.layout().numel()];
     m.read_params(&mut p).unwrap();
@@ -149,9 +149,13 @@ fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)
         .build()
         .unwrap();
     let boot = runtime.block_on(async {
-        let dht = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
-            .await
-            .unwrap();
+        let dht = Dht::start_memory_with(
+            Keypair::generate_ed25519(),
+            dht::Config::default(),
+            potluck_train::records::validators(),
+        )
+        .await
+        .unwrap();
         let addrs = dht.addrs().await.unwrap();
         (dht, addrs)
     });

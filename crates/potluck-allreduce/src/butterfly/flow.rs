@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use potluck_net::direct;
 use tokio::sync::watch;
 
-use super::lock;
+use potluck_core::lock;
 
 /// How many chunks a member's stream to one reducer may run ahead of its slowest stream to
 /// another (in chunks of the faster stream's part).

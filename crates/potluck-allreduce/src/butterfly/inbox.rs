@@ -19,7 +19,9 @@ use potluck_net::host::{self, Host};
 use tokio::sync::mpsc;
 
 use super::wire::{Ack, Hello, PROTOCOL, read_control};
-use super::{Reader, Writer, lock};
+use potluck_core::lock;
+
+use super::{Reader, Writer};
 
 /// A channel that arrived for a round, after its hello.
 pub(super) struct Incoming {

@@ -35,8 +35,6 @@
 //!
 //! [`balance`]: crate::balance
 
-use std::sync::Mutex;
-
 use potluck_net::direct;
 
 mod flow;
@@ -56,8 +54,3 @@ pub use wire::{PROTOCOL, decode_control, parse_result};
 /// The reading and writing halves of a member's channel (a libp2p stream or a direct one).
 type Reader = direct::BoxReader;
 type Writer = direct::BoxWriter;
-
-/// Locks `m`, poisoned or not.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}

@@ -23,7 +23,9 @@ use super::inbox::{Incoming, Registration};
 use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
 use super::wire::{Ack, result_frame};
-use super::{BANNED, Fault, Member, PartResult, Reader, Writer, lock};
+use potluck_core::lock;
+
+use super::{BANNED, Fault, Member, PartResult, Reader, Writer};
 use crate::aggregate::{self, Contribution, Dropped};
 use crate::codec;
 

@@ -18,7 +18,9 @@ use super::flow::LEAD;
 use super::reduce::WATCH;
 use super::round::Round;
 use super::wire::{Ack, Hello, PROTOCOL, parse_result, read_control, result_limit};
-use super::{PartResult, Reader, Writer, lock};
+use potluck_core::lock;
+
+use super::{PartResult, Reader, Writer};
 use crate::codec;
 
 /// Why opening a stream failed.

@@ -229,12 +229,23 @@ impl Dht {
         Ok(Dht { host, shared })
     }
 
-    /// A node on the in-memory transport at a random port (for tests and benchmarks).
+    /// A node on the in-memory transport at a random port that checks no typed records (for
+    /// the DHT's own tests and benchmarks).
     pub async fn start_memory(keypair: Keypair, config: Config) -> Result<Dht, Error> {
+        Dht::start_memory_with(keypair, config, Validators::default()).await
+    }
+
+    /// A node on the in-memory transport at a random port that checks records with
+    /// `validators` (a run's, for in-process swarms that store what production nodes check).
+    pub async fn start_memory_with(
+        keypair: Keypair,
+        config: Config,
+        validators: Validators,
+    ) -> Result<Dht, Error> {
         let port = rand::random::<u64>() | 1;
         let mut host_config = host::Config::new(keypair, Transports::Memory);
         host_config.listen = vec![libp2p::multiaddr::Protocol::Memory(port).into()];
-        Dht::start(host_config, config, Validators::default()).await
+        Dht::start(host_config, config, validators).await
     }
 
     /// This node's peer id.

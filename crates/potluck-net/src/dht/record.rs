@@ -7,12 +7,10 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
+use potluck_core::clock::Time;
 use serde::{Deserialize, Serialize};
 
 use crate::identity;
-
-// The clock moved to potluck-core; other crates still name it here.
-pub use potluck_core::clock::{Time, now};
 
 /// A subkey of a dictionary entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -15,10 +15,11 @@ use std::sync::Arc;
 
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
+use potluck_core::clock::Time;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::record::{self, Record, Subkey, Time, Validator};
+use super::record::{self, Record, Subkey, Validator};
 use super::store::Entry;
 use super::{Dht, Error};
 
@@ -236,6 +237,7 @@ pub fn validator<T: Typed>() -> Arc<dyn Validator> {
 
 #[cfg(test)]
 mod tests {
+    use potluck_core::clock;
     use serde::Deserialize;
 
     use super::*;
@@ -280,7 +282,7 @@ mod tests {
         let key = Keypair::generate_ed25519();
         let rates = Owned::<Rate>::at("run/rate");
         let validators = Validators::default().with(validator::<Rate>());
-        let (limits, now) = (Limits::default(), record::now());
+        let (limits, now) = (Limits::default(), clock::now());
         let check = |r: &Record| record::check(r, now, &limits, &validators);
         let good = rates.record(&key, &Rate { per_second: 3.0 }, now + 1000);
         assert_eq!(check(&good), Ok(()));

@@ -249,9 +249,13 @@ mod tests {
     async fn state_averaging_brings_parameters_and_moments_to_their_mean() {
         const N: usize = 10_000;
         let layout = Layout::new([("w", vec![N], Role::Weight)]).unwrap();
-        let boot = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
-            .await
-            .unwrap();
+        let boot = Dht::start_memory_with(
+            Keypair::generate_ed25519(),
+            dht::Config::default(),
+            crate::records::validators(),
+        )
+        .await
+        .unwrap();
         let boot = boot.addrs().await.unwrap();
         let nets = [
             Net::start_memory(&boot).await.unwrap(),

@@ -31,9 +31,8 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use potluck_allreduce::balance::Mode;
-use potluck_core::{Loss, Trainable};
+use potluck_core::{Loss, Trainable, clock, lock};
 use potluck_net::dht;
-use potluck_net::dht::record;
 use tokio::sync::watch;
 
 use crate::guard::Guard;
@@ -53,7 +52,7 @@ use attack::Attacker;
 use job::{Job, Stepped};
 pub use outcome::{Alone, EpochReport, Tick};
 pub use settings::{Net, Settings};
-use swarm::{Local, Pending, Round, View, formed, lock, progress_loop};
+use swarm::{Local, Pending, Round, View, formed, progress_loop};
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -426,7 +425,7 @@ impl<T: Trainable> Collab<T> {
                 Err(e) => Err(e),
             };
         }
-        let now = record::now();
+        let now = clock::now();
         // A round: its group forms by the deadline; the averaging starts once the swarm has
         // the target (or the epoch overran by `max_wait`). A peer too late to join the group
         // ends the epoch at once (it will download the new state).

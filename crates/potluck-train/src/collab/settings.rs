@@ -103,7 +103,12 @@ impl Net {
     /// (peers of one process: tests, benches).
     pub async fn start_memory(boot: &[Multiaddr]) -> Result<Net, Error<std::convert::Infallible>> {
         let keypair = Keypair::generate_ed25519();
-        let dht = Dht::start_memory(keypair.clone(), dht::Config::default()).await?;
+        let dht = Dht::start_memory_with(
+            keypair.clone(),
+            dht::Config::default(),
+            crate::records::validators(),
+        )
+        .await?;
         dht.bootstrap(boot).await?;
         Ok(Net::start(dht, keypair)?)
     }

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use libp2p::{Multiaddr, PeerId};
 use potluck_allreduce::butterfly::Group;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
+use potluck_core::clock::{self, Time};
+use potluck_core::lock;
 use potluck_net::dht;
-use potluck_net::dht::record::{self, Time};
 use tokio::sync::watch;
 
 use super::{Alone, Net, Settings};
@@ -85,7 +86,7 @@ pub(super) fn formed(
 
 /// A proposal for an epoch's deadline, rounded so concurrent proposals tend to agree.
 pub(super) fn deadline_after(lead: Duration) -> Time {
-    let t = record::now() + lead.as_millis() as u64;
+    let t = clock::now() + lead.as_millis() as u64;
     t.div_ceil(100) * 100
 }
 
@@ -133,7 +134,7 @@ pub(super) async fn progress_loop(
                 epoch: l.epoch,
                 samples: l.samples,
                 samples_per_second: l.rate,
-                time: record::now(),
+                time: clock::now(),
                 held: l.held,
                 addrs: wire_addrs.clone(),
             };
@@ -158,7 +159,7 @@ pub(super) async fn progress_loop(
         let mut near = false;
         match fetched {
             Ok(mut reports) => {
-                let now = record::now();
+                let now = clock::now();
                 // Our own report, as we know it now (the DHT's copy may lag).
                 reports.retain(|(p, _)| *p != me);
                 let others: Vec<(u64, u64, Donor)> = reports
@@ -256,10 +257,6 @@ pub(super) async fn progress_loop(
             }
         }
     }
-}
-
-pub(super) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Starts forming `epoch`'s group by `deadline` in the background.

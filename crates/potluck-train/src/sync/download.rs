@@ -18,7 +18,9 @@ use super::snapshot::{Snapshot, Values};
 use super::wire::{
     MAX_CONTROL, Manifest, PROTOCOL, Request, Response, Shape, decode_manifest, manifest_limit,
 };
-use super::{Error, lock};
+use potluck_core::lock;
+
+use super::Error;
 
 /// Donors fetched from at once.
 const MAX_DONORS: usize = 8;

@@ -20,8 +20,6 @@ mod serve;
 mod snapshot;
 mod wire;
 
-use std::sync::Mutex;
-
 pub use download::{Donor, Partial, Report, Settings, download};
 pub use serve::{Serving, Shelf, serve};
 pub use snapshot::Snapshot;
@@ -49,10 +47,6 @@ pub enum Error {
     Incomplete { got: usize, total: usize },
     #[error(transparent)]
     Host(#[from] host::Error),
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A small model's parameters and an optimizer that took three steps on them (unit tests).

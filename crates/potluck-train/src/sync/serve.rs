@@ -9,9 +9,9 @@ use libp2p::Stream;
 use potluck_net::frame::{read_message, write_frame, write_message};
 use potluck_net::host::{self, Host};
 
-use super::lock;
 use super::snapshot::Snapshot;
 use super::wire::{MAX_CONTROL, PROTOCOL, Request, Response};
+use potluck_core::lock;
 
 /// The state this peer serves; replaced after every step.
 #[derive(Debug, Clone, Default)]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail};
 use futures::future::join_all;
-use potluck_net::dht::record;
+use potluck_core::clock;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::{Config, Dht};
 use potluck_net::host::{self, Transports};
@@ -94,7 +94,7 @@ async fn bench(args: &DhtArgs) -> Result<Report> {
     let setup = started.elapsed().as_secs_f64();
     tracing::info!("{} nodes up in {setup:.1} s", nodes.len());
 
-    let expiration = record::now() + 3_600_000;
+    let expiration = clock::now() + 3_600_000;
     let (mut store_ms, mut stored) = (Vec::new(), 0);
     for k in 0..args.keys {
         let node = &nodes[rng.random_range(0..nodes.len())];

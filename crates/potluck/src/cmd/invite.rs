@@ -24,6 +24,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing};
 use libp2p::PeerId;
+use potluck_core::lock;
 use potluck_net::auth::{Authority, Role, Token};
 use serde::{Deserialize, Serialize};
 
@@ -123,7 +124,8 @@ struct Invites {
 impl Invites {
     fn load(path: &Path) -> Result<Invites> {
         let mut codes = HashMap::new();
-        for (n, line) in super::read_bounded(path, MAX_FILE, "the invite file")?
+        for (n, line) in potluck_core::file::read_text_limited(path, MAX_FILE)
+            .context("reading the invite file")?
             .lines()
             .enumerate()
         {
@@ -155,7 +157,10 @@ impl Invites {
         }
         let used = used_path(path);
         if used.exists() {
-            for line in super::read_bounded(&used, MAX_FILE, "the invite file's uses")?.lines() {
+            for line in potluck_core::file::read_text_limited(&used, MAX_FILE)
+                .context("reading the invite file's uses")?
+                .lines()
+            {
                 let mut words = line.split_whitespace();
                 let (Some(code), Some(peer)) = (words.next(), words.next()) else {
                     continue;
@@ -251,10 +256,6 @@ struct Granted {
     token: String,
     role: String,
     expires_ms: u64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {

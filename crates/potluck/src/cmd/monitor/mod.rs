@@ -18,13 +18,13 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::{Json, Router, routing};
-use potluck_net::dht::record;
+use potluck_core::{clock, lock};
 use potluck_net::host::ClientMode;
 use potluck_train::metrics;
 use serde::Deserialize;
 
-use crate::cmd::together::{NetArgs, start_dht};
-use samples::{Drawing, Slot, lock};
+use crate::cmd::joining::{NetArgs, start_dht};
+use samples::{Drawing, Slot};
 use store::Store;
 use watch::Watch;
 
@@ -213,7 +213,7 @@ async fn poll(
                 .into_iter()
                 .map(|(by, who, why)| (by.to_string(), who.to_string(), why))
                 .collect();
-            w.update(records, record::now())
+            w.update(records, clock::now())
         };
         lock(&store).append(&new)?;
     }
@@ -326,7 +326,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/api/status",
             routing::get(|State(s): State<Arc<Shared>>| async move {
-                let value = lock(&s.watch).status(&s.run, &s.join, record::now());
+                let value = lock(&s.watch).status(&s.run, &s.join, clock::now());
                 Json(value)
             }),
         )
@@ -345,7 +345,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/metrics",
             routing::get(|State(s): State<Arc<Shared>>| async move {
-                let text = lock(&s.watch).prometheus(&s.run, record::now());
+                let text = lock(&s.watch).prometheus(&s.run, clock::now());
                 ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
             }),
         )

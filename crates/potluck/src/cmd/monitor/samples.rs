@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use image::RgbImage;
+use potluck_core::{clock, lock};
 use potluck_model::dalle::Sampling;
-use potluck_net::dht::record;
 use potluck_train::checkpoint;
 
 use super::store::{MAX_PNG, SampleSet, Store};
@@ -129,7 +129,7 @@ fn draw_set(model: &Model, d: &Drawing) -> Result<(SampleSet, Eval)> {
     };
     let eval = Eval {
         epoch: model.epoch,
-        time: record::now(),
+        time: clock::now(),
         accuracy,
         prompts: if accuracy.is_some() {
             d.eval_prompts
@@ -221,10 +221,6 @@ pub(super) async fn keep_drawing(
         }
         *slot.lock().await = Some(model);
     }
-}
-
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The PNG of sample `i` of the set drawn at `epoch`, if that is the newest set.
