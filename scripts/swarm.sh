@@ -8,7 +8,8 @@
 #            --target-batch-size 192 --epochs 250 --warmup 25
 #   NETNS=sl scripts/swarm.sh runs/slow 4 -- ...   (after scripts/slowlinks.sh up sl 4 100mbit)
 #
-# Every peer's output goes to OUT/peerI.log; their checkpoints to OUT/peerI.
+# Every peer's output goes to OUT/peerI.log; their checkpoints to OUT/peerI. POTLUCK names the
+# binary (default target/release/potluck); PROMPTS=0 skips the score.
 set -euo pipefail
 OUT=${1:?output directory}
 N=${2:?peers}
@@ -47,4 +48,5 @@ for i in $(seq 0 $((N - 1))); do
     echo "peer $i: $(grep -h 'trained to epoch' "$OUT/peer$i.log" || echo 'did not finish')"
 done
 [ "$status" = 0 ] || { echo "a peer failed: see $OUT/peer*.log" >&2; exit 1; }
-"$BIN" eval --checkpoint "$OUT/peer0" --prompts "${PROMPTS:-200}" | tail -1
+PROMPTS=${PROMPTS:-200}
+[ "$PROMPTS" = 0 ] || "$BIN" eval --checkpoint "$OUT/peer0" --prompts "$PROMPTS" | tail -1
