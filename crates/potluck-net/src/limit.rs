@@ -2,6 +2,10 @@
 //! left is refused (cheaply, before it is processed), and a peer that keeps sending far over its
 //! rate is banned for a while: disconnected, and its connections refused until the ban ends.
 //!
+//! A peer's bucket outlives its connections (a flooder that reconnects keeps its refusals and
+//! is banned all the same); buckets are bounded ([`MAX_BUCKETS`]): when they are all taken,
+//! those that are back to a fresh peer's state go first, then the least suspicious.
+//!
 //! Honest peers send a few requests a second (progress reports, matchmaking, lookups); the
 //! defaults leave them two orders of magnitude of room, and a flood of thousands a second is
 //! banned within a second.
@@ -47,6 +51,9 @@ pub enum Verdict {
 /// Bans held at most (each peer that was connected once); beyond, the one ending first goes.
 pub const MAX_BANNED: usize = 4096;
 
+/// Peers whose buckets are kept at most (connected now or lately).
+pub const MAX_BUCKETS: usize = 16_384;
+
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: f64,
@@ -82,6 +89,9 @@ impl Limiter {
             return Verdict::Refuse;
         }
         let rate = self.rate;
+        if self.buckets.len() >= MAX_BUCKETS && !self.buckets.contains_key(&peer) {
+            self.make_room(now);
+        }
         let b = self.buckets.entry(peer).or_insert(Bucket {
             tokens: rate.burst,
             strikes: 0.0,
@@ -125,9 +135,23 @@ impl Limiter {
         self.banned.get(&peer).is_some_and(|until| *until > now)
     }
 
-    /// Forgets a peer's bucket (it disconnected); a ban stays.
-    pub fn forget(&mut self, peer: PeerId) {
-        self.buckets.remove(&peer);
+    /// Frees buckets for new peers: those back to a fresh peer's state (full, no refusals
+    /// left), or else the one with the fewest refusals.
+    fn make_room(&mut self, now: Instant) {
+        let rate = self.rate;
+        self.buckets.retain(|_, b| {
+            let dt = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens + dt * rate.per_second < rate.burst || b.strikes > dt * rate.per_second
+        });
+        if self.buckets.len() >= MAX_BUCKETS
+            && let Some(calmest) = self
+                .buckets
+                .iter()
+                .min_by(|x, y| x.1.strikes.total_cmp(&y.1.strikes))
+                .map(|(p, _)| *p)
+        {
+            self.buckets.remove(&calmest);
+        }
     }
 
     /// Drops the bans that ended, and says whose.
@@ -217,6 +241,48 @@ mod tests {
         assert_eq!(l.check(flood, later), Verdict::Allow);
         assert_eq!(l.sweep(later), [flood]);
         assert_eq!(l.banned(later), 0);
+    }
+
+    /// A flooder that stays under the ban in each connection and reconnects keeps its
+    /// refusals: the host no longer forgets a bucket when a peer disconnects.
+    #[test]
+    fn refusals_add_up_over_reconnections() {
+        let mut l = Limiter::new(rate());
+        let (peer, t0) = (PeerId::random(), Instant::now());
+        // 20 allowed, 40 refused: under the ban at 50.
+        assert!((0..60).all(|_| l.check(peer, t0) != Verdict::Ban));
+        // A second later (10 tokens, 10 refusals decayed), the same again: banned.
+        let t1 = t0 + Duration::from_secs(1);
+        assert!((0..60).any(|_| l.check(peer, t1) == Verdict::Ban));
+    }
+
+    #[test]
+    fn buckets_are_bounded_and_the_calm_go_first() {
+        let mut l = Limiter::new(rate());
+        let t0 = Instant::now();
+        let flooder = PeerId::random();
+        assert!((0..40).all(|_| l.check(flooder, t0) != Verdict::Ban));
+        for _ in 1..MAX_BUCKETS {
+            l.check(PeerId::random(), t0);
+        }
+        assert_eq!(l.buckets.len(), MAX_BUCKETS);
+        // Full: a newcomer makes room; a second later the calm peers' buckets are back to a
+        // fresh peer's state and go, the flooder's (20 refusals left) stays.
+        let t1 = t0 + Duration::from_secs(1);
+        l.check(PeerId::random(), t1);
+        assert!(l.buckets.len() < MAX_BUCKETS);
+        assert!(l.buckets.contains_key(&flooder));
+        // Full of suspicious peers: the one with the fewest refusals goes.
+        let mut l = Limiter::new(rate());
+        let mild = PeerId::random();
+        assert!((0..22).all(|_| l.check(mild, t0) != Verdict::Ban));
+        for _ in 1..MAX_BUCKETS {
+            let p = PeerId::random();
+            assert!((0..30).all(|_| l.check(p, t0) != Verdict::Ban));
+        }
+        l.check(PeerId::random(), t0);
+        assert_eq!(l.buckets.len(), MAX_BUCKETS);
+        assert!(!l.buckets.contains_key(&mild));
     }
 
     #[test]

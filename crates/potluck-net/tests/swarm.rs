@@ -189,3 +189,168 @@ async fn expired_records_vanish() {
     tokio::time::sleep(std::time::Duration::from_millis(left)).await;
     assert!(nodes[2].get(b"run.short").await.unwrap().is_none());
 }
+
+/// A flooder that stays just under the ban in each connection, disconnects and comes back
+/// with the same id keeps its refusals: it is banned on its second connection (before, the
+/// host forgot a peer's bucket when it disconnected, and a fresh burst came with every
+/// reconnect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooder_that_reconnects_is_banned_all_the_same() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use potluck_net::dht::record::Validators;
+    use potluck_net::dht::wire::{self, Request, RequestBody, ResponseBody};
+    use potluck_net::host::{self, ClientMode, Host, Transports};
+    use potluck_net::limit::Rate;
+
+    let memory = || libp2p::multiaddr::Protocol::Memory(rand::random::<u64>() | 1).into();
+    let mut node_config = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+    node_config.listen = vec![memory()];
+    node_config.requests = Rate {
+        per_second: 2.0,
+        burst: 10.0,
+        ban_after: 15.0,
+        ban_for: Duration::from_secs(60),
+    };
+    let node = Dht::start(node_config, Config::default(), Validators::default())
+        .await
+        .unwrap();
+    let mut attacker_config = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+    attacker_config.listen = vec![memory()];
+    attacker_config.client_mode = ClientMode::On;
+    let attacker = Host::start(attacker_config, Arc::new(potluck_net::dht::Refusing))
+        .await
+        .unwrap();
+    let addrs = node.addrs().await.unwrap();
+    let request = Request {
+        client: true,
+        body: RequestBody::Get {
+            key: b"run.key".to_vec(),
+        },
+    };
+    // 24 requests at once: 10 in the burst, about 14 refused (the bucket refills by 2 a
+    // second), short of the ban at 15.
+    let burst = || async {
+        let mut refused = 0;
+        for _ in 0..24 {
+            let answer = wire::rpc(
+                &attacker,
+                node.peer_id(),
+                addrs.clone(),
+                &request,
+                Duration::from_secs(5),
+            )
+            .await;
+            match answer {
+                Ok(r) if matches!(r.body, ResponseBody::Refused { .. }) => refused += 1,
+                Ok(_) => {}
+                // Banned: disconnected, and its connections refused.
+                Err(_) => break,
+            }
+        }
+        refused
+    };
+    let refused = burst().await;
+    assert!((12..15).contains(&refused), "{refused} refused");
+    assert_eq!(
+        node.host().refusals(),
+        (refused, 0),
+        "banned in one connection"
+    );
+    attacker.disconnect(node.peer_id()).await;
+    let gone = tokio::time::timeout(Duration::from_secs(10), async {
+        while !node
+            .host()
+            .connections(attacker.peer_id())
+            .await
+            .unwrap()
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(gone.is_ok(), "the attacker's connection did not close");
+    burst().await;
+    assert_eq!(
+        node.host().refusals().1,
+        1,
+        "the reconnected flooder was not banned"
+    );
+}
+
+/// A node whose clock is an hour ahead: it answers every request with its clock and no peers.
+#[derive(Debug)]
+struct Skewed;
+
+impl potluck_net::host::Inbound for Skewed {
+    type Request = potluck_net::dht::wire::Request;
+
+    fn rpc(&self) -> Option<potluck_net::host::Rpc> {
+        Some(potluck_net::dht::wire::RPC)
+    }
+
+    fn decode(&self, frame: &[u8]) -> Result<Self::Request, String> {
+        potluck_net::dht::wire::Request::decode(frame).map_err(|e| e.to_string())
+    }
+
+    fn request(
+        &self,
+        _: libp2p::PeerId,
+        _: Option<potluck_net::auth::Role>,
+        _: Self::Request,
+    ) -> Vec<u8> {
+        potluck_net::dht::wire::encode(&potluck_net::dht::wire::Response {
+            now: clock::now() + 3_600_000,
+            body: potluck_net::dht::wire::ResponseBody::Nodes { peers: Vec::new() },
+        })
+    }
+
+    fn refusal(&self, reason: &str) -> Vec<u8> {
+        potluck_net::dht::wire::encode(&potluck_net::dht::wire::Response {
+            now: clock::now(),
+            body: potluck_net::dht::wire::ResponseBody::Refused {
+                reason: reason.into(),
+            },
+        })
+    }
+
+    fn identified(&self, _: libp2p::PeerId, _: Vec<libp2p::Multiaddr>, _: bool) {}
+}
+
+/// One initial peer with a skewed clock does not stop a join through the others: it is left
+/// out (before, the first skewed answer aborted the join). When every initial peer is off, it
+/// is this machine's clock that is: the join fails, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_skewed_initial_peer_is_left_out_and_the_join_goes_on() {
+    use std::sync::Arc;
+
+    use potluck_net::host::{self, Host, Transports};
+
+    let mut config = host::Config::new(Keypair::generate_ed25519(), Transports::Memory);
+    config.listen = vec![libp2p::multiaddr::Protocol::Memory(rand::random::<u64>() | 1).into()];
+    let skewed = Host::start(config, Arc::new(Skewed)).await.unwrap();
+    let mut skewed_addr = skewed.listen_addrs().await.unwrap().remove(0);
+    skewed_addr.push(libp2p::multiaddr::Protocol::P2p(skewed.peer_id()));
+    let honest = swarm(1).await.remove(0);
+    let honest_addr = honest.addrs().await.unwrap().remove(0);
+    let newcomer = Dht::start_memory(Keypair::generate_ed25519(), Config::default())
+        .await
+        .unwrap();
+    let worst = newcomer
+        .bootstrap(&[skewed_addr.clone(), honest_addr])
+        .await
+        .unwrap();
+    assert!(
+        worst.abs() < 30_000,
+        "joined through the skewed peer: {worst} ms"
+    );
+    let alone = Dht::start_memory(Keypair::generate_ed25519(), Config::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        alone.bootstrap(&[skewed_addr]).await,
+        Err(Error::ClockSkew { .. })
+    ));
+}

@@ -46,11 +46,16 @@ struct Found {
 impl Dht {
     /// Joins through `initial` peers (full multiaddrs with `/p2p/PEER_ID`): asks each for the
     /// peers near us, checks the clock against theirs, then looks itself up. Returns the
-    /// largest clock skew seen (ms, signed: theirs minus ours).
+    /// largest clock skew seen among the peers it joined through (ms, signed: theirs minus
+    /// ours).
+    ///
+    /// Clocks: when every answering peer's skew is past the limit, this machine's clock is the
+    /// one off (an error, saying so); otherwise a peer whose skew is past the limit is left out
+    /// (a warning), and the join goes on through the others.
     pub async fn bootstrap(&self, initial: &[Multiaddr]) -> Result<i64, Error> {
         let mut answered = 0;
         let mut errors = Vec::new();
-        let mut worst: i64 = 0;
+        let mut answers = Vec::new();
         for addr in initial {
             let Some(peer) = addr.iter().find_map(|p| match p {
                 libp2p::multiaddr::Protocol::P2p(id) => Some(id),
@@ -74,31 +79,46 @@ impl Dht {
                     ..
                 }) if reason != CLIENT_MODE => errors.push(format!("{addr}: refused: {reason}")),
                 Ok(response) => {
-                    answered += 1;
                     let received = now();
                     let ours = (sent + received) / 2;
                     let skew = response.now as i64 - ours as i64;
-                    let abs = Duration::from_millis(skew.unsigned_abs());
-                    if abs > self.shared.config.skew_limit {
-                        return Err(Error::ClockSkew {
-                            peer,
-                            skew_ms: skew,
-                        });
-                    }
-                    if abs > self.shared.config.skew_warn {
-                        tracing::warn!(
-                            "clock skew of {skew} ms against {peer}: check this machine's clock"
-                        );
-                    }
-                    if skew.abs() > worst.abs() {
-                        worst = skew;
-                    }
-                    lock(&self.shared.table).seen(peer, vec![addr.clone()], Instant::now());
-                    if let ResponseBody::Nodes { peers } = response.body {
-                        self.learn(&peers);
-                    }
+                    answers.push((peer, addr, skew, response.body));
                 }
                 Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        let limit = self.shared.config.skew_limit;
+        let past = |skew: i64| Duration::from_millis(skew.unsigned_abs()) > limit;
+        if let Some((peer, _, skew, _)) = answers.first()
+            && answers.iter().all(|(_, _, s, _)| past(*s))
+        {
+            return Err(Error::ClockSkew {
+                peer: *peer,
+                skew_ms: *skew,
+            });
+        }
+        let mut worst: i64 = 0;
+        for (peer, addr, skew, body) in answers {
+            if past(skew) {
+                tracing::warn!(
+                    "left out initial peer {peer}: its clock is {skew} ms off this machine's and \
+                     the other peers'"
+                );
+                errors.push(format!("{addr}: its clock is {skew} ms off"));
+                continue;
+            }
+            if Duration::from_millis(skew.unsigned_abs()) > self.shared.config.skew_warn {
+                tracing::warn!(
+                    "clock skew of {skew} ms against {peer}: check this machine's clock"
+                );
+            }
+            if skew.abs() > worst.abs() {
+                worst = skew;
+            }
+            answered += 1;
+            lock(&self.shared.table).seen(peer, vec![addr.clone()], Instant::now());
+            if let ResponseBody::Nodes { peers } = body {
+                self.learn(&peers);
             }
         }
         if answered == 0 && !initial.is_empty() {

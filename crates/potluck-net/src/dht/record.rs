@@ -117,6 +117,8 @@ pub enum Rejection {
     Full,
     #[error("the storing peer's share of this node's store is used up")]
     Quota,
+    #[error("owner-signed records are stored here: a plain value does not replace them")]
+    Owned,
 }
 
 /// The bytes an owner signs: a domain tag, then key, subkey, value and expiration.

@@ -3,7 +3,8 @@
 //! Rules (per key, after [`super::record::check`] passed):
 //! - a value under a subkey replaces the one there only if it expires later;
 //! - a plain value replaces a plain value that expires earlier, and a dictionary whose every
-//!   subkey expires earlier;
+//!   subkey expires earlier and that holds no owner-signed subkey (anyone may write a plain
+//!   value: it must not erase what owners signed);
 //! - a subkey stored under a key holding a plain value turns it into a dictionary only if it
 //!   expires later than the plain value;
 //! - expired items vanish (they are never returned, and are dropped as time passes);
@@ -34,11 +35,16 @@ impl Entry {
         }
     }
 
+    /// Whether the entry holds an owner-signed subkey.
+    pub fn has_owners(&self) -> bool {
+        matches!(self, Entry::Dict(d) if d.keys().any(|s| matches!(s, Subkey::Owner(_))))
+    }
+
     /// Merges another node's view of the same key into this one, by the same rules as stores.
     pub fn merge(&mut self, other: &Entry) {
         match other {
             Entry::Value(i) => {
-                if i.expiration > self.expiration() {
+                if i.expiration > self.expiration() && !self.has_owners() {
                     *self = Entry::Value(i.clone());
                 }
             }
@@ -254,6 +260,7 @@ impl Store {
         let key = r.key.as_slice();
         let item = &r.item;
         match (&r.subkey, self.entries.get(key)) {
+            (None, Some(existing)) if existing.has_owners() => return Err(Rejection::Owned),
             (None, Some(existing)) if existing.expiration() >= item.expiration => {
                 return Err(Rejection::Stale);
             }
@@ -336,6 +343,35 @@ mod tests {
             subkey: subkey.map(|s| Subkey::Plain(vec![s])),
             item: item(v, expiration),
         }
+    }
+
+    /// Squatting a run's key: a plain value, whatever its expiry, neither replaces the
+    /// owner-signed records under a key (in a store or when a get merges replicas' answers)
+    /// nor keeps their owners from writing.
+    #[test]
+    fn a_plain_value_never_displaces_owner_signed_records() {
+        let owned = Record {
+            key: b"k".to_vec(),
+            subkey: Some(Subkey::Owner(vec![1; 38])),
+            item: item(1, 100),
+        };
+        let squat = rec(None, 9, 10_000);
+        let mut s = Store::new(1 << 20, Limits::default());
+        s.put(&owned, 0).unwrap();
+        assert_eq!(s.put(&squat, 0), Err(Rejection::Owned));
+        let mut newer = owned.clone();
+        newer.item = item(2, 200);
+        assert!(s.put(&newer, 0).is_ok());
+        let Some(mut seen) = s.get(b"k", 0) else {
+            panic!("the owner's record is gone")
+        };
+        let before = seen.clone();
+        seen.merge(&Entry::Value(item(9, 10_000)));
+        assert_eq!(seen, before);
+        // Dictionaries of plain subkeys are anyone's: a later plain value still replaces them.
+        let mut s = Store::new(1 << 20, Limits::default());
+        s.put(&rec(Some(1), 1, 100), 0).unwrap();
+        assert!(s.put(&squat, 0).is_ok());
     }
 
     #[test]

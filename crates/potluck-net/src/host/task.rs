@@ -346,9 +346,6 @@ impl<I: Inbound> Task<I> {
                 ..
             } => {
                 self.connections.remove(&connection_id);
-                if num_established == 0 {
-                    self.limiter.forget(peer_id);
-                }
                 if num_established == 0
                     && let Some(gate) = &self.gate
                 {
