@@ -8,8 +8,9 @@
 //! and per-tensor compression choices all come from the layout.
 //!
 //! Beside the seam, small things every crate shares: the wall clock ([`clock`]), bounded reads
-//! and atomic writes of files with their one error type ([`file`]), and [`lock`], which locks
-//! a mutex whether or not a panic poisoned it.
+//! and atomic writes of files with their one error type ([`file`]), bounded places for
+//! concurrent work in all and per key ([`slots`]), and [`lock`], which locks a mutex whether or
+//! not a panic poisoned it.
 
 use std::ops::Range;
 
@@ -17,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod clock;
 pub mod file;
+pub mod slots;
 mod sync;
 
 pub use sync::lock;

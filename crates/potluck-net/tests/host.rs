@@ -211,10 +211,7 @@ async fn an_unreachable_direct_port_falls_back_to_the_stream_and_is_remembered()
         r.read_to_end(&mut got).await.unwrap();
         got
     });
-    let bulk = a
-        .choose_direct(stream, b.peer_id(), &addrs, &offer)
-        .await
-        .unwrap();
+    let bulk = a.choose_direct(stream, b.peer_id(), &offer).await.unwrap();
     assert!(!bulk.is_direct());
     let (_r, mut w) = bulk.into_split();
     let data = pattern(100_000);
@@ -223,4 +220,30 @@ async fn an_unreachable_direct_port_falls_back_to_the_stream_and_is_remembered()
     assert_eq!(accepting.await.unwrap(), data);
     assert!(!a.wants_direct(b.peer_id()));
     assert!(a.wants_direct(PeerId::random()));
+}
+
+/// A direct channel goes only to the address of the connection a member already has with the
+/// peer: an offer whose port answers only at another address (here 127.0.0.2, standing for a
+/// service on the member's network that the peer names) is not dialed there (before, the
+/// member dialed every address the peer advertised and wrote the offer's token to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_channel_is_dialed_only_where_the_peer_is_connected() {
+    let (a, b) = (tcp_host().await, tcp_host().await);
+    let mut incoming = b.accept(BULK).unwrap();
+    // The port answers at 127.0.0.2 only; b is connected at 127.0.0.1.
+    let elsewhere = direct::Listener::bind("127.0.0.2".parse().unwrap()).unwrap();
+    let (offer, expected) = elsewhere.expect().unwrap();
+    let addrs = b.listen_addrs().await.unwrap();
+    let stream = a
+        .open_stream(b.peer_id(), addrs, BULK, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let accepting = tokio::spawn(async move {
+        let (_, stream) = incoming.next().await.unwrap();
+        direct::chosen(stream, expected).await.unwrap().is_direct()
+    });
+    let bulk = a.choose_direct(stream, b.peer_id(), &offer).await.unwrap();
+    assert!(!bulk.is_direct(), "dialed an address b is not connected at");
+    assert!(!accepting.await.unwrap());
+    drop(elsewhere);
 }

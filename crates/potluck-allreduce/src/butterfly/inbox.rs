@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, Stream};
+use potluck_core::lock;
+use potluck_core::slots::Slots;
 use potluck_net::auth::Role;
 use potluck_net::direct;
 use potluck_net::frame::write_message;
@@ -19,8 +21,6 @@ use potluck_net::host::{self, Host};
 use tokio::sync::mpsc;
 
 use super::wire::{Ack, Hello, PROTOCOL, read_control};
-use potluck_core::lock;
-
 use super::{Reader, Writer};
 
 /// A channel that arrived for a round, after its hello.
@@ -71,6 +71,11 @@ pub const BANNED_FOR: Duration = Duration::from_secs(3600);
 /// Members tracked, at most.
 const MAX_TRACKED: usize = 4096;
 
+/// Incoming streams read for their hello and routed at once, at most.
+pub(super) const MAX_ROUTING: usize = 256;
+/// Of those, from one peer at most (a member opens one stream to each reducer of a round).
+pub(super) const MAX_ROUTING_PER_PEER: usize = 16;
+
 /// Dropped contributions per member, and the members banned here (until when, and why).
 #[derive(Debug, Default)]
 struct Strikes {
@@ -101,16 +106,27 @@ impl Drop for Registration {
 
 impl Inbox {
     /// Starts accepting streams on `host`. The accept loop hands every stream to a task at
-    /// once (libp2p-stream keeps one waiting stream at most; openers retry what it drops).
-    /// In an authorized run only trainers and aux peers are heard (a monitor may not average).
+    /// once (libp2p-stream keeps one waiting stream at most; openers retry what it drops), at
+    /// most [`MAX_ROUTING`] at once and [`MAX_ROUTING_PER_PEER`] for one peer: a stream over
+    /// those is dropped (an honest opener retries). In an authorized run only trainers and aux
+    /// peers are heard (a monitor may not average).
     pub fn start(host: &Host) -> Result<Inbox, host::Error> {
         let mut incoming = host.accept_from(PROTOCOL, Role::averages)?;
         let rounds: Rounds = Arc::default();
         let shared = rounds.clone();
         let router = host.clone();
+        let routing = Slots::new(MAX_ROUTING, MAX_ROUTING_PER_PEER);
         tokio::spawn(async move {
             while let Some((peer, stream)) = incoming.next().await {
-                tokio::spawn(route(peer, stream, shared.clone(), router.clone()));
+                let Some(slot) = routing.try_enter(peer) else {
+                    tracing::debug!("dropped an all-reduce stream of {peer}: too many at once");
+                    continue;
+                };
+                let (shared, router) = (shared.clone(), router.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    route(peer, stream, shared, router).await;
+                });
             }
         });
         Ok(Inbox {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt;
+use potluck_core::lock;
 use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host::{self, Host};
 use tokio::sync::{mpsc, watch};
@@ -23,8 +24,6 @@ use super::inbox::{Incoming, Registration};
 use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
 use super::wire::{Ack, result_frame};
-use potluck_core::lock;
-
 use super::{BANNED, Fault, Member, PartResult, Reader, Writer};
 use crate::aggregate::{self, Contribution, Dropped};
 use crate::codec;

@@ -9,6 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::AsyncWriteExt;
+use potluck_core::lock;
 use potluck_net::direct;
 use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host;
@@ -18,8 +19,6 @@ use super::flow::LEAD;
 use super::reduce::WATCH;
 use super::round::Round;
 use super::wire::{Ack, Hello, PROTOCOL, parse_result, read_control, result_limit};
-use potluck_core::lock;
-
 use super::{PartResult, Reader, Writer};
 use crate::codec;
 
@@ -95,7 +94,7 @@ async fn open(
                 Ok(Ack::Refused(why)) => return Err(Open::Retry(why)),
                 Ok(Ack::Direct(offer)) => inbox
                     .host
-                    .choose_direct(stream, member.peer, &member.addrs, &offer)
+                    .choose_direct(stream, member.peer, &offer)
                     .await
                     .map_err(|e| Open::Retry(e.to_string()))?,
                 // Dropped unread (the accept queue was full) or reset: try again.

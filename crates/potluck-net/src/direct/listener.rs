@@ -8,13 +8,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use potluck_core::lock;
+use potluck_core::slots::Slots;
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 
 use super::offer::Side;
-use super::{Channel, HANDSHAKE, KEY, MAX_HANDSHAKES, MAX_PENDING, Offer, TOKEN};
+use super::{
+    Channel, HANDSHAKE, KEY, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_IP, MAX_PENDING, Offer, TOKEN,
+};
 
 type Pending = Arc<Mutex<HashMap<[u8; TOKEN], oneshot::Sender<TcpStream>>>>;
 
@@ -125,10 +128,11 @@ impl Expected {
 }
 
 async fn accept_loop(listener: TcpListener, pending: Pending) {
-    let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    // One source gets its share of the handshakes, never all of them.
+    let handshakes = Slots::new(MAX_HANDSHAKES, MAX_HANDSHAKES_PER_IP);
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, from) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 // Out of descriptors, say: give the system a moment rather than spin.
                 tracing::debug!("direct listener: {e}");
@@ -136,12 +140,12 @@ async fn accept_loop(listener: TcpListener, pending: Pending) {
                 continue;
             }
         };
-        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+        let Some(slot) = handshakes.try_enter(from.ip()) else {
             continue;
         };
         let pending = pending.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let _slot = slot;
             let mut stream = stream;
             let mut token = [0u8; TOKEN];
             if !matches!(
@@ -196,6 +200,30 @@ mod tests {
         assert_eq!(dial.await.unwrap(), b"pong");
         // The token is spent.
         assert!(lock(&listener.pending).is_empty());
+    }
+
+    /// One source address that opens connections and sends nothing holds only its share of
+    /// the handshakes: a peer from another address still gets its channel (before, 64 idle
+    /// connections from anyone held every slot for the handshake time).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_from_one_address_do_not_block_the_others() {
+        let listener = Listener::bind(IpAddr::from([0, 0, 0, 0])).unwrap();
+        let port = listener.addr().port();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_HANDSHAKES {
+            idle.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+        let (offer, expected) = listener.expect().unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut honest = socket
+            .connect(SocketAddr::from(([127, 0, 0, 1], port)))
+            .await
+            .unwrap();
+        honest.write_all(&offer.token).await.unwrap();
+        let channel = expected.accept(Duration::from_secs(3)).await;
+        assert!(channel.is_ok(), "{:?}", channel.err());
+        drop(idle);
     }
 
     #[tokio::test]

@@ -23,7 +23,8 @@
 //! open. An empty record ends the stream (closing the writer sends it): a connection that ends
 //! without it was cut, and the reader says so. Anyone can connect to the port, but a connection
 //! that does not present a live token within [`HANDSHAKE`] is closed, at most
-//! [`MAX_HANDSHAKES`] are read at once, and at most [`MAX_PENDING`] offers wait at once.
+//! [`MAX_HANDSHAKES`] are read at once ([`MAX_HANDSHAKES_PER_IP`] from one address, so one
+//! source cannot hold them all), and at most [`MAX_PENDING`] offers wait at once.
 //!
 //! Where a direct connection cannot be made (a NAT, a relay, a firewall) the caller stays on
 //! its libp2p stream; nothing else changes.
@@ -57,6 +58,9 @@ pub const MAX_RECORD: usize = 1 << 20;
 pub const HANDSHAKE: Duration = Duration::from_secs(5);
 /// Connections read for their token at once, at most (more are closed at once).
 pub const MAX_HANDSHAKES: usize = 64;
+/// Of those, from one source address at most (honest peers open one channel at a time per
+/// round).
+pub const MAX_HANDSHAKES_PER_IP: usize = 4;
 /// Offers waiting for their connection at once, at most.
 pub const MAX_PENDING: usize = 1024;
 /// How long the offered side tries to connect (each address) before it stays on the stream.

@@ -65,19 +65,18 @@ impl Host {
         }
     }
 
-    /// The offered side of a direct channel to `peer` ([`direct::choose`]): tries the IPs of
-    /// our connections to it (they work), then those of `addrs`; the channel to use. A failure
-    /// is remembered ([`Host::wants_direct`]).
+    /// The offered side of a direct channel to `peer` ([`direct::choose`]): tries only the IPs
+    /// of our connections to it, never an address the peer merely names (a peer could name a
+    /// service on our network, and we would write the offer's token to it); the channel to
+    /// use. A failure is remembered ([`Host::wants_direct`]).
     pub async fn choose_direct(
         &self,
         stream: libp2p::Stream,
         peer: PeerId,
-        addrs: &[Multiaddr],
         offer: &direct::Offer,
     ) -> std::io::Result<direct::Bulk> {
-        let mut all = self.connections(peer).await.unwrap_or_default();
-        all.extend(addrs.iter().cloned());
-        let bulk = direct::choose(stream, &direct::ips(&all), offer).await?;
+        let connected = self.connections(peer).await.unwrap_or_default();
+        let bulk = direct::choose(stream, &direct::ips(&connected), offer).await?;
         if !bulk.is_direct() {
             let mut failed = lock(&self.direct_failed);
             // Bounded: the oldest failures go first.

@@ -118,7 +118,7 @@ impl Host {
             write_message(&mut stream, &hello).await?;
             let offer: Option<direct::Offer> = read_message(&mut stream, MAX_PROBE_CONTROL).await?;
             match offer {
-                Some(offer) => self.choose_direct(stream, peer, &addrs, &offer).await,
+                Some(offer) => self.choose_direct(stream, peer, &offer).await,
                 None => Ok(direct::Bulk::Stream(stream)),
             }
         };

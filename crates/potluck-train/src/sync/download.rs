@@ -10,17 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId, Stream};
+use potluck_core::lock;
 use potluck_net::frame::{read_frame, read_message, write_message};
 use potluck_net::host::{self, Host};
 use sha2::{Digest, Sha256};
 
+use super::Error;
 use super::snapshot::{Snapshot, Values};
 use super::wire::{
     MAX_CONTROL, Manifest, PROTOCOL, Request, Response, Shape, decode_manifest, manifest_limit,
 };
-use potluck_core::lock;
-
-use super::Error;
 
 /// Donors fetched from at once.
 const MAX_DONORS: usize = 8;

@@ -6,12 +6,13 @@ use std::time::Duration;
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::Stream;
+use potluck_core::lock;
+use potluck_core::slots::Slots;
 use potluck_net::frame::{read_message, write_frame, write_message};
 use potluck_net::host::{self, Host};
 
 use super::snapshot::Snapshot;
 use super::wire::{MAX_CONTROL, PROTOCOL, Request, Response};
-use potluck_core::lock;
 
 /// The state this peer serves; replaced after every step.
 #[derive(Debug, Clone, Default)]
@@ -36,14 +37,27 @@ pub struct Serving {
     pub delay: Option<Duration>,
 }
 
-/// Serves `shelf` on `host` until the host stops. Each stream answers requests in order.
+/// State streams answered at once, at most.
+pub(super) const MAX_STREAMS: usize = 64;
+/// Of those, for one peer at most (a downloader opens one stream to each donor).
+pub(super) const MAX_STREAMS_PER_PEER: usize = 2;
+
+/// Serves `shelf` on `host` until the host stops. Each stream answers requests in order; at
+/// most [`MAX_STREAMS`] streams are answered at once, [`MAX_STREAMS_PER_PEER`] for one peer
+/// (more are closed at once).
 pub fn serve(host: &Host, shelf: Shelf, serving: Serving) -> Result<(), host::Error> {
     let mut incoming = host.accept(PROTOCOL)?;
     let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let streams = Slots::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
+            let Some(slot) = streams.try_enter(peer) else {
+                tracing::debug!("closed a state stream of {peer}: too many at once");
+                continue;
+            };
             let (shelf, served) = (shelf.clone(), served.clone());
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = answer(stream, shelf, serving, served).await {
                     tracing::debug!("state stream from {peer} ended: {e}");
                 }
