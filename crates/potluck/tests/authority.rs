@@ -27,6 +27,25 @@ fn request(url: &str, dir: &std::path::Path, code: &str, who: &str) -> (bool, St
     (o.status.success(), text(&o.stdout) + &text(&o.stderr))
 }
 
+/// A raw HTTP POST of `body` to `url` (http://HOST:PORT): the whole answer.
+fn post(url: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    reply
+}
+
 #[test]
 fn an_invite_code_gets_one_peer_a_token_and_nobody_else() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,6 +95,19 @@ fn an_invite_code_gets_one_peer_a_token_and_nobody_else() {
     );
     let (granted, said) = ask("00000000000000000000000000000000", "bob");
     assert!(!granted && said.contains("unknown invite code"), "{said}");
+    // Binding a code to a peer id without its key: refused (the code stays free).
+    let someone = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id();
+    let body = format!(
+        r#"{{"invite":"{}","peer":"{someone}","proof":"00"}}"#,
+        codes[1]
+    );
+    let reply = post(&url, "/token", &body);
+    assert!(
+        reply.starts_with("HTTP/1.1 403") && reply.contains("not signed"),
+        "{reply}"
+    );
     // A restart remembers who used which code.
     server.kill();
     let (server, url) = serve();

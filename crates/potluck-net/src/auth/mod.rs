@@ -26,7 +26,10 @@ use serde::{Deserialize, Serialize};
 
 pub use gate::Gate;
 pub use handshake::Reply;
-pub use token::{Authority, AuthorityKey, Grant, Refusal, Token, Verifier};
+pub use token::{
+    Authority, AuthorityKey, Grant, Refusal, Token, Verifier, check_invite_request,
+    sign_invite_request,
+};
 pub use watch::watch_token;
 
 mod gate;

@@ -274,6 +274,33 @@ impl Verifier {
     }
 }
 
+/// What a peer signs when it asks an invite server for a token with `code`.
+fn invite_payload(code: &str, peer: &PeerId) -> Vec<u8> {
+    let mut payload = b"potluck invite request v1\0".to_vec();
+    payload.extend_from_slice(code.as_bytes());
+    payload.push(0);
+    payload.extend_from_slice(&peer.to_bytes());
+    payload
+}
+
+/// Proof, for an invite server, that the peer asking with `code` holds the key of the peer id
+/// its token will name (hex of its signature).
+pub fn sign_invite_request(keypair: &Keypair, code: &str) -> String {
+    let payload = invite_payload(code, &keypair.public().to_peer_id());
+    hex(&keypair.sign(&payload).unwrap_or_default())
+}
+
+/// Whether `proof` is `peer`'s signature of a request with `code` ([`sign_invite_request`]).
+pub fn check_invite_request(peer: &PeerId, code: &str, proof: &str) -> bool {
+    if proof.len() > 256 {
+        return false;
+    }
+    let (Some(public), Some(signature)) = (crate::identity::public_key(peer), unhex(proof)) else {
+        return false;
+    };
+    public.verify(&invite_payload(code, peer), &signature)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -292,6 +319,20 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
 pub(super) mod tests {
     use super::*;
     use crate::auth::Reply;
+
+    #[test]
+    fn an_invite_request_proves_the_key_of_its_peer() {
+        let (alice, bob) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+        let alice_id = alice.public().to_peer_id();
+        let proof = sign_invite_request(&alice, "c0de");
+        assert!(check_invite_request(&alice_id, "c0de", &proof));
+        assert!(!check_invite_request(&alice_id, "other", &proof));
+        // Bob binding a code to Alice's id: he cannot sign for her.
+        let forged = sign_invite_request(&bob, "c0de");
+        assert!(!check_invite_request(&alice_id, "c0de", &forged));
+        assert!(!check_invite_request(&alice_id, "c0de", "zz"));
+        assert!(!check_invite_request(&alice_id, "c0de", &"00".repeat(200)));
+    }
 
     pub(in crate::auth) fn setup() -> (Authority, Verifier, PeerId) {
         let authority = Authority::generate();

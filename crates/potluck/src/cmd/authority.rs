@@ -183,6 +183,8 @@ fn revoke(args: RevokeArgs) -> Result<()> {
             .with_context(|| format!("{p:?} is not a peer id (e.g. 12D3KooW…)"))?;
         peers.push(peer);
     }
+    // The invite server refuses them from now on, whether or not the run can be reached.
+    super::invite::record_revoked(&args.key, &args.run_id, &peers)?;
     let keypair = Keypair::generate_ed25519();
     let me = keypair.public().to_peer_id();
     let token = authority.grant(&args.run_id, me, Role::Aux, Duration::from_secs(600));

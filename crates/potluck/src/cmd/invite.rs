@@ -201,6 +201,47 @@ impl Invites {
     }
 }
 
+/// The authority's own record of the peers it revoked, beside its key (`KEY.revoked`, a line
+/// `RUN PEER` each): `authority revoke` writes it before it publishes the list, and the invite
+/// server reads it at every request, so a revoked peer gets no new token whatever code it
+/// presents, even where the run's DHT could not be reached.
+fn revoked_path(key: &Path) -> PathBuf {
+    let mut name = key.as_os_str().to_owned();
+    name.push(".revoked");
+    PathBuf::from(name)
+}
+
+/// Adds `peers` to the authority's record of revoked peers of `run` (appended and fsynced).
+pub(crate) fn record_revoked(key: &Path, run: &str, peers: &[PeerId]) -> Result<()> {
+    let path = revoked_path(key);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    for peer in peers {
+        writeln!(f, "{run} {peer}")?;
+    }
+    f.sync_all()
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Whether the authority revoked `peer` in `run` (a record it cannot read counts as a refusal:
+/// the caller fails closed).
+fn is_revoked(key: &Path, run: &str, peer: &PeerId) -> Result<bool> {
+    let path = revoked_path(key);
+    let text = match potluck_core::file::read_text_limited(&path, MAX_FILE) {
+        Ok(text) => text,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e).context("reading the authority's revoked peers"),
+    };
+    let peer = peer.to_string();
+    Ok(text.lines().any(|line| {
+        let mut words = line.split_whitespace();
+        words.next() == Some(run) && words.next() == Some(peer.as_str())
+    }))
+}
+
 fn used_path(invites: &Path) -> PathBuf {
     let mut name = invites.as_os_str().to_owned();
     name.push(".used");
@@ -239,6 +280,8 @@ impl Failures {
 
 struct Server {
     authority: Authority,
+    /// The authority's key file, beside which its revoked peers are recorded.
+    key: PathBuf,
     run: String,
     ttl: Duration,
     invites: Mutex<Invites>,
@@ -249,6 +292,8 @@ struct Server {
 struct Ask {
     invite: String,
     peer: String,
+    /// The peer's signature of its request: it holds the key of the id the token will name.
+    proof: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -256,6 +301,24 @@ struct Granted {
     token: String,
     role: String,
     expires_ms: u64,
+}
+
+impl Server {
+    /// A token for `peer` presenting `code`: refused to a peer the authority revoked, whatever
+    /// its code; else as the code allows.
+    fn grant_for(&self, code: &str, peer: PeerId) -> Result<(Token, Role), &'static str> {
+        match is_revoked(&self.key, &self.run, &peer) {
+            Ok(false) => {}
+            Ok(true) => return Err("this peer was revoked by the run's authority"),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                return Err("the server could not read the authority's revoked peers");
+            }
+        }
+        let role = lock(&self.invites).redeem(code, peer)?;
+        let token = self.authority.grant(&self.run, peer, role, self.ttl);
+        Ok((token, role))
+    }
 }
 
 fn refuse(status: StatusCode, why: &str) -> Response {
@@ -282,16 +345,20 @@ async fn token(
     let Ok(ask) = serde_json::from_slice::<Ask>(&body) else {
         return fail(
             StatusCode::BAD_REQUEST,
-            "expected JSON {\"invite\": CODE, \"peer\": PEER_ID}",
+            "expected JSON {\"invite\": CODE, \"peer\": PEER_ID, \"proof\": SIGNATURE}",
         );
     };
     let Ok(peer) = ask.peer.parse::<PeerId>() else {
         return fail(StatusCode::BAD_REQUEST, "`peer` is not a peer id");
     };
-    let redeemed = lock(&server.invites).redeem(ask.invite.trim(), peer);
-    match redeemed {
-        Ok(role) => {
-            let token = server.authority.grant(&server.run, peer, role, server.ttl);
+    if !potluck_net::auth::check_invite_request(&peer, ask.invite.trim(), &ask.proof) {
+        return fail(
+            StatusCode::FORBIDDEN,
+            "the request is not signed with the key of `peer` (use `potluck authority request`)",
+        );
+    }
+    match server.grant_for(ask.invite.trim(), peer) {
+        Ok((token, role)) => {
             let expires_ms = token.grant().map_or(0, |g| g.expires);
             tracing::info!("token for {peer} ({role})");
             Json(Granted {
@@ -338,6 +405,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     let codes = invites.codes.len();
     let server = Arc::new(Server {
         authority,
+        key: args.key.clone(),
         run: args.run_id.clone(),
         ttl: args.ttl,
         invites: Mutex::new(invites),
@@ -345,7 +413,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
     });
     let about = format!(
         "potluck invite server for run {} (authority {}).\nPOST /token with \
-         {{\"invite\": CODE, \"peer\": PEER_ID}}, or run: potluck authority request --url \
+         {{\"invite\": CODE, \"peer\": PEER_ID, \"proof\": the peer's signature}}, or run: potluck authority request --url \
          http://THIS_HOST --invite CODE --identity id.key --out my.token\n",
         args.run_id,
         server.authority.public()
@@ -419,9 +487,11 @@ async fn post_json(url: &str, path: &str, body: &str, deadline: Duration) -> Res
 pub(crate) fn request(args: RequestArgs) -> Result<()> {
     let keypair = potluck_net::identity::load_or_create(&args.identity)?;
     let peer = keypair.public().to_peer_id();
+    let code = args.invite.trim();
     let ask = serde_json::to_string(&Ask {
-        invite: args.invite.trim().to_owned(),
+        invite: code.to_owned(),
         peer: peer.to_string(),
+        proof: potluck_net::auth::sign_invite_request(&keypair, code),
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -454,4 +524,47 @@ pub(crate) fn request(args: RequestArgs) -> Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revoked peer gets no new token from the invite server, whatever code it presents
+    /// (before, the server re-issued tokens to any peer bound to a code, revoked or not).
+    #[test]
+    fn a_revoked_peer_gets_no_new_token_whatever_code_it_presents() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("authority.key");
+        let invites = dir.path().join("invites.txt");
+        std::fs::write(&invites, "aaaa trainer 1\nbbbb trainer 5\n").unwrap();
+        let server = Server {
+            authority: Authority::generate(),
+            key: key.clone(),
+            run: "r".into(),
+            ttl: Duration::from_secs(3600),
+            invites: Mutex::new(Invites::load(&invites).unwrap()),
+            failures: Mutex::new(Failures::default()),
+        };
+        let (alice, bob) = (PeerId::random(), PeerId::random());
+        assert!(server.grant_for("aaaa", alice).is_ok());
+        record_revoked(&key, "r", &[alice]).unwrap();
+        // Neither its own code nor a fresh one: revoked is revoked.
+        assert!(
+            server
+                .grant_for("aaaa", alice)
+                .unwrap_err()
+                .contains("revoked")
+        );
+        assert!(
+            server
+                .grant_for("bbbb", alice)
+                .unwrap_err()
+                .contains("revoked")
+        );
+        // Others, and a revocation in another run, change nothing.
+        assert!(server.grant_for("bbbb", bob).is_ok());
+        record_revoked(&key, "other", &[bob]).unwrap();
+        assert!(server.grant_for("bbbb", bob).is_ok());
+    }
 }
