@@ -36,6 +36,10 @@ pub struct Metrics {
     pub version: String,
     /// Whether it is a client (behind a NAT: it reduces nothing, nobody dials it).
     pub client: bool,
+    /// Epochs in a row it could not average though others were around (its parameters drift
+    /// from the swarm's; see `collab::Settings::alone_limit`).
+    #[serde(default)]
+    pub alone_epochs: u64,
     /// Wall clock (ms) when it was published.
     pub time: Time,
 }
@@ -118,6 +122,7 @@ mod tests {
             uptime_s: 60,
             version: "0.1.0".into(),
             client: false,
+            alone_epochs: 0,
             time: clock::now(),
         }
     }

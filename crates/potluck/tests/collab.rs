@@ -143,6 +143,16 @@ fn swarm(init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen
 
 /// [`swarm`] with `n` peers.
 fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)) -> Vec<Seen> {
+    swarm_for(n, EPOCHS, init, setup)
+}
+
+/// [`swarm_of`] for `epochs` epochs.
+fn swarm_for(
+    n: usize,
+    epochs: u64,
+    init: &[f32],
+    setup: impl Fn(usize, &mut collab::Settings),
+) -> Vec<Seen> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -178,12 +188,12 @@ fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)
                     let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
                     // The parameters at each epoch boundary, and what each epoch was.
                     let mut at = Vec::new();
-                    let mut epochs = Vec::new();
-                    while peer.epoch() < EPOCHS {
+                    let mut reports = Vec::new();
+                    while peer.epoch() < epochs {
                         match peer.tick(&mut next).await.unwrap() {
                             Tick::Epoch(r) => {
                                 at.push((r.epoch, peer.params().to_vec()));
-                                epochs.push(r);
+                                reports.push(r);
                             }
                             Tick::Synced(_, e) => at.push((e, peer.params().to_vec())),
                             _ => {}
@@ -191,12 +201,12 @@ fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)
                     }
                     if let Some(r) = peer.settle().await.unwrap() {
                         at.push((r.epoch, peer.params().to_vec()));
-                        epochs.push(r);
+                        reports.push(r);
                     }
                     let loss = eval(peer.model_mut());
-                    let reports = peer.reports().await.unwrap_or_default();
+                    let seen = peer.reports().await.unwrap_or_default();
                     done.wait();
-                    (at, epochs, loss, peer.peer_id(), reports)
+                    (at, reports, loss, peer.peer_id(), seen)
                 })
             })
         })
@@ -354,4 +364,50 @@ fn attacked(n: usize, attackers: usize, plain: bool, stale_bar: f64) {
         }
     }
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// A peer that sees the swarm but can never average with it (it vanishes from every round
+/// after its first chunk) steps alone for at most `alone_limit` epochs, counting them, and then
+/// holds its parameters still instead of drifting from the swarm's on its own gradients (before
+/// the bound it stepped alone to the end of the run). The others are not held back.
+#[test]
+fn a_peer_that_cannot_average_stops_stepping_alone_after_its_limit() {
+    const LIMIT: u64 = 3;
+    let init = initial();
+    let results = swarm_for(3, 12, &init, |i, s| {
+        s.averaging.min_stall = std::time::Duration::from_millis(300);
+        if i == 0 {
+            s.averaging.fault = Some(potluck_allreduce::butterfly::Fault::Sending(1));
+            s.alone_limit = LIMIT;
+        }
+    });
+    let (at, epochs, ..) = &results[0];
+    let summary: Vec<(u64, u64, bool)> = epochs
+        .iter()
+        .map(|r| (r.epoch, r.alone_epochs, r.held_back))
+        .collect();
+    // It stepped alone up to the limit, counting, and held back from then on.
+    assert!(
+        epochs
+            .iter()
+            .any(|r| r.alone_epochs == LIMIT && !r.held_back),
+        "{summary:?}"
+    );
+    let held: Vec<&collab::EpochReport> = epochs.iter().filter(|r| r.held_back).collect();
+    assert!(
+        held.len() >= 3,
+        "held back only {} times: {summary:?}",
+        held.len()
+    );
+    for r in &held {
+        assert!(r.alone_epochs > LIMIT && r.skipped, "{summary:?}");
+        // Its parameters did not move in a held-back epoch.
+        let params = |epoch: u64| at.iter().rev().find(|(e, _)| *e == epoch).map(|(_, p)| p);
+        if let (Some(before), Some(after)) = (params(r.epoch - 1), params(r.epoch)) {
+            assert_eq!(before, after, "epoch {} moved the parameters", r.epoch);
+        }
+    }
+    for (_, others, ..) in &results[1..] {
+        assert!(others.iter().all(|r| !r.held_back));
+    }
 }

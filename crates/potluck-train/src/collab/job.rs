@@ -29,6 +29,9 @@ pub(super) struct Job {
     pub(super) state_every: u64,
     pub(super) guard: Guard,
     pub(super) started: Instant,
+    /// Whether it may step on its own gradient if it cannot average (see
+    /// [`super::Settings::alone_limit`]).
+    pub(super) may_step_alone: bool,
 }
 
 /// Why a [`Job`] could not step.
@@ -66,6 +69,7 @@ impl Job {
             state_every,
             mut guard,
             started,
+            may_step_alone,
         } = self;
         let mut swarm_samples = samples as f64;
         let mut group_size = 1;
@@ -107,8 +111,39 @@ impl Job {
             Err(why) if why.is_fault() => alone_because = Some(why),
             Err(_) => {}
         }
-        if let Some(why) = &alone_because {
-            tracing::warn!("epoch {epoch}: stepping alone ({why})");
+        let held_back = alone_because.is_some() && !may_step_alone;
+        match &alone_because {
+            Some(why) if held_back => tracing::warn!(
+                "epoch {epoch}: not stepping alone again ({why}): the parameters stay as they \
+                 are until this peer averages with the swarm or downloads its state"
+            ),
+            Some(why) => tracing::warn!("epoch {epoch}: stepping alone ({why})"),
+            None => {}
+        }
+        if held_back {
+            state.optimizer.set_steps(epoch + 1);
+            return Ok(Stepped {
+                keep: false,
+                report: EpochReport {
+                    epoch: epoch + 1,
+                    samples,
+                    swarm_samples: 0.0,
+                    group: 1,
+                    alone_because,
+                    alone_epochs: 0,
+                    held_back,
+                    loss,
+                    lr: 0.0,
+                    grad_norm: optim::global_norm(&grad, 1),
+                    skipped: true,
+                    rolled_back: None,
+                    state_averaged: false,
+                    averaging: started.elapsed(),
+                },
+                state,
+                guard,
+                scratch: grad,
+            });
         }
         // The step is a few hundred milliseconds of arithmetic: off the async workers. A
         // spiking gradient rolls back to the guard's good state instead.
@@ -187,6 +222,8 @@ impl Job {
                 swarm_samples,
                 group: group_size,
                 alone_because,
+                alone_epochs: 0,
+                held_back,
                 loss,
                 lr: info.lr,
                 grad_norm: info.grad_norm,

@@ -51,7 +51,7 @@ pub use attack::Attack;
 use attack::Attacker;
 use job::{Job, Stepped};
 pub use outcome::{Alone, EpochReport, Tick};
-pub use settings::{Net, Settings};
+pub use settings::{ALONE_WARN, Net, Settings};
 use swarm::{Local, Pending, Round, View, formed, progress_loop};
 
 /// Errors that stop training.
@@ -116,6 +116,8 @@ pub struct Collab<T: Trainable> {
     started_computing: Option<Instant>,
     /// The spike guard (in the step's job while one runs).
     guard: Option<Guard>,
+    /// Epochs in a row it could not average though others were around.
+    alone_epochs: u64,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -183,6 +185,7 @@ impl<T: Trainable> Collab<T> {
             rate: 0.0,
             started_computing: None,
             guard: None,
+            alone_epochs: 0,
         };
         let mut guard = Guard::new(collab.settings.spike);
         guard.restart(&collab.state);
@@ -368,6 +371,8 @@ impl<T: Trainable> Collab<T> {
                     self.samples = 0;
                     self.loss = Loss::default();
                     self.missed = None;
+                    // Back in line with the swarm.
+                    self.alone_epochs = 0;
                     tracing::info!(
                         "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
                         self.state.epoch(),
@@ -612,6 +617,7 @@ impl<T: Trainable> Collab<T> {
                 .take()
                 .unwrap_or_else(|| Guard::new(self.settings.spike)),
             started,
+            may_step_alone: self.alone_epochs < self.settings.alone_limit,
         };
         self.epoch += 1;
         self.samples = 0;
@@ -636,7 +642,8 @@ impl<T: Trainable> Collab<T> {
 
     /// Takes a finished step's state: the model gets its parameters, the state server serves
     /// it, and the guard keeps it if it is a good state to go back to.
-    fn install(&mut self, stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
+    fn install(&mut self, mut stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
+        self.count_alone(&mut stepped.report);
         self.state = Arc::new(stepped.state);
         self.spare = stepped.scratch;
         let mut guard = stepped.guard;
@@ -652,6 +659,35 @@ impl<T: Trainable> Collab<T> {
         Ok(stepped.report)
     }
 
+    /// Counts the epochs in a row this peer could not average though others were around, into
+    /// `report`, and says so loudly from [`ALONE_WARN`] on: its parameters drift from the
+    /// swarm's while it steps alone.
+    fn count_alone(&mut self, report: &mut EpochReport) {
+        let fault = report.alone_because.as_ref().is_some_and(Alone::is_fault);
+        self.alone_epochs = if fault { self.alone_epochs + 1 } else { 0 };
+        report.alone_epochs = self.alone_epochs;
+        if self.alone_epochs >= ALONE_WARN.min(self.settings.alone_limit.max(1)) {
+            tracing::warn!(
+                "{} epochs in a row without averaging with the swarm, though others are \
+                 around: this peer's parameters drift from theirs{}",
+                self.alone_epochs,
+                if self.alone_epochs > self.settings.alone_limit {
+                    " (it no longer steps alone)".to_owned()
+                } else {
+                    format!(
+                        " (it stops stepping alone after {} epochs)",
+                        self.settings.alone_limit
+                    )
+                }
+            );
+        }
+    }
+
+    /// Epochs in a row this peer could not average though others were around.
+    pub fn alone_epochs(&self) -> u64 {
+        self.alone_epochs
+    }
+
     fn missed_report(&self, epoch: u64, started: Instant) -> EpochReport {
         EpochReport {
             epoch,
@@ -659,6 +695,8 @@ impl<T: Trainable> Collab<T> {
             swarm_samples: 0.0,
             group: 0,
             alone_because: Some(Alone::TooLate),
+            alone_epochs: self.alone_epochs,
+            held_back: false,
             loss: Loss::default(),
             lr: 0.0,
             grad_norm: 0.0,

@@ -21,6 +21,12 @@ pub struct EpochReport {
     pub group: usize,
     /// Why it stepped alone, if it did though others were around.
     pub alone_because: Option<Alone>,
+    /// Epochs in a row, this one included, that it could not average though others were
+    /// around (0: it averaged, or it is the only peer).
+    pub alone_epochs: u64,
+    /// It did not step on its own gradient: it has been alone for more than
+    /// [`super::Settings::alone_limit`] epochs.
+    pub held_back: bool,
     pub loss: Loss,
     pub lr: f64,
     pub grad_norm: f64,

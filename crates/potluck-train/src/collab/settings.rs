@@ -48,7 +48,15 @@ pub struct Settings {
     pub spike: f64,
     /// For experiments and tests of robustness: this peer sends a corrupted gradient.
     pub attack: Option<Attack>,
+    /// Epochs in a row a peer that knows of others may step on its own gradient alone (its
+    /// group failed, or it was left out of one) before it stops stepping until it averages
+    /// with the swarm again or downloads its state; from [`ALONE_WARN`] epochs on it warns at
+    /// every epoch. 0: never step alone while others are around.
+    pub alone_limit: u64,
 }
+
+/// Epochs in a row stepping alone, with others around, from which a peer warns at every epoch.
+pub const ALONE_WARN: u64 = 3;
 
 impl Settings {
     /// Defaults for a run named `run` with `target_batch` samples per epoch.
@@ -70,6 +78,7 @@ impl Settings {
             join_wait: Duration::from_secs(3),
             spike: 10.0,
             attack: None,
+            alone_limit: 10,
         }
     }
 

@@ -149,6 +149,7 @@ async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()>
             uptime_s: started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").into(),
             client: false,
+            alone_epochs: peer.alone_epochs(),
             time: clock::now(),
         };
         publish_metrics(&dht, &keypair, &args.run_id, m);

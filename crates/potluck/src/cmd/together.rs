@@ -41,6 +41,12 @@ pub(crate) struct RunArgs {
     /// average far, whatever it sends.
     #[arg(long)]
     pub(crate) robust: bool,
+    /// Epochs in a row a peer that cannot average with the others (though it sees them) steps
+    /// on its own gradient before it stops stepping, until it averages again or downloads the
+    /// swarm's state (it warns from the third such epoch on; 0: never step alone while others
+    /// are around).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) max_alone_epochs: u64,
 }
 
 /// What joining a run takes.
@@ -84,6 +90,7 @@ impl Default for SwarmArgs {
                 state_every: 10,
                 spike_factor: 10.0,
                 robust: false,
+                max_alone_epochs: 10,
             },
             init: None,
             delayed_updates: false,
@@ -96,6 +103,7 @@ impl Default for SwarmArgs {
 pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     let mut settings = collab::Settings::new(run_id, run.target_batch_size);
     settings.state_every = run.state_every;
+    settings.alone_limit = run.max_alone_epochs;
     settings.spike = if run.spike_factor > 0.0 {
         run.spike_factor
     } else {
@@ -274,6 +282,7 @@ async fn train(
                     uptime_s: started.elapsed().as_secs(),
                     version: env!("CARGO_PKG_VERSION").into(),
                     client: !dht.host().reachability().serving,
+                    alone_epochs: r.alone_epochs,
                     time: clock::now(),
                 };
                 publish_metrics(&dht, &keypair, &run_id, m);

@@ -252,6 +252,7 @@ mod tests {
                 uptime_s: 7,
                 version: "0".into(),
                 client: false,
+                alone_epochs: 0,
                 time: 1000 + epoch,
             },
             first_seen: 5,

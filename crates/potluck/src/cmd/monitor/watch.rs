@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use potluck_train::collab::ALONE_WARN;
 use potluck_train::metrics::Metrics;
 use serde::Serialize;
 
@@ -166,6 +167,7 @@ impl Watch {
                 "uptime_s": s.metrics.uptime_s,
                 "version": s.metrics.version,
                 "client": s.metrics.client,
+                "alone_epochs": s.metrics.alone_epochs,
                 "seen_s_ago": now.saturating_sub(s.metrics.time) / 1000,
             })
         };
@@ -186,6 +188,11 @@ impl Watch {
             "epoch": live.iter().map(|s| s.metrics.epoch).max(),
             "samples_per_second": live.iter().map(|s| s.metrics.samples_per_second).sum::<f64>(),
             "live": live.iter().map(|s| peer(s)).collect::<Vec<_>>(),
+            "alone": live
+                .iter()
+                .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
+                .map(|s| serde_json::json!({"peer": s.peer, "epochs": s.metrics.alone_epochs}))
+                .collect::<Vec<_>>(),
             "leaderboard": board.iter().take(100).map(|s| peer(s)).collect::<Vec<_>>(),
             "history": self.points,
             "evals": self.evals,
@@ -213,6 +220,13 @@ impl Watch {
             "potluck_peers",
             "Peers live (a record in the last 2 minutes).",
             live.len() as f64,
+        );
+        gauge(
+            "potluck_peers_alone",
+            "Live peers that could not average with the swarm for 3 epochs or more in a row.",
+            live.iter()
+                .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
+                .count() as f64,
         );
         let rate: f64 = live.iter().map(|s| s.metrics.samples_per_second).sum();
         gauge(
@@ -264,6 +278,7 @@ mod tests {
             uptime_s: 1,
             version: "0".into(),
             client: false,
+            alone_epochs: 0,
             time,
         }
     }
@@ -309,6 +324,17 @@ mod tests {
             prom.contains("potluck_peer_samples{run=\"r\",peer=\"b\",role=\"trainer\"} 30"),
             "{prom}"
         );
+        // A peer that could not average for epochs on end is named, and counted.
+        let alone = Metrics {
+            alone_epochs: 4,
+            ..m(2, Some(3.0), 20, now + 3)
+        };
+        w.update(vec![("a".into(), alone)], now + 3);
+        let status = w.status("r", "join", now + 3);
+        assert_eq!(status["alone"][0]["peer"], "a");
+        assert_eq!(status["alone"][0]["epochs"], 4);
+        let prom = w.prometheus("r", now + 3);
+        assert!(prom.contains("potluck_peers_alone{run=\"r\"} 1"), "{prom}");
         // Gone for long: not live.
         assert_eq!(w.live(now + LIVE_MS + 10).len(), 0);
     }
