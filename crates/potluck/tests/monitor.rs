@@ -13,20 +13,33 @@ pub(crate) fn get(addr: &str, path: &str) -> String {
 }
 
 fn get_bytes(addr: &str, path: &str) -> Vec<u8> {
+    let (head, body) = request(addr, path, "");
+    assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+    body
+}
+
+/// GET `path` from `addr` with `headers` (lines ending in CRLF): the answer's head and body.
+fn request(addr: &str, path: &str, headers: &str) -> (String, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
         .unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n"
     )
     .unwrap();
     let mut reply = Vec::new();
     s.read_to_end(&mut reply).unwrap();
     let split = reply.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&reply[..split]);
+    let head = String::from_utf8_lossy(&reply[..split]).into_owned();
+    (head, reply[split + 4..].to_vec())
+}
+
+/// The prompt form's drawing request, as the dashboard sends it.
+fn draw(addr: &str, path: &str) -> Vec<u8> {
+    let (head, body) = request(addr, path, "X-Potluck: draw\r\n");
     assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
-    reply[split + 4..].to_vec()
+    body
 }
 
 fn monitor(boot: &str, data: &std::path::Path, checkpoint: &std::path::Path) -> (Peer, String) {
@@ -117,18 +130,28 @@ fn the_monitor_shows_a_live_run_and_keeps_its_history_across_a_restart() {
             .is_some_and(|a| (0.0..=1.0).contains(&a))
     );
     // The prompt form's endpoint draws one image; the same seed draws the same.
-    let drawn = get_bytes(
+    let drawn = draw(
         &http,
         "/api/generate?prompt=a%20small%20red%20circle%20in%20the%20center&seed=3",
     );
     assert!(drawn.starts_with(b"\x89PNG"));
     assert_eq!(
         drawn,
-        get_bytes(
+        draw(
             &http,
             "/api/generate?prompt=a%20small%20red%20circle%20in%20the%20center&seed=3"
         )
     );
+    // Another web page cannot make it draw: an <img> there sends no header, a script there
+    // its own Origin.
+    let (head, _) = request(&http, "/api/generate?prompt=a&seed=3", "");
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let (head, _) = request(
+        &http,
+        "/api/generate?prompt=a&seed=3",
+        "X-Potluck: draw\r\nOrigin: http://evil.example\r\n",
+    );
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     dashboard_in_chromium(&http, dir.path());
     let page = get(&http, "/");
     assert!(

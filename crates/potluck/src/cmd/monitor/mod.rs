@@ -80,6 +80,11 @@ pub(crate) struct Args {
     /// CPU threads for drawing.
     #[arg(long, default_value_t = 1)]
     pub(crate) threads: usize,
+    /// A host name the dashboard is reached by (repeat), besides IP addresses and localhost:
+    /// the prompt form answers only requests addressed to these (a page elsewhere cannot make
+    /// this monitor draw for it).
+    #[arg(long = "allow-host")]
+    pub(crate) allow_hosts: Vec<String>,
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -151,6 +156,7 @@ pub(crate) fn run(mut args: Args) -> Result<()> {
             drawing: tokio::sync::Semaphore::new(MAX_DRAWING),
             temperature: args.temperature,
             drawer: args.checkpoints.is_some(),
+            allow_hosts: args.allow_hosts.clone(),
         });
         if let Some(dir) = &args.checkpoints {
             let prompts = if args.prompts.is_empty() {
@@ -252,6 +258,51 @@ struct Shared {
     /// The monitor was given checkpoints to draw with.
     drawer: bool,
     temperature: f64,
+    /// Host names the prompt form answers to, besides IP addresses and localhost.
+    allow_hosts: Vec<String>,
+}
+
+/// The header the dashboard's prompt form sends with every drawing request.
+const DRAW_HEADER: &str = "x-potluck";
+
+/// Whether a drawing request comes from this monitor's own dashboard. Drawing costs seconds of
+/// CPU, and any web page can make a visitor's browser GET any URL (an `<img>`): but it cannot
+/// add a header to it without this server's CORS consent (never given), so the form's header
+/// must be there; an `Origin` must be this host; and the `Host` must be an IP address,
+/// localhost or an allowed name, so a name that someone else's DNS points here (rebinding)
+/// does not make the page this monitor's own.
+fn from_the_dashboard(headers: &header::HeaderMap, allow_hosts: &[String]) -> Result<(), String> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+    };
+    if text(DRAW_HEADER) != Some("draw") {
+        return Err(format!(
+            "drawing answers the dashboard's prompt form only (send the header `{DRAW_HEADER}: draw`)"
+        ));
+    }
+    let host = text(header::HOST.as_str()).unwrap_or_default();
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let known = name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allow_hosts.iter().any(|h| h.eq_ignore_ascii_case(name));
+    if !known {
+        return Err(format!(
+            "this monitor answers drawing requests addressed to {name:?} only if started with \
+             --allow-host {name}"
+        ));
+    }
+    if let Some(origin) = text(header::ORIGIN.as_str()) {
+        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        if !origin_host.eq_ignore_ascii_case(host) {
+            return Err(format!("a page of {origin} cannot draw here"));
+        }
+    }
+    Ok(())
 }
 
 /// The prompt form's request.
@@ -279,7 +330,14 @@ fn png(bytes: Vec<u8>) -> Response {
 
 /// `GET /api/generate?prompt=…&seed=…`: one image for a prompt, drawn with the newest
 /// checkpoint, as a PNG.
-async fn generate(State(s): State<Arc<Shared>>, Query(q): Query<Prompt>) -> Response {
+async fn generate(
+    State(s): State<Arc<Shared>>,
+    headers: header::HeaderMap,
+    Query(q): Query<Prompt>,
+) -> Response {
+    if let Err(why) = from_the_dashboard(&headers, &s.allow_hosts) {
+        return refuse(StatusCode::FORBIDDEN, why);
+    }
     let prompt = q.prompt.trim().to_owned();
     if prompt.is_empty() || prompt.len() > MAX_PROMPT {
         return refuse(
@@ -366,4 +424,47 @@ fn router(shared: Arc<Shared>) -> Router {
             }),
         )
         .with_state(shared)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> header::HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    header::HeaderName::from_static(k),
+                    header::HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    /// The prompt form draws for this monitor's own dashboard only: a page elsewhere (an
+    /// `<img>` with no header, a foreign Origin, a rebound DNS name) is refused.
+    #[test]
+    fn only_the_dashboard_may_draw() {
+        let allow = vec!["monitor.example.org".to_owned()];
+        let ok = |h: &[(&'static str, &str)]| from_the_dashboard(&headers(h), &allow).is_ok();
+        assert!(ok(&[("host", "127.0.0.1:8080"), ("x-potluck", "draw")]));
+        assert!(ok(&[("host", "[::1]:8080"), ("x-potluck", "draw")]));
+        assert!(ok(&[("host", "localhost:8080"), ("x-potluck", "draw")]));
+        assert!(ok(&[
+            ("host", "monitor.example.org"),
+            ("x-potluck", "draw"),
+            ("origin", "https://monitor.example.org"),
+        ]));
+        // An <img> on another page: no header.
+        assert!(!ok(&[("host", "127.0.0.1:8080")]));
+        // A script on another page that got the header through somehow: its Origin.
+        assert!(!ok(&[
+            ("host", "127.0.0.1:8080"),
+            ("x-potluck", "draw"),
+            ("origin", "http://evil.example"),
+        ]));
+        // DNS rebinding: the page's own name, pointed here.
+        assert!(!ok(&[("host", "evil.example:8080"), ("x-potluck", "draw")]));
+    }
 }
