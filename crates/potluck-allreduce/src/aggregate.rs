@@ -95,7 +95,7 @@ pub fn aggregate(
     out: &mut [f32],
 ) -> Outcome {
     let mut outcome = Outcome::default();
-    let mut kept: Vec<(&Contribution<'_>, f32)> = Vec::new();
+    let mut kept: Vec<(Contribution<'_>, f32)> = Vec::new();
     for c in contributions {
         let bad = if c.values.len() != out.len() {
             Some(Dropped::Length {
@@ -111,7 +111,7 @@ pub fn aggregate(
         match bad {
             Some(why) => outcome.dropped.push((c.peer, why)),
             None if !n.is_finite() => outcome.dropped.push((c.peer, Dropped::NonFinite)),
-            None => kept.push((c, n)),
+            None => kept.push((*c, n)),
         }
     }
     // Only contributions with weight count: a peer with no samples sends zeros, which would
@@ -131,6 +131,9 @@ pub fn aggregate(
             }
             ok
         });
+    }
+    if rule != Rule::Mean {
+        cap_weights(&mut kept);
     }
     outcome.kept = kept.iter().map(|(c, _)| c.peer).collect();
     outcome.weight = kept.iter().map(|(c, _)| f64::from(c.weight)).sum();
@@ -169,6 +172,24 @@ pub fn aggregate(
     outcome
 }
 
+/// Under a robust rule no contribution weighs more than this many times the median weight.
+pub const MAX_WEIGHT_SPREAD: f32 = 2.0;
+
+/// Cuts every weight in `kept` to [`MAX_WEIGHT_SPREAD`] times their median (upper middle): a
+/// peer that is granted many samples still pulls a robust result like a few honest peers at
+/// most, not like all of them.
+fn cap_weights(kept: &mut [(Contribution<'_>, f32)]) {
+    if kept.len() < 2 {
+        return;
+    }
+    let mut weights: Vec<f32> = kept.iter().map(|(c, _)| c.weight).collect();
+    weights.sort_by(f32::total_cmp);
+    let cap = weights[weights.len() / 2] * MAX_WEIGHT_SPREAD;
+    for (c, _) in kept {
+        c.weight = c.weight.min(cap);
+    }
+}
+
 /// The Euclidean distance between `a` and `b`, summed in f64.
 fn distance(a: &[f32], b: &[f32]) -> f64 {
     a.iter()
@@ -180,7 +201,7 @@ fn distance(a: &[f32], b: &[f32]) -> f64 {
 
 /// `iterations` CenteredClip steps with radius `tau` from the centre in `out`.
 fn centered_clip(
-    kept: &[(&Contribution<'_>, f32)],
+    kept: &[(Contribution<'_>, f32)],
     total: f64,
     tau: f32,
     iterations: usize,
@@ -208,7 +229,7 @@ fn centered_clip(
 }
 
 /// The coordinate-wise median (lower middle for an even count) of the kept contributions.
-fn median_into(kept: &[(&Contribution<'_>, f32)], out: &mut [f32]) {
+fn median_into(kept: &[(Contribution<'_>, f32)], out: &mut [f32]) {
     let mut column = Vec::with_capacity(kept.len());
     for (j, o) in out.iter_mut().enumerate() {
         column.clear();
@@ -435,5 +456,45 @@ mod tests {
         };
         aggregate(wide, checks, &contributions(&honest, &[1.0; 4]), &mut same);
         assert!(distance(&same, &mean) < 1e-6);
+    }
+
+    /// Under a robust rule a weight far above the others' (granted or not) counts for
+    /// [`MAX_WEIGHT_SPREAD`] times the median weight: a far-out contribution with a huge
+    /// weight moves the result by about what it would with an honest weight.
+    #[test]
+    fn a_huge_weight_buys_little_under_a_robust_rule() {
+        let n = 64;
+        let honest = honest_peers(n, 1.0);
+        let mut values = honest.clone();
+        values.push(vec![1.0; n]);
+        let rule = Rule::CenteredClipAuto { iterations: 10 };
+        let moved = |weight: f32| {
+            let mut weights = vec![1.0; 4];
+            weights.push(weight);
+            let mut out = vec![0f32; n];
+            let o = aggregate(
+                rule,
+                Checks::default(),
+                &contributions(&values, &weights),
+                &mut out,
+            );
+            (out, o.weight)
+        };
+        let (fair, _) = moved(1.0);
+        let (heavy, total) = moved(3e38);
+        assert!(total <= 4.0 + f64::from(MAX_WEIGHT_SPREAD), "{total}");
+        let mut mean = vec![0f32; n];
+        aggregate(
+            Rule::Mean,
+            Checks::default(),
+            &contributions(&honest, &[1.0; 4]),
+            &mut mean,
+        );
+        let d_fair = distance(&fair, &mean);
+        let d_heavy = distance(&heavy, &mean);
+        assert!(
+            d_heavy <= d_fair * MAX_WEIGHT_SPREAD * 1.5,
+            "a weight of 3e38 moved it {d_heavy}, an honest one {d_fair}"
+        );
     }
 }

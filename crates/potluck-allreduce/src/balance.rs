@@ -162,7 +162,7 @@ pub fn part_sizes(total: usize, peers: &[Peer]) -> Result<Vec<usize>, Error> {
 
 /// Integers summing to `total`, each the floor or ceiling of its real share (largest
 /// remainders first).
-fn round_to_total(exact: &[f64], total: usize) -> Vec<usize> {
+pub(crate) fn round_to_total(exact: &[f64], total: usize) -> Vec<usize> {
     let sum: f64 = exact.iter().sum();
     let scaled: Vec<f64> = exact.iter().map(|x| x * total as f64 / sum).collect();
     let mut parts: Vec<usize> = scaled.iter().map(|x| x.floor() as usize).collect();

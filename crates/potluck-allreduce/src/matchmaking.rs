@@ -10,11 +10,19 @@
 //!    every round, so a swarm larger than one group regroups every round (Moshpit-style random
 //!    regrouping: averages mix across groups over rounds).
 //! 3. **Agree.** The leader of a group (its smallest peer id) publishes the member list under
-//!    its subkey of `RUN/avg/ROUND/groups`; members take the published group that holds them
-//!    (the smallest leader's, should views have differed). If no group holding a member
-//!    appears within [`Settings::grace`], the leaders it waited for are presumed gone: it
-//!    partitions again without them, and leads if it is now a leader. A leader's failure
-//!    costs one grace period, never the round.
+//!    its subkey of `RUN/avg/ROUND/groups`; members take the published group that holds them:
+//!    the one their own partition gives, or after half a grace period the smallest leader's,
+//!    should views have differed. If no group holding a member appears within
+//!    [`Settings::grace`], the leaders it waited for are presumed gone: it partitions again
+//!    without them, and leads if it is now a leader. A leader's failure costs one grace
+//!    period, never the round.
+//!
+//! A leader says only who is in its group. What each member is (its addresses, mode and
+//! rate) every member reads from that member's own signed offer, never from the leader's
+//! copy: a leader cannot make the others clients or give itself the whole buffer to reduce.
+//! An offer whose rate is not finite and within [`MIN_RATE`]..=[`MAX_RATE`] is refused on
+//! store and on read (its peer is left out), and [`Group::new`] caps every rate at a few times
+//! the group's median, so no rate claimed by one peer hands it most of the buffer.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -60,6 +68,11 @@ impl Default for Settings {
         }
     }
 }
+
+/// The least rate an offer may declare (bytes/s each way): 1 kB/s.
+pub const MIN_RATE: f64 = 1e3;
+/// The greatest: 100 GB/s, beyond any link a volunteer has.
+pub const MAX_RATE: f64 = 1e11;
 
 /// What a peer offers for a round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -115,6 +128,12 @@ impl Typed for Offer {
     }
 
     fn check(&self) -> Result<(), String> {
+        if !(MIN_RATE..=MAX_RATE).contains(&self.rate) {
+            return Err(format!(
+                "a rate of {} bytes/s (from {MIN_RATE} to {MAX_RATE})",
+                self.rate
+            ));
+        }
         typed::check_addrs(&self.addrs)
     }
 }
@@ -246,11 +265,7 @@ impl Matchmaker<'_> {
     /// After the deadline: partition, publish as a leader, take the published group.
     pub async fn agree(&self, round: u64, deadline: Time, len: usize) -> Result<Group, Error> {
         let me = self.keypair.public().to_peer_id();
-        let offers: BTreeMap<PeerId, Offer> = offers_of(self.run, round)
-            .get(self.dht)
-            .await?
-            .into_iter()
-            .collect();
+        let mut offers = self.offers(round).await?;
         let mut gone: HashSet<PeerId> = HashSet::new();
         for _ in 0..self.settings.attempts.max(1) {
             let alive: Vec<PeerId> = offers
@@ -259,23 +274,30 @@ impl Matchmaker<'_> {
                 .copied()
                 .collect();
             let groups = partition(round, &alive, self.settings.target);
-            let Some(mine) = groups.iter().find(|g| g.contains(&me)) else {
+            let Some(mine) = groups.into_iter().find(|g| g.contains(&me)) else {
                 return Err(Error::NoGroup);
             };
             if mine[0] == me {
-                let published = Published {
-                    members: mine
-                        .iter()
-                        .filter_map(|p| offers.get(p).map(|o| (p.to_bytes(), o.clone())))
-                        .collect(),
-                };
-                groups_of(self.run, round)
-                    .put(self.dht, self.keypair, &published, deadline + 60_000)
-                    .await?;
+                let members: Vec<(PeerId, Offer)> = mine
+                    .iter()
+                    .filter_map(|p| offers.get(p).map(|o| (*p, o.clone())))
+                    .collect();
+                self.publish(round, deadline, &members).await?;
             }
-            let until = tokio::time::Instant::now() + self.settings.grace;
+            let started = tokio::time::Instant::now();
+            let until = started + self.settings.grace;
             loop {
-                if let Some(group) = self.published_group(round, me, len).await? {
+                // Another leader's group only once this peer's own leader had time to publish.
+                let any = started.elapsed() >= self.settings.grace / 2;
+                let wanted = Wanted {
+                    me,
+                    mine: &mine,
+                    any,
+                };
+                if let Some(group) = self
+                    .published_group(round, wanted, len, &mut offers)
+                    .await?
+                {
                     return Ok(group);
                 }
                 if tokio::time::Instant::now() >= until {
@@ -293,41 +315,87 @@ impl Matchmaker<'_> {
         Err(Error::NoGroup)
     }
 
-    /// The published group holding `me` whose leader has the smallest id, as a [`Group`].
-    async fn published_group(
-        &self,
-        round: u64,
-        me: PeerId,
-        len: usize,
-    ) -> Result<Option<Group>, Error> {
-        let published: BTreeMap<PeerId, Published> = groups_of(self.run, round)
+    /// The offers of `round`, each signed by the peer it describes, by peer.
+    async fn offers(&self, round: u64) -> Result<BTreeMap<PeerId, Offer>, Error> {
+        Ok(offers_of(self.run, round)
             .get(self.dht)
             .await?
             .into_iter()
-            .collect();
+            .collect())
+    }
+
+    /// Publishes, as the leader of a group of `round`, who is in it (`members`, this peer
+    /// first, with the offers it read for them: the others take each member's own offer).
+    pub async fn publish(
+        &self,
+        round: u64,
+        deadline: Time,
+        members: &[(PeerId, Offer)],
+    ) -> Result<(), Error> {
+        let published = Published {
+            members: members
+                .iter()
+                .map(|(p, o)| (p.to_bytes(), o.clone()))
+                .collect(),
+        };
+        groups_of(self.run, round)
+            .put(self.dht, self.keypair, &published, deadline + 60_000)
+            .await?;
+        Ok(())
+    }
+
+    /// A published group holding `wanted.me` as a [`Group`]: the one its own partition gives
+    /// (`wanted.mine`), else (if `wanted.any`) the one whose leader has the smallest id. Its
+    /// members are as their own offers say (re-read once if one is missing here); a group
+    /// listed out of order, larger than the target, or naming a peer that made no offer is
+    /// not taken.
+    async fn published_group(
+        &self,
+        round: u64,
+        wanted: Wanted<'_>,
+        len: usize,
+        offers: &mut BTreeMap<PeerId, Offer>,
+    ) -> Result<Option<Group>, Error> {
+        let published = groups_of(self.run, round).get(self.dht).await?;
+        let mut lists: Vec<(PeerId, Vec<PeerId>)> = Vec::new();
         for (leader, group) in published {
-            let mut members = Vec::new();
-            for (id, offer) in &group.members {
-                let Ok(peer) = PeerId::from_bytes(id) else {
-                    continue;
-                };
-                members.push(Member {
-                    peer,
-                    addrs: offer
-                        .addrs
-                        .iter()
-                        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                        .collect(),
-                    mode: offer.mode.into(),
-                    rate: offer.rate,
-                });
-            }
-            // A leader leads its own group: it must be in it, first.
-            if members.first().map(|m| m.peer) != Some(leader)
-                || !members.iter().any(|m| m.peer == me)
+            let Ok(list) = group
+                .members
+                .iter()
+                .map(|(id, _)| PeerId::from_bytes(id))
+                .collect::<Result<Vec<PeerId>, _>>()
+            else {
+                continue;
+            };
+            // A leader leads its own group: first, in order, no larger than the target.
+            let ordered = list.windows(2).all(|w| w[0] < w[1]);
+            if list.first() != Some(&leader)
+                || !ordered
+                || list.len() > self.settings.target.clamp(1, MAX_GROUP)
+                || !list.contains(&wanted.me)
             {
                 continue;
             }
+            if list == wanted.mine || wanted.any {
+                lists.push((leader, list));
+            }
+        }
+        lists.sort_by_key(|(leader, list)| (list.as_slice() != wanted.mine, *leader));
+        for (leader, list) in lists {
+            if list.iter().any(|p| !offers.contains_key(p)) {
+                *offers = self.offers(round).await?;
+            }
+            let members: Option<Vec<Member>> = list
+                .iter()
+                .map(|p| offers.get(p).map(|o| member(*p, o)))
+                .collect();
+            let Some(members) = members else {
+                tracing::warn!(
+                    "round {round}: leader {leader} lists peers that made no offer; not taking \
+                     its group"
+                );
+                continue;
+            };
             if members.len() < self.settings.min_size {
                 return Err(Error::NotEnough {
                     got: members.len(),
@@ -343,6 +411,31 @@ impl Matchmaker<'_> {
             return Ok(Some(Group::new(id.finalize().into(), members, len)?));
         }
         Ok(None)
+    }
+}
+
+/// Which published group a peer takes (see [`Matchmaker::published_group`]).
+#[derive(Clone, Copy)]
+struct Wanted<'a> {
+    me: PeerId,
+    /// The group its own partition gives.
+    mine: &'a [PeerId],
+    /// Whether another group holding it will do.
+    any: bool,
+}
+
+/// `peer` as its own `offer` describes it.
+fn member(peer: PeerId, offer: &Offer) -> Member {
+    Member {
+        peer,
+        addrs: offer
+            .addrs
+            .iter()
+            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+            .collect(),
+        mode: offer.mode.into(),
+        rate: offer.rate,
+        max_weight: f64::INFINITY,
     }
 }
 
@@ -385,5 +478,17 @@ mod tests {
         assert!(changed);
         assert_eq!(partition(1, &peers, 16).len(), 1);
         assert!(partition(1, &[], 4).is_empty());
+    }
+
+    /// A rate that is not finite, or beyond what any link does, is refused (its peer left out
+    /// of every group) instead of breaking the split for everyone.
+    #[test]
+    fn offers_with_unbounded_rates_are_refused() {
+        let with = |rate: f64| offer(&[], Mode::Full, rate).check();
+        assert!(with(1e7).is_ok());
+        assert!(with(MIN_RATE).is_ok() && with(MAX_RATE).is_ok());
+        for bad in [f64::NAN, f64::INFINITY, -1.0, 0.0, 1e300, MAX_RATE * 2.0] {
+            assert!(with(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -65,6 +65,7 @@ async fn group(peers: &[Peer], modes: &[Mode], rates: &[f64], len: usize) -> Gro
             addrs: p.host.listen_addrs().await.unwrap(),
             mode: modes[i],
             rate: rates[i],
+            max_weight: f64::INFINITY,
         });
     }
     Group::new(rand::random(), members, len).unwrap()
@@ -501,6 +502,7 @@ async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out
             addrs: p.host.listen_addrs().await.unwrap(),
             mode: Mode::Full,
             rate: 1e7,
+            max_weight: f64::INFINITY,
         });
     }
     members.push(Member {
@@ -508,6 +510,7 @@ async fn a_member_gone_after_its_group_formed_is_given_up_on_without_waiting_out
         addrs: victim_addrs,
         mode: Mode::Full,
         rate: 1e7,
+        max_weight: f64::INFINITY,
     });
     let g = Group::new(rand::random(), members, len).unwrap();
     // Everyone knows the victim (connected) before it goes.
@@ -655,5 +658,38 @@ async fn a_member_whose_contributions_are_dropped_again_and_again_is_banned_by_t
             peers[0].inbox.is_banned(&bad),
             round_no + 1 >= butterfly::STRIKES_TO_BAN
         );
+    }
+}
+
+/// A member's weight counts only up to what the group grants it (`Member::max_weight`: the
+/// samples the swarm saw it report): a weight of 3e38 in its hello makes its vector the mean
+/// without the bound, and one share of it with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_weight_counts_only_up_to_what_the_member_was_granted() {
+    let n = 4;
+    let len = 2_000;
+    let peers = peers(n).await;
+    let inputs = buffers(n, len, 7);
+    let mut g = group(&peers, &[Mode::Full; 4], &[1e7; 4], len).await;
+    for m in &mut g.members {
+        m.max_weight = 1.0;
+    }
+    let weights = [1.0, 1.0, 1.0, 3e38];
+    let results = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![settings(Codec::None); n],
+        &[true; 4],
+    )
+    .await;
+    let want = reference(&inputs, &[1.0; 4], &[0, 1, 2, 3]);
+    for (i, (buffer, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        assert!(report.complete(), "member {i}: {report:?}");
+        assert!((report.weight() - 4.0).abs() < 1e-6, "{}", report.weight());
+        let diff = max_diff(buffer, &want);
+        assert!(diff <= 1e-6, "member {i}: off the fair mean by {diff}");
     }
 }

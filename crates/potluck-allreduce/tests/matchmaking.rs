@@ -143,3 +143,60 @@ async fn a_late_peer_waits_for_the_next_round() {
         "{late:?}"
     );
 }
+
+/// The leader (smallest peer id) publishes its group with every other member made a client
+/// and itself at the greatest rate an offer may have, so that it would reduce the whole buffer
+/// (and return any average it likes). The members take each member as its own signed offer
+/// says: all full, its rate as it declared, its part one share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cannot_forge_what_its_members_declared() {
+    let nodes = nodes(5).await;
+    let deadline = clock::now() + 1500;
+    let round = 4;
+    let len = 10_000;
+    let leader = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
+    fn mm(node: &Node) -> Matchmaker<'_> {
+        Matchmaker {
+            dht: &node.dht,
+            keypair: &node.keypair,
+            run: "test-run",
+            settings: settings(8),
+        }
+    }
+    let honest_offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+    mm(leader)
+        .declare(round, deadline, &honest_offer)
+        .await
+        .unwrap();
+    let mut forged = Vec::new();
+    for node in &nodes {
+        let addrs = node.dht.addrs().await.unwrap();
+        let offer = if node.dht.peer_id() == leader.dht.peer_id() {
+            matchmaking::offer(&addrs, Mode::Full, matchmaking::MAX_RATE)
+        } else {
+            matchmaking::offer(&addrs, Mode::Client, 1e7)
+        };
+        forged.push((node.dht.peer_id(), offer));
+    }
+    forged.sort_by_key(|(p, _)| *p);
+    mm(leader).publish(round, deadline, &forged).await.unwrap();
+    let others: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.dht.peer_id() != leader.dht.peer_id())
+        .collect();
+    let jobs = others.iter().map(|node| async move {
+        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(node)
+            .form_group(round, deadline, &offer, len)
+            .await
+            .unwrap()
+    });
+    for g in futures::future::join_all(jobs).await {
+        assert_eq!(g.members.len(), 5);
+        for (m, part) in g.members.iter().zip(&g.parts) {
+            assert_eq!(m.mode, Mode::Full, "{} made a client", m.peer);
+            assert_eq!(m.rate, 1e7);
+            assert!(*part <= len / 5 + 1, "{} reduces {part} of {len}", m.peer);
+        }
+    }
+}

@@ -278,13 +278,25 @@ fn check_together(
     );
 }
 
-/// One peer of four attacks (sign-flipped gradients ×100, noise of the gradient's norm, NaN,
-/// gradients five epochs stale). With robust averaging (CenteredClip with its radius from the
-/// contributions' spread) the honest peers' loss after EPOCHS stays within 5% of an all-honest
-/// run's; without it, the figure is printed.
+/// The attacks on gradients: sign-flipped ×100, noise of the gradient's norm, NaN, gradients
+/// five epochs stale.
+const GRADIENT_ATTACKS: [Attack; 4] = [
+    Attack::Scale(-100.0),
+    Attack::Noise,
+    Attack::NonFinite,
+    Attack::Stale(5),
+];
+
+/// One peer of four attacks (each of [`GRADIENT_ATTACKS`], and a sign-flipped gradient sent
+/// with a weight of 3e38: a weight counts only up to the samples its sender reported, and
+/// under a robust rule up to twice the median weight). With robust averaging (CenteredClip
+/// with its radius from the contributions' spread) the honest peers' loss after EPOCHS stays
+/// within 5% of an all-honest run's; without it, the figure is printed.
 #[test]
 fn robust_averaging_holds_against_one_attacker_in_four() {
-    attacked(4, 1, true, 0.05);
+    let mut attacks = GRADIENT_ATTACKS.to_vec();
+    attacks.push(Attack::Weight(3e38));
+    attacked(4, 1, &attacks, true, 0.05);
 }
 
 /// Three peers of eight attack, each attack in turn, with robust averaging (the runs without it
@@ -294,13 +306,14 @@ fn robust_averaging_holds_against_one_attacker_in_four() {
 /// noise between runs fail it; the others keep the 5% bar.
 #[test]
 fn robust_averaging_holds_against_three_attackers_in_eight() {
-    attacked(8, 3, std::env::var_os("POTLUCK_PLAIN").is_some(), 0.075);
+    let plain = std::env::var_os("POTLUCK_PLAIN").is_some();
+    attacked(8, 3, &GRADIENT_ATTACKS, plain, 0.075);
 }
 
-/// `n` peers, the first `attackers` of them attacking: each attack's loss with robust
+/// `n` peers, the first `attackers` of them attacking: each of `attacks`' loss with robust
 /// averaging (and without it too if `plain`) against an all-honest run's: within 5%, or
 /// `stale_bar` for stale gradients.
-fn attacked(n: usize, attackers: usize, plain: bool, stale_bar: f64) {
+fn attacked(n: usize, attackers: usize, attacks: &[Attack], plain: bool, stale_bar: f64) {
     let init = initial();
     let robust_rule = Aggregation::CenteredClipAuto { iterations: 5 };
     let loss = |attack: Option<Attack>, robust: bool| -> f64 {
@@ -328,6 +341,29 @@ fn attacked(n: usize, attackers: usize, plain: bool, stale_bar: f64) {
                 "{reports:?}"
             );
         }
+        // What the honest peer went through, printed: a run far off says why at once.
+        let reports = &results[attackers].1;
+        let count =
+            |f: &dyn Fn(&collab::EpochReport) -> bool| reports.iter().filter(|r| f(r)).count();
+        let mut why: Vec<String> = reports
+            .iter()
+            .filter_map(|r| {
+                r.alone_because
+                    .as_ref()
+                    .map(|a| format!("{}: {a}", r.epoch))
+            })
+            .collect();
+        why.truncate(6);
+        println!(
+            "  {attack:?} robust {robust}: {} epochs, {} in a group under {n}, {} alone, {} held \
+             back, {} skipped, {} rolled back {why:?}",
+            reports.len(),
+            count(&|r| r.group < n),
+            count(&|r| r.alone_because.is_some()),
+            count(&|r| r.held_back),
+            count(&|r| r.skipped),
+            count(&|r| r.rolled_back.is_some()),
+        );
         // Every peer applies the same averaged bytes: an honest one's loss is the swarm's.
         results[attackers].2
     };
@@ -336,12 +372,7 @@ fn attacked(n: usize, attackers: usize, plain: bool, stale_bar: f64) {
     println!("{n} peers, all honest: loss {honest:.4} (robust averaging: {honest_robust:.4})");
     assert!((honest_robust - honest).abs() <= 0.05 * honest);
     let mut failed = Vec::new();
-    for attack in [
-        Attack::Scale(-100.0),
-        Attack::Noise,
-        Attack::NonFinite,
-        Attack::Stale(5),
-    ] {
+    for &attack in attacks {
         let off = |l: f64| 100.0 * (l - honest) / honest;
         let robust = loss(Some(attack), true);
         let without = if plain {

@@ -46,7 +46,7 @@ mod send;
 mod wire;
 
 pub use crate::codec::CodecPlan;
-pub use group::{Group, GroupError, MAX_GROUP, Member};
+pub use group::{Group, GroupError, MAX_GROUP, MAX_SHARES, Member};
 pub use inbox::{BANNED, BANNED_FOR, GONE_FOR, Inbox, STRIKES_TO_BAN};
 pub use round::{Error, Fault, PartResult, Report, Settings, all_reduce, all_reduce_with_feedback};
 pub use wire::{PROTOCOL, decode_control, parse_result};

@@ -237,7 +237,7 @@ pub(super) async fn reduce(
     }
     let mut pending: HashMap<usize, Vec<Option<Vec<f32>>>> = HashMap::new();
     let mut weights = vec![0f32; n];
-    weights[me] = weight;
+    weights[me] = weight.min(group.granted(me));
     let open_deadline = tokio::time::Instant::now() + settings.open_timeout;
     // Members gone since the group formed are given up on before the open deadline.
     let missing = Arc::new(Mutex::new(joined.iter().map(|j| !j).collect::<Vec<bool>>()));
@@ -283,7 +283,7 @@ pub(super) async fn reduce(
             if group.sends(me) {
                 contributions.push(Contribution {
                     peer: me,
-                    weight,
+                    weight: weights[me],
                     values: &part[r.clone()],
                 });
             }
@@ -367,7 +367,8 @@ pub(super) async fn reduce(
                 }
                 joined[s] = true;
                 lock(&missing)[s] = false;
-                weights[s] = if group.sends(s) && hello.weight.is_finite() { hello.weight.max(0.0) } else { 0.0 };
+                // A weight counts up to what the swarm saw its sender report.
+                weights[s] = if group.sends(s) && hello.weight.is_finite() { hello.weight.max(0.0).min(group.granted(s)) } else { 0.0 };
                 let (tx, rx) = mpsc::channel(chunks.len().max(1));
                 // Chunks already averaged go out first.
                 for f in &done_results {

@@ -14,6 +14,10 @@ pub enum Attack {
     NonFinite,
     /// Its gradient of this many epochs before (computed on parameters that old).
     Stale(usize),
+    /// Its gradient sign-flipped, sent with this weight whatever its samples (3e38: the mean
+    /// is its vector alone, and CenteredClip is pulled by it each iteration, unless weights
+    /// are bounded).
+    Weight(f32),
 }
 
 /// An attack and what it needs to remember (the gradients a stale attack replays).
@@ -33,10 +37,19 @@ impl Attacker {
         }
     }
 
+    /// The weight it sends its gradient with, having computed `samples`.
+    pub(super) fn weight(&self, samples: u64) -> f32 {
+        match self.attack {
+            Attack::Weight(w) => w,
+            _ => samples as f32,
+        }
+    }
+
     /// Replaces `grad` (this peer's true mean gradient) with what the attack sends.
     pub(super) fn corrupt(&mut self, grad: &mut [f32]) {
         match self.attack {
             Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
+            Attack::Weight(_) => grad.iter_mut().for_each(|g| *g = -*g),
             Attack::NonFinite => grad.fill(f32::NAN),
             Attack::Noise => {
                 let norm = grad

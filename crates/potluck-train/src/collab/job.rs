@@ -21,6 +21,8 @@ pub(super) struct Job {
     /// This peer's mean gradient.
     pub(super) grad: Vec<f32>,
     pub(super) samples: u64,
+    /// The weight its gradient is sent with (its samples, unless it attacks).
+    pub(super) weight: f32,
     pub(super) loss: Loss,
     /// The state to step: the job's own (donors serve the one it was taken from meanwhile).
     pub(super) state: TrainState,
@@ -62,6 +64,7 @@ impl Job {
             group,
             mut grad,
             samples,
+            weight,
             loss,
             mut state,
             net,
@@ -83,12 +86,7 @@ impl Job {
             {
                 Some(me) => {
                     match butterfly::all_reduce(
-                        &net.inbox,
-                        &group,
-                        me,
-                        samples as f32,
-                        &mut grad,
-                        &averaging,
+                        &net.inbox, &group, me, weight, &mut grad, &averaging,
                     )
                     .await
                     {
@@ -305,6 +303,7 @@ mod tests {
                 addrs: net.dht.addrs().await.unwrap(),
                 mode: Mode::Full,
                 rate: 1e8,
+                max_weight: f64::INFINITY,
             });
         }
         for (k, precision) in [Precision::F32, Precision::Blockwise8]

@@ -582,6 +582,16 @@ impl<T: Trainable> Collab<T> {
             },
             None => Err(Alone::Solitary),
         };
+        // Each member's weight counts up to the samples it was seen to report for the epoch.
+        let group = group.map(|mut g| {
+            let view = self.view.borrow().clone();
+            let now = clock::now();
+            let me = self.net.dht.peer_id();
+            for m in g.members.iter_mut().filter(|m| m.peer != me) {
+                m.max_weight = view.as_ref().map_or(0.0, |v| v.granted(m.peer, epoch, now));
+            }
+            g
+        });
         // One step at a time: the previous epoch's must be in before this one starts.
         let earlier = self.settle().await?;
         // The mean gradient of this peer's samples (weighted by their count in the average).
@@ -598,14 +608,19 @@ impl<T: Trainable> Collab<T> {
             let inv = 1.0 / samples as f32;
             grad.iter_mut().for_each(|g| *g *= inv);
         }
-        if let Some(attacker) = &mut self.attacker {
-            attacker.corrupt(&mut grad);
-        }
+        let weight = match &mut self.attacker {
+            Some(attacker) => {
+                attacker.corrupt(&mut grad);
+                attacker.weight(samples)
+            }
+            None => samples as f32,
+        };
         let job = Job {
             epoch,
             group,
             grad,
             samples,
+            weight,
             loss: self.loss.mean(),
             // The step's own copy: donors serve the current state until the new one is in.
             state: TrainState::clone(&self.state),

@@ -1,6 +1,7 @@
 //! The background task of a collaborative peer: publishes its progress, reads the swarm's,
 //! agrees on each epoch's deadline and forms its group ahead of it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,27 @@ pub(super) struct View {
     pub(super) others: Vec<(u64, u64, Donor)>,
     /// No other peer seen for a good while: this peer steps alone.
     pub(super) alone: bool,
+    /// The newest report seen of each peer for each recent epoch (a peer's record holds only
+    /// its latest epoch: what it said of the one before is kept here).
+    pub(super) reported: Arc<Reported>,
+    /// How long a report counts (see [`report_ttl`]).
+    pub(super) ttl: Duration,
+}
+
+/// Reports seen, by peer and epoch.
+pub(super) type Reported = HashMap<(PeerId, u64), progress::Report>;
+
+/// A contribution may weigh this many times the samples its sender was seen to report (at
+/// its reported rate until now): room for the micro-batches reported after the last read.
+pub(super) const GRANT_SLACK: f64 = 1.5;
+
+/// Epochs behind this peer's whose reports are still kept.
+const KEEP_EPOCHS: u64 = 2;
+
+/// How long a peer's progress report counts: a loaded machine may publish late, and a peer
+/// that seems gone for a moment must not make the others step alone.
+pub(super) fn report_ttl(settings: &Settings) -> Duration {
+    (settings.report_every * 4).max(Duration::from_secs(3))
 }
 
 impl View {
@@ -51,6 +73,24 @@ impl View {
             0
         };
         mine.saturating_add(others)
+    }
+
+    /// The most weight `peer`'s contribution to `epoch` may carry at `now`: the samples it
+    /// reported for that epoch, extrapolated at its reported rate (for at most a report's
+    /// lifetime), times [`GRANT_SLACK`]; none if it reported none. A weight is a claim: it
+    /// counts only as far as the samples the peer told the swarm it computed (which brought
+    /// the epoch's end nearer for everyone).
+    pub(super) fn granted(&self, peer: PeerId, epoch: u64, now: Time) -> f64 {
+        let Some(r) = self.reported.get(&(peer, epoch)) else {
+            return 0.0;
+        };
+        let since = now.saturating_sub(r.time).min(self.ttl.as_millis() as u64) as f64 / 1000.0;
+        let rate = if r.samples_per_second.is_finite() {
+            r.samples_per_second.max(0.0)
+        } else {
+            0.0
+        };
+        (r.samples as f64 + rate * since) * GRANT_SLACK
     }
 
     /// The newest state another peer holds.
@@ -108,7 +148,8 @@ pub(super) async fn progress_loop(
     let me = net.dht.peer_id();
     // Reports live this long. A loaded machine may publish late: a peer that seems gone for
     // a moment must not make the others step alone (see `alone` below).
-    let ttl = (settings.report_every * 4).max(Duration::from_secs(3));
+    let ttl = report_ttl(&settings);
+    let mut reported = Reported::new();
     let mut last_others: Option<Instant> = None;
     let tracker = Tracker {
         dht: &net.dht,
@@ -162,6 +203,7 @@ pub(super) async fn progress_loop(
                 let now = clock::now();
                 // Our own report, as we know it now (the DHT's copy may lag).
                 reports.retain(|(p, _)| *p != me);
+                remember(&mut reported, &reports, l.epoch);
                 let others: Vec<(u64, u64, Donor)> = reports
                     .iter()
                     .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
@@ -226,6 +268,8 @@ pub(super) async fn progress_loop(
                     others_state,
                     others,
                     alone,
+                    reported: Arc::new(reported.clone()),
+                    ttl,
                 };
                 if view.send(Some(v)).is_err() {
                     return;
@@ -255,6 +299,25 @@ pub(super) async fn progress_loop(
                     counted |= now.samples != l.samples;
                 }
             }
+        }
+    }
+}
+
+/// Keeps the newest of `reports` per peer and epoch in `reported`, for the epochs from
+/// [`KEEP_EPOCHS`] before `epoch` on (older ones are dropped: memory stays bounded by the
+/// live peers).
+fn remember(reported: &mut Reported, reports: &[(PeerId, progress::Report)], epoch: u64) {
+    let oldest = epoch.saturating_sub(KEEP_EPOCHS);
+    reported.retain(|(_, e), _| *e >= oldest);
+    for (peer, r) in reports {
+        if r.epoch < oldest || r.epoch > epoch.saturating_add(KEEP_EPOCHS) {
+            continue;
+        }
+        let newer = reported
+            .get(&(*peer, r.epoch))
+            .is_none_or(|seen| seen.time <= r.time);
+        if newer {
+            reported.insert((*peer, r.epoch), r.clone());
         }
     }
 }

@@ -129,6 +129,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                             mode: Mode::Full,
                             // Replaced by measured rates before every round.
                             rate: 1e9,
+                            max_weight: f64::INFINITY,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
