@@ -194,7 +194,7 @@ async fn an_unreachable_direct_port_falls_back_to_the_stream_and_is_remembered()
     let mut incoming = b.accept(BULK).unwrap();
     // An offer for a port nobody listens on any more.
     let listener = direct::Listener::bind("127.0.0.1".parse().unwrap()).unwrap();
-    let (offer, expected) = listener.expect().unwrap();
+    let (offer, expected) = listener.expect(a.peer_id()).unwrap();
     drop(listener);
     let addrs = b.listen_addrs().await.unwrap();
     let deadline = Duration::from_secs(10);
@@ -232,7 +232,7 @@ async fn a_direct_channel_is_dialed_only_where_the_peer_is_connected() {
     let mut incoming = b.accept(BULK).unwrap();
     // The port answers at 127.0.0.2 only; b is connected at 127.0.0.1.
     let elsewhere = direct::Listener::bind("127.0.0.2".parse().unwrap()).unwrap();
-    let (offer, expected) = elsewhere.expect().unwrap();
+    let (offer, expected) = elsewhere.expect(a.peer_id()).unwrap();
     let addrs = b.listen_addrs().await.unwrap();
     let stream = a
         .open_stream(b.peer_id(), addrs, BULK, Duration::from_secs(10))

@@ -234,7 +234,7 @@ async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds, host: Host) {
         return;
     };
     let offer = if hello.direct {
-        host.direct().and_then(direct::Listener::expect)
+        host.direct().and_then(|l| l.expect(peer))
     } else {
         None
     };

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use potluck_core::lock;
-use potluck_core::slots::Slots;
+use potluck_core::slots::{Slot, Slots};
 use ring::rand::{SecureRandom, SystemRandom};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -16,8 +16,10 @@ use tokio::sync::oneshot;
 
 use super::offer::Side;
 use super::{
-    Channel, HANDSHAKE, KEY, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_IP, MAX_PENDING, Offer, TOKEN,
+    Channel, HANDSHAKE, KEY, MAX_HANDSHAKES, MAX_HANDSHAKES_PER_IP, MAX_PENDING,
+    MAX_PENDING_PER_PEER, Offer, TOKEN,
 };
+use libp2p::PeerId;
 
 type Pending = Arc<Mutex<HashMap<[u8; TOKEN], oneshot::Sender<TcpStream>>>>;
 
@@ -27,6 +29,8 @@ type Pending = Arc<Mutex<HashMap<[u8; TOKEN], oneshot::Sender<TcpStream>>>>;
 pub struct Listener {
     addr: SocketAddr,
     pending: Pending,
+    /// Places for offers: [`MAX_PENDING`] in all, [`MAX_PENDING_PER_PEER`] for one peer.
+    offers: Slots<PeerId>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -48,6 +52,7 @@ impl Listener {
         Ok(Listener {
             addr,
             pending,
+            offers: Slots::new(MAX_PENDING, MAX_PENDING_PER_PEER),
             accept,
         })
     }
@@ -57,9 +62,12 @@ impl Listener {
         self.addr
     }
 
-    /// Makes an offer for one connection: send the [`Offer`] to the peer, then wait for its
-    /// connection with [`Expected::accept`]. None when [`MAX_PENDING`] offers already wait.
-    pub fn expect(&self) -> Option<(Offer, Expected)> {
+    /// Makes an offer for one connection from `peer`: send the [`Offer`] to it, then wait for
+    /// its connection with [`Expected::accept`]. None when [`MAX_PENDING`] offers already
+    /// wait, or [`MAX_PENDING_PER_PEER`] for this peer (one member asking for channels again
+    /// and again cannot take every offer).
+    pub fn expect(&self, peer: PeerId) -> Option<(Offer, Expected)> {
+        let slot = self.offers.try_enter(peer)?;
         let rng = SystemRandom::new();
         let mut token = [0u8; TOKEN];
         let mut keys = [[0u8; KEY]; 2];
@@ -69,11 +77,7 @@ impl Listener {
         }
         let (tx, rx) = oneshot::channel();
         {
-            let mut pending = lock(&self.pending);
-            if pending.len() >= MAX_PENDING {
-                return None;
-            }
-            pending.insert(token, tx);
+            lock(&self.pending).insert(token, tx);
         }
         let offer = Offer {
             port: self.addr.port(),
@@ -85,6 +89,7 @@ impl Listener {
             keys,
             connection: Some(rx),
             pending: self.pending.clone(),
+            _slot: slot,
         };
         Some((offer, expected))
     }
@@ -97,6 +102,8 @@ pub struct Expected {
     keys: [[u8; KEY]; 2],
     connection: Option<oneshot::Receiver<TcpStream>>,
     pending: Pending,
+    /// Its place among the listener's offers, given back with it.
+    _slot: Slot<PeerId>,
 }
 
 impl Drop for Expected {
@@ -173,7 +180,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_offer_connects_once_both_ways_and_a_wrong_token_gets_nothing() {
         let listener = Listener::bind(IpAddr::from([127, 0, 0, 1])).unwrap();
-        let (offer, expected) = listener.expect().unwrap();
+        let (offer, expected) = listener.expect(PeerId::random()).unwrap();
         // A stranger with a made-up token is closed and takes nothing.
         let mut stranger = TcpStream::connect(listener.addr()).await.unwrap();
         stranger.write_all(&[0u8; TOKEN]).await.unwrap();
@@ -213,7 +220,7 @@ mod tests {
         for _ in 0..MAX_HANDSHAKES {
             idle.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
         }
-        let (offer, expected) = listener.expect().unwrap();
+        let (offer, expected) = listener.expect(PeerId::random()).unwrap();
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         let mut honest = socket
@@ -226,13 +233,28 @@ mod tests {
         drop(idle);
     }
 
+    /// One peer asking for channel after channel holds its share of the offers; another
+    /// peer still gets one, and a withdrawn offer's place comes back.
+    #[tokio::test]
+    async fn one_peer_cannot_take_every_offer() {
+        let listener = Listener::bind(IpAddr::from([127, 0, 0, 1])).unwrap();
+        let greedy = PeerId::random();
+        let mut held: Vec<Expected> = (0..MAX_PENDING_PER_PEER)
+            .map(|_| listener.expect(greedy).unwrap().1)
+            .collect();
+        assert!(listener.expect(greedy).is_none());
+        assert!(listener.expect(PeerId::random()).is_some());
+        held.pop();
+        assert!(listener.expect(greedy).is_some());
+    }
+
     #[tokio::test]
     async fn a_withdrawn_offer_is_forgotten_and_an_unanswered_one_times_out() {
         let listener = Listener::bind(IpAddr::from([127, 0, 0, 1])).unwrap();
-        let (_, expected) = listener.expect().unwrap();
+        let (_, expected) = listener.expect(PeerId::random()).unwrap();
         drop(expected);
         assert!(lock(&listener.pending).is_empty());
-        let (_, expected) = listener.expect().unwrap();
+        let (_, expected) = listener.expect(PeerId::random()).unwrap();
         let e = expected
             .accept(Duration::from_millis(50))
             .await

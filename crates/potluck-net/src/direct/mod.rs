@@ -24,7 +24,7 @@
 //! without it was cut, and the reader says so. Anyone can connect to the port, but a connection
 //! that does not present a live token within [`HANDSHAKE`] is closed, at most
 //! [`MAX_HANDSHAKES`] are read at once ([`MAX_HANDSHAKES_PER_IP`] from one address, so one
-//! source cannot hold them all), and at most [`MAX_PENDING`] offers wait at once.
+//! source cannot hold them all), and at most [`MAX_PENDING`] offers wait at once, [`MAX_PENDING_PER_PEER`] of them for one peer.
 //!
 //! Where a direct connection cannot be made (a NAT, a relay, a firewall) the caller stays on
 //! its libp2p stream; nothing else changes.
@@ -63,6 +63,9 @@ pub const MAX_HANDSHAKES: usize = 64;
 pub const MAX_HANDSHAKES_PER_IP: usize = 4;
 /// Offers waiting for their connection at once, at most.
 pub const MAX_PENDING: usize = 1024;
+/// Of those, made to one peer at most (a member opens a channel to each reducer of a round,
+/// and a probe one).
+pub const MAX_PENDING_PER_PEER: usize = 16;
 /// How long the offered side tries to connect (each address) before it stays on the stream.
 pub const CONNECT: Duration = Duration::from_secs(3);
 

@@ -178,7 +178,7 @@ pub(super) async fn serve_probes(
         };
         let direct = direct.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer_probe(stream, direct.as_deref()).await {
+            if let Err(e) = answer_probe(peer, stream, direct.as_deref()).await {
                 tracing::debug!("probe from {peer} failed: {e}");
             }
             drop(slot);
@@ -187,6 +187,7 @@ pub(super) async fn serve_probes(
 }
 
 async fn answer_probe(
+    peer: PeerId,
     mut stream: libp2p::Stream,
     listener: Option<&direct::Listener>,
 ) -> std::io::Result<()> {
@@ -204,7 +205,9 @@ async fn answer_probe(
             format!("probe of {n} bytes over the limit of {MAX_PROBE}"),
         ));
     }
-    let offer = listener.filter(|_| hello.direct).and_then(|l| l.expect());
+    let offer = listener
+        .filter(|_| hello.direct)
+        .and_then(|l| l.expect(peer));
     let bulk = match offer {
         Some((offer, expected)) => {
             write_message(&mut stream, &Some(offer)).await?;

@@ -29,11 +29,15 @@ use potluck_net::auth::{Authority, Role, Token};
 use serde::{Deserialize, Serialize};
 
 use super::authority::parse_ttl;
+use super::http::{self, Remote};
 
 /// An invite file is read whole: at most this many bytes.
 const MAX_FILE: u64 = 16 << 20;
 /// A request's body, at most.
 const MAX_BODY: usize = 4096;
+/// A connection to the invite server lives this long at most (a request and its answer take
+/// milliseconds; a client that sends slowly is not waited for).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(20);
 /// Failed attempts one address may make per minute (codes are 128 random bits: guessing is
 /// hopeless, but a flood of guesses is refused cheaply).
 const MAX_FAILURES: u32 = 10;
@@ -327,7 +331,7 @@ fn refuse(status: StatusCode, why: &str) -> Response {
 
 async fn token(
     State(server): State<Arc<Server>>,
-    ConnectInfo(from): ConnectInfo<SocketAddr>,
+    ConnectInfo(Remote(from)): ConnectInfo<Remote>,
     body: axum::body::Bytes,
 ) -> Response {
     let now = Instant::now();
@@ -428,7 +432,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = crate::cmd::bind_http(args.http).await?;
+        let listener = http::bind(args.http, CONNECTION_LIFETIME).await?;
         println!(
             "invite server for run {}: http://{} ({codes} codes, tokens valid {:?})",
             args.run_id,
@@ -437,7 +441,7 @@ pub(crate) fn serve(args: ServeArgs) -> Result<()> {
         );
         axum::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app.into_make_service_with_connect_info::<Remote>(),
         )
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

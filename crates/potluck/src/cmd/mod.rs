@@ -9,6 +9,7 @@ pub(crate) mod demo;
 pub(crate) mod dht;
 pub(crate) mod eval;
 pub(crate) mod generate;
+pub(crate) mod http;
 pub(crate) mod invite;
 pub(crate) mod joining;
 pub(crate) mod keygen;
@@ -37,17 +38,4 @@ impl Interrupt {
     pub(crate) async fn recv(&mut self) {
         self.0.recv().await;
     }
-}
-
-/// Binds the HTTP listener a command serves on, saying what to do when the port is taken.
-pub(crate) async fn bind_http(
-    addr: std::net::SocketAddr,
-) -> anyhow::Result<tokio::net::TcpListener> {
-    use anyhow::Context;
-    tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!(
-            "listening on {addr} (in use? pick another port with --http, or 127.0.0.1:0 for any \
-             free one)"
-        )
-    })
 }

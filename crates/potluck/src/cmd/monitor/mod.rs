@@ -34,6 +34,9 @@ const MAX_PROMPT: usize = 300;
 const MAX_DRAWING: usize = 4;
 /// A prompt-form request gives up waiting for the model after this long.
 const DRAW_WAIT: Duration = Duration::from_secs(120);
+/// A connection to the dashboard lives this long at most (its page reconnects as browsers do;
+/// longer than a drawing may wait).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, clap::Args)]
 #[command(
@@ -138,7 +141,7 @@ pub(crate) fn run(mut args: Args) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = crate::cmd::bind_http(args.http).await?;
+        let listener = crate::cmd::http::bind(args.http, CONNECTION_LIFETIME).await?;
         let (dht, _) = start_dht(&args.run_id, &args.net).await?;
         let join = join_command(&args);
         println!(
