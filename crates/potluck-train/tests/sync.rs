@@ -173,6 +173,30 @@ async fn a_state_of_another_shape_is_refused_before_downloading() {
     assert!(matches!(err, sync::Error::Mismatch(_)), "{err}");
 }
 
+/// Donors that agree on a state holding a NaN (every chunk matches its hash) do not get it
+/// installed: the download says the state is not finite (before, it was installed, and the
+/// newcomer served it on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_that_is_not_finite_is_not_installed() {
+    let (mut params, opt) = state(1.0);
+    params[1234] = f32::NAN;
+    let mut donors = Vec::new();
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let (node, d) = donor(
+            Snapshot::take(&params, &opt, 0, 16 << 10),
+            Serving::default(),
+        )
+        .await;
+        nodes.push(node);
+        donors.push(d);
+    }
+    let err = newcomer_downloads(&donors, Shape::of(&opt))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, sync::Error::NotFinite(_)), "{err}");
+}
+
 /// A donor whose manifest does not fit (a liar, or a peer of another model) is passed over:
 /// the download completes from the next donor.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,6 +254,7 @@ pub async fn download(
         .ok_or(Error::Incomplete { got, total })?;
     debug_assert_eq!(values.shape(), shape);
     let snapshot = Snapshot::downloaded(&manifest, values);
+    snapshot.check_finite().map_err(Error::NotFinite)?;
     Ok((
         snapshot,
         Report {
@@ -338,6 +339,12 @@ impl Worker {
         {
             Response::Chunk => {}
             Response::Gone { epoch } => return Err(format!("moved on to epoch {epoch:?}")),
+            Response::Busy { retry_after_s } => {
+                return Err(format!(
+                    "this peer took its share of the donor's upload; it serves again in \
+                     {retry_after_s} s"
+                ));
+            }
             Response::Manifest => return Err("answered out of turn".into()),
         }
         let want = self.manifest.range(index).len();

@@ -43,6 +43,10 @@ pub enum Error {
     NoManifest(String),
     #[error("the donor's state does not fit this model: {0}")]
     Mismatch(String),
+    /// Every chunk matched its hash, but the state holds values no training reaches: its
+    /// donors agreed on a broken state; it is not installed.
+    #[error("the downloaded state is not finite ({0}); not installed")]
+    NotFinite(String),
     #[error("{got} of {total} chunks downloaded before every donor dropped out")]
     Incomplete { got: usize, total: usize },
     #[error(transparent)]

@@ -1,11 +1,12 @@
 //! The donor's side: a peer serves the state on its [`Shelf`] to every downloader that asks,
 //! one stream each, while it goes on training and averaging.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{AsyncWriteExt, StreamExt};
-use libp2p::Stream;
+use libp2p::{PeerId, Stream};
 use potluck_core::lock;
 use potluck_core::slots::Slots;
 use potluck_net::frame::{read_message, write_frame, write_message};
@@ -42,13 +43,69 @@ pub(super) const MAX_STREAMS: usize = 64;
 /// Of those, for one peer at most (a downloader opens one stream to each donor).
 pub(super) const MAX_STREAMS_PER_PEER: usize = 2;
 
+/// What one downloader may take from a donor: this many whole states per [`BUDGET_WINDOW`]
+/// (a newcomer takes one, split among its donors; a peer whose downloads keep failing a few).
+pub(super) const STATES_PER_WINDOW: f64 = 4.0;
+/// The window the budget refills over.
+pub(super) const BUDGET_WINDOW: Duration = Duration::from_secs(3600);
+/// The budget is never smaller than this (small states can be fetched often).
+pub(super) const MIN_BUDGET: f64 = (256 << 20) as f64;
+/// Downloaders whose budgets are tracked, at most (the fullest are forgotten first).
+const MAX_BUDGETS: usize = 4096;
+
+/// The bytes each downloader may still take: a bucket per peer, refilled continuously, that
+/// outlives its streams (a peer cannot reset it by reconnecting).
+#[derive(Debug, Default)]
+pub(super) struct Budgets {
+    by_peer: HashMap<PeerId, (f64, Instant)>,
+}
+
+impl Budgets {
+    /// Takes `bytes` from `peer`'s budget for a state of `state` bytes, or says in how many
+    /// seconds it will hold them.
+    pub(super) fn take(
+        &mut self,
+        peer: PeerId,
+        bytes: usize,
+        state: usize,
+        now: Instant,
+    ) -> Result<(), u32> {
+        let capacity = (STATES_PER_WINDOW * state as f64).max(MIN_BUDGET);
+        let per_second = capacity / BUDGET_WINDOW.as_secs_f64();
+        if self.by_peer.len() >= MAX_BUDGETS && !self.by_peer.contains_key(&peer) {
+            let full = |(left, at): &(f64, Instant)| {
+                *left + now.saturating_duration_since(*at).as_secs_f64() * per_second >= capacity
+            };
+            self.by_peer.retain(|_, b| !full(b));
+            if self.by_peer.len() >= MAX_BUDGETS {
+                return Err(BUDGET_WINDOW.as_secs() as u32);
+            }
+        }
+        let (left, at) = self.by_peer.entry(peer).or_insert((capacity, now));
+        *left =
+            (*left + now.saturating_duration_since(*at).as_secs_f64() * per_second).min(capacity);
+        *at = now;
+        let want = bytes as f64;
+        if *left >= want {
+            *left -= want;
+            Ok(())
+        } else {
+            Err(((want - *left) / per_second)
+                .ceil()
+                .min(f64::from(u32::MAX)) as u32)
+        }
+    }
+}
+
 /// Serves `shelf` on `host` until the host stops. Each stream answers requests in order; at
 /// most [`MAX_STREAMS`] streams are answered at once, [`MAX_STREAMS_PER_PEER`] for one peer
-/// (more are closed at once).
+/// (more are closed at once); each peer takes at most its budget of bytes (see
+/// [`STATES_PER_WINDOW`]), then is answered [`Response::Busy`].
 pub fn serve(host: &Host, shelf: Shelf, serving: Serving) -> Result<(), host::Error> {
     let mut incoming = host.accept(PROTOCOL)?;
     let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let streams = Slots::new(MAX_STREAMS, MAX_STREAMS_PER_PEER);
+    let budgets = Arc::new(Mutex::new(Budgets::default()));
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming.next().await {
             let Some(slot) = streams.try_enter(peer) else {
@@ -56,9 +113,16 @@ pub fn serve(host: &Host, shelf: Shelf, serving: Serving) -> Result<(), host::Er
                 continue;
             };
             let (shelf, served) = (shelf.clone(), served.clone());
+            let budgets = budgets.clone();
             tokio::spawn(async move {
                 let _slot = slot;
-                if let Err(e) = answer(stream, shelf, serving, served).await {
+                let donor = Donor {
+                    shelf,
+                    serving,
+                    served,
+                    budgets,
+                };
+                if let Err(e) = answer(peer, stream, &donor).await {
                     tracing::debug!("state stream from {peer} ended: {e}");
                 }
             });
@@ -70,12 +134,22 @@ pub fn serve(host: &Host, shelf: Shelf, serving: Serving) -> Result<(), host::Er
 /// How long a donor waits for the next request on an open stream.
 const IDLE: Duration = Duration::from_secs(60);
 
-async fn answer(
-    mut stream: Stream,
+/// What every stream of a donor shares.
+struct Donor {
     shelf: Shelf,
     serving: Serving,
+    /// Chunks served (for [`Serving::vanish_after`]).
     served: Arc<std::sync::atomic::AtomicUsize>,
-) -> std::io::Result<()> {
+    budgets: Arc<Mutex<Budgets>>,
+}
+
+async fn answer(peer: PeerId, mut stream: Stream, donor: &Donor) -> std::io::Result<()> {
+    let Donor {
+        shelf,
+        serving,
+        served,
+        budgets,
+    } = donor;
     // A chunk's bytes are encoded here from the shared state, one chunk at a time.
     let mut chunk = Vec::new();
     loop {
@@ -89,11 +163,17 @@ async fn answer(
         let snapshot = shelf.get();
         match (request, snapshot) {
             (Request::Manifest, Some(s)) => {
+                let state = s.len();
                 // Hashing a large state takes a while: off the async workers.
                 let manifest = tokio::task::spawn_blocking(move || s.manifest())
                     .await
                     .map_err(std::io::Error::other)?;
                 let bytes = postcard::to_allocvec(&manifest).map_err(std::io::Error::other)?;
+                let charged = lock(budgets).take(peer, bytes.len(), state, Instant::now());
+                if let Err(retry_after_s) = charged {
+                    write_message(&mut stream, &Response::Busy { retry_after_s }).await?;
+                    continue;
+                }
                 write_message(&mut stream, &Response::Manifest).await?;
                 write_frame(&mut stream, &[&bytes]).await?;
             }
@@ -110,6 +190,11 @@ async fn answer(
                     tokio::time::sleep(d).await;
                 }
                 s.read_chunk(index as usize, &mut chunk);
+                let charged = lock(budgets).take(peer, chunk.len(), s.len(), Instant::now());
+                if let Err(retry_after_s) = charged {
+                    write_message(&mut stream, &Response::Busy { retry_after_s }).await?;
+                    continue;
+                }
                 write_message(&mut stream, &Response::Chunk).await?;
                 write_frame(&mut stream, &[&chunk]).await?;
             }
@@ -118,5 +203,33 @@ async fn answer(
                 write_message(&mut stream, &Response::Gone { epoch }).await?;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A downloader takes its budget and is then told when to come back; the budget refills
+    /// with time, and another downloader has its own.
+    #[test]
+    fn a_downloader_takes_its_share_of_the_upload_and_no_more() {
+        let state = 100 << 20;
+        let capacity = (STATES_PER_WINDOW * state as f64) as usize;
+        let mut budgets = Budgets::default();
+        let t0 = Instant::now();
+        let greedy = PeerId::random();
+        let chunk = 1 << 20;
+        let mut taken = 0;
+        while budgets.take(greedy, chunk, state, t0).is_ok() {
+            taken += chunk;
+            assert!(taken <= capacity, "took {taken} of a budget of {capacity}");
+        }
+        assert_eq!(taken, capacity);
+        let wait = budgets.take(greedy, chunk, state, t0).unwrap_err();
+        assert!(wait >= 1, "{wait}");
+        assert!(budgets.take(PeerId::random(), chunk, state, t0).is_ok());
+        let later = t0 + Duration::from_secs(u64::from(wait));
+        assert!(budgets.take(greedy, chunk, state, later).is_ok());
     }
 }

@@ -197,6 +197,23 @@ impl Snapshot {
         }
     }
 
+    /// Whether every parameter, moment and scale is finite (8-bit codes decode to finite
+    /// values exactly when their scales are); else which part is not.
+    pub fn check_finite(&self) -> Result<(), String> {
+        let (params, moments) = self.parts();
+        let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+        if !finite(params) {
+            return Err("a parameter".into());
+        }
+        let ok = match moments {
+            Moments::F32 { m, v } => finite(m) && finite(v),
+            Moments::Blockwise8 {
+                m_scale, v_scale, ..
+            } => finite(m_scale) && finite(v_scale),
+        };
+        if ok { Ok(()) } else { Err("a moment".into()) }
+    }
+
     /// A copy of the parameters and moments it holds.
     pub fn state(&self) -> (Vec<f32>, Moments) {
         let (params, moments) = self.parts();

@@ -97,6 +97,9 @@ pub enum Response {
     Chunk,
     /// The donor holds no state, or a state of another epoch than asked for.
     Gone { epoch: Option<u64> },
+    /// This peer took its share of the donor's upload for now: ask another donor, or this one
+    /// again after this many seconds.
+    Busy { retry_after_s: u32 },
 }
 
 /// Decodes a manifest a donor sent and checks it against what this peer expects (sizes,
@@ -130,6 +133,24 @@ pub(super) fn check(manifest: &Manifest, shape: &Shape) -> Result<(), Error> {
             "{} bytes, {} expected",
             manifest.total,
             shape.bytes()
+        ));
+    }
+    let c = &manifest.config;
+    let sane = (0.0..=1.0).contains(&c.schedule.peak)
+        && (0.0..1.0).contains(&c.beta1)
+        && (0.0..1.0).contains(&c.beta2)
+        && c.eps > 0.0
+        && c.eps < 1.0
+        && (0.0..=1.0).contains(&c.weight_decay)
+        && c.clamp.is_finite()
+        && c.clamp >= 0.0
+        && c.max_grad_norm.is_finite()
+        && c.max_grad_norm >= 0.0;
+    if !sane {
+        return mismatch(format!(
+            "optimizer settings no run trains with (learning rate {}, betas {} and {}, ε {}, \
+             weight decay {}, clamp {}, clip {})",
+            c.schedule.peak, c.beta1, c.beta2, c.eps, c.weight_decay, c.clamp, c.max_grad_norm
         ));
     }
     let chunk = manifest.chunk as usize;
@@ -176,5 +197,13 @@ mod tests {
         assert!(bad(&|m| {
             m.hashes.pop();
         }));
+        // Settings that would wreck whoever adopts them.
+        assert!(bad(&|m| m.config.schedule.peak = 1e30));
+        assert!(bad(&|m| m.config.schedule.peak = f64::NAN));
+        assert!(bad(&|m| m.config.beta2 = 1.0));
+        assert!(bad(&|m| m.config.eps = 0.0));
+        assert!(bad(&|m| m.config.weight_decay = -1.0));
+        assert!(bad(&|m| m.config.max_grad_norm = f64::INFINITY));
+        assert!(!bad(&|_| {}));
     }
 }
