@@ -265,7 +265,14 @@ impl Matchmaker<'_> {
     /// After the deadline: partition, publish as a leader, take the published group.
     pub async fn agree(&self, round: u64, deadline: Time, len: usize) -> Result<Group, Error> {
         let me = self.keypair.public().to_peer_id();
+        // The others' offers may not have reached this peer yet: a partition of too few would
+        // put it in a group of its own (and, as a leader, publish it for peers that wait).
+        let reading = tokio::time::Instant::now();
         let mut offers = self.offers(round).await?;
+        while offers.len() < self.settings.min_size && reading.elapsed() < self.settings.grace / 2 {
+            tokio::time::sleep(self.settings.poll).await;
+            offers = self.offers(round).await?;
+        }
         let mut gone: HashSet<PeerId> = HashSet::new();
         for _ in 0..self.settings.attempts.max(1) {
             let alive: Vec<PeerId> = offers
@@ -381,6 +388,8 @@ impl Matchmaker<'_> {
             }
         }
         lists.sort_by_key(|(leader, list)| (list.as_slice() != wanted.mine, *leader));
+        // A group too small to average in is taken only when no other will do.
+        let mut small = None;
         for (leader, list) in lists {
             if list.iter().any(|p| !offers.contains_key(p)) {
                 *offers = self.offers(round).await?;
@@ -397,10 +406,8 @@ impl Matchmaker<'_> {
                 continue;
             };
             if members.len() < self.settings.min_size {
-                return Err(Error::NotEnough {
-                    got: members.len(),
-                    min: self.settings.min_size,
-                });
+                small = Some(members.len());
+                continue;
             }
             let mut id = Sha256::new();
             id.update(self.run.as_bytes());
@@ -410,7 +417,13 @@ impl Matchmaker<'_> {
             }
             return Ok(Some(Group::new(id.finalize().into(), members, len)?));
         }
-        Ok(None)
+        match small {
+            Some(got) if wanted.any => Err(Error::NotEnough {
+                got,
+                min: self.settings.min_size,
+            }),
+            _ => Ok(None),
+        }
     }
 }
 

@@ -87,6 +87,16 @@ async fn peers_agree_on_groups_and_average_within_them() {
     assert_eq!(everyone.len(), 8);
 }
 
+/// `node`'s matchmaker in the test run, for groups of up to 8.
+fn mm(node: &Node) -> Matchmaker<'_> {
+    Matchmaker {
+        dht: &node.dht,
+        keypair: &node.keypair,
+        run: "test-run",
+        settings: settings(8),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_leader_costs_one_grace_period_not_the_round() {
     let nodes = nodes(5).await;
@@ -94,14 +104,6 @@ async fn a_silent_leader_costs_one_grace_period_not_the_round() {
     let round = 3;
     // The leader (smallest peer id) declares, then goes silent.
     let leader = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
-    fn mm(node: &Node) -> Matchmaker<'_> {
-        Matchmaker {
-            dht: &node.dht,
-            keypair: &node.keypair,
-            run: "test-run",
-            settings: settings(8),
-        }
-    }
     let leader_offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
     mm(leader)
         .declare(round, deadline, &leader_offer)
@@ -155,14 +157,6 @@ async fn a_leader_cannot_forge_what_its_members_declared() {
     let round = 4;
     let len = 10_000;
     let leader = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
-    fn mm(node: &Node) -> Matchmaker<'_> {
-        Matchmaker {
-            dht: &node.dht,
-            keypair: &node.keypair,
-            run: "test-run",
-            settings: settings(8),
-        }
-    }
     let honest_offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
     mm(leader)
         .declare(round, deadline, &honest_offer)
@@ -199,4 +193,37 @@ async fn a_leader_cannot_forge_what_its_members_declared() {
             assert!(*part <= len / 5 + 1, "{} reduces {part} of {len}", m.peer);
         }
     }
+}
+
+/// A leader that reads the offers before the others' have reached it (its clock ahead, the
+/// DHT slow: here it agrees at once, 300 ms before the other declares) waits for them instead
+/// of forming a group of its own, and the two average together (before, the leader saw only
+/// itself, published a group of one and failed with "only 1 peers in the group", and the
+/// other waited a grace period for nothing; in a swarm the same peer did so epoch after
+/// epoch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_reads_the_offers_early_waits_for_the_others() {
+    let nodes = nodes(2).await;
+    let deadline = clock::now() + 1500;
+    let round = 5;
+    let (leader, other) = if nodes[0].dht.peer_id() < nodes[1].dht.peer_id() {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    let lead = async {
+        let offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(leader).declare(round, deadline, &offer).await?;
+        mm(leader).agree(round, deadline, 100).await
+    };
+    let follow = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let offer = matchmaking::offer(&other.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(other).form_group(round, deadline, &offer, 100).await
+    };
+    let (led, followed) = futures::join!(lead, follow);
+    let (led, followed) = (led.unwrap(), followed.unwrap());
+    let ids = |g: &butterfly::Group| g.members.iter().map(|m| m.peer).collect::<Vec<_>>();
+    assert_eq!(ids(&led), [leader.dht.peer_id(), other.dht.peer_id()]);
+    assert_eq!(ids(&led), ids(&followed));
 }
