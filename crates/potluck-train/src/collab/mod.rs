@@ -118,6 +118,9 @@ pub struct Collab<T: Trainable> {
     guard: Option<Guard>,
     /// Epochs in a row it could not average though others were around.
     alone_epochs: u64,
+    /// The epoch at which it last tried to download the swarm's state because it was held
+    /// back (once an epoch: a donor that cannot serve is not asked at every tick).
+    resync_tried: Option<u64>,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -186,6 +189,7 @@ impl<T: Trainable> Collab<T> {
             started_computing: None,
             guard: None,
             alone_epochs: 0,
+            resync_tried: None,
         };
         let mut guard = Guard::new(collab.settings.spike);
         guard.restart(&collab.state);
@@ -415,12 +419,20 @@ impl<T: Trainable> Collab<T> {
         }
         let epoch = self.epoch();
         // Behind the swarm: fetch its state (our gradients are for old parameters). A failed
-        // download is tried again later: donors come and go.
-        if self.round.is_none()
-            && self.busy.is_none()
+        // download is tried again later: donors come and go. A peer held back from stepping
+        // alone fetches the swarm's state at its own epoch too (once an epoch): it can no
+        // longer average, but it can take the parameters the others reached.
+        // (Its epoch's round may be forming: the download does not change the epoch.)
+        let held = self.alone_epochs > self.settings.alone_limit
+            && self.resync_tried != Some(self.state.epoch());
+        if self.busy.is_none()
             && let Some(v) = &view
-            && v.newest() > self.state.epoch()
+            && ((self.round.is_none() && v.newest() > self.state.epoch())
+                || (held && !v.others.is_empty() && v.newest() == self.state.epoch()))
         {
+            if held {
+                self.resync_tried = Some(self.state.epoch());
+            }
             return match self.sync().await {
                 Ok(report) => Ok(Tick::Synced(report, self.epoch())),
                 Err(Error::Sync(e)) if !matches!(e, sync::Error::Mismatch(_)) => {

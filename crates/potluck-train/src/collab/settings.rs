@@ -50,7 +50,8 @@ pub struct Settings {
     pub attack: Option<Attack>,
     /// Epochs in a row a peer that knows of others may step on its own gradient alone (its
     /// group failed, or it was left out of one) before it stops stepping until it averages
-    /// with the swarm again or downloads its state; from [`ALONE_WARN`] epochs on it warns at
+    /// with the swarm again or downloads its state (which it tries once an epoch while held back,
+    /// from the peers at its epoch); from [`ALONE_WARN`] epochs on it warns at
     /// every epoch. 0: never step alone while others are around.
     pub alone_limit: u64,
 }
