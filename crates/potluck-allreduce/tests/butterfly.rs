@@ -291,7 +291,16 @@ async fn one_vanishes_on(fault: Option<Fault>, n: usize, on: On) {
         let report = report.as_ref().unwrap();
         for part in &report.parts {
             let r = part.range.clone();
-            if part.reducer == victim {
+            if part.reducer == victim && part.complete() && fault.is_some() {
+                // The victim reduced and returned its whole part before its own sending
+                // reached the chunk it vanishes at (a loaded machine schedules it late): the
+                // part is the mean of everyone, the victim's values included.
+                assert_eq!(part.contributors.len(), n, "{fault:?}: {part:?}");
+                assert!(
+                    max_diff(&buffer[r.clone()], &everyone[r]) <= 1e-6,
+                    "{fault:?}"
+                );
+            } else if part.reducer == victim {
                 // Where the victim's part did not come back, our own values stay.
                 let done: usize = part.chunks_done * 1000;
                 let kept = (r.start + done.min(r.len()))..r.end;
