@@ -43,8 +43,8 @@ pub(crate) struct RunArgs {
     pub(crate) robust: bool,
     /// Epochs in a row a peer that cannot average with the others (though it sees them) steps
     /// on its own gradient before it stops stepping, until it averages again or downloads the
-    /// swarm's state (it warns from the third such epoch on; 0: never step alone while others
-    /// are around).
+    /// swarm's state, which it tries once an epoch while held back (it warns from the third
+    /// such epoch on; 0: never step alone while others are around).
     #[arg(long, default_value_t = 10)]
     pub(crate) max_alone_epochs: u64,
 }
