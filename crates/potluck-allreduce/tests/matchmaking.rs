@@ -213,8 +213,17 @@ async fn a_leader_that_reads_the_offers_early_waits_for_the_others() {
     };
     let lead = async {
         let offer = matchmaking::offer(&leader.dht.addrs().await.unwrap(), Mode::Full, 1e7);
-        mm(leader).declare(round, deadline, &offer).await?;
-        mm(leader).agree(round, deadline, 100).await
+        // A grace period long enough that its wait outlasts the other's 300 ms on a loaded
+        // machine.
+        let patient = Matchmaker {
+            settings: matchmaking::Settings {
+                grace: std::time::Duration::from_secs(6),
+                ..settings(8)
+            },
+            ..mm(leader)
+        };
+        patient.declare(round, deadline, &offer).await?;
+        patient.agree(round, deadline, 100).await
     };
     let follow = async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
