@@ -51,7 +51,14 @@ async fn newcomer_downloads(
         .await
         .unwrap();
     let settings = sync::Settings::default();
-    sync::download(me.host(), donors, shape, &mut Partial::default(), &settings).await
+    sync::download(
+        me.host(),
+        donors,
+        &sync::Want::shape(shape),
+        &mut Partial::default(),
+        &settings,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -91,7 +98,7 @@ async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
     let (snapshot, report) = sync::download(
         me.host(),
         &donors,
-        shape,
+        &sync::Want::shape(shape),
         &mut partial,
         &sync::Settings::default(),
     )
@@ -110,6 +117,56 @@ async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
     assert!(dropped.contains(&vanishing.peer), "{report:?}");
     assert!(dropped.contains(&liar.peer), "{report:?}");
     assert!(!dropped.contains(&honest.peer), "{report:?}");
+}
+
+/// A donor's manifest is its word: one of another epoch than the donor claimed (a peer that
+/// says it is ahead and serves anything), or with other optimizer settings than the run's, is
+/// passed over even when it comes first; with no other donor, nothing is installed and the
+/// download says who offered what.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
+    let (params, opt) = state(1.0);
+    let chunk = 16 << 10;
+    let (liar_params, liar_opt) = state(2.0);
+    let mut ahead = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
+    ahead.epoch += 1;
+    let mut hot = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
+    hot.config.schedule.peak *= 10.0;
+    let (_a, ahead) = donor(ahead, Serving::default()).await;
+    let (_b, hot) = donor(hot, Serving::default()).await;
+    let (_c, honest) = donor(Snapshot::take(&params, &opt, 99, chunk), Serving::default()).await;
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let (_, mut fresh) = state(3.0);
+    let want = sync::Want {
+        shape: Shape::of(&fresh),
+        epoch: Some(opt.steps()),
+        config: Some(*opt.config()),
+    };
+    let settings = sync::Settings::default();
+    let liars = [ahead.clone(), hot.clone()];
+    let err = sync::download(me.host(), &liars, &want, &mut Partial::default(), &settings)
+        .await
+        .unwrap_err();
+    match &err {
+        sync::Error::Unlike { donors, .. } => {
+            let peers: Vec<_> = donors.iter().map(|(p, _)| *p).collect();
+            assert_eq!(peers, vec![ahead.peer, hot.peer], "{err}");
+        }
+        other => panic!("{other}"),
+    }
+    let all = [ahead.clone(), hot.clone(), honest.clone()];
+    let (snapshot, report) =
+        sync::download(me.host(), &all, &want, &mut Partial::default(), &settings)
+            .await
+            .unwrap();
+    assert_eq!(report.unlike, vec![ahead.peer, hot.peer]);
+    assert_eq!(report.per_donor, vec![0, 0, report.per_donor[2]]);
+    let mut got = vec![0.0; params.len()];
+    snapshot.install(&mut got, &mut fresh).unwrap();
+    assert_eq!(got, params);
+    assert_eq!(fresh.config(), opt.config());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,7 +190,7 @@ async fn a_download_carries_on_where_a_failed_one_stopped() {
     let err = sync::download(
         me.host(),
         std::slice::from_ref(&only),
-        shape,
+        &sync::Want::shape(shape),
         &mut partial,
         &sync::Settings::default(),
     )
@@ -148,7 +205,7 @@ async fn a_download_carries_on_where_a_failed_one_stopped() {
     let (snapshot, report) = sync::download(
         me.host(),
         &[other],
-        shape,
+        &sync::Want::shape(shape),
         &mut partial,
         &sync::Settings::default(),
     )
@@ -300,7 +357,14 @@ async fn only_admitted_peers_download_the_state_of_an_authorized_run() {
         let settings = settings.clone();
         async move {
             let mut partial = Partial::default();
-            sync::download(node.host(), &[donor], shape, &mut partial, &settings).await
+            sync::download(
+                node.host(),
+                &[donor],
+                &sync::Want::shape(shape),
+                &mut partial,
+                &settings,
+            )
+            .await
         }
     };
     for (who, node) in [

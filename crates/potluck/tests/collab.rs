@@ -287,15 +287,24 @@ const GRADIENT_ATTACKS: [Attack; 4] = [
     Attack::Stale(5),
 ];
 
-/// One peer of four attacks (each of [`GRADIENT_ATTACKS`], and a sign-flipped gradient sent
-/// with a weight of 3e38: a weight counts only up to the samples its sender reported, and
-/// under a robust rule up to twice the median weight). With robust averaging (CenteredClip
-/// with its radius from the contributions' spread) the honest peers' loss after EPOCHS stays
-/// within 5% of an all-honest run's; without it, the figure is printed.
+/// One peer of four attacks (each of [`GRADIENT_ATTACKS`]; a sign-flipped gradient sent with a
+/// weight of 3e38: a weight counts only up to the samples its sender reported, and under a
+/// robust rule up to twice the median weight; a claim to be one epoch ahead, and one to be at
+/// the counter's end, serving sign-flipped parameters as that epoch's state: an epoch counts
+/// only as far as a majority of the peers back it, so the liar is no donor; a thousand targets
+/// claimed computed at once with a deadline already past: a peer's samples count up to four
+/// median peers', and a past deadline is not taken). With robust
+/// averaging (CenteredClip with its radius from the contributions' spread) the honest peers'
+/// loss after EPOCHS stays within 5% of an all-honest run's; without it, the figure is printed.
 #[test]
 fn robust_averaging_holds_against_one_attacker_in_four() {
     let mut attacks = GRADIENT_ATTACKS.to_vec();
-    attacks.push(Attack::Weight(3e38));
+    attacks.extend([
+        Attack::Weight(3e38),
+        Attack::Ahead(1),
+        Attack::Ahead(u64::MAX),
+        Attack::Rush,
+    ]);
     attacked(4, 1, &attacks, true, 0.05);
 }
 
@@ -356,9 +365,10 @@ fn attacked(n: usize, attackers: usize, attacks: &[Attack], plain: bool, loose_b
             })
             .collect();
         why.truncate(6);
+        let batch = reports.iter().map(|r| r.swarm_samples).sum::<f64>() / reports.len() as f64;
         println!(
-            "  {attack:?} robust {robust}: {} epochs, {} in a group under {n}, {} alone, {} held \
-             back, {} skipped, {} rolled back {why:?}",
+            "  {attack:?} robust {robust}: {} epochs of {batch:.0} samples, {} in a group under \
+             {n}, {} alone, {} held back, {} skipped, {} rolled back {why:?}",
             reports.len(),
             count(&|r| r.group < n),
             count(&|r| r.alone_because.is_some()),

@@ -3,6 +3,9 @@
 
 use std::collections::VecDeque;
 
+use crate::state::TrainState;
+use crate::sync::Snapshot;
+
 /// How an attacking peer corrupts the gradient it sends.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Attack {
@@ -18,6 +21,25 @@ pub enum Attack {
     /// is its vector alone, and CenteredClip is pulled by it each iteration, unless weights
     /// are bounded).
     Weight(f32),
+    /// It says it is this many epochs ahead of where it is (saturating: `u64::MAX` claims the
+    /// counter's end), and serves its parameters sign-flipped as the state of that epoch: were
+    /// a claim believed, it would be the only donor, and every peer that synced would hold its
+    /// parameters (and serve them on).
+    Ahead(u64),
+    /// It says it computed a thousand times the epoch's target the moment the epoch begins,
+    /// at 1e9 samples/s, and proposes a deadline already past for every epoch: believed, it
+    /// ends every epoch at once, and every peer is too late to average.
+    Rush,
+}
+
+impl Attack {
+    /// How many epochs ahead of its own the attacker claims to be.
+    pub(super) fn ahead(self) -> u64 {
+        match self {
+            Attack::Ahead(k) => k,
+            _ => 0,
+        }
+    }
 }
 
 /// An attack and what it needs to remember (the gradients a stale attack replays).
@@ -45,11 +67,24 @@ impl Attacker {
         }
     }
 
+    /// The state it serves in place of `state`, if it lies about it.
+    pub(super) fn served(&self, state: &TrainState, chunk: usize) -> Option<Snapshot> {
+        let Attack::Ahead(k) = self.attack else {
+            return None;
+        };
+        let flipped: Vec<f32> = state.params.iter().map(|p| -p).collect();
+        let mut snapshot = Snapshot::take(&flipped, &state.optimizer, state.samples, chunk);
+        snapshot.epoch = snapshot.epoch.saturating_add(k);
+        Some(snapshot)
+    }
+
     /// Replaces `grad` (this peer's true mean gradient) with what the attack sends.
     pub(super) fn corrupt(&mut self, grad: &mut [f32]) {
         match self.attack {
             Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
             Attack::Weight(_) => grad.iter_mut().for_each(|g| *g = -*g),
+            // It sends its true gradient: its lies are about its progress and its state.
+            Attack::Ahead(_) | Attack::Rush => {}
             Attack::NonFinite => grad.fill(f32::NAN),
             Attack::Noise => {
                 let norm = grad

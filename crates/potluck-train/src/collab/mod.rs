@@ -39,7 +39,7 @@ use crate::guard::Guard;
 use crate::optim::{self, Optimizer};
 use crate::progress::SwarmState;
 use crate::state::TrainState;
-use crate::sync::{self, Donor, Partial, Snapshot};
+use crate::sync::{self, Partial, Snapshot};
 
 mod attack;
 mod job;
@@ -52,7 +52,10 @@ use attack::Attacker;
 use job::{Job, Stepped};
 pub use outcome::{Alone, EpochReport, Tick};
 pub use settings::{ALONE_WARN, Net, Settings};
-use swarm::{Local, Pending, Round, View, formed, progress_loop};
+use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
+
+/// Most claims remembered as not served (a bound on memory; forgotten all at once beyond it).
+const MAX_UNSERVED: usize = 1024;
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +124,11 @@ pub struct Collab<T: Trainable> {
     /// The epoch at which it last tried to download the swarm's state because it was held
     /// back (once an epoch: a donor that cannot serve is not asked at every tick).
     resync_tried: Option<u64>,
+    /// Claims of holding a state that their peers did not serve.
+    unserved: Unserved,
+    /// Whether it holds the run's state (it started the swarm or joined it): from then on its
+    /// optimizer settings are the run's, and no donor changes them.
+    settled: bool,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -190,6 +198,8 @@ impl<T: Trainable> Collab<T> {
             guard: None,
             alone_epochs: 0,
             resync_tried: None,
+            unserved: Unserved::new(),
+            settled: false,
         };
         let mut guard = Guard::new(collab.settings.spike);
         guard.restart(&collab.state);
@@ -214,6 +224,7 @@ impl<T: Trainable> Collab<T> {
                 break;
             }
         }
+        collab.settled = true;
         collab.shelve();
         collab.report(true);
         Ok(collab)
@@ -327,11 +338,22 @@ impl<T: Trainable> Collab<T> {
 
     /// Serves the current state (shared: nothing is copied or encoded until someone asks).
     fn shelve(&self) {
-        let snapshot = Snapshot::of(Arc::clone(&self.state), self.settings.chunk_bytes);
+        let chunk = self.settings.chunk_bytes;
+        let snapshot = match self
+            .attacker
+            .as_ref()
+            .and_then(|a| a.served(&self.state, chunk))
+        {
+            Some(lie) => lie,
+            None => Snapshot::of(Arc::clone(&self.state), chunk),
+        };
         self.net.shelf.put(snapshot);
     }
 
-    /// Downloads the newest state from the peers that report it and installs it.
+    /// Downloads the newest state from the peers that report it and installs it: the state a
+    /// majority of the other peers holds, from the donors that claim it, of that epoch and (once
+    /// this peer holds the run's state) with the run's optimizer settings. A donor that offers
+    /// anything else is not asked again until its claim changes.
     async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
         let mut partial = Partial::default();
         let mut last = None;
@@ -342,27 +364,28 @@ impl<T: Trainable> Collab<T> {
                 view.borrow_and_update();
                 let _ = tokio::time::timeout(2 * self.settings.report_every, view.changed()).await;
             }
-            let donors: Vec<Donor> = {
+            let (newest, donors) = {
                 let view = self.view.borrow();
                 let Some(v) = view.as_ref() else { break };
-                let newest = v.newest();
-                v.others
-                    .iter()
-                    .filter(|(_, h, _)| *h == newest)
-                    .map(|(_, _, d)| d.clone())
-                    .collect()
+                let newest = v.newest(&self.unserved);
+                (newest, v.donors(newest, &self.unserved))
             };
-            let shape = sync::Shape::of(&self.state.optimizer);
+            let want = sync::Want {
+                shape: sync::Shape::of(&self.state.optimizer),
+                epoch: Some(newest),
+                config: self.settled.then(|| *self.state.optimizer.config()),
+            };
             match sync::download(
                 self.net.dht.host(),
                 &donors,
-                shape,
+                &want,
                 &mut partial,
                 &self.settings.sync,
             )
             .await
             {
                 Ok((snapshot, report)) => {
+                    self.distrust(report.unlike.iter().map(|p| (*p, newest)));
                     self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
                     self.guard
                         .get_or_insert_with(|| Guard::new(self.settings.spike))
@@ -389,6 +412,12 @@ impl<T: Trainable> Collab<T> {
                     return Ok(report);
                 }
                 Err(sync::Error::Mismatch(why)) => return Err(sync::Error::Mismatch(why).into()),
+                Err(sync::Error::Unlike { donors, others }) => {
+                    self.distrust(donors.iter().map(|(p, _)| (*p, newest)));
+                    let e = sync::Error::Unlike { donors, others };
+                    tracing::warn!("state download failed: {e}");
+                    last = Some(e);
+                }
                 Err(e) => {
                     tracing::warn!("state download failed, retrying: {e}");
                     last = Some(e);
@@ -396,6 +425,20 @@ impl<T: Trainable> Collab<T> {
             }
         }
         Err(last.unwrap_or(sync::Error::NoDonors).into())
+    }
+
+    /// Remembers `claims` (a peer and the epoch it said it holds) as not served.
+    fn distrust(&mut self, claims: impl Iterator<Item = (libp2p::PeerId, u64)>) {
+        for (peer, epoch) in claims {
+            tracing::warn!(
+                "peer {peer} claimed the swarm's state of epoch {epoch} and did not serve it: \
+                 its claim is ignored"
+            );
+            if self.unserved.len() >= MAX_UNSERVED {
+                self.unserved.clear();
+            }
+            self.unserved.insert(peer, epoch);
+        }
     }
 
     /// Does the next thing due: downloads the state if the swarm is ahead, averages and steps
@@ -427,8 +470,8 @@ impl<T: Trainable> Collab<T> {
             && self.resync_tried != Some(self.state.epoch());
         if self.busy.is_none()
             && let Some(v) = &view
-            && ((self.round.is_none() && v.newest() > self.state.epoch())
-                || (held && !v.others.is_empty() && v.newest() == self.state.epoch()))
+            && ((self.round.is_none() && v.newest(&self.unserved) > self.state.epoch())
+                || (held && !v.others.is_empty() && v.newest(&self.unserved) == self.state.epoch()))
         {
             if held {
                 self.resync_tried = Some(self.state.epoch());

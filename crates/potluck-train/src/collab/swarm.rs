@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
+use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::Group;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_core::clock::{self, Time};
@@ -13,7 +14,7 @@ use potluck_core::lock;
 use potluck_net::dht;
 use tokio::sync::watch;
 
-use super::{Alone, Net, Settings};
+use super::{Alone, Attack, Net, Settings};
 use crate::progress::{self, Deadline, SwarmState, Tracker};
 use crate::reports;
 use crate::sync::Donor;
@@ -50,6 +51,10 @@ pub(super) struct View {
 
 /// Reports seen, by peer and epoch.
 pub(super) type Reported = HashMap<(PeerId, u64), progress::Report>;
+
+/// Peers that claimed to hold a state they did not serve (no manifest of that epoch), and the
+/// epoch they claimed: their claim is not believed until it changes.
+pub(super) type Unserved = HashMap<PeerId, u64>;
 
 /// A contribution may weigh this many times the samples its sender was seen to report (at
 /// its reported rate until now): room for the micro-batches reported after the last read.
@@ -93,9 +98,26 @@ impl View {
         (r.samples as f64 + rate * since) * GRANT_SLACK
     }
 
-    /// The newest state another peer holds.
-    pub(super) fn newest(&self) -> u64 {
-        self.others.iter().map(|(_, h, _)| *h).max().unwrap_or(0)
+    /// The newest state the other peers hold, as far as a majority of them back it
+    /// ([`progress::quorum`]: one peer claiming to be ahead is not believed, and cannot make
+    /// itself the only donor), leaving out the claims in `unserved` (a peer and the epoch it
+    /// claimed but could not serve).
+    pub(super) fn newest(&self, unserved: &Unserved) -> u64 {
+        progress::quorum(
+            self.others
+                .iter()
+                .filter(|(_, h, d)| unserved.get(&d.peer) != Some(h))
+                .map(|(_, h, _)| *h),
+        )
+    }
+
+    /// The donors of the state at `epoch` (those that claim to hold it, less `unserved`).
+    pub(super) fn donors(&self, epoch: u64, unserved: &Unserved) -> Vec<Donor> {
+        self.others
+            .iter()
+            .filter(|(_, h, d)| *h == epoch && unserved.get(&d.peer) != Some(h))
+            .map(|(_, _, d)| d.clone())
+            .collect()
     }
 }
 
@@ -159,6 +181,7 @@ pub(super) async fn progress_loop(
     };
     let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
     let mut closing: Option<(u64, Time)> = None;
+    let rush = settings.attack == Some(Attack::Rush);
     // How long this peer's DHT reads take (a moving average): on a loaded machine they take
     // hundreds of milliseconds, and a deadline must leave room for them.
     let mut latency = Duration::ZERO;
@@ -171,12 +194,19 @@ pub(super) async fn progress_loop(
             + (4 * latency).min(MAX_SLACK);
         let l = *local.borrow_and_update();
         if l.publish {
+            // What an attacker says of its progress (the harness's liars), else the truth.
+            let ahead = settings.attack.map_or(0, Attack::ahead);
+            let (samples, rate) = if rush {
+                (settings.target_batch.saturating_mul(1000), 1e9)
+            } else {
+                (l.samples, l.rate)
+            };
             let report = progress::Report {
-                epoch: l.epoch,
-                samples: l.samples,
-                samples_per_second: l.rate,
+                epoch: l.epoch.saturating_add(ahead),
+                samples,
+                samples_per_second: rate,
                 time: clock::now(),
-                held: l.held,
+                held: l.held.saturating_add(ahead),
                 addrs: wire_addrs.clone(),
             };
             if let Err(e) = tracker.publish(&report).await {
@@ -216,21 +246,22 @@ pub(super) async fn progress_loop(
                         (r.epoch, r.held, Donor { peer: *peer, addrs })
                     })
                     .collect();
-                let others_state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
+                let mine = progress::Report {
+                    epoch: l.epoch,
+                    samples: l.samples,
+                    samples_per_second: l.rate,
+                    time: now,
+                    held: l.held,
+                    addrs: Vec::new(),
+                };
+                // While it computes, this peer is one of those every claim is measured by.
+                let judge = (l.publish && settings.mode != Mode::Auxiliary).then_some((me, &mine));
+                let target = settings.target_batch;
+                let others_state = progress::swarm_state(&reports, now, target, ttl, judge);
                 if l.publish {
-                    reports.push((
-                        me,
-                        progress::Report {
-                            epoch: l.epoch,
-                            samples: l.samples,
-                            samples_per_second: l.rate,
-                            time: now,
-                            held: l.held,
-                            addrs: Vec::new(),
-                        },
-                    ));
+                    reports.push((me, mine.clone()));
                 }
-                let state = progress::swarm_state(&reports, now, settings.target_batch, ttl);
+                let state = progress::swarm_state(&reports, now, target, ttl, judge);
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
                 let open = closing.is_none_or(|(e, _)| e != l.epoch);
@@ -241,13 +272,24 @@ pub(super) async fn progress_loop(
                     && state.eta.is_some_and(|eta| {
                         eta <= settings.lead.max(min_lead) + settings.report_every
                     });
+                // The furthest ahead this peer would propose, with room for a report's lag.
+                let latest = settings.lead.max(min_lead) + settings.report_every;
+                if rush {
+                    // The harness's liar: a deadline already past, for every epoch.
+                    let past = Deadline(now.saturating_sub(1_000));
+                    let key = progress::deadlines(&settings.run, l.epoch);
+                    let put = key.put(&net.dht, &net.keypair, &past, now + 60_000);
+                    if let Err(e) = put.await {
+                        tracing::debug!("proposing a past deadline: {e}");
+                    }
+                }
                 if open && l.publish && !others.is_empty() {
                     let propose = (state.epoch == l.epoch)
                         .then_some(state.eta)
                         .flatten()
                         .filter(|eta| *eta <= settings.lead.max(min_lead))
                         .map(|eta| deadline_after(eta.max(min_lead)));
-                    match close(&net, &settings, l.epoch, propose).await {
+                    match close(&net, &settings, l.epoch, propose, latest).await {
                         Ok(None) => {}
                         Ok(Some(deadline)) => {
                             closing = Some((l.epoch, deadline));
@@ -352,16 +394,23 @@ pub(super) fn start_round(
     }
 }
 
-/// The deadline of `epoch`'s averaging: the earliest proposal under `RUN/close/EPOCH`; if
-/// there is none, this peer's `propose`al, if any.
+/// The deadline of `epoch`'s averaging: the earliest plausible proposal under
+/// `RUN/close/EPOCH` ([`plausible`]); if there is none, this peer's `propose`al, if any. A
+/// proposal is a peer's word: one already past would make every peer too late for every
+/// epoch, one far ahead would hold every group back until then; neither is taken. `latest`
+/// is the furthest ahead an honest peer proposes.
 pub(super) async fn close(
     net: &Net,
     settings: &Settings,
     epoch: u64,
     propose: Option<Time>,
+    latest: Duration,
 ) -> Result<Option<Time>, dht::Error> {
     let deadlines = progress::deadlines(&settings.run, epoch);
-    let earliest = |v: Vec<(PeerId, Deadline)>| v.into_iter().map(|(_, t)| t.0).min();
+    let window = (settings.matchmaking.declare_ahead, latest);
+    let earliest = |v: Vec<(PeerId, Deadline)>| {
+        plausible(v.into_iter().map(|(_, t)| t.0), clock::now(), window)
+    };
     if let Some(t) = earliest(deadlines.get(&net.dht).await?) {
         return Ok(Some(t));
     }
@@ -376,4 +425,40 @@ pub(super) async fn close(
             .unwrap_or(mine)
             .min(mine),
     ))
+}
+
+/// The earliest of `proposals` that lies in `window` after `now` (from the least time a peer
+/// needs to declare for the round to the furthest an honest peer proposes).
+fn plausible(
+    proposals: impl Iterator<Item = Time>,
+    now: Time,
+    window: (Duration, Duration),
+) -> Option<Time> {
+    let from = now.saturating_add(window.0.as_millis() as u64);
+    let to = now.saturating_add(window.1.as_millis() as u64);
+    proposals.filter(|t| (from..=to).contains(t)).min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_already_past_or_far_ahead_is_not_taken() {
+        let now = 1_000_000;
+        let window = (Duration::from_millis(500), Duration::from_secs(10));
+        let at = |ms: i64| (now as i64 + ms) as Time;
+        // An honest proposal among a past one and one an hour ahead: the honest one.
+        let proposals = [at(-1_000), at(3_000), at(3_600_000)];
+        assert_eq!(
+            plausible(proposals.into_iter(), now, window),
+            Some(at(3_000))
+        );
+        // The earliest of the plausible ones.
+        let two = [at(9_000), at(2_000), at(200)];
+        assert_eq!(plausible(two.into_iter(), now, window), Some(at(2_000)));
+        // Only lies: none (this peer proposes its own).
+        let lies = [at(-1), at(100), at(20_000), Time::MAX];
+        assert_eq!(plausible(lies.into_iter(), now, window), None);
+    }
 }

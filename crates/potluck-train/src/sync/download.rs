@@ -20,6 +20,7 @@ use super::snapshot::{Snapshot, Values};
 use super::wire::{
     MAX_CONTROL, Manifest, PROTOCOL, Request, Response, Shape, decode_manifest, manifest_limit,
 };
+use crate::optim;
 
 /// Donors fetched from at once.
 const MAX_DONORS: usize = 8;
@@ -29,6 +30,51 @@ const MAX_DONORS: usize = 8;
 pub struct Donor {
     pub peer: PeerId,
     pub addrs: Vec<Multiaddr>,
+}
+
+/// What a downloader takes: a state of its model's shape and, where it knows them, of the
+/// epoch its donors claimed to hold and with the run's optimizer settings. A manifest is its
+/// donor's word: one of another epoch than claimed (a peer that says it is ahead and serves
+/// something else) or with other settings is passed over, never adopted.
+#[derive(Debug, Clone, Copy)]
+pub struct Want {
+    pub shape: Shape,
+    pub epoch: Option<u64>,
+    /// Fixed once a peer holds the run's state: only a newcomer takes the settings, from the
+    /// manifest most donors agree on.
+    pub config: Option<optim::Config>,
+}
+
+impl Want {
+    /// Any state of `shape`.
+    pub fn shape(shape: Shape) -> Want {
+        Want {
+            shape,
+            epoch: None,
+            config: None,
+        }
+    }
+
+    /// Why `manifest` is not what was claimed or what the run trains with, if it is not.
+    fn unlike(&self, manifest: &Manifest) -> Option<String> {
+        if let Some(epoch) = self.epoch
+            && manifest.epoch != epoch
+        {
+            return Some(format!(
+                "it claimed the state of epoch {epoch} and offered epoch {}",
+                manifest.epoch
+            ));
+        }
+        if let Some(config) = &self.config
+            && manifest.config != *config
+        {
+            return Some(format!(
+                "it offered other optimizer settings than the run's ({:?} against {:?})",
+                manifest.config, config
+            ));
+        }
+        None
+    }
 }
 
 /// Chunks received so far, kept across attempts: their bytes are already in place in the
@@ -111,6 +157,9 @@ pub struct Report {
     pub per_donor: Vec<usize>,
     /// Donors dropped, and why.
     pub dropped: Vec<(PeerId, String)>,
+    /// Donors whose manifest was not what they claimed or the run trains with (also in
+    /// `dropped`).
+    pub unlike: Vec<PeerId>,
 }
 
 async fn open(host: &Host, donor: &Donor, settings: &Settings) -> Result<Stream, host::Error> {
@@ -148,11 +197,12 @@ async fn fetch_manifest(stream: &mut Stream, shape: &Shape) -> Result<Vec<u8>, S
 pub async fn download(
     host: &Host,
     donors: &[Donor],
-    shape: Shape,
+    want: &Want,
     partial: &mut Partial,
     settings: &Settings,
 ) -> Result<(Snapshot, Report), Error> {
     let started = Instant::now();
+    let shape = want.shape;
     let donors: Vec<&Donor> = donors.iter().take(MAX_DONORS).collect();
     if donors.is_empty() {
         return Err(Error::NoDonors);
@@ -174,6 +224,7 @@ pub async fn download(
     let mut reasons = Vec::new();
     let mut misfits = Vec::new();
     let mut fitting: Vec<(usize, Manifest, Stream)> = Vec::new();
+    let mut unlike: Vec<(PeerId, String)> = Vec::new();
     for (i, answer) in futures::future::join_all(asked)
         .await
         .into_iter()
@@ -181,13 +232,26 @@ pub async fn download(
     {
         let peer = donors[i].peer;
         match answer.map(|(stream, bytes)| (stream, decode_manifest(&bytes, &shape))) {
-            Ok((stream, Ok(m))) => fitting.push((i, m, stream)),
+            Ok((stream, Ok(m))) => match want.unlike(&m) {
+                None => fitting.push((i, m, stream)),
+                Some(why) => {
+                    tracing::warn!("state donor {peer}: {why}");
+                    unlike.push((peer, why));
+                }
+            },
             Ok((_, Err(Error::Mismatch(why)))) => misfits.push(format!("{peer}: {why}")),
             Ok((_, Err(e))) => reasons.push(format!("{peer}: {e}")),
             Err(e) => reasons.push(format!("{peer}: {e}")),
         }
     }
     let Some(manifest) = majority(fitting.iter().map(|(_, m, _)| m)) else {
+        if !unlike.is_empty() {
+            reasons.extend(misfits);
+            return Err(Error::Unlike {
+                donors: unlike,
+                others: reasons,
+            });
+        }
         if reasons.is_empty() && !misfits.is_empty() {
             return Err(Error::Mismatch(misfits.join("; ")));
         }
@@ -195,7 +259,8 @@ pub async fn download(
         return Err(Error::NoManifest(reasons.join("; ")));
     };
     let manifest = manifest.clone();
-    let mut dropped = Vec::new();
+    let unlike_peers: Vec<PeerId> = unlike.iter().map(|(p, _)| *p).collect();
+    let mut dropped = unlike;
     let mut streams: Vec<Option<Stream>> = donors.iter().map(|_| None).collect();
     for (i, m, stream) in fitting {
         if m == manifest {
@@ -262,6 +327,7 @@ pub async fn download(
             elapsed: started.elapsed(),
             per_donor,
             dropped,
+            unlike: unlike_peers,
         },
     ))
 }

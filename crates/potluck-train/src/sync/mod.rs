@@ -20,7 +20,7 @@ mod serve;
 mod snapshot;
 mod wire;
 
-pub use download::{Donor, Partial, Report, Settings, download};
+pub use download::{Donor, Partial, Report, Settings, Want, download};
 pub use serve::{Serving, Shelf, serve};
 pub use snapshot::Snapshot;
 pub use wire::{
@@ -41,6 +41,17 @@ pub enum Error {
     NoDonors,
     #[error("no donor sent a manifest: {0}")]
     NoManifest(String),
+    /// Donors offered another state than they claimed to hold or with other optimizer
+    /// settings than the run's, and no other donor offered one that fits.
+    #[error(
+        "no donor offered the state it claimed: {}{}",
+        donors.iter().map(|(p, why)| format!("{p}: {why}")).collect::<Vec<_>>().join("; "),
+        others.iter().map(|o| format!("; {o}")).collect::<String>()
+    )]
+    Unlike {
+        donors: Vec<(libp2p::PeerId, String)>,
+        others: Vec<String>,
+    },
     #[error("the donor's state does not fit this model: {0}")]
     Mismatch(String),
     /// Every chunk matched its hash, but the state holds values no training reaches: its
