@@ -119,20 +119,20 @@ async fn a_download_from_several_donors_survives_one_vanishing_and_one_lying() {
     assert!(!dropped.contains(&honest.peer), "{report:?}");
 }
 
-/// A donor's manifest is its word: one of another epoch than the donor claimed (a peer that
-/// says it is ahead and serves anything), or with other optimizer settings than the run's, is
-/// passed over even when it comes first; with no other donor, nothing is installed and the
+/// A donor's manifest is its word: one of an older epoch than the donor claimed (a peer that
+/// says it is ahead and serves what it has), or with other optimizer settings than the run's,
+/// is passed over even when it comes first; with no other donor, nothing is installed and the
 /// download says who offered what.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
     let (params, opt) = state(1.0);
     let chunk = 16 << 10;
     let (liar_params, liar_opt) = state(2.0);
-    let mut ahead = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
-    ahead.epoch += 1;
+    let mut behind = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
+    behind.epoch -= 1;
     let mut hot = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
     hot.config.schedule.peak *= 10.0;
-    let (_a, ahead) = donor(ahead, Serving::default()).await;
+    let (_a, behind) = donor(behind, Serving::default()).await;
     let (_b, hot) = donor(hot, Serving::default()).await;
     let (_c, honest) = donor(Snapshot::take(&params, &opt, 99, chunk), Serving::default()).await;
     let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
@@ -145,24 +145,28 @@ async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
         config: Some(*opt.config()),
     };
     let settings = sync::Settings::default();
-    let liars = [ahead.clone(), hot.clone()];
+    let liars = [behind.clone(), hot.clone()];
     let err = sync::download(me.host(), &liars, &want, &mut Partial::default(), &settings)
         .await
         .unwrap_err();
     match &err {
         sync::Error::Unlike { donors, .. } => {
             let peers: Vec<_> = donors.iter().map(|(p, _)| *p).collect();
-            assert_eq!(peers, vec![ahead.peer, hot.peer], "{err}");
+            assert_eq!(peers, vec![behind.peer, hot.peer], "{err}");
         }
         other => panic!("{other}"),
     }
-    let all = [ahead.clone(), hot.clone(), honest.clone()];
+    // A donor that stepped since it reported is passed over too, but told no lie.
+    let mut later = Snapshot::take(&liar_params, &liar_opt, 99, chunk);
+    later.epoch += 1;
+    let (_d, later) = donor(later, Serving::default()).await;
+    let all = [behind.clone(), hot.clone(), later.clone(), honest.clone()];
     let (snapshot, report) =
         sync::download(me.host(), &all, &want, &mut Partial::default(), &settings)
             .await
             .unwrap();
-    assert_eq!(report.unlike, vec![ahead.peer, hot.peer]);
-    assert_eq!(report.per_donor, vec![0, 0, report.per_donor[2]]);
+    assert_eq!(report.unlike, vec![behind.peer, hot.peer]);
+    assert_eq!(report.per_donor[..3], [0, 0, 0]);
     let mut got = vec![0.0; params.len()];
     snapshot.install(&mut got, &mut fresh).unwrap();
     assert_eq!(got, params);

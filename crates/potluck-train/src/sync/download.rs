@@ -55,10 +55,12 @@ impl Want {
         }
     }
 
-    /// Why `manifest` is not what was claimed or what the run trains with, if it is not.
+    /// Why `manifest` is not what was claimed or what the run trains with, if it is not. (A
+    /// manifest of a later epoch than claimed is no lie, only not the state wanted: its donor
+    /// stepped since it reported; it is passed over).
     fn unlike(&self, manifest: &Manifest) -> Option<String> {
         if let Some(epoch) = self.epoch
-            && manifest.epoch != epoch
+            && manifest.epoch < epoch
         {
             return Some(format!(
                 "it claimed the state of epoch {epoch} and offered epoch {}",
@@ -232,6 +234,9 @@ pub async fn download(
     {
         let peer = donors[i].peer;
         match answer.map(|(stream, bytes)| (stream, decode_manifest(&bytes, &shape))) {
+            Ok((_, Ok(m))) if want.epoch.is_some_and(|e| m.epoch > e) => {
+                reasons.push(format!("{peer}: moved on to epoch {}", m.epoch));
+            }
             Ok((stream, Ok(m))) => match want.unlike(&m) {
                 None => fitting.push((i, m, stream)),
                 Some(why) => {
