@@ -92,39 +92,36 @@ impl SwarmState {
     }
 }
 
-/// The newest epoch that a strict majority of `claims` reach (the claim at or above which more
-/// than half of them are): a peer's epoch is its own word, so a claim counts only as far as
-/// most of the others back it. One claim counts alone; of two, the lower. 0 if there are
-/// none. The honest peers of a group step together, so a majority of honest peers moves the
-/// quorum within a report's time of stepping.
+/// The newest epoch that more than half of `claims` reach (of two, the older): what a peer
+/// downloads, where one liar of two must not be the donor.
+pub fn majority(claims: impl Iterator<Item = u64>) -> u64 {
+    let mut claims: Vec<u64> = claims.collect();
+    claims.sort_unstable_by(|a, b| b.cmp(a));
+    claims.get(claims.len() / 2).copied().unwrap_or(0)
+}
+
+/// The newest epoch that at least half of `claims` reach: a peer's epoch is its own word, so a
+/// claim counts only as far as as many others back it. One claim counts alone; of two, the
+/// newer (a peer that stepped is not held back by one that has yet to). 0 if there are none.
+/// The honest peers of a group step together, so a majority of honest peers moves the quorum
+/// within a report's time of stepping.
 pub fn quorum(claims: impl Iterator<Item = u64>) -> u64 {
     let mut claims: Vec<u64> = claims.collect();
     if claims.is_empty() {
         return 0;
     }
     claims.sort_unstable_by(|a, b| b.cmp(a));
-    claims[claims.len() / 2]
+    claims[(claims.len() - 1) / 2]
 }
-
-/// The most one peer's samples or rate count toward an epoch's end, as a multiple of the
-/// median computing peer's: a peer that says it computed the whole batch at once brings the
-/// end nearer by this many median peers' work, no more. (A swarm of very unequal machines
-/// gathers larger batches: the fastest peer's work beyond this is not counted toward the end,
-/// though it still weighs in the average.)
-pub const SPREAD: f64 = 4.0;
 
 /// Estimates the swarm's state at `now` from `reports`; reports older than `stale` are of
 /// peers presumed gone. A peer's samples are extrapolated by its rate since its report, up to
-/// `stale` (a peer that stopped reporting stops counting). `judge`, the estimating peer's own
-/// report while it computes, is among the peers every claim is measured against (at the start
-/// of an epoch, with no samples yet: a liar alone in computing is not its own measure) and is
-/// counted only where it is among `reports`.
+/// `stale` (a peer that stopped reporting stops counting).
 pub fn swarm_state(
     reports: &[(PeerId, Report)],
     now: Time,
     target: u64,
     stale: Duration,
-    judge: Option<(PeerId, &Report)>,
 ) -> SwarmState {
     let stale_ms = stale.as_millis() as u64;
     let live: Vec<&Report> = reports
@@ -134,48 +131,18 @@ pub fn swarm_state(
         .collect();
     let epoch = quorum(live.iter().map(|r| r.epoch));
     let current: Vec<&&Report> = live.iter().filter(|r| r.epoch == epoch).collect();
-    let computes = |r: &Report| r.samples > 0 || r.samples_per_second > 0.0;
-    let judged = judge.filter(|(_, r)| r.epoch == epoch);
-    let computing: Vec<&Report> = reports
-        .iter()
-        .filter(|(p, r)| {
-            judged.is_none_or(|(me, _)| *p != me)
-                && r.time + stale_ms >= now
-                && r.samples_per_second.is_finite()
-                && r.epoch == epoch
-                && computes(r)
-        })
-        .map(|(_, r)| r)
-        .chain(judged.map(|(_, r)| r))
-        .collect();
-    // No peer counts for more than SPREAD times the median computing peer (samples, rate,
-    // samples extrapolated): one peer's word cannot end the epoch.
-    let extrapolated = |r: &Report| {
-        let since = now.saturating_sub(r.time).min(stale_ms) as f64 / 1000.0;
-        r.samples as f64 + r.samples_per_second.max(0.0) * since
-    };
-    let cap = |of: &dyn Fn(&Report) -> f64| {
-        let mut v: Vec<f64> = computing.iter().map(|r| of(r)).collect();
-        v.sort_unstable_by(|a, b| b.total_cmp(a));
-        v.get(v.len() / 2).map_or(f64::INFINITY, |m| SPREAD * m)
-    };
-    let (cap_samples, cap_committed, cap_rate) = (
-        cap(&extrapolated),
-        cap(&|r| r.samples as f64),
-        cap(&|r| r.samples_per_second.max(0.0)),
-    );
     let samples: f64 = current
         .iter()
-        .map(|r| extrapolated(r).min(cap_samples))
+        .map(|r| {
+            let since = now.saturating_sub(r.time).min(stale_ms) as f64 / 1000.0;
+            r.samples as f64 + r.samples_per_second.max(0.0) * since
+        })
         .sum();
     let committed = current
         .iter()
-        .map(|r| (r.samples as f64).min(cap_committed) as u64)
+        .map(|r| r.samples)
         .fold(0u64, u64::saturating_add);
-    let rate: f64 = current
-        .iter()
-        .map(|r| r.samples_per_second.max(0.0).min(cap_rate))
-        .sum();
+    let rate: f64 = current.iter().map(|r| r.samples_per_second.max(0.0)).sum();
     let samples = samples.min(u64::MAX as f64) as u64;
     let eta = if samples >= target {
         Some(Duration::ZERO)
@@ -193,7 +160,10 @@ pub fn swarm_state(
         samples_per_second: rate,
         peers: live.len(),
         in_epoch: current.len(),
-        computing: current.iter().filter(|r| computes(r)).count(),
+        computing: current
+            .iter()
+            .filter(|r| r.samples > 0 || r.samples_per_second > 0.0)
+            .count(),
         eta,
     }
 }
@@ -230,7 +200,7 @@ impl Tracker<'_> {
     /// The swarm's state now, toward `target` samples.
     pub async fn state(&self, target: u64) -> Result<SwarmState, dht::Error> {
         let reports = self.fetch().await?;
-        Ok(swarm_state(&reports, clock::now(), target, self.ttl, None))
+        Ok(swarm_state(&reports, clock::now(), target, self.ttl))
     }
 }
 
@@ -263,7 +233,7 @@ mod tests {
             report(6, 10, 5.0, now - 100_000), // gone (stale): its epoch does not count
             report(5, 0, f64::NAN, now),       // nonsense rate: ignored
         ];
-        let s = swarm_state(&reports, now, 1000, stale, None);
+        let s = swarm_state(&reports, now, 1000, stale);
         assert_eq!(s.epoch, 5);
         assert_eq!(s.samples, 200);
         assert_eq!(s.committed, 150);
@@ -276,8 +246,8 @@ mod tests {
         assert!(s.ready(150));
         // A peer that stops reporting counts its rate for `stale` at most.
         let quiet = [report(1, 0, 10.0, now - 29_000)];
-        assert_eq!(swarm_state(&quiet, now, 1000, stale, None).samples, 290);
-        let none = swarm_state(&[], now, 1000, stale, None);
+        assert_eq!(swarm_state(&quiet, now, 1000, stale).samples, 290);
+        let none = swarm_state(&[], now, 1000, stale);
         assert_eq!((none.epoch, none.samples, none.eta), (0, 0, None));
     }
 
@@ -294,41 +264,23 @@ mod tests {
                 report(5, 40, 10.0, now),
                 report(lie, 1_000_000, 1e9, now),
             ];
-            let s = swarm_state(&reports, now, 128, stale, None);
+            let s = swarm_state(&reports, now, 128, stale);
             assert_eq!((s.epoch, s.committed, s.in_epoch), (5, 120, 3), "lie {lie}");
             assert!(!s.ready(128));
         }
-        // A liar in the epoch that says it computed a thousand targets at 1e9 samples/s counts
-        // as SPREAD median peers at most: the epoch does not end at once.
-        let rushed = [
-            report(5, 16, 10.0, now),
-            report(5, 16, 10.0, now),
-            report(5, 16, 10.0, now),
-            report(5, 128_000, 1e9, now),
-        ];
-        let s = swarm_state(&rushed, now, 128, stale, None);
-        assert_eq!(s.committed, 48 + (SPREAD * 16.0) as u64);
-        assert!(!s.ready(128));
-        assert_eq!(s.samples_per_second, 30.0 + SPREAD * 10.0);
-        assert!(s.eta.is_some_and(|eta| eta > Duration::ZERO));
-        // At the epoch's start the liar is the only peer with samples: a peer that computes
-        // judges it by its own (none yet), and so computes rather than wait on the lie.
-        let me = report(5, 0, 0.0, now);
-        let start = [report(5, 0, 0.0, now), rushed[3].clone()];
-        let unjudged = swarm_state(&start, now, 128, stale, None);
-        assert!(unjudged.ready(128), "a lie believed: {unjudged:?}");
-        let judged = swarm_state(&start, now, 128, stale, Some((me.0, &me.1)));
-        assert_eq!(judged.committed, 0);
-        assert!(!judged.ready(128));
-        // Three of eight lying do not move it either; five of eight do.
+        // Three of eight lying do not move it either; four of eight do.
         let claims = |ahead: usize| (0..8).map(move |i| if i < ahead { 9 } else { 5 });
         assert_eq!(quorum(claims(3)), 5);
-        assert_eq!(quorum(claims(4)), 5);
-        assert_eq!(quorum(claims(5)), 9);
-        // One claim counts alone; of two, the lower.
+        assert_eq!(quorum(claims(4)), 9);
+        // One claim counts alone; of two, the newer; of three, the middle one.
         assert_eq!(quorum([7].into_iter()), 7);
-        assert_eq!(quorum([7, 3].into_iter()), 3);
+        assert_eq!(quorum([7, 3].into_iter()), 7);
+        assert_eq!(quorum([7, 3, 3].into_iter()), 3);
         assert_eq!(quorum(std::iter::empty()), 0);
+        // What a peer downloads needs more than half: of two, the older.
+        assert_eq!(majority([7, 3].into_iter()), 3);
+        assert_eq!(majority(claims(4)), 5);
+        assert_eq!(majority(std::iter::empty()), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

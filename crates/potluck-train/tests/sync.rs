@@ -167,6 +167,17 @@ async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
             .unwrap();
     assert_eq!(report.unlike, vec![behind.peer, hot.peer]);
     assert_eq!(report.per_donor[..3], [0, 0, 0]);
+    // Alone, it serves its newer state (a lone donor of a fast run moves on between reads).
+    let (newer, _) = sync::download(
+        me.host(),
+        &[later],
+        &want,
+        &mut Partial::default(),
+        &settings,
+    )
+    .await
+    .unwrap();
+    assert_eq!(newer.epoch, opt.steps() + 1);
     let mut got = vec![0.0; params.len()];
     snapshot.install(&mut got, &mut fresh).unwrap();
     assert_eq!(got, params);

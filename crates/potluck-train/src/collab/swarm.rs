@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::Group;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_core::clock::{self, Time};
@@ -98,12 +97,12 @@ impl View {
         (r.samples as f64 + rate * since) * GRANT_SLACK
     }
 
-    /// The newest state the other peers hold, as far as a majority of them back it
-    /// ([`progress::quorum`]: one peer claiming to be ahead is not believed, and cannot make
+    /// The newest state the other peers hold, as far as more than half of them back it
+    /// ([`progress::majority`]: one peer claiming to be ahead is not believed, and cannot make
     /// itself the only donor), leaving out the claims in `unserved` (a peer and the epoch it
     /// claimed but could not serve).
     pub(super) fn newest(&self, unserved: &Unserved) -> u64 {
-        progress::quorum(
+        progress::majority(
             self.others
                 .iter()
                 .filter(|(_, h, d)| unserved.get(&d.peer) != Some(h))
@@ -254,14 +253,12 @@ pub(super) async fn progress_loop(
                     held: l.held,
                     addrs: Vec::new(),
                 };
-                // While it computes, this peer is one of those every claim is measured by.
-                let judge = (l.publish && settings.mode != Mode::Auxiliary).then_some((me, &mine));
                 let target = settings.target_batch;
-                let others_state = progress::swarm_state(&reports, now, target, ttl, judge);
+                let others_state = progress::swarm_state(&reports, now, target, ttl);
                 if l.publish {
-                    reports.push((me, mine.clone()));
+                    reports.push((me, mine));
                 }
-                let state = progress::swarm_state(&reports, now, target, ttl, judge);
+                let state = progress::swarm_state(&reports, now, target, ttl);
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
                 let open = closing.is_none_or(|(e, _)| e != l.epoch);
@@ -272,8 +269,12 @@ pub(super) async fn progress_loop(
                     && state.eta.is_some_and(|eta| {
                         eta <= settings.lead.max(min_lead) + settings.report_every
                     });
-                // The furthest ahead this peer would propose, with room for a report's lag.
-                let latest = settings.lead.max(min_lead) + settings.report_every;
+                // The furthest ahead any honest peer proposes (whatever its DHT's pace), with
+                // room for a report's lag.
+                let latest = settings
+                    .lead
+                    .max(min_lead - (4 * latency).min(MAX_SLACK) + MAX_SLACK)
+                    + settings.report_every;
                 if rush {
                     // The harness's liar: a deadline already past, for every epoch.
                     let past = Deadline(now.saturating_sub(1_000));

@@ -22,6 +22,10 @@ use super::wire::{
 };
 use crate::optim;
 
+/// How many epochs past its claim a donor's state may be and still be taken, when no donor
+/// serves the claimed epoch itself.
+const MAX_MOVED_ON: u64 = 64;
+
 /// Donors fetched from at once.
 const MAX_DONORS: usize = 8;
 
@@ -227,6 +231,7 @@ pub async fn download(
     let mut misfits = Vec::new();
     let mut fitting: Vec<(usize, Manifest, Stream)> = Vec::new();
     let mut unlike: Vec<(PeerId, String)> = Vec::new();
+    let mut later: Vec<(usize, Manifest, Stream)> = Vec::new();
     for (i, answer) in futures::future::join_all(asked)
         .await
         .into_iter()
@@ -234,8 +239,14 @@ pub async fn download(
     {
         let peer = donors[i].peer;
         match answer.map(|(stream, bytes)| (stream, decode_manifest(&bytes, &shape))) {
-            Ok((_, Ok(m))) if want.epoch.is_some_and(|e| m.epoch > e) => {
-                reasons.push(format!("{peer}: moved on to epoch {}", m.epoch));
+            Ok((stream, Ok(m))) if want.epoch.is_some_and(|e| m.epoch > e) => {
+                if want.epoch.is_some_and(|e| m.epoch - e <= MAX_MOVED_ON)
+                    && want.unlike(&m).is_none()
+                {
+                    later.push((i, m, stream));
+                } else {
+                    reasons.push(format!("{peer}: moved on to epoch {}", m.epoch));
+                }
             }
             Ok((stream, Ok(m))) => match want.unlike(&m) {
                 None => fitting.push((i, m, stream)),
@@ -248,6 +259,17 @@ pub async fn download(
             Ok((_, Err(e))) => reasons.push(format!("{peer}: {e}")),
             Err(e) => reasons.push(format!("{peer}: {e}")),
         }
+    }
+    // Donors that stepped since they reported serve their newer state only when no donor
+    // serves the one claimed (a lone donor of a fast run moves on between two reads).
+    if fitting.is_empty() {
+        fitting = later;
+    } else {
+        reasons.extend(
+            later
+                .iter()
+                .map(|(i, m, _)| format!("{}: moved on to epoch {}", donors[*i].peer, m.epoch)),
+        );
     }
     let Some(manifest) = majority(fitting.iter().map(|(_, m, _)| m)) else {
         if !unlike.is_empty() {
