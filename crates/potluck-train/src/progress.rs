@@ -95,9 +95,14 @@ impl SwarmState {
 /// The newest epoch that more than half of `claims` reach (of two, the older): what a peer
 /// downloads, where one liar of two must not be the donor.
 pub fn majority(claims: impl Iterator<Item = u64>) -> u64 {
+    ranked(claims, |n| n / 2)
+}
+
+/// The claim at position `at(len)` from the newest (0 if there are none).
+fn ranked(claims: impl Iterator<Item = u64>, at: fn(usize) -> usize) -> u64 {
     let mut claims: Vec<u64> = claims.collect();
     claims.sort_unstable_by(|a, b| b.cmp(a));
-    claims.get(claims.len() / 2).copied().unwrap_or(0)
+    claims.get(at(claims.len())).copied().unwrap_or(0)
 }
 
 /// The newest epoch that at least half of `claims` reach: a peer's epoch is its own word, so a
@@ -106,12 +111,7 @@ pub fn majority(claims: impl Iterator<Item = u64>) -> u64 {
 /// The honest peers of a group step together, so a majority of honest peers moves the quorum
 /// within a report's time of stepping.
 pub fn quorum(claims: impl Iterator<Item = u64>) -> u64 {
-    let mut claims: Vec<u64> = claims.collect();
-    if claims.is_empty() {
-        return 0;
-    }
-    claims.sort_unstable_by(|a, b| b.cmp(a));
-    claims[(claims.len() - 1) / 2]
+    ranked(claims, |n| n.saturating_sub(1) / 2)
 }
 
 /// Estimates the swarm's state at `now` from `reports`; reports older than `stale` are of
