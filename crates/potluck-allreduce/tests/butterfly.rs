@@ -702,3 +702,76 @@ async fn a_claimed_weight_counts_only_up_to_what_the_member_was_granted() {
         assert!(diff <= 1e-6, "member {i}: off the fair mean by {diff}");
     }
 }
+
+/// A member that gave a round up (its open deadline passed before the others started, or it
+/// stepped alone) tells the members that open a stream to it afterwards that it left: they
+/// give its part up at once. Before, its inbox held each stream and refused it as an unknown
+/// round, and every opener retried until its own open deadline (15 s by default, every epoch
+/// such a member stayed in the groups).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_left_the_round_says_so_and_its_part_is_given_up_at_once() {
+    let n = 3;
+    let len = 3_000;
+    let peers = peers(n).await;
+    let inputs = buffers(n, len, 11);
+    let weights = vec![1.0; n];
+    let g = group(&peers, &[Mode::Full; 3], &[1e7; 3], len).await;
+    // Member 2 runs the round alone with a short open deadline: nobody else is there yet, so
+    // it gives every part up and the round ends for it.
+    let hasty = Settings {
+        open_timeout: Duration::from_millis(200),
+        ..settings(Codec::None)
+    };
+    let alone = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![hasty; n],
+        &[false, false, true],
+    )
+    .await;
+    let (_, report) = &alone[0];
+    assert!(!report.as_ref().unwrap().complete());
+    // The others come late, with an open deadline far beyond anything the round needs.
+    let patient = Settings {
+        open_timeout: Duration::from_secs(120),
+        ..settings(Codec::None)
+    };
+    let results = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![patient; n],
+        &[true, true, false],
+    )
+    .await;
+    let want = reference(&inputs, &weights, &[0, 1]);
+    for (i, (buffer, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        for part in &report.parts {
+            let r = part.range.clone();
+            if part.reducer == 2 {
+                assert_eq!(part.chunks_done, 0, "member {i}: {part:?}");
+                assert_eq!(
+                    part.unreached.as_deref(),
+                    Some("it left the round"),
+                    "member {i}: {part:?}"
+                );
+                assert_eq!(&buffer[r.clone()], &inputs[i][r]);
+            } else {
+                assert!(part.complete(), "member {i}: {part:?}");
+                assert!(max_diff(&buffer[r.clone()], &want[r]) <= 1e-6, "member {i}");
+            }
+        }
+        // Its reducer stopped waiting for member 2's stream for the same reason.
+        assert!(
+            report
+                .excluded
+                .iter()
+                .any(|(s, why)| *s == 2 && why == "it left the round"),
+            "member {i}: {report:?}"
+        );
+    }
+}

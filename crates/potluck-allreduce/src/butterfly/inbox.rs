@@ -6,7 +6,7 @@
 //! and local bans, [`STRIKES_TO_BAN`]). What a round does with its streams is
 //! [`super::reduce`]'s business.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,7 +37,18 @@ pub(super) struct Incoming {
 struct RoundsInner {
     map: Mutex<HashMap<[u8; 32], mpsc::Sender<Incoming>>>,
     registered: tokio::sync::Notify,
+    /// The rounds that ended here lately, oldest first (at most [`MAX_ENDED`]): a stream for
+    /// one is told at once that this member left it, instead of being held and refused while
+    /// its opener retries until its open deadline (a member that gave a round up held every
+    /// other member's part to it for the whole open timeout, 15 s by default).
+    ended: Mutex<VecDeque<[u8; 32]>>,
+    /// Members that said they left a round this host runs (at most [`MAX_ENDED`]): its
+    /// reducer stops waiting for their streams.
+    left: Mutex<VecDeque<([u8; 32], PeerId)>>,
 }
+
+/// How many ended rounds a host remembers (a few epochs' worth of gradient and state rounds).
+const MAX_ENDED: usize = 256;
 
 type Rounds = Arc<RoundsInner>;
 
@@ -101,6 +112,11 @@ pub(super) struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.rounds.map).remove(&self.round);
+        let mut ended = lock(&self.rounds.ended);
+        if ended.len() >= MAX_ENDED {
+            ended.pop_front();
+        }
+        ended.push_back(self.round);
     }
 }
 
@@ -187,6 +203,20 @@ impl Inbox {
         }
     }
 
+    /// Records that `peer` said it left `round`.
+    pub(super) fn note_left(&self, round: [u8; 32], peer: PeerId) {
+        let mut left = lock(&self.rounds.left);
+        if left.len() >= MAX_ENDED {
+            left.pop_front();
+        }
+        left.push_back((round, peer));
+    }
+
+    /// Whether `peer` said it left `round`.
+    pub(super) fn has_left(&self, round: [u8; 32], peer: &PeerId) -> bool {
+        lock(&self.rounds.left).contains(&(round, *peer))
+    }
+
     /// Whether `peer` was found gone in the last [`GONE_FOR`].
     pub(super) fn is_gone(&self, peer: &PeerId) -> bool {
         lock(&self.gone)
@@ -198,6 +228,7 @@ impl Inbox {
     /// [`Registration`] is dropped.
     pub(super) fn register(&self, round: [u8; 32], capacity: usize) -> Registration {
         let (tx, streams) = mpsc::channel(capacity.max(1));
+        lock(&self.rounds.ended).retain(|r| *r != round);
         lock(&self.rounds.map).insert(round, tx);
         self.rounds.registered.notify_waiters();
         Registration {
@@ -223,6 +254,11 @@ async fn route(peer: PeerId, mut stream: Stream, rounds: Rounds, host: Host) {
         registered.as_mut().enable();
         if let Some(tx) = lock(&rounds.map).get(&hello.round).cloned() {
             break Some(tx);
+        }
+        if lock(&rounds.ended).contains(&hello.round) {
+            let _ = write_message(&mut stream, &Ack::Left).await;
+            let _ = stream.close().await;
+            return;
         }
         if tokio::time::timeout_at(until, registered).await.is_err() {
             break None;

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use futures::AsyncWriteExt;
 use potluck_core::lock;
 use potluck_net::frame::{read_frame, write_frame, write_message};
-use potluck_net::host::{self, Host};
+use potluck_net::host;
 use tokio::sync::{mpsc, watch};
 
 use super::flow::Flow;
-use super::inbox::{Incoming, Registration};
+use super::inbox::{Inbox, Incoming, Registration};
 use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
 use super::wire::{Ack, result_frame};
@@ -44,11 +44,13 @@ pub(super) const WATCH: Duration = Duration::from_millis(500);
 /// connection can be made [`UNREACHABLE_TRIES`] times in a row, [`WATCH`] apart (a member
 /// killed after its group formed would otherwise hold the part up for the open timeout).
 async fn watch_missing(
-    host: Host,
+    inbox: Inbox,
+    round: [u8; 32],
     members: Vec<Member>,
     missing: Arc<Mutex<Vec<bool>>>,
-    gone: mpsc::Sender<usize>,
+    gone: mpsc::Sender<(usize, Missing)>,
 ) {
+    let host = inbox.host.clone();
     let mut failures = vec![0usize; members.len()];
     loop {
         tokio::time::sleep(WATCH).await;
@@ -63,15 +65,31 @@ async fn watch_missing(
         }
         for i in wanted {
             let m = &members[i];
+            // This member's own stream to it learned that it left the round.
+            if inbox.has_left(round, &m.peer) {
+                if gone.send((i, Missing::Left)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             match host.connect(m.peer, m.addrs.clone(), WATCH).await {
                 Err(host::Error::Rpc { .. } | host::Error::Dial { .. }) => failures[i] += 1,
                 _ => failures[i] = 0,
             }
-            if failures[i] == UNREACHABLE_TRIES && gone.send(i).await.is_err() {
+            if failures[i] == UNREACHABLE_TRIES && gone.send((i, Missing::Gone)).await.is_err() {
                 return;
             }
         }
     }
+}
+
+/// Why a member that has not opened its stream is no longer waited for.
+#[derive(Debug, Clone, Copy)]
+enum Missing {
+    /// No connection to it can be made.
+    Gone,
+    /// It told this member's sender that it left the round.
+    Left,
 }
 
 /// What a reader task tells the reducer.
@@ -241,9 +259,10 @@ pub(super) async fn reduce(
     let open_deadline = tokio::time::Instant::now() + settings.open_timeout;
     // Members gone since the group formed are given up on before the open deadline.
     let missing = Arc::new(Mutex::new(joined.iter().map(|j| !j).collect::<Vec<bool>>()));
-    let (gone_tx, mut gone) = mpsc::channel::<usize>(n.max(1));
+    let (gone_tx, mut gone) = mpsc::channel::<(usize, Missing)>(n.max(1));
     let _watcher = Abort(tokio::spawn(watch_missing(
-        inbox.host.clone(),
+        inbox.clone(),
+        group.round,
         group.members.clone(),
         missing.clone(),
         gone_tx,
@@ -255,6 +274,7 @@ pub(super) async fn reduce(
         chunks_done: 0,
         weight: f64::INFINITY,
         contributors: (0..n).collect(),
+        unreached: None,
     };
     let mut out = Vec::new();
     let mut done_results: Vec<Arc<Vec<u8>>> = Vec::new();
@@ -389,13 +409,19 @@ pub(super) async fn reduce(
                     tokio::spawn(read_contributions(s, reader, allow, readers.clone()));
                 }
             },
-            Some(s) = gone.recv(), if joining => {
-                inbox.note_gone(group.members[s].peer);
+            Some((s, why)) = gone.recv(), if joining => {
+                let why = match why {
+                    Missing::Gone => {
+                        inbox.note_gone(group.members[s].peer);
+                        "gone: no connection to it can be made"
+                    }
+                    Missing::Left => "it left the round",
+                };
                 if !joined[s] {
                     joined[s] = true;
                     if live[s] {
                         live[s] = false;
-                        excluded.push((s, "gone: no connection to it can be made".into()));
+                        excluded.push((s, why.into()));
                     }
                 }
             }

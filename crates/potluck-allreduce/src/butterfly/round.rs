@@ -84,6 +84,9 @@ pub struct PartResult {
     pub weight: f64,
     /// Members whose contributions made it into every averaged chunk.
     pub contributors: Vec<usize>,
+    /// Why no stream to its reducer could be opened, if none was (the part kept this member's
+    /// own values throughout).
+    pub unreached: Option<String>,
 }
 
 impl PartResult {

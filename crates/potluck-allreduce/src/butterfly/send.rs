@@ -29,6 +29,8 @@ enum Open {
     /// Connected, but the stream failed or was refused (the round not started there yet,
     /// say): worth another try until the open deadline.
     Retry(String),
+    /// The member ran the round and is done with it: it will never take this part.
+    Left,
 }
 
 /// Times a member may be found unreachable, [`WATCH`] apart, before the round goes on without
@@ -92,6 +94,7 @@ async fn open(
                     return Ok((r, w, None));
                 }
                 Ok(Ack::Refused(why)) => return Err(Open::Retry(why)),
+                Ok(Ack::Left) => return Err(Open::Left),
                 Ok(Ack::Direct(offer)) => inbox
                     .host
                     .choose_direct(stream, member.peer, &offer)
@@ -107,6 +110,7 @@ async fn open(
                 Ok(Ack::Ok) => Ok((reader, writer, pacing)),
                 Ok(Ack::Refused(why)) => Err(Open::Retry(why)),
                 Ok(Ack::Direct(_)) => Err(Open::Retry("a second direct offer".into())),
+                Ok(Ack::Left) => Err(Open::Left),
                 Err(e) => Err(Open::Retry(e.to_string())),
             }
         };
@@ -121,6 +125,11 @@ async fn open(
                 tracing::debug!("connecting to member {j}: {why}; retrying");
                 // Tries a watch interval apart, as the reducers' (a blip is not a death).
                 backoff = backoff.max(WATCH);
+            }
+            Ok(Err(Open::Left)) => {
+                // This member's reducer need not wait for its stream either.
+                inbox.note_left(group.round, member.peer);
+                return Err("it left the round".into());
             }
             Ok(Err(Open::Retry(why))) => {
                 tracing::debug!("opening a stream to member {j}: {why}; retrying");
@@ -160,6 +169,7 @@ pub(super) async fn exchange(
         chunks_done: 0,
         weight: f64::INFINITY,
         contributors: (0..group.members.len()).collect(),
+        unreached: None,
     };
     let started = Instant::now();
     let (mut reader, mut writer, pacing) =
@@ -172,6 +182,7 @@ pub(super) async fn exchange(
                 );
                 result.weight = 0.0;
                 result.contributors.clear();
+                result.unreached = Some(why);
                 return result;
             }
         };

@@ -35,6 +35,8 @@ pub(super) enum Ack {
     /// Open a direct channel with this offer (then say which way on the stream, and read the
     /// final answer on the channel chosen: [`direct::choose`]).
     Direct(direct::Offer),
+    /// The round ran here and is over (this member finished it or gave it up): no use waiting.
+    Left,
 }
 
 /// Reads a control message (hello, ack), refusing one over [`MAX_CONTROL`] bytes.
