@@ -61,7 +61,13 @@ fuzz_target!(|data: &[u8]| {
         bytes = more;
     }
     let target = u64::from(first & 0x7f) * 16 + 1;
-    let state = progress::swarm_state(&reports, now, target, Duration::from_secs(30));
+    let state = progress::swarm_state(
+        &reports,
+        now,
+        target,
+        Duration::from_secs(30),
+        progress::Judge::default(),
+    );
     let claimed: u64 = reports
         .iter()
         .map(|(_, r)| r.samples)

@@ -666,7 +666,7 @@ impl<T: Trainable> Collab<T> {
         let weight = match &mut self.attacker {
             Some(attacker) => {
                 attacker.corrupt(&mut grad);
-                attacker.weight(samples)
+                attacker.weight(samples, self.settings.target_batch)
             }
             None => samples as f32,
         };
