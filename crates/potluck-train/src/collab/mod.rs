@@ -24,7 +24,8 @@
 //! ([`crate::guard`]).
 //!
 //! This module holds the compute loop ([`Collab::tick`]); `swarm` the background task that
-//! reports progress and forms groups; `job` the end of an epoch (all-reduce, guard, step).
+//! reports progress and forms groups; `resync` the download of the swarm's state; `epoch` the
+//! end of an epoch as the loop sees it, and `job` its work (all-reduce, guard, step).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,11 +40,13 @@ use crate::guard::Guard;
 use crate::optim::{self, Optimizer};
 use crate::progress::SwarmState;
 use crate::state::TrainState;
-use crate::sync::{self, Partial, Snapshot};
+use crate::sync::{self, Snapshot};
 
 mod attack;
+mod epoch;
 mod job;
 mod outcome;
+mod resync;
 mod settings;
 mod swarm;
 
@@ -53,9 +56,6 @@ use job::{Job, Stepped};
 pub use outcome::{Alone, EpochReport, Tick};
 pub use settings::{ALONE_WARN, Net, Settings};
 use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
-
-/// Most claims remembered as not served (a bound on memory; forgotten all at once beyond it).
-const MAX_UNSERVED: usize = 1024;
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
@@ -326,6 +326,11 @@ impl<T: Trainable> Collab<T> {
             .map(|v| (v.state.clone(), v.others.len()))
     }
 
+    /// Epochs in a row this peer could not average though others were around.
+    pub fn alone_epochs(&self) -> u64 {
+        self.alone_epochs
+    }
+
     fn report(&self, publish: bool) {
         self.local.send_replace(Local {
             epoch: self.epoch(),
@@ -348,97 +353,6 @@ impl<T: Trainable> Collab<T> {
             None => Snapshot::of(Arc::clone(&self.state), chunk),
         };
         self.net.shelf.put(snapshot);
-    }
-
-    /// Downloads the newest state from the peers that report it and installs it: the state a
-    /// majority of the other peers holds, from the donors that claim it, of that epoch and (once
-    /// this peer holds the run's state) with the run's optimizer settings. A donor that offers
-    /// anything else is not asked again until its claim changes.
-    async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
-        let mut partial = Partial::default();
-        let mut last = None;
-        for attempt in 0..3 {
-            if attempt > 0 {
-                // Fresh reports: the donors that failed may be gone from them.
-                let mut view = self.view.clone();
-                view.borrow_and_update();
-                let _ = tokio::time::timeout(2 * self.settings.report_every, view.changed()).await;
-            }
-            let (newest, donors) = {
-                let view = self.view.borrow();
-                let Some(v) = view.as_ref() else { break };
-                let newest = v.newest(&self.unserved);
-                (newest, v.donors(newest, &self.unserved))
-            };
-            let want = sync::Want {
-                shape: sync::Shape::of(&self.state.optimizer),
-                epoch: Some(newest),
-                config: self.settled.then(|| *self.state.optimizer.config()),
-            };
-            match sync::download(
-                self.net.dht.host(),
-                &donors,
-                &want,
-                &mut partial,
-                &self.settings.sync,
-            )
-            .await
-            {
-                Ok((snapshot, report)) => {
-                    self.distrust(report.unlike.iter().map(|p| (*p, newest)));
-                    self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
-                    self.guard
-                        .get_or_insert_with(|| Guard::new(self.settings.spike))
-                        .restart(&self.state);
-                    self.epoch = self.state.epoch();
-                    self.model
-                        .write_params(&self.state.params)
-                        .map_err(Error::Model)?;
-                    self.grad.fill(0.0);
-                    self.samples = 0;
-                    self.loss = Loss::default();
-                    self.missed = None;
-                    // Back in line with the swarm.
-                    self.alone_epochs = 0;
-                    tracing::info!(
-                        "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
-                        self.state.epoch(),
-                        report.bytes / 1_000_000,
-                        report.elapsed.as_secs_f64(),
-                        report.per_donor.iter().filter(|&&n| n > 0).count()
-                    );
-                    self.shelve();
-                    self.report(true);
-                    return Ok(report);
-                }
-                Err(sync::Error::Mismatch(why)) => return Err(sync::Error::Mismatch(why).into()),
-                Err(sync::Error::Unlike { donors, others }) => {
-                    self.distrust(donors.iter().map(|(p, _)| (*p, newest)));
-                    let e = sync::Error::Unlike { donors, others };
-                    tracing::warn!("state download failed: {e}");
-                    last = Some(e);
-                }
-                Err(e) => {
-                    tracing::warn!("state download failed, retrying: {e}");
-                    last = Some(e);
-                }
-            }
-        }
-        Err(last.unwrap_or(sync::Error::NoDonors).into())
-    }
-
-    /// Remembers `claims` (a peer and the epoch it said it holds) as not served.
-    fn distrust(&mut self, claims: impl Iterator<Item = (libp2p::PeerId, u64)>) {
-        for (peer, epoch) in claims {
-            tracing::warn!(
-                "peer {peer} claimed the swarm's state of epoch {epoch} and did not serve it: \
-                 its claim is ignored"
-            );
-            if self.unserved.len() >= MAX_UNSERVED {
-                self.unserved.clear();
-            }
-            self.unserved.insert(peer, epoch);
-        }
     }
 
     /// Does the next thing due: downloads the state if the swarm is ahead, averages and steps
@@ -523,8 +437,16 @@ impl<T: Trainable> Collab<T> {
             .as_ref()
             .map_or(self.samples, |v| v.committed(epoch, self.samples));
         let enough = !alone && committed >= self.settings.target_batch;
-        // An auxiliary peer computes nothing: it averages and keeps the state.
-        let idle = self.settings.mode == Mode::Auxiliary;
+        // An auxiliary peer computes nothing: it averages and keeps the state. Nor does a peer
+        // held back from stepping alone while the others step to its epoch: it could not
+        // average the gradients, and it downloads their state as soon as they hold it (it
+        // steps at once, they after averaging: computing on, it reached the epoch's end before
+        // the others' state was in, epoch after epoch, and never caught up).
+        let idle = self.settings.mode == Mode::Auxiliary
+            || (held
+                && view.as_ref().is_some_and(|v| {
+                    !v.others.is_empty() && v.newest(&self.unserved) < self.state.epoch()
+                }));
         if idle || enough {
             if self.rate != 0.0 {
                 self.rate_paused();
@@ -614,166 +536,5 @@ impl<T: Trainable> Collab<T> {
             rate: 0.0,
             publish: true,
         });
-    }
-
-    /// Ends the epoch: averages its gradient with the group (or not, alone) and steps, here
-    /// and now, or in the background with delayed updates (then the report comes with a later
-    /// tick, once the new parameters are in).
-    async fn finish_epoch(&mut self) -> Result<Tick, Error<T::Error>> {
-        let started = Instant::now();
-        let epoch = self.epoch;
-        let group = match self.round.take() {
-            Some(round) => match round.formed {
-                Some(Err(Alone::TooLate)) => {
-                    // This peer cannot take part: the swarm moves on without it, and it will
-                    // download the new state.
-                    tracing::info!("too late for epoch {}'s averaging", round.epoch);
-                    self.missed = Some(round.epoch);
-                    self.report(true);
-                    return Ok(Tick::Epoch(self.missed_report(epoch, started)));
-                }
-                Some(formed) => formed,
-                None => Err(Alone::NotFormed),
-            },
-            None => Err(Alone::Solitary),
-        };
-        // Each member's weight counts up to the samples it was seen to report for the epoch.
-        let group = group.map(|mut g| {
-            let view = self.view.borrow().clone();
-            let now = clock::now();
-            let me = self.net.dht.peer_id();
-            for m in g.members.iter_mut().filter(|m| m.peer != me) {
-                m.max_weight = view.as_ref().map_or(0.0, |v| v.granted(m.peer, epoch, now));
-            }
-            g
-        });
-        // One step at a time: the previous epoch's must be in before this one starts.
-        let earlier = self.settle().await?;
-        // The mean gradient of this peer's samples (weighted by their count in the average).
-        let samples = self.samples;
-        let n = self.state.params.len();
-        let mut grad = std::mem::replace(&mut self.grad, std::mem::take(&mut self.spare));
-        if grad.len() != n {
-            grad = vec![0.0; n];
-        }
-        if self.grad.len() != grad.len() {
-            self.grad = vec![0.0; grad.len()];
-        }
-        if samples > 0 {
-            let inv = 1.0 / samples as f32;
-            grad.iter_mut().for_each(|g| *g *= inv);
-        }
-        let weight = match &mut self.attacker {
-            Some(attacker) => {
-                attacker.corrupt(&mut grad);
-                attacker.weight(samples, self.settings.target_batch)
-            }
-            None => samples as f32,
-        };
-        let job = Job {
-            epoch,
-            group,
-            grad,
-            samples,
-            weight,
-            loss: self.loss.mean(),
-            // The step's own copy: donors serve the current state until the new one is in.
-            state: TrainState::clone(&self.state),
-            net: self.net.clone(),
-            averaging: self.settings.averaging.clone(),
-            state_every: self.settings.state_every,
-            guard: self
-                .guard
-                .take()
-                .unwrap_or_else(|| Guard::new(self.settings.spike)),
-            started,
-            may_step_alone: self.alone_epochs < self.settings.alone_limit,
-        };
-        self.epoch += 1;
-        self.samples = 0;
-        self.loss = Loss::default();
-        self.report(true);
-        if self.settings.delayed {
-            self.busy = Some(tokio::spawn(job.run()));
-            return Ok(earlier.map_or(Tick::Waited, Tick::Epoch));
-        }
-        let stepped = job.run().await?;
-        self.install(stepped).map(Tick::Epoch)
-    }
-
-    /// Waits for a step running in the background and installs its result.
-    pub async fn settle(&mut self) -> Result<Option<EpochReport>, Error<T::Error>> {
-        let Some(busy) = self.busy.take() else {
-            return Ok(None);
-        };
-        let stepped = busy.await.map_err(Error::StepTask)??;
-        self.install(stepped).map(Some)
-    }
-
-    /// Takes a finished step's state: the model gets its parameters, the state server serves
-    /// it, and the guard keeps it if it is a good state to go back to.
-    fn install(&mut self, mut stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
-        self.count_alone(&mut stepped.report);
-        self.state = Arc::new(stepped.state);
-        self.spare = stepped.scratch;
-        let mut guard = stepped.guard;
-        if stepped.keep {
-            guard.keep(&self.state);
-        }
-        self.guard = Some(guard);
-        self.spare.fill(0.0);
-        self.model
-            .write_params(&self.state.params)
-            .map_err(Error::Model)?;
-        self.shelve();
-        Ok(stepped.report)
-    }
-
-    /// Counts the epochs in a row this peer could not average though others were around, into
-    /// `report`, and says so loudly from [`ALONE_WARN`] on: its parameters drift from the
-    /// swarm's while it steps alone.
-    fn count_alone(&mut self, report: &mut EpochReport) {
-        let fault = report.alone_because.as_ref().is_some_and(Alone::is_fault);
-        self.alone_epochs = if fault { self.alone_epochs + 1 } else { 0 };
-        report.alone_epochs = self.alone_epochs;
-        if self.alone_epochs >= ALONE_WARN.min(self.settings.alone_limit.max(1)) {
-            tracing::warn!(
-                "{} epochs in a row without averaging with the swarm, though others are \
-                 around: this peer's parameters drift from theirs{}",
-                self.alone_epochs,
-                if self.alone_epochs > self.settings.alone_limit {
-                    " (it no longer steps alone)".to_owned()
-                } else {
-                    format!(
-                        " (it stops stepping alone after {} epochs)",
-                        self.settings.alone_limit
-                    )
-                }
-            );
-        }
-    }
-
-    /// Epochs in a row this peer could not average though others were around.
-    pub fn alone_epochs(&self) -> u64 {
-        self.alone_epochs
-    }
-
-    fn missed_report(&self, epoch: u64, started: Instant) -> EpochReport {
-        EpochReport {
-            epoch,
-            samples: self.samples,
-            swarm_samples: 0.0,
-            group: 0,
-            alone_because: Some(Alone::TooLate),
-            alone_epochs: self.alone_epochs,
-            held_back: false,
-            loss: Loss::default(),
-            lr: 0.0,
-            grad_norm: 0.0,
-            skipped: true,
-            rolled_back: None,
-            state_averaged: false,
-            averaging: started.elapsed(),
-        }
     }
 }

@@ -1,0 +1,105 @@
+//! Catching up with the swarm: downloading the state most of the other peers hold, from the
+//! donors that claim it, and not asking again a donor that offered anything else.
+
+use std::sync::Arc;
+
+use potluck_core::{Loss, Trainable};
+
+use super::{Collab, Error, Guard};
+use crate::sync::{self, Partial};
+
+/// Most claims remembered as not served (a bound on memory; forgotten all at once beyond it).
+const MAX_UNSERVED: usize = 1024;
+
+impl<T: Trainable> Collab<T> {
+    /// Downloads the newest state from the peers that report it and installs it: the state a
+    /// majority of the other peers holds, from the donors that claim it, of that epoch and (once
+    /// this peer holds the run's state) with the run's optimizer settings. A donor that offers
+    /// anything else is not asked again until its claim changes.
+    pub(super) async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
+        let mut partial = Partial::default();
+        let mut last = None;
+        for attempt in 0..3 {
+            if attempt > 0 {
+                // Fresh reports: the donors that failed may be gone from them.
+                let mut view = self.view.clone();
+                view.borrow_and_update();
+                let _ = tokio::time::timeout(2 * self.settings.report_every, view.changed()).await;
+            }
+            let (newest, donors) = {
+                let view = self.view.borrow();
+                let Some(v) = view.as_ref() else { break };
+                let newest = v.newest(&self.unserved);
+                (newest, v.donors(newest, &self.unserved))
+            };
+            let want = sync::Want {
+                shape: sync::Shape::of(&self.state.optimizer),
+                epoch: Some(newest),
+                config: self.settled.then(|| *self.state.optimizer.config()),
+            };
+            match sync::download(
+                self.net.dht.host(),
+                &donors,
+                &want,
+                &mut partial,
+                &self.settings.sync,
+            )
+            .await
+            {
+                Ok((snapshot, report)) => {
+                    self.distrust(report.unlike.iter().map(|p| (*p, newest)));
+                    self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
+                    self.guard
+                        .get_or_insert_with(|| Guard::new(self.settings.spike))
+                        .restart(&self.state);
+                    self.epoch = self.state.epoch();
+                    self.model
+                        .write_params(&self.state.params)
+                        .map_err(Error::Model)?;
+                    self.grad.fill(0.0);
+                    self.samples = 0;
+                    self.loss = Loss::default();
+                    self.missed = None;
+                    // Back in line with the swarm.
+                    self.alone_epochs = 0;
+                    tracing::info!(
+                        "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
+                        self.state.epoch(),
+                        report.bytes / 1_000_000,
+                        report.elapsed.as_secs_f64(),
+                        report.per_donor.iter().filter(|&&n| n > 0).count()
+                    );
+                    self.shelve();
+                    self.report(true);
+                    return Ok(report);
+                }
+                Err(sync::Error::Mismatch(why)) => return Err(sync::Error::Mismatch(why).into()),
+                Err(sync::Error::Unlike { donors, others }) => {
+                    self.distrust(donors.iter().map(|(p, _)| (*p, newest)));
+                    let e = sync::Error::Unlike { donors, others };
+                    tracing::warn!("state download failed: {e}");
+                    last = Some(e);
+                }
+                Err(e) => {
+                    tracing::warn!("state download failed, retrying: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or(sync::Error::NoDonors).into())
+    }
+
+    /// Remembers `claims` (a peer and the epoch it said it holds) as not served.
+    fn distrust(&mut self, claims: impl Iterator<Item = (libp2p::PeerId, u64)>) {
+        for (peer, epoch) in claims {
+            tracing::warn!(
+                "peer {peer} claimed the swarm's state of epoch {epoch} and did not serve it: \
+                 its claim is ignored"
+            );
+            if self.unserved.len() >= MAX_UNSERVED {
+                self.unserved.clear();
+            }
+            self.unserved.insert(peer, epoch);
+        }
+    }
+}
