@@ -61,13 +61,7 @@ fuzz_target!(|data: &[u8]| {
         bytes = more;
     }
     let target = u64::from(first & 0x7f) * 16 + 1;
-    let state = progress::swarm_state(
-        &reports,
-        now,
-        target,
-        Duration::from_secs(30),
-        progress::Judge::default(),
-    );
+    let state = progress::swarm_state(&reports, now, target, Duration::from_secs(30));
     let claimed: u64 = reports
         .iter()
         .map(|(_, r)| r.samples)

@@ -82,9 +82,6 @@ pub struct SwarmState {
     pub computing: usize,
     /// Estimated time until the target is reached (zero once it is; `None` with no rate).
     pub eta: Option<Duration>,
-    /// The most one peer's samples counted in that epoch ([`SPREAD`]; infinite with no
-    /// trainer in it).
-    pub cap: f64,
 }
 
 impl SwarmState {
@@ -117,36 +114,14 @@ pub fn quorum(claims: impl Iterator<Item = u64>) -> u64 {
     ranked(claims, |n| n.saturating_sub(1) / 2)
 }
 
-/// The most one peer's samples or rate count toward an epoch's end (and weigh in its
-/// average), as a multiple of the median trainer's: a peer that says it computed the whole
-/// batch at once brings the end nearer by this many median peers' work, no more. A swarm of
-/// machines more unequal than this gathers larger batches than its target (the fastest
-/// peer's work beyond it still goes into its gradient, but counts and weighs as this many
-/// median peers'). Of two trainers the median is the faster, so a pair is never held back.
-pub const SPREAD: f64 = 4.0;
-
-/// Who estimates the swarm's state, to measure each peer's claims against ([`SPREAD`]).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Judge<'a> {
-    /// Live peers known to compute (they reported samples lately). Each counts in the median
-    /// even before it reports in the epoch, with nothing: at an epoch's start a liar alone in
-    /// it is not its own measure.
-    pub trainers: usize,
-    /// The estimating peer's own report, where it computes: no claim is cut below [`SPREAD`]
-    /// times its own.
-    pub own: Option<&'a Report>,
-}
-
 /// Estimates the swarm's state at `now` from `reports`; reports older than `stale` are of
 /// peers presumed gone. A peer's samples are extrapolated by its rate since its report, up to
-/// `stale` (a peer that stopped reporting stops counting). No claim counts beyond [`SPREAD`]
-/// times the median trainer's, or the judge's own where that is more.
+/// `stale` (a peer that stopped reporting stops counting).
 pub fn swarm_state(
     reports: &[(PeerId, Report)],
     now: Time,
     target: u64,
     stale: Duration,
-    judge: Judge<'_>,
 ) -> SwarmState {
     let stale_ms = stale.as_millis() as u64;
     let live: Vec<&Report> = reports
@@ -156,45 +131,18 @@ pub fn swarm_state(
         .collect();
     let epoch = quorum(live.iter().map(|r| r.epoch));
     let current: Vec<&&Report> = live.iter().filter(|r| r.epoch == epoch).collect();
-    let computes = |r: &Report| r.samples > 0 || r.samples_per_second > 0.0;
-    let computing: Vec<&Report> = current
-        .iter()
-        .map(|r| **r)
-        .filter(|r| computes(r))
-        .collect();
-    let extrapolated = |r: &Report| {
-        let since = now.saturating_sub(r.time).min(stale_ms) as f64 / 1000.0;
-        r.samples as f64 + r.samples_per_second.max(0.0) * since
-    };
-    let own = judge.own.filter(|r| r.epoch == epoch);
-    let trainers = judge.trainers.max(computing.len());
-    // The median trainer's figure (those yet to report in the epoch count as nothing), or the
-    // judge's own where more, times SPREAD.
-    let cap = |of: &dyn Fn(&Report) -> f64| -> f64 {
-        let mut v: Vec<f64> = computing.iter().map(|r| of(r)).collect();
-        if v.is_empty() {
-            return f64::INFINITY;
-        }
-        v.sort_unstable_by(|a, b| b.total_cmp(a));
-        v.resize(trainers, 0.0);
-        let median = v[(trainers - 1) / 2];
-        SPREAD * median.max(own.map_or(0.0, of))
-    };
-    let cap_samples = cap(&extrapolated);
-    let cap_committed = cap(&|r| r.samples as f64);
-    let cap_rate = cap(&|r| r.samples_per_second.max(0.0));
     let samples: f64 = current
         .iter()
-        .map(|r| extrapolated(r).min(cap_samples))
+        .map(|r| {
+            let since = now.saturating_sub(r.time).min(stale_ms) as f64 / 1000.0;
+            r.samples as f64 + r.samples_per_second.max(0.0) * since
+        })
         .sum();
     let committed = current
         .iter()
-        .map(|r| (r.samples as f64).min(cap_committed) as u64)
+        .map(|r| r.samples)
         .fold(0u64, u64::saturating_add);
-    let rate: f64 = current
-        .iter()
-        .map(|r| r.samples_per_second.max(0.0).min(cap_rate))
-        .sum();
+    let rate: f64 = current.iter().map(|r| r.samples_per_second.max(0.0)).sum();
     let samples = samples.min(u64::MAX as f64) as u64;
     let eta = if samples >= target {
         Some(Duration::ZERO)
@@ -212,9 +160,11 @@ pub fn swarm_state(
         samples_per_second: rate,
         peers: live.len(),
         in_epoch: current.len(),
-        computing: computing.len(),
+        computing: current
+            .iter()
+            .filter(|r| r.samples > 0 || r.samples_per_second > 0.0)
+            .count(),
         eta,
-        cap: cap_samples,
     }
 }
 
@@ -250,13 +200,7 @@ impl Tracker<'_> {
     /// The swarm's state now, toward `target` samples.
     pub async fn state(&self, target: u64) -> Result<SwarmState, dht::Error> {
         let reports = self.fetch().await?;
-        Ok(swarm_state(
-            &reports,
-            clock::now(),
-            target,
-            self.ttl,
-            Judge::default(),
-        ))
+        Ok(swarm_state(&reports, clock::now(), target, self.ttl))
     }
 }
 
@@ -289,7 +233,7 @@ mod tests {
             report(6, 10, 5.0, now - 100_000), // gone (stale): its epoch does not count
             report(5, 0, f64::NAN, now),       // nonsense rate: ignored
         ];
-        let s = swarm_state(&reports, now, 1000, stale, Judge::default());
+        let s = swarm_state(&reports, now, 1000, stale);
         assert_eq!(s.epoch, 5);
         assert_eq!(s.samples, 200);
         assert_eq!(s.committed, 150);
@@ -302,11 +246,8 @@ mod tests {
         assert!(s.ready(150));
         // A peer that stops reporting counts its rate for `stale` at most.
         let quiet = [report(1, 0, 10.0, now - 29_000)];
-        assert_eq!(
-            swarm_state(&quiet, now, 1000, stale, Judge::default()).samples,
-            290
-        );
-        let none = swarm_state(&[], now, 1000, stale, Judge::default());
+        assert_eq!(swarm_state(&quiet, now, 1000, stale).samples, 290);
+        let none = swarm_state(&[], now, 1000, stale);
         assert_eq!((none.epoch, none.samples, none.eta), (0, 0, None));
     }
 
@@ -323,7 +264,7 @@ mod tests {
                 report(5, 40, 10.0, now),
                 report(lie, 1_000_000, 1e9, now),
             ];
-            let s = swarm_state(&reports, now, 128, stale, Judge::default());
+            let s = swarm_state(&reports, now, 128, stale);
             assert_eq!((s.epoch, s.committed, s.in_epoch), (5, 120, 3), "lie {lie}");
             assert!(!s.ready(128));
         }
@@ -340,62 +281,6 @@ mod tests {
         assert_eq!(majority([7, 3].into_iter()), 3);
         assert_eq!(majority(claims(4)), 5);
         assert_eq!(majority(std::iter::empty()), 0);
-    }
-
-    #[test]
-    fn one_peers_claimed_samples_count_as_four_median_trainers_at_most() {
-        let now = 100_000;
-        let stale = Duration::from_secs(30);
-        let liar = report(5, 1_000_000, 1e9, now);
-        // Three honest trainers at 8 samples each: the liar counts as four of them.
-        let honest = [
-            report(5, 8, 0.0, now),
-            report(5, 8, 0.0, now),
-            report(5, 8, 0.0, now),
-        ];
-        let mut reports = honest.to_vec();
-        reports.push(liar.clone());
-        let s = swarm_state(&reports, now, 64, stale, Judge::default());
-        assert_eq!(s.committed, 24 + 32);
-        assert!(!s.ready(64));
-        // At the epoch's start the honest peers have yet to report in it: the liar alone in
-        // the epoch is measured against the trainers known to the judge, and against its own
-        // first micro-batch.
-        let mine = report(5, 4, 0.0, now);
-        let start = [
-            report(4, 60, 0.0, now),
-            report(4, 60, 0.0, now),
-            mine.clone(),
-            liar.clone(),
-        ];
-        let judge = Judge {
-            trainers: 4,
-            own: Some(&mine.1),
-        };
-        let s = swarm_state(&start, now, 64, stale, judge);
-        assert_eq!(s.epoch, 5);
-        assert_eq!(s.committed, 4 + 16);
-        assert!(!s.ready(64));
-        assert_eq!(s.eta, None, "the liar's rate counts as nothing yet");
-        // Without those measures the liar ends the epoch alone.
-        let unjudged = swarm_state(&start[2..], now, 64, stale, Judge::default());
-        assert!(unjudged.ready(64));
-        // Of two trainers the faster is the median: a fast peer beside a slow one counts whole.
-        let pair = [report(5, 40, 20.0, now), report(5, 5, 2.5, now)];
-        let judge = Judge {
-            trainers: 2,
-            own: Some(&pair[1].1),
-        };
-        let s = swarm_state(&pair, now, 64, stale, judge);
-        assert_eq!((s.committed, s.samples_per_second), (45, 22.5));
-        // A fast honest peer among slow ones is cut to four of them, no further.
-        let uneven = [
-            report(5, 100, 0.0, now),
-            report(5, 10, 0.0, now),
-            report(5, 10, 0.0, now),
-        ];
-        let s = swarm_state(&uneven, now, 1000, stale, Judge::default());
-        assert_eq!(s.committed, 40 + 20);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

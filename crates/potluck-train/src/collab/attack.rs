@@ -27,9 +27,8 @@ pub enum Attack {
     /// parameters (and serve them on).
     Ahead(u64),
     /// It says it computed a thousand times the epoch's target the moment the epoch begins,
-    /// at 1e9 samples/s, proposes a deadline already past for every epoch, and sends its
-    /// gradient sign-flipped with the weight of the samples it claimed: believed, it ends
-    /// every epoch at once, every peer is too late to average, and its gradient is the mean.
+    /// at 1e9 samples/s, and proposes a deadline already past for every epoch: believed, it
+    /// ends every epoch at once, and every peer is too late to average.
     Rush,
 }
 
@@ -61,10 +60,9 @@ impl Attacker {
     }
 
     /// The weight it sends its gradient with, having computed `samples`.
-    pub(super) fn weight(&self, samples: u64, target: u64) -> f32 {
+    pub(super) fn weight(&self, samples: u64) -> f32 {
         match self.attack {
             Attack::Weight(w) => w,
-            Attack::Rush => target.saturating_mul(1000) as f32,
             _ => samples as f32,
         }
     }
@@ -84,9 +82,9 @@ impl Attacker {
     pub(super) fn corrupt(&mut self, grad: &mut [f32]) {
         match self.attack {
             Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
-            Attack::Weight(_) | Attack::Rush => grad.iter_mut().for_each(|g| *g = -*g),
+            Attack::Weight(_) => grad.iter_mut().for_each(|g| *g = -*g),
             // It sends its true gradient: its lies are about its progress and its state.
-            Attack::Ahead(_) => {}
+            Attack::Ahead(_) | Attack::Rush => {}
             Attack::NonFinite => grad.fill(f32::NAN),
             Attack::Noise => {
                 let norm = grad

@@ -60,7 +60,7 @@ impl<T: Trainable> Collab<T> {
         let weight = match &mut self.attacker {
             Some(attacker) => {
                 attacker.corrupt(&mut grad);
-                attacker.weight(samples, self.settings.target_batch)
+                attacker.weight(samples)
             }
             None => samples as f32,
         };

@@ -1,12 +1,11 @@
 //! The background task of a collaborative peer: publishes its progress, reads the swarm's,
 //! agrees on each epoch's deadline and forms its group ahead of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::Group;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_core::clock::{self, Time};
@@ -82,10 +81,9 @@ impl View {
 
     /// The most weight `peer`'s contribution to `epoch` may carry at `now`: the samples it
     /// reported for that epoch, extrapolated at its reported rate (for at most a report's
-    /// lifetime) and counted toward the epoch's end at most as [`progress::SPREAD`] median
-    /// trainers' (while this peer's view is of that epoch), times [`GRANT_SLACK`]; none if it
-    /// reported none. A weight is a claim: it counts only as far as the samples the peer told
-    /// the swarm it computed (which brought the epoch's end nearer for everyone).
+    /// lifetime), times [`GRANT_SLACK`]; none if it reported none. A weight is a claim: it
+    /// counts only as far as the samples the peer told the swarm it computed (which brought
+    /// the epoch's end nearer for everyone).
     pub(super) fn granted(&self, peer: PeerId, epoch: u64, now: Time) -> f64 {
         let Some(r) = self.reported.get(&(peer, epoch)) else {
             return 0.0;
@@ -96,13 +94,7 @@ impl View {
         } else {
             0.0
         };
-        // No more than any peer's samples counted toward the epoch's end (`SPREAD`).
-        let cap = if self.state.epoch == epoch {
-            self.state.cap
-        } else {
-            f64::INFINITY
-        };
-        (r.samples as f64 + rate * since).min(cap) * GRANT_SLACK
+        (r.samples as f64 + rate * since) * GRANT_SLACK
     }
 
     /// The newest state the other peers hold, as far as more than half of them back it
@@ -262,28 +254,11 @@ pub(super) async fn progress_loop(
                     addrs: Vec::new(),
                 };
                 let target = settings.target_batch;
-                // Each claim is measured against the trainers (peers that reported samples
-                // lately) and this peer's own work.
-                let computes = settings.mode != Mode::Auxiliary;
-                let known: HashSet<&PeerId> = reported
-                    .iter()
-                    .filter(|(_, r)| r.samples > 0)
-                    .map(|((p, _), _)| p)
-                    .collect();
-                let trainers = reports
-                    .iter()
-                    .filter(|(p, r)| r.time + ttl.as_millis() as u64 >= now && known.contains(p))
-                    .count()
-                    + usize::from(computes);
-                let judge = progress::Judge {
-                    trainers,
-                    own: computes.then_some(&mine),
-                };
-                let others_state = progress::swarm_state(&reports, now, target, ttl, judge);
+                let others_state = progress::swarm_state(&reports, now, target, ttl);
                 if l.publish {
-                    reports.push((me, mine.clone()));
+                    reports.push((me, mine));
                 }
-                let state = progress::swarm_state(&reports, now, target, ttl, judge);
+                let state = progress::swarm_state(&reports, now, target, ttl);
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
                 let open = closing.is_none_or(|(e, _)| e != l.epoch);
