@@ -16,6 +16,7 @@ pub mod reports;
 pub mod solo;
 pub mod state;
 pub mod sync;
+pub mod tokenizers;
 
 /// `n` DHT nodes on the in-memory transport, each joined through the first, with their keys
 /// (unit tests of the records peers publish).

@@ -29,6 +29,8 @@ pub struct Report {
     pub held: u64,
     /// Where it can be reached (multiaddrs as bytes): it serves its state there.
     pub addrs: Vec<Vec<u8>>,
+    /// The tokenizers its data was encoded with ([`crate::tokenizers::Bundle::id`]).
+    pub tokenizers: crate::tokenizers::Id,
 }
 
 impl Typed for Report {
@@ -218,6 +220,7 @@ mod tests {
                 time,
                 held: epoch,
                 addrs: Vec::new(),
+                tokenizers: crate::tokenizers::NONE,
             },
         )
     }
@@ -301,6 +304,7 @@ mod tests {
                 time: now,
                 held: 3,
                 addrs: Vec::new(),
+                tokenizers: crate::tokenizers::NONE,
             };
             tracker.publish(&report).await.unwrap();
         }

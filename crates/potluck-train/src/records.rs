@@ -96,6 +96,7 @@ mod tests {
             time: clock::now(),
             held: 3,
             addrs: Vec::new(),
+            tokenizers: crate::tokenizers::NONE,
         };
         let tracker = progress::Tracker {
             dht: &liar,

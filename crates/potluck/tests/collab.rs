@@ -458,3 +458,112 @@ fn a_peer_that_cannot_average_stops_stepping_alone_after_its_limit() {
         assert!(others.iter().all(|r| !r.held_back));
     }
 }
+
+/// Peers whose data was encoded with other tokenizers never count, average or sync together
+/// (attack 0 of the trust issue, with no attacker: each trained its own tokenizers). Two peers
+/// of one tokenizers and a third of others start at once (none reports while it joins, so none
+/// is refused): the two average with each other and never with the third, and each side names
+/// the other a stranger. A newcomer of the third's tokenizers, joining then, is refused: the
+/// live peers of other tokenizers outnumber its own.
+#[test]
+fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let init = initial();
+    let (ours, theirs) = ([1u8; 32], [2u8; 32]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let boot = runtime.block_on(async {
+        let dht = Dht::start_memory_with(
+            Keypair::generate_ed25519(),
+            dht::Config::default(),
+            potluck_train::records::validators(),
+        )
+        .await
+        .unwrap();
+        let addrs = dht.addrs().await.unwrap();
+        (dht, addrs)
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let least_epoch = Arc::new(AtomicU64::new(0));
+    let epochs = Arc::new(std::sync::Mutex::new([0u64; 3]));
+    let settings = |tokenizers| {
+        let mut s = collab::Settings::in_process("tokenizers", TARGET);
+        s.tokenizers = tokenizers;
+        s
+    };
+    let peers: Vec<_> = (0..3)
+        .map(|i| {
+            let (handle, init, boot) = (runtime.handle().clone(), init.clone(), boot.1.clone());
+            let (stop, least_epoch, epochs) = (stop.clone(), least_epoch.clone(), epochs.clone());
+            let settings = settings(if i == 2 { theirs } else { ours });
+            std::thread::spawn(move || {
+                handle.block_on(async move {
+                    let net = Net::start_memory(&boot).await.unwrap();
+                    let m = model(&init);
+                    let opt = optimizer(m.layout());
+                    let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
+                    let mut rng = ChaCha8Rng::seed_from_u64(300 + i as u64);
+                    let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
+                    let mut groups = Vec::new();
+                    let mut strangers = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Tick::Epoch(r) = peer.tick(&mut next).await.unwrap() {
+                            groups.push(r.group);
+                            strangers = strangers.max(peer.strangers().len());
+                            let mut e = epochs.lock().unwrap();
+                            e[i] = r.epoch;
+                            least_epoch.store(*e.iter().min().unwrap(), Ordering::SeqCst);
+                        }
+                    }
+                    (groups, strangers)
+                })
+            })
+        })
+        .collect();
+    // Every peer well into training: a newcomer of the third's tokenizers asks to join.
+    let waited = std::time::Instant::now();
+    while least_epoch.load(Ordering::SeqCst) < 6 {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(300),
+            "the peers never reached epoch 6: {:?}",
+            epochs.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let refused = runtime.block_on(async {
+        let net = Net::start_memory(&boot.1).await.unwrap();
+        let m = model(&init);
+        let opt = optimizer(m.layout());
+        Collab::join(m, opt, net, settings(theirs)).await.err()
+    });
+    stop.store(true, Ordering::SeqCst);
+    let results: Vec<(Vec<usize>, usize)> = peers.into_iter().map(|t| t.join().unwrap()).collect();
+    match refused {
+        Some(collab::Error::Tokenizers {
+            ours: mine,
+            theirs: run,
+            peers,
+            same,
+        }) => {
+            assert_eq!((mine, run, peers, same), (theirs, ours, 2, 1));
+        }
+        other => panic!("the newcomer of other tokenizers was not refused: {other:?}"),
+    }
+    for (i, (groups, strangers)) in results.iter().enumerate() {
+        let largest = groups.iter().max().copied().unwrap_or(0);
+        if i < 2 {
+            // The two of one tokenizers averaged together, and only together.
+            assert_eq!(largest, 2, "peer {i}: groups {groups:?}");
+            assert_eq!(*strangers, 1, "peer {i}");
+        } else {
+            assert!(
+                largest <= 1,
+                "the peer of other tokenizers averaged: {groups:?}"
+            );
+            assert_eq!(*strangers, 2);
+        }
+    }
+}

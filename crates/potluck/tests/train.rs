@@ -186,6 +186,79 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
     }
 }
 
+/// Data prepared apart (its own tokenizers) is refused by a run, with the command that fixes
+/// it; `prepare --from-run` takes the run's tokenizers from its peers (the same bytes), and data
+/// encoded with them joins the run.
+#[test]
+fn data_of_other_tokenizers_is_refused_and_prepare_from_run_takes_the_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let apart = dir.path().join("apart");
+    run(
+        "prepare --dataset shapes --images 256 --vq-steps 20 --vq-batch 8 --held-out 8 \
+         --vq-images 64 --vq-channels 8 --codebook 64 --seed 1",
+        &["--out", s(&apart)],
+    );
+    let tiny = |data: &Path, out: &str, extra: &[&str]| {
+        let mut args = peer_args("tok", data, &dir.path().join(out), extra);
+        args.extend(["--target-batch-size".into(), "32".into()]);
+        args
+    };
+    let first = tiny(
+        &data,
+        "one",
+        &["--listen", "/ip4/127.0.0.1/tcp/0", "--epochs", "1000000"],
+    );
+    let mut first = Peer::spawn(&strs(&first));
+    let addr = first.wait_for("listening on ");
+    // The run exists (its first peer reports) before anyone joins it.
+    first.wait_for("run tok:");
+
+    // Data of its own tokenizers: refused, told how to take the run's.
+    let refused = potluck(&strs(&tiny(
+        &apart,
+        "two",
+        &["--initial-peers", &addr, "--epochs", "1000000"],
+    )));
+    let err = text(&refused.stderr);
+    assert!(!refused.status.success(), "{}", text(&refused.stdout));
+    assert!(err.contains("other tokenizers"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "potluck prepare --from-run tok --initial-peers {addr}"
+        )),
+        "{err}"
+    );
+
+    // The run's tokenizers, from its peer: the same files.
+    let joining = dir.path().join("joining");
+    let out = run(
+        "prepare --from-run tok --dataset shapes --images 256 --held-out 8",
+        &["--initial-peers", &addr, "--out", s(&joining)],
+    );
+    assert!(
+        out.contains("took the tokenizers of run tok from its peers"),
+        "{out}"
+    );
+    for file in ["tokenizer.json", "vqvae.safetensors"] {
+        assert_eq!(
+            std::fs::read(data.join(file)).unwrap(),
+            std::fs::read(joining.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let joined = ok(&strs(&tiny(
+        &joining,
+        "three",
+        &["--initial-peers", &addr, "--minutes", "0.2"],
+    )));
+    assert!(
+        joined.contains("downloaded the swarm's state at epoch"),
+        "{joined}"
+    );
+    first.kill();
+}
+
 #[test]
 fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
     let dir = tempfile::tempdir().unwrap();

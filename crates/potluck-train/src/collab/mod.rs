@@ -27,6 +27,7 @@
 //! reports progress and forms groups; `resync` the download of the swarm's state; `epoch` the
 //! end of an epoch as the loop sees it, and `job` its work (all-reduce, guard, step).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,7 @@ use crate::optim::{self, Optimizer};
 use crate::progress::SwarmState;
 use crate::state::TrainState;
 use crate::sync::{self, Snapshot};
+use crate::tokenizers;
 
 mod attack;
 mod epoch;
@@ -75,6 +77,21 @@ pub enum Error<E: std::error::Error + 'static> {
     /// The task that averages and steps panicked or was cancelled.
     #[error("the step task stopped")]
     StepTask(#[source] tokio::task::JoinError),
+    /// Most live peers of the run encode their data with other tokenizers than this peer's
+    /// (its gradients would teach the shared model other pictures for the same codes).
+    #[error(
+        "the run's peers encoded their data with other tokenizers ({} of them with {}) than \
+         this peer's ({}, {same} other peers): prepare the data with the run's tokenizers \
+         (potluck prepare --from-run)",
+        .peers, tokenizers::short(.theirs), tokenizers::short(.ours)
+    )]
+    Tokenizers {
+        ours: tokenizers::Id,
+        theirs: tokenizers::Id,
+        /// Live peers of `theirs`, and of `ours` (this one left out).
+        peers: usize,
+        same: usize,
+    },
 }
 
 impl<E: std::error::Error + 'static> From<job::Failed> for Error<E> {
@@ -207,6 +224,7 @@ impl<T: Trainable> Collab<T> {
         // Look for a swarm; download its state if there is one.
         let until = tokio::time::Instant::now() + collab.settings.join_wait;
         loop {
+            collab.refuse_other_tokenizers()?;
             let seen = collab.view.borrow().as_ref().map(|v| !v.others.is_empty());
             match seen {
                 Some(true) => {
@@ -228,6 +246,40 @@ impl<T: Trainable> Collab<T> {
         collab.shelve();
         collab.report(true);
         Ok(collab)
+    }
+
+    /// Fails with [`Error::Tokenizers`] if the live peers of other tokenizers than this
+    /// peer's outnumber those of its own (most of them: the run's are the others').
+    fn refuse_other_tokenizers(&self) -> Result<(), Error<T::Error>> {
+        let view = self.view.borrow();
+        let Some(v) = view.as_ref() else {
+            return Ok(());
+        };
+        let mut counts: HashMap<tokenizers::Id, usize> = HashMap::new();
+        for (_, id) in &v.strangers {
+            *counts.entry(*id).or_default() += 1;
+        }
+        let Some((theirs, peers)) = counts.into_iter().max_by_key(|(id, n)| (*n, *id)) else {
+            return Ok(());
+        };
+        if peers > v.others.len() {
+            return Err(Error::Tokenizers {
+                ours: self.settings.tokenizers,
+                theirs,
+                peers,
+                same: v.others.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Live peers whose data was encoded with other tokenizers than this peer's (left out of
+    /// its epochs and groups), and theirs.
+    pub fn strangers(&self) -> Vec<(libp2p::PeerId, tokenizers::Id)> {
+        self.view
+            .borrow()
+            .as_ref()
+            .map_or_else(Vec::new, |v| v.strangers.clone())
     }
 
     /// Waits until at least `n` other peers are live (true), or `within` passed (false).

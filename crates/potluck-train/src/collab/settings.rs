@@ -11,6 +11,7 @@ use potluck_net::dht::{self, Dht};
 
 use super::{Attack, Error};
 use crate::sync::{self, Shelf};
+use crate::tokenizers;
 
 /// How a peer takes part.
 #[derive(Debug, Clone)]
@@ -54,6 +55,10 @@ pub struct Settings {
     /// from the peers at its epoch); from [`ALONE_WARN`] epochs on it warns at
     /// every epoch. 0: never step alone while others are around.
     pub alone_limit: u64,
+    /// The tokenizers this peer's data was encoded with ([`crate::tokenizers`]): peers that
+    /// report others are left out of its epochs, groups and state downloads, and a newcomer
+    /// the live peers outnumber with others is refused ([`Error::Tokenizers`]).
+    pub tokenizers: tokenizers::Id,
 }
 
 /// Epochs in a row stepping alone, with others around, from which a peer warns at every epoch.
@@ -80,6 +85,18 @@ impl Settings {
             spike: 10.0,
             attack: None,
             alone_limit: 10,
+            tokenizers: tokenizers::NONE,
+        }
+    }
+
+    /// The prefix of the keys of this peer's rounds (deadlines, matchmaking): the run's name,
+    /// and its tokenizers' short id unless they are [`tokenizers::NONE`], so that peers of
+    /// other tokenizers never propose an epoch's end or form a group together.
+    pub fn scope(&self) -> String {
+        if self.tokenizers == tokenizers::NONE {
+            self.run.clone()
+        } else {
+            format!("{}/{}", self.run, tokenizers::short(&self.tokenizers))
         }
     }
 

@@ -1,7 +1,7 @@
 //! The background task of a collaborative peer: publishes its progress, reads the swarm's,
 //! agrees on each epoch's deadline and forms its group ahead of it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use super::{Alone, Attack, Net, Settings};
 use crate::progress::{self, Deadline, SwarmState, Tracker};
 use crate::reports;
 use crate::sync::Donor;
+use crate::tokenizers;
 
 /// What this peer tells the progress task.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -46,6 +47,9 @@ pub(super) struct View {
     pub(super) reported: Arc<Reported>,
     /// How long a report counts (see [`report_ttl`]).
     pub(super) ttl: Duration,
+    /// Live peers whose data was encoded with other tokenizers, and theirs: left out of
+    /// everything above.
+    pub(super) strangers: Vec<(PeerId, tokenizers::Id)>,
 }
 
 /// Reports seen, by peer and epoch.
@@ -171,6 +175,8 @@ pub(super) async fn progress_loop(
     // a moment must not make the others step alone (see `alone` below).
     let ttl = report_ttl(&settings);
     let mut reported = Reported::new();
+    // Peers of other tokenizers this peer warned of (those still live).
+    let mut warned = HashSet::new();
     let mut last_others: Option<Instant> = None;
     let tracker = Tracker {
         dht: &net.dht,
@@ -207,6 +213,7 @@ pub(super) async fn progress_loop(
                 time: clock::now(),
                 held: l.held.saturating_add(ahead),
                 addrs: wire_addrs.clone(),
+                tokenizers: settings.tokenizers,
             };
             if let Err(e) = tracker.publish(&report).await {
                 tracing::debug!("publishing progress: {e}");
@@ -232,6 +239,8 @@ pub(super) async fn progress_loop(
                 let now = clock::now();
                 // Our own report, as we know it now (the DHT's copy may lag).
                 reports.retain(|(p, _)| *p != me);
+                let strangers = leave_out_strangers(&mut reports, &settings, now, ttl);
+                warn_of_strangers(&mut warned, &strangers, &settings);
                 remember(&mut reported, &reports, l.epoch);
                 let others: Vec<(u64, u64, Donor)> = reports
                     .iter()
@@ -252,6 +261,7 @@ pub(super) async fn progress_loop(
                     time: now,
                     held: l.held,
                     addrs: Vec::new(),
+                    tokenizers: settings.tokenizers,
                 };
                 let target = settings.target_batch;
                 let others_state = progress::swarm_state(&reports, now, target, ttl);
@@ -278,7 +288,7 @@ pub(super) async fn progress_loop(
                 if rush {
                     // The harness's liar: a deadline already past, for every epoch.
                     let past = Deadline(now.saturating_sub(1_000));
-                    let key = progress::deadlines(&settings.run, l.epoch);
+                    let key = progress::deadlines(&settings.scope(), l.epoch);
                     let put = key.put(&net.dht, &net.keypair, &past, now + 60_000);
                     if let Err(e) = put.await {
                         tracing::debug!("proposing a past deadline: {e}");
@@ -313,6 +323,7 @@ pub(super) async fn progress_loop(
                     alone,
                     reported: Arc::new(reported.clone()),
                     ttl,
+                    strangers,
                 };
                 if view.send(Some(v)).is_err() {
                     return;
@@ -342,6 +353,50 @@ pub(super) async fn progress_loop(
                     counted |= now.samples != l.samples;
                 }
             }
+        }
+    }
+}
+
+/// Takes out of `reports` the peers whose data was encoded with other tokenizers than this
+/// peer's, and returns the live ones with theirs: an epoch's samples, its deadline, its group
+/// and the state downloaded are of the peers of this peer's tokenizers alone (a gradient of
+/// other tokenizers teaches the model other pictures for the same codes).
+fn leave_out_strangers(
+    reports: &mut Vec<(PeerId, progress::Report)>,
+    settings: &Settings,
+    now: Time,
+    ttl: Duration,
+) -> Vec<(PeerId, tokenizers::Id)> {
+    let mut strangers = Vec::new();
+    reports.retain(|(peer, r)| {
+        if r.tokenizers == settings.tokenizers {
+            return true;
+        }
+        if r.time.saturating_add(ttl.as_millis() as u64) >= now {
+            strangers.push((*peer, r.tokenizers));
+        }
+        false
+    });
+    strangers
+}
+
+/// Warns once of each live peer of other tokenizers (`warned` keeps those still live).
+fn warn_of_strangers(
+    warned: &mut HashSet<PeerId>,
+    strangers: &[(PeerId, tokenizers::Id)],
+    settings: &Settings,
+) {
+    warned.retain(|p| strangers.iter().any(|(s, _)| s == p));
+    for (peer, theirs) in strangers {
+        if warned.insert(*peer) {
+            tracing::warn!(
+                "peer {peer} encodes its data with other tokenizers ({}) than this peer ({}): \
+                 it is left out of this peer's epochs, groups and downloads (prepare the data \
+                 with the run's tokenizers: potluck prepare --from-run {})",
+                tokenizers::short(theirs),
+                tokenizers::short(&settings.tokenizers),
+                settings.run
+            );
         }
     }
 }
@@ -376,7 +431,7 @@ pub(super) fn start_round(
 ) -> Round {
     let net = net.clone();
     let mm_settings = settings.matchmaking.clone();
-    let run = settings.run.clone();
+    let run = settings.scope();
     let offer = matchmaking::offer(addrs, settings.mode, settings.rate);
     let group = tokio::spawn(async move {
         let mm = Matchmaker {
@@ -407,7 +462,7 @@ pub(super) async fn close(
     propose: Option<Time>,
     latest: Duration,
 ) -> Result<Option<Time>, dht::Error> {
-    let deadlines = progress::deadlines(&settings.run, epoch);
+    let deadlines = progress::deadlines(&settings.scope(), epoch);
     let window = (settings.matchmaking.declare_ahead, latest);
     let earliest = |v: Vec<(PeerId, Deadline)>| {
         plausible(v.into_iter().map(|(_, t)| t.0), clock::now(), window)

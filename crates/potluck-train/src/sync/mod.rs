@@ -16,7 +16,7 @@
 //! - `download`: the downloader's side.
 
 mod download;
-mod serve;
+pub(crate) mod serve;
 mod snapshot;
 mod wire;
 

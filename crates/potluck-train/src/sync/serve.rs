@@ -56,14 +56,14 @@ const MAX_BUDGETS: usize = 4096;
 /// The bytes each downloader may still take: a bucket per peer, refilled continuously, that
 /// outlives its streams (a peer cannot reset it by reconnecting).
 #[derive(Debug, Default)]
-pub(super) struct Budgets {
+pub(crate) struct Budgets {
     by_peer: HashMap<PeerId, (f64, Instant)>,
 }
 
 impl Budgets {
     /// Takes `bytes` from `peer`'s budget for a state of `state` bytes, or says in how many
     /// seconds it will hold them.
-    pub(super) fn take(
+    pub(crate) fn take(
         &mut self,
         peer: PeerId,
         bytes: usize,

@@ -17,7 +17,9 @@ use potluck_train::collab::{Collab, Net, Tick};
 use potluck_train::optim::Optimizer;
 use serde_json::json;
 
-use crate::cmd::joining::{NetArgs, publish_metrics, run_seed, start_dht};
+use crate::cmd::joining::{
+    NetArgs, join_failed, publish_metrics, run_seed, start_dht, use_tokenizers,
+};
 use crate::cmd::run;
 use crate::cmd::together::{RunArgs, collab_settings, init_from};
 use crate::cmd::train::{OptimArgs, model_config, optimizer_config, save_state};
@@ -85,18 +87,19 @@ pub(crate) fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(serve(args, model, optimizer))
+    rt.block_on(serve(args, data, model, optimizer))
 }
 
-async fn serve(mut args: Args, model: Dalle, optimizer: Optimizer) -> Result<()> {
+async fn serve(mut args: Args, data: TokenSet, model: Dalle, optimizer: Optimizer) -> Result<()> {
     args.net.client_mode = reachable(args.net.client_mode)?;
     let (dht, keypair) = start_dht(&args.run_id, &args.net).await?;
     let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;
+    use_tokenizers(&dht, &data, &mut settings)?;
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
-        .context("joining the run")?;
+        .map_err(|e| join_failed(e, &args.run_id, &args.net, &data))?;
     println!(
         "aux for run {}: at epoch {}, checkpoints every {} epochs into {}",
         args.run_id,

@@ -11,11 +11,12 @@ use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use potluck_core::clock;
+use potluck_data::tokens::TokenSet;
 use potluck_net::auth::{AuthorityKey, Gate, Token, Verifier, watch_token};
 use potluck_net::dht::{self, Dht};
 use potluck_net::host::{self, ClientMode, Transports};
 use potluck_net::identity;
-use potluck_train::metrics;
+use potluck_train::{metrics, tokenizers};
 
 /// Where a peer is on the network and how it joins.
 #[derive(Debug, Clone, clap::Args)]
@@ -36,6 +37,19 @@ pub(crate) struct NetArgs {
     pub(crate) client_mode: ClientMode,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
+}
+
+impl Default for NetArgs {
+    /// The flags' defaults: no initial peers (the first peer of a run), every interface.
+    fn default() -> NetArgs {
+        NetArgs {
+            initial_peers: Vec::new(),
+            listen: Vec::new(),
+            identity: None,
+            client_mode: ClientMode::Auto,
+            auth: AuthArgs::default(),
+        }
+    }
 }
 
 fn parse_client_mode(s: &str) -> Result<ClientMode, String> {
@@ -206,6 +220,78 @@ pub(crate) fn publish_metrics(dht: &Dht, keypair: &Keypair, run: &str, m: metric
             tracing::debug!("publishing metrics: {e}");
         }
     });
+}
+
+/// The tokenizers `data` was encoded with ([`potluck_train::tokenizers::Bundle`]: the files'
+/// bytes, each bounded before it is read, and the caption length).
+pub(crate) fn tokenizers_of(data: &TokenSet) -> Result<tokenizers::Bundle> {
+    let read = |name: &str, max: usize| -> Result<Vec<u8>> {
+        let path = data.dir.join(name);
+        potluck_core::file::read_limited(&path, max as u64)
+            .with_context(|| format!("reading the tokenizer {}", path.display()))
+    };
+    let m = &data.manifest;
+    Ok(tokenizers::Bundle {
+        text: read(&m.tokenizer, tokenizers::MAX_TEXT)?,
+        image: read(&m.vqvae, tokenizers::MAX_IMAGE)?,
+        text_len: u32::try_from(m.text_len).context("the data's caption length")?,
+    })
+}
+
+/// Makes `data`'s tokenizers this peer's in `settings` (it reports their id, and leaves peers
+/// of others out) and serves them to newcomers (`potluck prepare --from-run`).
+pub(crate) fn use_tokenizers(
+    dht: &Dht,
+    data: &TokenSet,
+    settings: &mut potluck_train::collab::Settings,
+) -> Result<()> {
+    let bundle = tokenizers_of(data)?;
+    settings.tokenizers = bundle.id();
+    tracing::info!(
+        "this peer's data was encoded with tokenizers {}",
+        tokenizers::short(&settings.tokenizers)
+    );
+    tokenizers::serve(dht.host(), Arc::new(bundle))?;
+    Ok(())
+}
+
+/// What joining the run failed with, saying what to do when this peer's data was encoded with
+/// other tokenizers than the run's.
+pub(crate) fn join_failed<E>(
+    e: potluck_train::collab::Error<E>,
+    run: &str,
+    net: &NetArgs,
+    data: &TokenSet,
+) -> anyhow::Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    use potluck_train::collab::Error;
+    if let Error::Tokenizers { ours, theirs, .. } = &e {
+        let out = data.dir.with_file_name(format!(
+            "{}-{}",
+            data.dir
+                .file_name()
+                .map_or("data".into(), |n| n.to_string_lossy()),
+            tokenizers::short(theirs)
+        ));
+        let peers = if net.initial_peers.is_empty() {
+            "ADDRESS_OF_A_PEER".to_owned()
+        } else {
+            net.initial_peers.join(",")
+        };
+        return anyhow::anyhow!(
+            "{e}.\nThis data ({}) was encoded with tokenizers {}; the run's are {}. Encode it \
+             with the run's and train on that:\n  potluck prepare --from-run {run} \
+             --initial-peers {peers} --dataset {} --out {}",
+            data.dir.display(),
+            tokenizers::short(ours),
+            tokenizers::short(theirs),
+            data.manifest.dataset,
+            out.display()
+        );
+    }
+    anyhow::Error::new(e).context("joining the run")
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use potluck_model::vqvae::{self, VqVae};
 use potluck_model::{Device, vqvae::images_to_tensor};
 use rand::{Rng, SeedableRng};
 
+use crate::cmd::joining::{NetArgs, start_dht};
 use crate::progress::Progress;
 
 /// File names inside a prepared directory.
@@ -77,9 +78,21 @@ pub(crate) struct Args {
     /// Text ids per caption [default: the longest caption seen, rounded up to a multiple of 4].
     #[arg(long)]
     pub(crate) text_len: Option<usize>,
-    /// Use this tokenizer.json (e.g. t5-small's) instead of training one.
+    /// Use this tokenizer.json (e.g. t5-small's) instead of training one (copied as it is).
     #[arg(long)]
     pub(crate) tokenizer: Option<PathBuf>,
+    /// Use this image tokenizer (a `vqvae.safetensors` of `potluck prepare`) instead of training
+    /// one (copied as it is; its image side and codebook replace the flags').
+    #[arg(long)]
+    pub(crate) vqvae: Option<PathBuf>,
+    /// Encode the data with the tokenizers of this run, downloaded from its peers (the ones
+    /// most of its live peers train with, checked against their hash) instead of training new
+    /// ones: the way to join a run (data encoded with other tokenizers is refused). Give
+    /// --initial-peers, and --authority and --token in an authorized run.
+    #[arg(long, conflicts_with_all = ["tokenizer", "vqvae", "text_len"])]
+    pub(crate) from_run: Option<String>,
+    #[command(flatten)]
+    pub(crate) net: NetArgs,
     /// Write a PNG grid of this many held-out originals beside their reconstructions.
     #[arg(long, default_value_t = 0)]
     pub(crate) reconstruct: usize,
@@ -106,9 +119,65 @@ pub(crate) struct Report {
     pub(crate) skips: String,
 }
 
-pub(crate) fn run(args: Args) -> Result<()> {
+pub(crate) fn run(mut args: Args) -> Result<()> {
+    if let Some(run) = args.from_run.clone() {
+        let text_len = take_from_run(&run, &args.net, &args.out)?;
+        args.tokenizer = Some(args.out.join(TOKENIZER_FILE));
+        args.vqvae = Some(args.out.join(VQVAE_FILE));
+        args.text_len = Some(text_len);
+    }
     let report = prepare(&args)?;
     print_report(&args.out, &report);
+    Ok(())
+}
+
+/// How long `--from-run` looks for the run's peers' reports.
+const LOOK_FOR_PEERS: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Downloads the tokenizers of `run` from its peers into `out`; returns their caption length.
+fn take_from_run(run: &str, net: &NetArgs, out: &Path) -> Result<usize> {
+    use potluck_train::tokenizers;
+    if net.initial_peers.is_empty() {
+        bail!("--from-run {run} needs --initial-peers: the address of any peer of the run");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (bundle, peers, others) = rt.block_on(async {
+        let (dht, keypair) = start_dht(run, net).await?;
+        tokenizers::from_run(&dht, &keypair, run, LOOK_FOR_PEERS)
+            .await
+            .with_context(|| format!("taking the tokenizers of run {run}"))
+    })?;
+    rt.shutdown_background();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    potluck_core::file::write_atomic(&out.join(TOKENIZER_FILE), &bundle.text)?;
+    potluck_core::file::write_atomic(&out.join(VQVAE_FILE), &bundle.image)?;
+    println!(
+        "took the tokenizers of run {run} from its peers: {} (live peers training with them: \
+         {peers}{})",
+        tokenizers::short(&bundle.id()),
+        if others > 0 {
+            format!("; with others: {others}")
+        } else {
+            String::new()
+        }
+    );
+    Ok(bundle.text_len as usize)
+}
+
+/// Copies a given tokenizer file into the prepared directory as it is (its bytes are part of
+/// the run's identity), unless it is that file already.
+fn copy_verbatim(from: &Path, to: &Path) -> Result<()> {
+    let same = match (from.canonicalize(), to.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if !same {
+        let bytes = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+        potluck_core::file::write_atomic(to, &bytes)?;
+    }
     Ok(())
 }
 
@@ -193,17 +262,31 @@ pub(crate) fn prepare(args: &Args) -> Result<Report> {
         emoji::fetch(dir).context("fetching the emoji data set")?;
     }
     let skips = Skips::default();
-    let dataset = Dataset::open(&spec, args.image_side, &skips)
+    // A given image tokenizer fixes the image side.
+    let given_vq = match &args.vqvae {
+        Some(path) => Some(
+            VqVae::load(path, device)
+                .with_context(|| format!("loading the image tokenizer {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let image_side = given_vq
+        .as_ref()
+        .map_or(args.image_side, |vq| vq.config().image_side as u32);
+    let dataset = Dataset::open(&spec, image_side, &skips)
         .with_context(|| format!("opening data set {spec}"))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     let order = Order::new(args.seed, 0);
 
     // Held-out images first, then the VQ-VAE's training pool.
-    let mut stream = fitted(&dataset, &order, &skips, args.image_side);
+    let mut stream = fitted(&dataset, &order, &skips, image_side);
     let held: Vec<Sample> = stream.by_ref().take(args.held_out).collect();
-    let pool: Vec<Sample> = stream.take(args.vq_images).collect();
-    if pool.len() < args.vq_batch {
+    let training = given_vq.is_none() || args.tokenizer.is_none();
+    let pool: Vec<Sample> = stream
+        .take(if training { args.vq_images } else { 0 })
+        .collect();
+    if training && pool.len() < args.vq_batch {
         bail!(
             "{spec} gave only {} images for training after {} held out; need at least a batch \
              of {} (skipped input: {skips})",
@@ -233,21 +316,33 @@ pub(crate) fn prepare(args: &Args) -> Result<Report> {
         Some(path) => TextTokenizer::load(path, text_len)?,
         None => TextTokenizer::train(captions(), args.vocab, text_len)?,
     };
-    tokenizer.save(&args.out.join(TOKENIZER_FILE))?;
+    match &args.tokenizer {
+        Some(path) => copy_verbatim(path, &args.out.join(TOKENIZER_FILE))?,
+        None => tokenizer.save(&args.out.join(TOKENIZER_FILE))?,
+    }
 
     // Image tokenizer.
-    let cfg = vqvae::Config {
-        image_side: i64::from(args.image_side),
-        downsample: args.downsample,
-        channels: args.vq_channels,
-        codebook_size: args.codebook,
-        ..Default::default()
-    };
-    let mut vq = VqVae::new(cfg, device)?;
     let vq_started = Instant::now();
-    train_vqvae(&mut vq, &pool, args)?;
+    let vq = match (given_vq, &args.vqvae) {
+        (Some(vq), Some(path)) => {
+            copy_verbatim(path, &args.out.join(VQVAE_FILE))?;
+            vq
+        }
+        _ => {
+            let cfg = vqvae::Config {
+                image_side: i64::from(args.image_side),
+                downsample: args.downsample,
+                channels: args.vq_channels,
+                codebook_size: args.codebook,
+                ..Default::default()
+            };
+            let mut vq = VqVae::new(cfg, device)?;
+            train_vqvae(&mut vq, &pool, args)?;
+            vq.save(&args.out.join(VQVAE_FILE))?;
+            vq
+        }
+    };
     let vq_seconds = vq_started.elapsed().as_secs_f64();
-    vq.save(&args.out.join(VQVAE_FILE))?;
     drop(pool);
 
     // Quality on held-out images.
@@ -288,11 +383,12 @@ pub(crate) fn prepare(args: &Args) -> Result<Report> {
     };
     let grid = vq.config().grid() as usize;
     let mut writer = ShardWriter::new(&args.out, text_len, grid * grid, args.shard_samples);
-    let mut used = vec![false; args.codebook as usize];
+    let codebook = vq.config().codebook_size;
+    let mut used = vec![false; codebook as usize];
     let mut bar = Progress::new(total as u64, "encoding");
     let encode_started = Instant::now();
     let mut encoded = 0usize;
-    let mut stream = fitted(&dataset, &order, &skips, args.image_side)
+    let mut stream = fitted(&dataset, &order, &skips, image_side)
         .take(total)
         .peekable();
     while stream.peek().is_some() {
@@ -325,9 +421,9 @@ pub(crate) fn prepare(args: &Args) -> Result<Report> {
         text_len,
         vocab_size: tokenizer.vocab_size(),
         pad_id: tokenizer.pad_id(),
-        image_side: args.image_side,
+        image_side,
         image_grid: [grid, grid],
-        codebook_size: args.codebook as usize,
+        codebook_size: codebook as usize,
         tokenizer: TOKENIZER_FILE.to_owned(),
         vqvae: VQVAE_FILE.to_owned(),
         shards,

@@ -19,7 +19,9 @@ use potluck_train::optim::Optimizer;
 use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
-use crate::cmd::joining::{AuthArgs, NetArgs, publish_metrics, run_seed, start_dht};
+use crate::cmd::joining::{
+    NetArgs, join_failed, publish_metrics, run_seed, start_dht, use_tokenizers,
+};
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
 
@@ -78,13 +80,7 @@ impl Default for SwarmArgs {
     fn default() -> SwarmArgs {
         SwarmArgs {
             run_id: None,
-            net: NetArgs {
-                initial_peers: Vec::new(),
-                listen: Vec::new(),
-                identity: None,
-                client_mode: ClientMode::Auto,
-                auth: AuthArgs::default(),
-            },
+            net: NetArgs::default(),
             run: RunArgs {
                 target_batch_size: 256,
                 state_every: 10,
@@ -186,10 +182,11 @@ async fn train(
         Mode::Full
     };
     settings.delayed = swarm.delayed_updates;
+    use_tokenizers(&dht, &data, &mut settings)?;
     let config = model.config().clone();
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
-        .context("joining the run")?;
+        .map_err(|e| join_failed(e, &run_id, &swarm.net, &data))?;
     if let Some(r) = peer.joined() {
         println!(
             "downloaded the swarm's state at epoch {}: {:.1} MB in {:.1} s",

@@ -235,18 +235,21 @@ fn join_command(args: &Args) -> String {
     } else {
         args.net.initial_peers.join(",")
     };
-    let auth = match &args.net.auth.authority {
-        Some(key) => format!(
-            " --authority {key} --identity id.key --token my.token   # a token from the \
-             run's organiser: potluck authority request --url … --invite CODE --identity id.key \
-             --out my.token"
+    let (auth, how) = match &args.net.auth.authority {
+        Some(key) => (
+            format!(" --authority {key} --identity id.key --token my.token"),
+            "   # a token from the run's organiser: potluck authority request --url … --invite \
+             CODE --identity id.key --out my.token",
         ),
-        None => String::new(),
+        None => (String::new(), ""),
     };
+    // The data is encoded with the run's tokenizers, downloaded from its peers: data encoded
+    // with tokenizers of its own would be refused.
+    let run = &args.run_id;
     format!(
-        "potluck prepare --dataset shapes --out data/shapes && potluck train --run-id {} \
-         --initial-peers {peers} --data data/shapes --config small --out my-checkpoint{auth}",
-        args.run_id
+        "potluck prepare --from-run {run} --initial-peers {peers}{auth} --dataset shapes \
+         --out data/{run} && potluck train --run-id {run} --initial-peers {peers} --data \
+         data/{run} --config small --out my-checkpoint{auth}{how}"
     )
 }
 
@@ -420,7 +423,8 @@ fn router(shared: Arc<Shared>) -> Router {
                      add --device cuda to a CUDA build), 2 GB of disk, and an outgoing Internet \
                      connection (behind a NAT the peer joins as a client by itself).\n\n\
                      With potluck built (`make build`), run:\n\n{}\n\n\
-                     It downloads the swarm's state, trains with the others and writes its \
+                     It encodes the data with the run's tokenizers (downloaded from its peers), \
+                     downloads the swarm's state, trains with the others and writes its \
                      checkpoint to my-checkpoint; stop it any time with Ctrl-C.\n",
                     s.run, s.join
                 )
