@@ -40,6 +40,10 @@ pub struct Metrics {
     /// from the swarm's; see `collab::Settings::alone_limit`).
     #[serde(default)]
     pub alone_epochs: u64,
+    /// Live peers it sees training on data encoded with other tokenizers than its own (left
+    /// out of its epochs and groups: the run is split; see `crate::tokenizers`).
+    #[serde(default)]
+    pub strangers: u64,
     /// Wall clock (ms) when it was published.
     pub time: Time,
 }
@@ -123,6 +127,7 @@ mod tests {
             version: "0.1.0".into(),
             client: false,
             alone_epochs: 0,
+            strangers: 0,
             time: clock::now(),
         }
     }

@@ -153,6 +153,7 @@ async fn serve(mut args: Args, data: TokenSet, model: Dalle, optimizer: Optimize
             version: env!("CARGO_PKG_VERSION").into(),
             client: false,
             alone_epochs: peer.alone_epochs(),
+            strangers: peer.strangers().len() as u64,
             time: clock::now(),
         };
         publish_metrics(&dht, &keypair, &args.run_id, m);

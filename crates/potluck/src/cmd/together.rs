@@ -280,6 +280,7 @@ async fn train(
                     version: env!("CARGO_PKG_VERSION").into(),
                     client: !dht.host().reachability().serving,
                     alone_epochs: r.alone_epochs,
+                    strangers: peer.strangers().len() as u64,
                     time: clock::now(),
                 };
                 publish_metrics(&dht, &keypair, &run_id, m);

@@ -253,6 +253,7 @@ mod tests {
                 version: "0".into(),
                 client: false,
                 alone_epochs: 0,
+                strangers: 0,
                 time: 1000 + epoch,
             },
             first_seen: 5,

@@ -168,6 +168,7 @@ impl Watch {
                 "version": s.metrics.version,
                 "client": s.metrics.client,
                 "alone_epochs": s.metrics.alone_epochs,
+                "strangers": s.metrics.strangers,
                 "seen_s_ago": now.saturating_sub(s.metrics.time) / 1000,
             })
         };
@@ -192,6 +193,11 @@ impl Watch {
                 .iter()
                 .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
                 .map(|s| serde_json::json!({"peer": s.peer, "epochs": s.metrics.alone_epochs}))
+                .collect::<Vec<_>>(),
+            "split": live
+                .iter()
+                .filter(|s| s.metrics.strangers > 0)
+                .map(|s| serde_json::json!({"peer": s.peer, "strangers": s.metrics.strangers}))
                 .collect::<Vec<_>>(),
             "leaderboard": board.iter().take(100).map(|s| peer(s)).collect::<Vec<_>>(),
             "history": self.points,
@@ -227,6 +233,12 @@ impl Watch {
             live.iter()
                 .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
                 .count() as f64,
+        );
+        gauge(
+            "potluck_peers_seeing_other_tokenizers",
+            "Live peers that see peers training on data encoded with other tokenizers (the run \
+             is split: each side leaves the other out).",
+            live.iter().filter(|s| s.metrics.strangers > 0).count() as f64,
         );
         let rate: f64 = live.iter().map(|s| s.metrics.samples_per_second).sum();
         gauge(
@@ -279,6 +291,7 @@ mod tests {
             version: "0".into(),
             client: false,
             alone_epochs: 0,
+            strangers: 0,
             time,
         }
     }
@@ -335,6 +348,20 @@ mod tests {
         assert_eq!(status["alone"][0]["epochs"], 4);
         let prom = w.prometheus("r", now + 3);
         assert!(prom.contains("potluck_peers_alone{run=\"r\"} 1"), "{prom}");
+        // A peer that sees peers of other tokenizers: the run is split, said so.
+        let split = Metrics {
+            strangers: 2,
+            ..m(2, Some(3.0), 20, now + 4)
+        };
+        w.update(vec![("b".into(), split)], now + 4);
+        let status = w.status("r", "join", now + 4);
+        assert_eq!(status["split"][0]["peer"], "b");
+        assert_eq!(status["split"][0]["strangers"], 2);
+        let prom = w.prometheus("r", now + 4);
+        assert!(
+            prom.contains("potluck_peers_seeing_other_tokenizers{run=\"r\"} 1"),
+            "{prom}"
+        );
         // Gone for long: not live.
         assert_eq!(w.live(now + LIVE_MS + 10).len(), 0);
     }
