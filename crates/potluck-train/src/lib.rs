@@ -5,6 +5,7 @@
 //! state sync ([`sync`]), the spike guard ([`guard`]), metrics and reports for the monitor, and
 //! the checks of every typed record of a run ([`records`]).
 
+pub mod charter;
 pub mod checkpoint;
 pub mod collab;
 pub mod guard;

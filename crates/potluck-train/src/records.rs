@@ -11,13 +11,14 @@
 //! | `RUN/reports` | [`reports::Report`] |
 //! | `RUN/avg/ROUND`, `RUN/avg/ROUND/groups` | [`matchmaking`]'s offers and groups |
 //! | `RUN/revoked` | [`revoke::Revocations`] |
+//! | `RUN/charter` | [`charter::Charter`] |
 
 use potluck_allreduce::matchmaking;
 use potluck_net::dht::record::Validators;
 use potluck_net::dht::typed::validator;
 use potluck_net::revoke;
 
-use crate::{metrics, progress, reports};
+use crate::{charter, metrics, progress, reports};
 
 /// The checks of every typed record of a run, for a node's store.
 pub fn validators() -> Validators {
@@ -26,7 +27,8 @@ pub fn validators() -> Validators {
         .with(validator::<progress::Deadline>())
         .with(validator::<metrics::Metrics>())
         .with(validator::<reports::Report>())
-        .with(validator::<revoke::Revocations>());
+        .with(validator::<revoke::Revocations>())
+        .with(validator::<charter::Charter>());
     matchmaking::validators()
         .into_iter()
         .fold(validators, Validators::with)

@@ -276,19 +276,28 @@ pub async fn reported(
     Ok(ids)
 }
 
-/// Downloads the tokenizers of `run`: those most of its live peers report (looking for
-/// `within`), from the first of them that serves them; with the id and how many peers report
-/// it, and how many report others.
+/// Downloads the tokenizers of `run`: `chartered` (the run's charter, [`crate::charter`]) if
+/// given, else those most of its live peers report (looking for `within`), from the first of
+/// their peers that serves them; with how many live peers report them, and how many others.
 pub async fn from_run(
     dht: &Dht,
     keypair: &libp2p::identity::Keypair,
     run: &str,
+    chartered: Option<Id>,
     within: Duration,
 ) -> Result<(Bundle, usize, usize), Error> {
     let until = Instant::now() + within;
     let ids = loop {
-        let ids = reported(dht, keypair, run, Duration::from_secs(30)).await?;
-        if !ids.is_empty() || Instant::now() >= until {
+        let mut ids = reported(dht, keypair, run, Duration::from_secs(30)).await?;
+        if let Some(want) = chartered
+            && let Some(at) = ids.iter().position(|(id, _)| *id == want)
+        {
+            ids.swap(0, at);
+        }
+        let found = ids
+            .first()
+            .is_some_and(|(id, _)| chartered.is_none_or(|c| c == *id));
+        if found || Instant::now() >= until {
             break ids;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -296,6 +305,14 @@ pub async fn from_run(
     let Some((want, peers)) = ids.first() else {
         return Err(Error::NoPeers(run.to_owned()));
     };
+    if let Some(c) = chartered
+        && c != *want
+    {
+        return Err(Error::Unserved {
+            want: c,
+            tried: vec!["no live peer reports the chartered tokenizers".into()],
+        });
+    }
     let others = ids.iter().skip(1).map(|(_, p)| p.len()).sum();
     let mut tried = Vec::new();
     for (peer, addrs) in peers {

@@ -624,6 +624,40 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
         assert!(out.contains("trained to epoch 6"), "{out}");
     }
 
+    // The authority charters the run's tokenizers: a member whose data was encoded with others
+    // is refused, though no peer is around to compare with, and told how to take the run's.
+    let key = path("authority.key");
+    let said = run(
+        "authority charter --run-id guarded",
+        &[
+            "--key",
+            s(&key),
+            "--data",
+            s(&data),
+            "--initial-peers",
+            &addr,
+        ],
+    );
+    assert!(said.contains("run guarded: chartered tokenizers"), "{said}");
+    let apart = path("apart");
+    run(
+        "prepare --dataset shapes --images 64 --vq-steps 5 --vq-batch 8 --held-out 8 \
+         --vq-images 16 --vq-channels 8 --codebook 64 --seed 1",
+        &["--out", s(&apart)],
+    );
+    enrol("three", "trainer", "authority.key");
+    let mut args = trainer("three");
+    let at = args.iter().position(|a| a == s(&data)).unwrap();
+    args[at] = s(&apart).to_owned();
+    let out = potluck(&strs(&args));
+    let err = text(&out.stderr);
+    assert!(!out.status.success(), "data of other tokenizers trained");
+    assert!(
+        err.contains("the run's authority chartered other tokenizers"),
+        "{err}"
+    );
+    assert!(err.contains("potluck prepare --from-run guarded"), "{err}");
+
     // Without a token: the bootstrap refuses to answer, and the peer says why.
     let intruder_out = path("intruder.ckpt");
     let intruder = |extra: &[&str]| {
@@ -665,7 +699,6 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
 
     // The authority revokes trainer two through the bootstrap; a node that joins after reads
     // the list first and refuses it, though its token is valid.
-    let key = path("authority.key");
     let revoke = |peer: &str| {
         let args = ["--key", s(&key), "--peer", peer, "--initial-peers", &addr];
         run("authority revoke --run-id guarded", &args)

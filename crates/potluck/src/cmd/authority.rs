@@ -22,6 +22,8 @@ pub(crate) enum Command {
     Grant(GrantArgs),
     /// Revoke peers: publish the authority's signed list in the run's DHT.
     Revoke(RevokeArgs),
+    /// Publish the run's charter: the tokenizers its data must be encoded with, signed.
+    Charter(CharterArgs),
     /// Write invite codes for the invite server.
     Invite(super::invite::InviteArgs),
     /// Hand tokens over HTTP to peers that present an invite code.
@@ -93,6 +95,28 @@ pub(crate) struct RevokeArgs {
     pub(crate) initial_peers: Vec<String>,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+#[command(
+    after_help = "Example: potluck authority charter --key authority.key --run-id shapes1 \
+                  --data data/shapes --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW…\n\
+                  Peers whose data was encoded with other tokenizers are refused from then on; \
+                  newcomers take these with `potluck prepare --from-run`"
+)]
+pub(crate) struct CharterArgs {
+    /// The authority's key file (from `potluck authority init`).
+    #[arg(long, default_value = "authority.key")]
+    pub(crate) key: PathBuf,
+    /// The run's name.
+    #[arg(long)]
+    pub(crate) run_id: String,
+    /// A directory written by `potluck prepare` whose tokenizers the run trains with.
+    #[arg(long)]
+    pub(crate) data: PathBuf,
+    /// Peers of the run to publish through.
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
+    pub(crate) initial_peers: Vec<String>,
+}
+
 /// A duration like `90m`, `6h`, `2d` or `3600s`.
 pub(crate) fn parse_ttl(s: &str) -> Result<Duration, String> {
     let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
@@ -119,6 +143,7 @@ pub(crate) fn run(command: Command) -> Result<()> {
         Command::Init(args) => init(args),
         Command::Grant(args) => grant(args),
         Command::Revoke(args) => revoke(args),
+        Command::Charter(args) => charter(args),
         Command::Invite(args) => super::invite::invite(args),
         Command::Serve(args) => super::invite::serve(args),
         Command::Request(args) => super::invite::request(args),
@@ -171,6 +196,70 @@ fn grant(args: GrantArgs) -> Result<()> {
     Ok(())
 }
 
+/// Joins `run` for a moment through `initial_peers`, as a client with a ten-minute aux token
+/// the authority grants itself (to publish what only the authority signs).
+fn join_briefly(
+    authority: &Authority,
+    run: &str,
+    initial_peers: &[String],
+) -> Result<(tokio::runtime::Runtime, Dht, Verifier)> {
+    let keypair = Keypair::generate_ed25519();
+    let me = keypair.public().to_peer_id();
+    let token = authority.grant(run, me, Role::Aux, Duration::from_secs(600));
+    let verifier = Verifier {
+        run: run.to_owned(),
+        authority: authority.public(),
+    };
+    let mut host_config = host::Config::new(keypair, host::Transports::Network);
+    host_config.listen = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
+    host_config.client_mode = host::ClientMode::On;
+    host_config.auth = Some(Arc::new(Gate::new(verifier.clone(), token)));
+    let config = potluck_net::dht::Config {
+        client_mode: host::ClientMode::On,
+        ..potluck_net::dht::Config::default()
+    };
+    let initial = crate::cmd::joining::parse_addrs(initial_peers)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dht = rt.block_on(async {
+        let dht = Dht::start(host_config, config, potluck_train::records::validators()).await?;
+        dht.bootstrap(&initial)
+            .await
+            .context("reaching the run through --initial-peers")?;
+        anyhow::Ok(dht)
+    })?;
+    Ok((rt, dht, verifier))
+}
+
+/// Publishes the run's charter: the tokenizers of `--data`, signed by the authority.
+fn charter(args: CharterArgs) -> Result<()> {
+    use potluck_train::{charter, tokenizers};
+    let authority = Authority::load(&args.key)?;
+    let data = potluck_data::tokens::TokenSet::open(&args.data)
+        .with_context(|| format!("opening prepared data {}", args.data.display()))?;
+    let id = crate::cmd::joining::tokenizers_of(&data)?.id();
+    let (rt, dht, _) = join_briefly(&authority, &args.run_id, &args.initial_peers)?;
+    rt.block_on(async {
+        let expires = clock::now() + potluck_net::revoke::LIFETIME.as_millis() as u64;
+        let signed = charter::sign(&authority, &charter::new(&args.run_id, id), expires);
+        let stored = dht
+            .store_record(signed)
+            .await
+            .context("publishing the charter")?;
+        println!(
+            "run {}: chartered tokenizers {} (of {}); the charter is on {stored} peers and \
+             lives {} (publish it again to keep it)",
+            args.run_id,
+            tokenizers::short(&id),
+            args.data.display(),
+            potluck_core::clock::humanize(potluck_net::revoke::LIFETIME.as_secs())
+        );
+        Ok(())
+    })
+}
+
 /// Joins the run for a moment (with a short token the authority grants itself), adds `peer`s
 /// to the published revocation list and publishes it.
 fn revoke(args: RevokeArgs) -> Result<()> {
@@ -185,31 +274,8 @@ fn revoke(args: RevokeArgs) -> Result<()> {
     }
     // The invite server refuses them from now on, whether or not the run can be reached.
     super::invite::record_revoked(&args.key, &args.run_id, &peers)?;
-    let keypair = Keypair::generate_ed25519();
-    let me = keypair.public().to_peer_id();
-    let token = authority.grant(&args.run_id, me, Role::Aux, Duration::from_secs(600));
-    let verifier = Verifier {
-        run: args.run_id.clone(),
-        authority: authority.public(),
-    };
-    let mut host_config = host::Config::new(keypair, host::Transports::Network);
-    host_config.listen = vec!["/ip4/0.0.0.0/tcp/0".parse()?];
-    host_config.client_mode = host::ClientMode::On;
-    host_config.auth = Some(Arc::new(Gate::new(verifier.clone(), token)));
-    let config = potluck_net::dht::Config {
-        client_mode: host::ClientMode::On,
-        ..potluck_net::dht::Config::default()
-    };
-    let initial = crate::cmd::joining::parse_addrs(&args.initial_peers)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let (rt, dht, verifier) = join_briefly(&authority, &args.run_id, &args.initial_peers)?;
     rt.block_on(async {
-        let dht = Dht::start(host_config, config, potluck_train::records::validators()).await?;
-        dht.bootstrap(&initial)
-            .await
-            .context("reaching the run through --initial-peers")?;
         let mut list = revoke::fetch(&dht, &verifier)
             .await
             .context("reading the published list")?;

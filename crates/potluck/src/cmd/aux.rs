@@ -96,7 +96,7 @@ async fn serve(mut args: Args, data: TokenSet, model: Dalle, optimizer: Optimize
     let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;
-    use_tokenizers(&dht, &data, &mut settings)?;
+    use_tokenizers(&dht, &data, &mut settings, &args.net).await?;
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
         .map_err(|e| join_failed(e, &args.run_id, &args.net, &data))?;

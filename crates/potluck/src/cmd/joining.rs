@@ -239,20 +239,55 @@ pub(crate) fn tokenizers_of(data: &TokenSet) -> Result<tokenizers::Bundle> {
 }
 
 /// Makes `data`'s tokenizers this peer's in `settings` (it reports their id, and leaves peers
-/// of others out) and serves them to newcomers (`potluck prepare --from-run`).
-pub(crate) fn use_tokenizers(
+/// of others out) and serves them to newcomers (`potluck prepare --from-run`). In an
+/// authorized run whose authority chartered other tokenizers, fails with what to do.
+pub(crate) async fn use_tokenizers(
     dht: &Dht,
     data: &TokenSet,
     settings: &mut potluck_train::collab::Settings,
+    net: &NetArgs,
 ) -> Result<()> {
     let bundle = tokenizers_of(data)?;
-    settings.tokenizers = bundle.id();
+    let ours = bundle.id();
+    settings.tokenizers = ours;
     tracing::info!(
         "this peer's data was encoded with tokenizers {}",
-        tokenizers::short(&settings.tokenizers)
+        tokenizers::short(&ours)
     );
+    if let Some(c) = chartered(dht).await
+        && c != ours
+    {
+        return Err(other_tokenizers(
+            "the run's authority chartered other tokenizers".into(),
+            &ours,
+            &c,
+            &settings.run,
+            net,
+            data,
+        ));
+    }
     tokenizers::serve(dht.host(), Arc::new(bundle))?;
     Ok(())
+}
+
+/// The tokenizers the run's authority chartered, in an authorized run that has a charter
+/// (said in the log when it has none, or it could not be read).
+pub(crate) async fn chartered(dht: &Dht) -> Option<tokenizers::Id> {
+    let gate = dht.host().gate()?;
+    match potluck_train::charter::fetch(dht, gate.verifier()).await {
+        Ok(Some(c)) => Some(c.tokenizers),
+        Ok(None) => {
+            tracing::warn!(
+                "the run's authority published no charter: its tokenizers are those most of its \
+                 live peers train with (`potluck authority charter` fixes them)"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("could not read the run's charter: {e}");
+            None
+        }
+    }
 }
 
 /// What joining the run failed with, saying what to do when this peer's data was encoded with
@@ -268,30 +303,53 @@ where
 {
     use potluck_train::collab::Error;
     if let Error::Tokenizers { ours, theirs, .. } = &e {
-        let out = data.dir.with_file_name(format!(
-            "{}-{}",
-            data.dir
-                .file_name()
-                .map_or("data".into(), |n| n.to_string_lossy()),
-            tokenizers::short(theirs)
-        ));
-        let peers = if net.initial_peers.is_empty() {
-            "ADDRESS_OF_A_PEER".to_owned()
-        } else {
-            net.initial_peers.join(",")
-        };
-        return anyhow::anyhow!(
-            "{e}.\nThis data ({}) was encoded with tokenizers {}; the run's are {}. Encode it \
-             with the run's and train on that:\n  potluck prepare --from-run {run} \
-             --initial-peers {peers} --dataset {} --out {}",
-            data.dir.display(),
-            tokenizers::short(ours),
-            tokenizers::short(theirs),
-            data.manifest.dataset,
-            out.display()
-        );
+        return other_tokenizers(e.to_string(), ours, theirs, run, net, data);
     }
     anyhow::Error::new(e).context("joining the run")
+}
+
+/// `why` this peer's data (encoded with `ours`) cannot join `run` (whose tokenizers are
+/// `theirs`), and the command that encodes it with the run's.
+fn other_tokenizers(
+    why: String,
+    ours: &tokenizers::Id,
+    theirs: &tokenizers::Id,
+    run: &str,
+    net: &NetArgs,
+    data: &TokenSet,
+) -> anyhow::Error {
+    let out = data.dir.with_file_name(format!(
+        "{}-{}",
+        data.dir
+            .file_name()
+            .map_or("data".into(), |n| n.to_string_lossy()),
+        tokenizers::short(theirs)
+    ));
+    let peers = if net.initial_peers.is_empty() {
+        "ADDRESS_OF_A_PEER".to_owned()
+    } else {
+        net.initial_peers.join(",")
+    };
+    let auth = match (&net.auth.authority, &net.auth.token, &net.identity) {
+        (Some(key), Some(token), identity) => format!(
+            " --authority {key} --token {}{}",
+            token.display(),
+            identity
+                .as_ref()
+                .map_or(String::new(), |i| format!(" --identity {}", i.display()))
+        ),
+        _ => String::new(),
+    };
+    anyhow::anyhow!(
+        "{why}.\nThis data ({}) was encoded with tokenizers {}; the run's are {}. Encode it \
+         with the run's and train on that:\n  potluck prepare --from-run {run} \
+         --initial-peers {peers}{auth} --dataset {} --out {}",
+        data.dir.display(),
+        tokenizers::short(ours),
+        tokenizers::short(theirs),
+        data.manifest.dataset,
+        out.display()
+    )
 }
 
 #[cfg(test)]

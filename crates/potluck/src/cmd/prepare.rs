@@ -14,7 +14,7 @@ use potluck_model::vqvae::{self, VqVae};
 use potluck_model::{Device, vqvae::images_to_tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::cmd::joining::{NetArgs, start_dht};
+use crate::cmd::joining::{NetArgs, chartered, start_dht};
 use crate::progress::Progress;
 
 /// File names inside a prepared directory.
@@ -146,7 +146,8 @@ fn take_from_run(run: &str, net: &NetArgs, out: &Path) -> Result<usize> {
         .context("starting the async runtime")?;
     let (bundle, peers, others) = rt.block_on(async {
         let (dht, keypair) = start_dht(run, net).await?;
-        tokenizers::from_run(&dht, &keypair, run, LOOK_FOR_PEERS)
+        let chartered = chartered(&dht).await;
+        tokenizers::from_run(&dht, &keypair, run, chartered, LOOK_FOR_PEERS)
             .await
             .with_context(|| format!("taking the tokenizers of run {run}"))
     })?;

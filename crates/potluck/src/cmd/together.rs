@@ -182,7 +182,7 @@ async fn train(
         Mode::Full
     };
     settings.delayed = swarm.delayed_updates;
-    use_tokenizers(&dht, &data, &mut settings)?;
+    use_tokenizers(&dht, &data, &mut settings, &swarm.net).await?;
     let config = model.config().clone();
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
