@@ -146,13 +146,9 @@ fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)
     swarm_for(n, EPOCHS, init, setup)
 }
 
-/// [`swarm_of`] for `epochs` epochs.
-fn swarm_for(
-    n: usize,
-    epochs: u64,
-    init: &[f32],
-    setup: impl Fn(usize, &mut collab::Settings),
-) -> Vec<Seen> {
+/// A runtime for in-process peers, and a bootstrap node on the in-memory transport (with its
+/// addresses) that checks the run's records.
+fn runtime_and_boot() -> (tokio::runtime::Runtime, (Dht, Vec<libp2p::Multiaddr>)) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -169,6 +165,17 @@ fn swarm_for(
         let addrs = dht.addrs().await.unwrap();
         (dht, addrs)
     });
+    (runtime, boot)
+}
+
+/// [`swarm_of`] for `epochs` epochs.
+fn swarm_for(
+    n: usize,
+    epochs: u64,
+    init: &[f32],
+    setup: impl Fn(usize, &mut collab::Settings),
+) -> Vec<Seen> {
+    let (runtime, boot) = runtime_and_boot();
     let done = Arc::new(Barrier::new(n));
     let peers: Vec<_> = (0..n)
         .map(|i| {
@@ -473,22 +480,7 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let init = initial();
     let (ours, theirs) = ([1u8; 32], [2u8; 32]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let boot = runtime.block_on(async {
-        let dht = Dht::start_memory_with(
-            Keypair::generate_ed25519(),
-            dht::Config::default(),
-            potluck_train::records::validators(),
-        )
-        .await
-        .unwrap();
-        let addrs = dht.addrs().await.unwrap();
-        (dht, addrs)
-    });
+    let (runtime, boot) = runtime_and_boot();
     let stop = Arc::new(AtomicBool::new(false));
     let least_epoch = Arc::new(AtomicU64::new(0));
     let epochs = Arc::new(std::sync::Mutex::new([0u64; 3]));
