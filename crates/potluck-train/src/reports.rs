@@ -1,10 +1,16 @@
 //! Reports of misbehaving peers: each peer publishes the members its reducer banned (their
-//! contributions dropped again and again, see [`potluck_allreduce::butterfly::Inbox`]) under
+//! contributions dropped again and again, see [`potluck_allreduce::butterfly::Inbox`]) and the
+//! state donors it caught claiming a state they did not serve ([`Suspects`]) under
 //! `RUN/reports`, its own subkey, signed. Anyone can read who reported whom (the monitor, the
 //! run's organiser deciding on a revocation); a report alone bans no one anywhere else.
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
 use libp2p::PeerId;
 use potluck_core::clock;
+use potluck_core::lock;
 use potluck_net::dht::store::Entry;
 use potluck_net::dht::typed::{self, Owned, Typed};
 use potluck_net::dht::{self, Dht};
@@ -20,7 +26,7 @@ pub const LIFETIME_MS: u64 = 3_600_000;
 /// What one peer reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
-    /// Banned peers (their id bytes) and why.
+    /// Peers it banned or caught lying (their id bytes), and why.
     pub banned: Vec<(Vec<u8>, String)>,
 }
 
@@ -50,6 +56,48 @@ impl Typed for Report {
             Some(_) => Err("a peer id or a reason too long".into()),
             None => Ok(()),
         }
+    }
+}
+
+/// Peers this peer caught misbehaving outside its reducer (a state donor that did not serve
+/// the state it claimed), for its report: the last [`MAX_NAMED`] named within
+/// [`LIFETIME_MS`], newest first.
+#[derive(Debug, Clone, Default)]
+pub struct Suspects(Arc<Mutex<Named>>);
+
+#[derive(Debug, Default)]
+struct Named {
+    /// Each peer, why, and when it was named.
+    peers: VecDeque<(PeerId, String, Instant)>,
+    /// Named since the last [`Suspects::take_fresh`].
+    fresh: bool,
+}
+
+impl Suspects {
+    /// Names `peer` for `why` (again: the newer reason replaces the older).
+    pub fn name(&self, peer: PeerId, why: String) {
+        let mut named = lock(&self.0);
+        named.peers.retain(|(p, _, _)| *p != peer);
+        named.peers.push_front((peer, why, Instant::now()));
+        named.peers.truncate(MAX_NAMED);
+        named.fresh = true;
+    }
+
+    /// Whether a peer was named since the last call.
+    pub fn take_fresh(&self) -> bool {
+        std::mem::take(&mut lock(&self.0).fresh)
+    }
+
+    /// The peers named within [`LIFETIME_MS`], and why.
+    pub fn named(&self) -> Vec<(PeerId, String)> {
+        let named = lock(&self.0);
+        let within = std::time::Duration::from_millis(LIFETIME_MS);
+        named
+            .peers
+            .iter()
+            .filter(|(_, _, at)| at.elapsed() < within)
+            .map(|(p, why, _)| (*p, why.clone()))
+            .collect()
     }
 }
 

@@ -562,3 +562,77 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
         }
     }
 }
+
+/// A donor that serves a forged state (sign-flipped parameters as its epoch's) is caught by a
+/// newcomer that downloads from it and from two honest donors (the manifests most donors agree
+/// on win, and the odd one out is passed over) and reported in the DHT, where the monitor and
+/// the run's organiser see it.
+#[test]
+fn a_donor_serving_a_forged_state_is_reported() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let init = initial();
+    let (runtime, boot) = runtime_and_boot();
+    let stop = Arc::new(AtomicBool::new(false));
+    let epochs: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let peers: Vec<_> = (0..3)
+        .map(|i| {
+            let (handle, init, boot) = (runtime.handle().clone(), init.clone(), boot.1.clone());
+            let (stop, epoch) = (stop.clone(), epochs[i].clone());
+            let mut settings = collab::Settings::in_process("forged", TARGET);
+            settings.attack = (i == 2).then_some(Attack::Ahead(0));
+            std::thread::spawn(move || {
+                handle.block_on(async move {
+                    let net = Net::start_memory(&boot).await.unwrap();
+                    let m = model(&init);
+                    let opt = optimizer(m.layout());
+                    let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
+                    let mut rng = ChaCha8Rng::seed_from_u64(400 + i as u64);
+                    let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
+                    while !stop.load(Ordering::SeqCst) {
+                        peer.tick(&mut next).await.unwrap();
+                        epoch.store(peer.epoch(), Ordering::SeqCst);
+                    }
+                    peer.peer_id()
+                })
+            })
+        })
+        .collect();
+    let waited = std::time::Instant::now();
+    while epochs.iter().any(|e| e.load(Ordering::SeqCst) < 3) {
+        assert!(waited.elapsed() < std::time::Duration::from_secs(300));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let named = runtime.block_on(async {
+        let net = Net::start_memory(&boot.1).await.unwrap();
+        let m = model(&init);
+        let opt = optimizer(m.layout());
+        let settings = collab::Settings::in_process("forged", TARGET);
+        let newcomer = Collab::join(m, opt, net, settings).await.unwrap();
+        assert!(
+            newcomer.joined().is_some(),
+            "the newcomer downloaded nothing"
+        );
+        // Its report goes out with its next progress report.
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let reports = newcomer.reports().await.unwrap_or_default();
+            if !reports.is_empty() || std::time::Instant::now() > until {
+                break (newcomer.peer_id(), reports);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    stop.store(true, Ordering::SeqCst);
+    let ids: Vec<libp2p::PeerId> = peers.into_iter().map(|t| t.join().unwrap()).collect();
+    let (newcomer, reports) = named;
+    assert!(
+        reports.iter().any(|(by, who, why)| *by == newcomer
+            && *who == ids[2]
+            && why.contains("claimed the state of epoch")),
+        "{reports:?}"
+    );
+    assert!(
+        reports.iter().all(|(_, who, _)| *who == ids[2]),
+        "{reports:?}"
+    );
+}

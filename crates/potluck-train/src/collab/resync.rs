@@ -47,7 +47,10 @@ impl<T: Trainable> Collab<T> {
             .await
             {
                 Ok((snapshot, report)) => {
-                    self.distrust(report.unlike.iter().map(|p| (*p, newest)));
+                    let claimed = |p: &libp2p::PeerId| (*p, newest, "served another state");
+                    self.distrust(report.unlike.iter().map(claimed));
+                    let outvoted = "served a state unlike most donors'";
+                    self.distrust(report.outvoted.iter().map(|p| (*p, newest, outvoted)));
                     self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
                     self.guard
                         .get_or_insert_with(|| Guard::new(self.settings.spike))
@@ -75,7 +78,11 @@ impl<T: Trainable> Collab<T> {
                 }
                 Err(sync::Error::Mismatch(why)) => return Err(sync::Error::Mismatch(why).into()),
                 Err(sync::Error::Unlike { donors, others }) => {
-                    self.distrust(donors.iter().map(|(p, _)| (*p, newest)));
+                    self.distrust(
+                        donors
+                            .iter()
+                            .map(|(p, _)| (*p, newest, "served another state")),
+                    );
                     let e = sync::Error::Unlike { donors, others };
                     tracing::warn!("state download failed: {e}");
                     last = Some(e);
@@ -89,13 +96,13 @@ impl<T: Trainable> Collab<T> {
         Err(last.unwrap_or(sync::Error::NoDonors).into())
     }
 
-    /// Remembers `claims` (a peer and the epoch it said it holds) as not served.
-    fn distrust(&mut self, claims: impl Iterator<Item = (libp2p::PeerId, u64)>) {
-        for (peer, epoch) in claims {
-            tracing::warn!(
-                "peer {peer} claimed the swarm's state of epoch {epoch} and did not serve it: \
-                 its claim is ignored"
-            );
+    /// Remembers `claims` (a peer, the epoch it said it holds, and what it served instead) as
+    /// not served, and names each peer in this peer's report of misbehaving peers.
+    fn distrust(&mut self, claims: impl Iterator<Item = (libp2p::PeerId, u64, &'static str)>) {
+        for (peer, epoch, served) in claims {
+            let why = format!("claimed the state of epoch {epoch} and {served}");
+            tracing::warn!("peer {peer} {why}: its claim is ignored, and reported");
+            self.net.suspects.name(peer, why);
             if self.unserved.len() >= MAX_UNSERVED {
                 self.unserved.clear();
             }

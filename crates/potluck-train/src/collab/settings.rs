@@ -11,7 +11,7 @@ use potluck_net::dht::{self, Dht};
 
 use super::{Attack, Error};
 use crate::sync::{self, Shelf};
-use crate::tokenizers;
+use crate::{reports, tokenizers};
 
 /// How a peer takes part.
 #[derive(Debug, Clone)]
@@ -123,6 +123,9 @@ pub struct Net {
     pub keypair: Keypair,
     pub inbox: Inbox,
     pub shelf: Shelf,
+    /// Peers this one caught lying about the state they hold: reported with its reducer's
+    /// bans.
+    pub suspects: reports::Suspects,
 }
 
 impl Net {
@@ -150,6 +153,7 @@ impl Net {
             keypair,
             inbox,
             shelf,
+            suspects: reports::Suspects::default(),
         })
     }
 }

@@ -219,11 +219,13 @@ pub(super) async fn progress_loop(
                 tracing::debug!("publishing progress: {e}");
             }
         }
-        // Members this peer's reducer banned since the last report: told to the swarm.
-        if net.inbox.take_fresh_bans() {
-            let bans = net.inbox.bans();
-            if let Err(e) = reports::publish(&net.dht, &net.keypair, &settings.run, &bans).await {
-                tracing::warn!("reporting {} banned peers: {e}", bans.len());
+        // Members this peer's reducer banned and donors it caught lying since the last
+        // report: told to the swarm (both checked, so both marks are taken).
+        if net.inbox.take_fresh_bans() | net.suspects.take_fresh() {
+            let mut named = net.inbox.bans();
+            named.extend(net.suspects.named());
+            if let Err(e) = reports::publish(&net.dht, &net.keypair, &settings.run, &named).await {
+                tracing::warn!("reporting {} misbehaving peers: {e}", named.len());
             }
         }
         let asked = Instant::now();

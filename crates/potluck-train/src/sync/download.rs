@@ -166,6 +166,9 @@ pub struct Report {
     /// Donors whose manifest was not what they claimed or the run trains with (also in
     /// `dropped`).
     pub unlike: Vec<PeerId>,
+    /// Donors whose manifest disagreed with the one most donors gave (also in `dropped`):
+    /// they serve another state than the others under the same claim.
+    pub outvoted: Vec<PeerId>,
 }
 
 async fn open(host: &Host, donor: &Donor, settings: &Settings) -> Result<Stream, host::Error> {
@@ -288,6 +291,7 @@ pub async fn download(
     let manifest = manifest.clone();
     let unlike_peers: Vec<PeerId> = unlike.iter().map(|(p, _)| *p).collect();
     let mut dropped = unlike;
+    let mut outvoted = Vec::new();
     let mut streams: Vec<Option<Stream>> = donors.iter().map(|_| None).collect();
     for (i, m, stream) in fitting {
         if m == manifest {
@@ -296,6 +300,7 @@ pub async fn download(
             let why = "its manifest disagrees with the other donors'".to_owned();
             tracing::warn!("state donor {}: {why}", donors[i].peer);
             dropped.push((donors[i].peer, why));
+            outvoted.push(donors[i].peer);
         }
     }
     partial.adopt(manifest.clone());
@@ -355,6 +360,7 @@ pub async fn download(
             per_donor,
             dropped,
             unlike: unlike_peers,
+            outvoted,
         },
     ))
 }
