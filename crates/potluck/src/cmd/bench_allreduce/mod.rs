@@ -33,6 +33,10 @@ pub(crate) struct Args {
     /// none, fp16, bf16, uniform8 or blockwise8.
     #[arg(long, default_value = "none")]
     pub(crate) codec: String,
+    /// Reduce with `train --robust`'s rule (CenteredClip) instead of the mean: its cost in
+    /// time (the max error is then against the mean, which the rule does not compute).
+    #[arg(long)]
+    pub(crate) robust: bool,
     #[arg(long, default_value_t = 3)]
     pub(crate) rounds: usize,
     /// Values per chunk.
@@ -72,6 +76,7 @@ enum ToPeer {
         me: usize,
         numel: usize,
         codec: String,
+        robust: bool,
         chunk: usize,
         window: usize,
         pace: f64,
@@ -156,6 +161,7 @@ struct Report {
     peers: usize,
     numel: usize,
     codec: String,
+    robust: bool,
     security: String,
     buffer_mib: f64,
     /// Each peer's resident set before its buffer existed.
@@ -298,6 +304,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             me,
             numel: args.numel,
             codec: args.codec.clone(),
+            robust: args.robust,
             chunk: args.chunk,
             window: args.window,
             pace: args.pace,
@@ -428,6 +435,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         peers: args.peers,
         numel: args.numel,
         codec: args.codec.clone(),
+        robust: args.robust,
         security: args.security.clone(),
         buffer_mib,
         idle_rss_mib: idle.clone(),
@@ -459,7 +467,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "all-reduce of {} floats ({:.0} MiB), {} peers {}, codec {}, {} first, {}",
+        "all-reduce of {} floats ({:.0} MiB), {} peers {}, codec {}, {}, {} first, {}",
         report.numel,
         report.buffer_mib,
         report.peers,
@@ -469,6 +477,11 @@ pub(crate) fn run(args: &Args) -> Result<()> {
             "on loopback"
         },
         report.codec,
+        if report.robust {
+            "CenteredClip (--robust)"
+        } else {
+            "the mean"
+        },
         report.security,
         if direct {
             "direct channels"

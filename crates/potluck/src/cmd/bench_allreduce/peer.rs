@@ -119,6 +119,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                 chunk,
                 window,
                 pace,
+                robust,
             } => {
                 let members = members
                     .iter()
@@ -141,6 +142,14 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                     plan: CodecPlan::uniform(codec),
                     pace: (pace > 0.0).then_some(pace),
                     ..Settings::default()
+                };
+                let settings = if robust {
+                    Settings {
+                        rule: crate::cmd::together::ROBUST,
+                        ..settings
+                    }
+                } else {
+                    settings
                 };
                 buffer = vec![0f32; numel];
                 group = Some((g, me, settings));
