@@ -15,7 +15,11 @@
 //!    should views have differed. If no group holding a member appears within
 //!    [`Settings::grace`], the leaders it waited for are presumed gone: it partitions again
 //!    without them, and leads if it is now a leader. A leader's failure costs one grace
-//!    period, never the round.
+//!    period, never the round. A peer whose offer reached the others after they read the
+//!    offers finds them in a group published without it, just as the offers less its own
+//!    partition: it missed the round ([`Error::Excluded`]) instead of leading a group of
+//!    members that average elsewhere (it waited out the all-reduce's open timeout, and stepped
+//!    on its own gradient as if it had averaged).
 //!
 //! A leader says only who is in its group. What each member is (its addresses, mode and
 //! rate) every member reads from that member's own signed offer, never from the leader's
@@ -177,6 +181,14 @@ pub enum Error {
     NotEnough { got: usize, min: usize },
     #[error("no leader published a group holding this peer")]
     NoGroup,
+    /// The others of this peer's partition formed their group without it (its offer reached
+    /// them after they read the offers): its own group would wait for members averaging
+    /// elsewhere. It missed the round, as if late.
+    #[error(
+        "round {round}: leader {leader} published the others' group without this peer (its \
+         offer reached them too late); join the next round"
+    )]
+    Excluded { round: u64, leader: PeerId },
     #[error(transparent)]
     Dht(#[from] dht::Error),
     #[error(transparent)]
@@ -290,6 +302,9 @@ impl Matchmaker<'_> {
                     .filter_map(|p| offers.get(p).map(|o| (*p, o.clone())))
                     .collect();
                 self.publish(round, deadline, &members).await?;
+                // The other leaders publish at the deadline too: a group of the others
+                // without this peer shows within a poll or so ([`Error::Excluded`]).
+                tokio::time::sleep(self.settings.poll).await;
             }
             let started = tokio::time::Instant::now();
             let until = started + self.settings.grace;
@@ -364,6 +379,14 @@ impl Matchmaker<'_> {
         offers: &mut BTreeMap<PeerId, Offer>,
     ) -> Result<Option<Group>, Error> {
         let published = groups_of(self.run, round).get(self.dht).await?;
+        // The groups the offers give without this peer: what leaders that missed its offer
+        // publish.
+        let without_me: Vec<PeerId> = offers
+            .keys()
+            .filter(|p| **p != wanted.me)
+            .copied()
+            .collect();
+        let missed_me = partition(round, &without_me, self.settings.target);
         let mut lists: Vec<(PeerId, Vec<PeerId>)> = Vec::new();
         for (leader, group) in published {
             let Ok(list) = group
@@ -379,8 +402,21 @@ impl Matchmaker<'_> {
             if list.first() != Some(&leader)
                 || !ordered
                 || list.len() > self.settings.target.clamp(1, MAX_GROUP)
-                || !list.contains(&wanted.me)
             {
+                continue;
+            }
+            if !list.contains(&wanted.me) {
+                // The others of its partition averaging without it, as the offers less its
+                // own give them (a leader can do no more than a slow network would).
+                if list
+                    .iter()
+                    .any(|p| *p != wanted.me && wanted.mine.contains(p))
+                    && missed_me.contains(&list)
+                {
+                    let e = Error::Excluded { round, leader };
+                    tracing::info!("{e}");
+                    return Err(e);
+                }
                 continue;
             }
             if list == wanted.mine || wanted.any {

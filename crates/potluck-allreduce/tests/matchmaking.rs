@@ -236,3 +236,42 @@ async fn a_leader_that_reads_the_offers_early_waits_for_the_others() {
     assert_eq!(ids(&led), [leader.dht.peer_id(), other.dht.peer_id()]);
     assert_eq!(ids(&led), ids(&followed));
 }
+
+/// A peer whose offer reaches the others after they read the offers (a newcomer that joined
+/// mid-epoch; its offer in time by its own clock) finds them in a group published without it
+/// and misses the round (`Error::Excluded`). Before, as the smallest peer id it led the group
+/// its own view gave, of all four, took it at once, and waited out the all-reduce's open
+/// timeout for members averaging elsewhere, then stepped on its own gradient as if averaged
+/// (a swarm test's peers then held other parameters, in one CI run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_offer_came_after_the_others_formed_their_group_misses_the_round() {
+    let nodes = nodes(4).await;
+    let deadline = clock::now() + 1500;
+    let round = 6;
+    let late = nodes.iter().min_by_key(|n| n.dht.peer_id()).unwrap();
+    let others: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.dht.peer_id() != late.dht.peer_id())
+        .collect();
+    let jobs = others.iter().map(|node| async move {
+        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(node)
+            .form_group(round, deadline, &offer, 100)
+            .await
+            .unwrap()
+    });
+    for g in futures::future::join_all(jobs).await {
+        assert_eq!(g.members.len(), 3);
+    }
+    // Its offer is stored only now, and it agrees at once.
+    let offer = matchmaking::offer(&late.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+    mm(late)
+        .declare(round, clock::now() + 1500, &offer)
+        .await
+        .unwrap();
+    let got = mm(late).agree(round, deadline, 100).await;
+    assert!(
+        matches!(&got, Err(Error::Excluded { round: 6, .. })),
+        "{got:?}"
+    );
+}

@@ -320,6 +320,33 @@ async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
     assert!(report.dropped[0].1.contains("disagrees"), "{report:?}");
 }
 
+/// One honest donor and one serving a state of its own making: a tie, whichever is listed
+/// first, so nothing is installed and no one is blamed (before, the first donor's state was
+/// taken: the liar's when it answered first); a second honest donor decides it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_donors_of_two_states_install_neither_until_a_third_decides() {
+    let (params, opt) = state(1.0);
+    let (liar_params, liar_opt) = state(2.0);
+    let chunk = 16 << 10;
+    let take = |p: &[f32], o: &Optimizer| Snapshot::take(p, o, 99, chunk);
+    let (_a, liar) = donor(take(&liar_params, &liar_opt), Serving::default()).await;
+    let (_b, one) = donor(take(&params, &opt), Serving::default()).await;
+    let (_c, two) = donor(take(&params, &opt), Serving::default()).await;
+    let shape = Shape::of(&opt);
+    for pair in [[liar.clone(), one.clone()], [one.clone(), liar.clone()]] {
+        let err = newcomer_downloads(&pair, shape).await.unwrap_err();
+        assert!(
+            matches!(err, sync::Error::Tied { donors: 2, states: 2, epoch } if epoch == opt.steps()),
+            "{err}"
+        );
+    }
+    let (snapshot, report) = newcomer_downloads(&[liar.clone(), one, two], shape)
+        .await
+        .unwrap();
+    assert_eq!(snapshot.state().0, params);
+    assert_eq!(report.outvoted, [liar.peer], "{report:?}");
+}
+
 /// A node of an authorized run on the in-memory transport: with a valid token of `authority`
 /// for run `run` (None: no token at all).
 async fn gated(authority: &potluck_net::auth::Authority, run: Option<&str>) -> Dht {

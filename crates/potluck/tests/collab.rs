@@ -146,9 +146,21 @@ fn swarm_of(n: usize, init: &[f32], setup: impl Fn(usize, &mut collab::Settings)
     swarm_for(n, EPOCHS, init, setup)
 }
 
+/// The peers' warnings (or what `RUST_LOG` asks for) on stderr, which the test runner shows
+/// when a test fails: a swarm test that fails says what its peers went through.
+fn logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// A runtime for in-process peers, and a bootstrap node on the in-memory transport (with its
 /// addresses) that checks the run's records.
 fn runtime_and_boot() -> (tokio::runtime::Runtime, (Dht, Vec<libp2p::Multiaddr>)) {
+    logs();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

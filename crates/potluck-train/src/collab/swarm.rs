@@ -143,7 +143,9 @@ pub(super) fn formed(
 ) -> Result<Group, Alone> {
     match done {
         Ok(Ok(group)) => Ok(group),
-        Ok(Err(matchmaking::Error::TooLate { .. })) => Err(Alone::TooLate),
+        Ok(Err(matchmaking::Error::TooLate { .. } | matchmaking::Error::Excluded { .. })) => {
+            Err(Alone::TooLate)
+        }
         Ok(Err(e)) => Err(Alone::Matchmaking(Arc::new(e))),
         Err(e) => Err(Alone::GroupTask(Arc::new(e))),
     }

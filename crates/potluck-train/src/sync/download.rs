@@ -219,8 +219,8 @@ pub async fn download(
     // Every donor's manifest, at once. One whose manifest does not fit is passed over (it may
     // lie); only when every donor that answered gave one that does not fit is this peer's model
     // not the run's. The manifests that fit are cross-checked: the one most donors give is
-    // taken (on a tie, the first donor's), and only those donors serve the chunks — a donor
-    // with a manifest of its own making cannot make honest donors' chunks look wrong.
+    // taken (on a tie, none: [`Error::Tied`]), and only those donors serve the chunks — a
+    // donor with a manifest of its own making cannot make honest donors' chunks look wrong.
     let asked = donors.iter().map(|donor| async move {
         let mut stream = open(host, donor, settings)
             .await
@@ -274,7 +274,18 @@ pub async fn download(
                 .map(|(i, m, _)| format!("{}: moved on to epoch {}", donors[*i].peer, m.epoch)),
         );
     }
-    let Some(manifest) = majority(fitting.iter().map(|(_, m, _)| m)) else {
+    let manifest = match vote(fitting.iter().map(|(_, m, _)| m)) {
+        Vote::Taken(m) => Some(m),
+        Vote::Tied { states, epoch } => {
+            return Err(Error::Tied {
+                epoch,
+                donors: fitting.len(),
+                states,
+            });
+        }
+        Vote::Empty => None,
+    };
+    let Some(manifest) = manifest else {
         if !unlike.is_empty() {
             reasons.extend(misfits);
             return Err(Error::Unlike {
@@ -365,8 +376,21 @@ pub async fn download(
     ))
 }
 
-/// The manifest most of `manifests` are equal to; on a tie, the earliest of those.
-fn majority<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Option<&'a Manifest> {
+/// What the donors' manifests say.
+enum Vote<'a> {
+    /// No donor gave one.
+    Empty,
+    /// The manifest more donors gave than any other.
+    Taken(&'a Manifest),
+    /// As many donors gave one as gave another (of epoch `epoch`): `states` manifests share
+    /// the most donors.
+    Tied { states: usize, epoch: u64 },
+}
+
+/// The manifest more of `manifests` are equal to than to any other. A tie is no answer: of
+/// two donors, one honest and one a liar serving a state of its own making, the order they
+/// answered in must not decide which state a peer installs.
+fn vote<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Vote<'a> {
     let mut counts: Vec<(&Manifest, usize)> = Vec::new();
     for m in manifests {
         match counts.iter_mut().find(|(seen, _)| *seen == m) {
@@ -374,12 +398,18 @@ fn majority<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Option<&'a Man
             None => counts.push((m, 1)),
         }
     }
-    // `max_by_key` keeps the last of equals: search from the end to keep the earliest.
-    counts
-        .into_iter()
-        .rev()
-        .max_by_key(|(_, n)| *n)
-        .map(|(m, _)| m)
+    let Some(most) = counts.iter().map(|(_, n)| *n).max() else {
+        return Vote::Empty;
+    };
+    let mut top = counts.into_iter().filter(|(_, n)| *n == most);
+    match (top.next(), top.count()) {
+        (Some((m, _)), 0) => Vote::Taken(m),
+        (Some((m, _)), others) => Vote::Tied {
+            states: others + 1,
+            epoch: m.epoch,
+        },
+        (None, _) => Vote::Empty,
+    }
 }
 
 /// Fetches chunks from one donor until the queue is empty or the donor fails.

@@ -52,6 +52,18 @@ pub enum Error {
         donors: Vec<(libp2p::PeerId, String)>,
         others: Vec<String>,
     },
+    /// Donors of one epoch served different states, and no state had more of them than
+    /// another: which one is the swarm's cannot be told (one may be a liar's). Nothing is
+    /// installed and no donor is blamed; more donors decide it later.
+    #[error(
+        "the {donors} donors of epoch {epoch} serve {states} different states, none of them \
+         more donors than another: not installed (more donors will tell which is the swarm's)"
+    )]
+    Tied {
+        epoch: u64,
+        donors: usize,
+        states: usize,
+    },
     #[error("the donor's state does not fit this model: {0}")]
     Mismatch(String),
     /// Every chunk matched its hash, but the state holds values no training reaches: its
