@@ -1,7 +1,8 @@
 //! The records every member of a run reads to follow the swarm (progress reports, proposed
 //! deadlines, matchmaking offers and published groups, metrics, ban reports, revocations), as a
 //! node checks them before storing them; and progress reports as the swarm's state is
-//! estimated from them, where a peer's epoch counts only as a majority backs it.
+//! estimated from them, where a peer's epoch counts only as a majority backs it, and as each
+//! peer measures them (`progress::Measure`).
 #![no_main]
 
 use std::sync::OnceLock;
@@ -70,4 +71,15 @@ fuzz_target!(|data: &[u8]| {
     assert!(state.in_epoch <= state.peers && state.peers <= reports.len());
     let newest = progress::quorum(reports.iter().map(|(_, r)| r.epoch));
     assert!(reports.is_empty() || reports.iter().any(|(_, r)| r.epoch == newest));
+    // The same reports measured: a claim is only ever cut, and no rate counts past the cap.
+    let mut measure = progress::Measure::default();
+    measure.begin(newest, now - 1_000);
+    measure.observe(&reports, now, Duration::from_secs(30));
+    let mut bounded = reports.clone();
+    measure.bound(&mut bounded, now, 16);
+    let cap = measure.cap();
+    for ((_, raw), (_, cut)) in reports.iter().zip(&bounded) {
+        assert!(cut.samples <= raw.samples);
+        assert!(cut.samples_per_second <= cap, "{cut:?}");
+    }
 });

@@ -2,8 +2,11 @@
 //! signed [`Report`] (its epoch, the samples it accumulated in it, its samples/s, when) under
 //! its own subkey of `RUN/progress`; every peer reads everyone's and estimates the swarm's
 //! state ([`swarm_state`]): the epoch, the samples gathered toward the target batch, and when
-//! the target will be reached, so matchmaking can be scheduled ahead of it.
+//! the target will be reached, so matchmaking can be scheduled ahead of it. A report is its
+//! sender's word: what it claims counts only as far as what this peer has seen allows
+//! ([`Measure`]).
 
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -170,6 +173,116 @@ pub fn swarm_state(
     }
 }
 
+/// The most one peer's rate counts toward an epoch's end, in median computing peers: a peer
+/// that says it computes the whole batch at once brings the end nearer by this many median
+/// peers' work, no more. A swarm of machines more unequal than this gathers larger epochs than
+/// its target (the fastest peer's work beyond it still goes into its gradient, it only does not
+/// count toward the end). Of two peers the median is the faster, so a pair is never held back.
+pub const SPREAD: f64 = 4.0;
+
+/// Epochs whose beginning a [`Measure`] keeps.
+const KEEP_BEGUN: usize = 8;
+
+/// What this peer has seen of the others' work, to measure their claims against: when each
+/// recent epoch began here, and the rate each live peer last reported while computing (a
+/// peer reports a rate of 0 while it waits for the epoch's end). Bounded by the live peers.
+#[derive(Debug, Default, Clone)]
+pub struct Measure {
+    began: BTreeMap<u64, Time>,
+    /// Each peer's last positive rate, and the time of its latest live report.
+    rates: HashMap<PeerId, (f64, Time)>,
+}
+
+/// A claim [`Measure::bound`] cut: the peer, its claimed rate and the most its rate counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cut {
+    pub peer: PeerId,
+    pub claimed: f64,
+    pub counted: f64,
+}
+
+impl Measure {
+    /// Notes that this peer is in `epoch` at `now` (the first note of an epoch is its
+    /// beginning here).
+    pub fn begin(&mut self, epoch: u64, now: Time) {
+        self.began.entry(epoch).or_insert(now);
+        while self.began.len() > KEEP_BEGUN {
+            self.began.pop_first();
+        }
+    }
+
+    /// When `epoch` began here: an epoch this peer has yet to enter begins now (nothing of it
+    /// counts yet), one older than those kept at the oldest kept beginning.
+    fn began(&self, epoch: u64, now: Time) -> Time {
+        if let Some(t) = self.began.get(&epoch) {
+            return *t;
+        }
+        match self.began.first_key_value() {
+            Some((first, t)) if epoch < *first => *t,
+            _ => now,
+        }
+    }
+
+    /// Takes in the rates of `reports`' live peers (those older than `stale` are forgotten).
+    pub fn observe(&mut self, reports: &[(PeerId, Report)], now: Time, stale: Duration) {
+        let stale_ms = stale.as_millis() as u64;
+        for (peer, r) in reports {
+            if r.time.saturating_add(stale_ms) < now {
+                continue;
+            }
+            let rate = r.samples_per_second;
+            let seen = r.time.min(now);
+            let entry = self.rates.entry(*peer).or_insert((0.0, seen));
+            entry.1 = entry.1.max(seen);
+            if rate.is_finite() && rate > 0.0 {
+                entry.0 = rate;
+            }
+        }
+        self.rates
+            .retain(|_, (rate, seen)| *rate > 0.0 && seen.saturating_add(stale_ms) >= now);
+    }
+
+    /// The most a rate counts: [`SPREAD`] times the median of the live peers' rates (of an
+    /// even count, the upper one); infinite when no peer has computed yet.
+    pub fn cap(&self) -> f64 {
+        let mut rates: Vec<f64> = self.rates.values().map(|(r, _)| *r).collect();
+        if rates.is_empty() {
+            return f64::INFINITY;
+        }
+        rates.sort_unstable_by(f64::total_cmp);
+        SPREAD * rates[rates.len() / 2]
+    }
+
+    /// Cuts each of `reports`' claims to what its sender could have done: its rate to the
+    /// last it reported while computing, at most [`cap`](Self::cap); its samples to that rate
+    /// times the time since its epoch began here, plus `micro` (a micro-batch of this peer's:
+    /// room for the one a peer reports as it starts it). A peer yet to report a rate counts
+    /// `micro` at most. Returns the peers whose rate was cut.
+    pub fn bound(&self, reports: &mut [(PeerId, Report)], now: Time, micro: u64) -> Vec<Cut> {
+        let cap = self.cap();
+        let mut cut = Vec::new();
+        for (peer, r) in reports.iter_mut() {
+            let claimed = self.rates.get(peer).map_or(0.0, |(rate, _)| *rate);
+            let rate = claimed.min(cap);
+            if claimed > cap {
+                cut.push(Cut {
+                    peer: *peer,
+                    claimed,
+                    counted: cap,
+                });
+            }
+            let since = now.saturating_sub(self.began(r.epoch, now)) as f64 / 1000.0;
+            let most = (rate * since).min(u64::MAX as f64) as u64;
+            r.samples = r.samples.min(most.saturating_add(micro));
+            // (A rate that is not a number is no rate at all.)
+            if r.samples_per_second.is_nan() || r.samples_per_second > rate {
+                r.samples_per_second = rate;
+            }
+        }
+        cut
+    }
+}
+
 /// Publishes this peer's reports and reads the swarm's, under `RUN/progress`.
 #[derive(Debug)]
 pub struct Tracker<'a> {
@@ -284,6 +397,77 @@ mod tests {
         assert_eq!(majority([7, 3].into_iter()), 3);
         assert_eq!(majority(claims(4)), 5);
         assert_eq!(majority(std::iter::empty()), 0);
+    }
+
+    #[test]
+    fn a_claim_counts_only_as_far_as_a_rate_and_the_time_since_the_epoch_began_allow() {
+        let stale = Duration::from_secs(30);
+        let micro = 2;
+        let start = 100_000;
+        let mut measure = Measure::default();
+        measure.begin(4, start - 2_000);
+        // Three honest peers at 10 samples/s, seen computing in the epoch before.
+        let honest: Vec<(PeerId, Report)> =
+            (0..3).map(|_| report(4, 20, 10.0, start - 100)).collect();
+        measure.observe(&honest, start - 100, stale);
+        // Epoch 5 begins: the honest peers start a micro-batch of 2 each (their rate reads 0
+        // while they waited), the liar says it computed a thousand targets at 1e9/s.
+        measure.begin(5, start);
+        let mut reports: Vec<(PeerId, Report)> = honest
+            .iter()
+            .map(|(p, _)| {
+                let (_, r) = report(5, 2, 0.0, start);
+                (*p, r)
+            })
+            .collect();
+        let liar = report(5, 128_000, 1e9, start);
+        reports.push(liar.clone());
+        // Unmeasured, the liar ends the epoch as it begins.
+        assert!(swarm_state(&reports, start, 128, stale).ready(128));
+        measure.observe(&reports, start, stale);
+        assert_eq!(measure.cap(), 40.0, "four times the median peer's rate");
+        let mut bounded = reports.clone();
+        let cut = measure.bound(&mut bounded, start, micro);
+        assert_eq!(cut.len(), 1);
+        assert_eq!((cut[0].peer, cut[0].counted), (liar.0, 40.0));
+        // At the start the honest peers' micro-batches count, and one of the liar's.
+        let s = swarm_state(&bounded, start, 128, stale);
+        assert_eq!(s.committed, 3 * 2 + 2);
+        assert_eq!(s.samples_per_second, 40.0);
+        assert!(!s.ready(128));
+        // Two seconds on: the honest peers computed 20 each (and started a micro-batch), the
+        // liar counts as four of them.
+        let later = start + 2_000;
+        let mut reports: Vec<(PeerId, Report)> = honest
+            .iter()
+            .map(|(p, _)| (*p, report(5, 22, 10.0, later).1))
+            .collect();
+        reports.push((liar.0, report(5, 128_000, 1e9, later).1));
+        measure.observe(&reports, later, stale);
+        measure.bound(&mut reports, later, micro);
+        let s = swarm_state(&reports, later, 128, stale);
+        assert_eq!(s.committed, 66 + 82);
+        // A claim of an epoch this peer has yet to enter counts only a micro-batch, and so
+        // does one of a peer that never reported a rate.
+        let mut ahead = vec![(liar.0, report(6, 128_000, 1e9, later).1)];
+        ahead.push(report(5, 50, 0.0, later));
+        measure.bound(&mut ahead, later, micro);
+        assert_eq!((ahead[0].1.samples, ahead[1].1.samples), (2, 2));
+        // Of two peers the median is the faster: a pair is never held back.
+        let mut pair = Measure::default();
+        pair.begin(1, start);
+        let two = [report(1, 40, 20.0, later), report(1, 5, 2.5, later)];
+        pair.observe(&two, later, stale);
+        let mut bounded = two.to_vec();
+        assert!(pair.bound(&mut bounded, later, micro).is_empty());
+        assert_eq!(bounded[0].1.samples, 40);
+        // Gone peers are forgotten, and so are old epochs' beginnings.
+        measure.observe(&[], later + 60_000, stale);
+        assert_eq!(measure.cap(), f64::INFINITY);
+        for e in 0..100 {
+            measure.begin(e, later);
+        }
+        assert!(measure.began.len() <= KEEP_BEGUN);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

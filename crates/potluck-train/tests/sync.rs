@@ -143,6 +143,7 @@ async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
         shape: Shape::of(&fresh),
         epoch: Some(opt.steps()),
         config: Some(*opt.config()),
+        settle_ties: false,
     };
     let settings = sync::Settings::default();
     let liars = [behind.clone(), hot.clone()];
@@ -322,7 +323,8 @@ async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
 
 /// One honest donor and one serving a state of its own making: a tie, whichever is listed
 /// first, so nothing is installed and no one is blamed (before, the first donor's state was
-/// taken: the liar's when it answered first); a second honest donor decides it.
+/// taken: the liar's when it answered first); a second honest donor decides it. A downloader
+/// that knows no more donors are coming settles the tie with the first donor's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_donors_of_two_states_install_neither_until_a_third_decides() {
     let (params, opt) = state(1.0);
@@ -340,6 +342,27 @@ async fn two_donors_of_two_states_install_neither_until_a_third_decides() {
             "{err}"
         );
     }
+    // With no one else to ask (the downloader says no more donors are coming), the first
+    // donor's state is taken: two honest peers can hold different states.
+    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
+        .await
+        .unwrap();
+    let settle = sync::Want {
+        settle_ties: true,
+        ..sync::Want::shape(shape)
+    };
+    let settings = sync::Settings::default();
+    let pair = [one.clone(), liar.clone()];
+    let (snapshot, _) = sync::download(
+        me.host(),
+        &pair,
+        &settle,
+        &mut Partial::default(),
+        &settings,
+    )
+    .await
+    .unwrap();
+    assert_eq!(snapshot.state().0, params);
     let (snapshot, report) = newcomer_downloads(&[liar.clone(), one, two], shape)
         .await
         .unwrap();

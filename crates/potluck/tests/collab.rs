@@ -578,10 +578,12 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
 /// A donor that serves a forged state (sign-flipped parameters as its epoch's) is caught by a
 /// newcomer that downloads from it and from two honest donors (the manifests most donors agree
 /// on win, and the odd one out is passed over) and reported in the DHT, where the monitor and
-/// the run's organiser see it.
+/// the run's organiser see it. (The three stop at one epoch first: a newcomer that came while
+/// one of them was stepping found two donors of the epoch, or the liar not among them.)
 #[test]
 fn a_donor_serving_a_forged_state_is_reported() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const HOLD: u64 = 3;
     let init = initial();
     let (runtime, boot) = runtime_and_boot();
     let stop = Arc::new(AtomicBool::new(false));
@@ -600,8 +602,15 @@ fn a_donor_serving_a_forged_state_is_reported() {
                     let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
                     let mut rng = ChaCha8Rng::seed_from_u64(400 + i as u64);
                     let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
+                    // Each stops training once it holds the state of epoch HOLD (its network
+                    // stays up and it serves that state): the newcomer then finds all three
+                    // donors holding the same epoch, whenever it asks.
                     while !stop.load(Ordering::SeqCst) {
-                        peer.tick(&mut next).await.unwrap();
+                        if peer.epoch() < HOLD {
+                            peer.tick(&mut next).await.unwrap();
+                        } else {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
                         epoch.store(peer.epoch(), Ordering::SeqCst);
                     }
                     peer.peer_id()
@@ -610,7 +619,7 @@ fn a_donor_serving_a_forged_state_is_reported() {
         })
         .collect();
     let waited = std::time::Instant::now();
-    while epochs.iter().any(|e| e.load(Ordering::SeqCst) < 3) {
+    while epochs.iter().any(|e| e.load(Ordering::SeqCst) < HOLD) {
         assert!(waited.elapsed() < std::time::Duration::from_secs(300));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -647,4 +656,48 @@ fn a_donor_serving_a_forged_state_is_reported() {
         reports.iter().all(|(_, who, _)| *who == ids[2]),
         "{reports:?}"
     );
+}
+
+/// One peer of four says it computed a thousand targets at 1e9 samples/s the moment each
+/// epoch begins (and proposes a deadline already past): its claims count toward an epoch's end
+/// only as far as its rate, bounded by four median peers', and the time since the epoch began
+/// allow, so the honest peers still gather their share of each epoch's target and hold
+/// identical parameters. Believed, it ended every epoch as it began: the honest peers stopped
+/// computing at once (they saw the target reached) and averaged what little they had.
+#[test]
+fn a_peer_claiming_samples_it_could_not_have_computed_ends_no_epoch_early() {
+    const RUSH_EPOCHS: u64 = 20;
+    let init = initial();
+    let results = swarm_for(PEERS, RUSH_EPOCHS, &init, |i, s| {
+        s.attack = (i == 0).then_some(Attack::Rush);
+        s.averaging.rule = Aggregation::CenteredClipAuto { iterations: 5 };
+    });
+    // The honest peers' own samples in each epoch they all averaged.
+    let mut honest = Vec::new();
+    for epoch in 2..=RUSH_EPOCHS {
+        let of: Vec<u64> = results[1..]
+            .iter()
+            .filter_map(|(_, reports, ..)| reports.iter().find(|r| r.epoch == epoch))
+            .map(|r| r.samples)
+            .collect();
+        if of.len() == PEERS - 1 {
+            honest.push(of.iter().sum::<u64>() as f64);
+        }
+    }
+    let mean = honest.iter().sum::<f64>() / honest.len().max(1) as f64;
+    println!(
+        "the honest peers gathered {mean:.1} samples an epoch over {} epochs (target {TARGET})",
+        honest.len()
+    );
+    assert!(honest.len() >= RUSH_EPOCHS as usize / 2, "{honest:?}");
+    assert!(mean >= 0.3 * TARGET as f64, "{honest:?}");
+    for epoch in 1..=RUSH_EPOCHS {
+        let at: Vec<&Vec<f32>> = results[1..]
+            .iter()
+            .filter_map(|(at, ..)| at.iter().rev().find(|(e, _)| *e == epoch).map(|(_, p)| p))
+            .collect();
+        for p in at.iter().skip(1) {
+            assert_eq!(*p, at[0], "epoch {epoch}");
+        }
+    }
 }

@@ -176,6 +176,7 @@ impl<T: Trainable> Collab<T> {
             held: epoch,
             samples: 0,
             rate: 0.0,
+            micro: 0,
             publish: false,
         });
         let (view_tx, view) = watch::channel(None);
@@ -389,6 +390,7 @@ impl<T: Trainable> Collab<T> {
             held: self.state.epoch(),
             samples: self.samples,
             rate: self.rate,
+            micro: self.micro_samples,
             publish,
         });
     }
@@ -528,6 +530,7 @@ impl<T: Trainable> Collab<T> {
         let last = *self.local.borrow();
         self.local.send_replace(Local {
             samples: self.samples + self.micro_samples.min(share),
+            micro: self.micro_samples,
             ..last
         });
         let started = Instant::now();
@@ -586,6 +589,7 @@ impl<T: Trainable> Collab<T> {
             held: self.state.epoch(),
             samples: self.samples,
             rate: 0.0,
+            micro: self.micro_samples,
             publish: true,
         });
     }

@@ -26,16 +26,20 @@ impl<T: Trainable> Collab<T> {
                 view.borrow_and_update();
                 let _ = tokio::time::timeout(2 * self.settings.report_every, view.changed()).await;
             }
-            let (newest, donors) = {
+            let (newest, donors, settle_ties) = {
                 let view = self.view.borrow();
                 let Some(v) = view.as_ref() else { break };
                 let newest = v.newest(&self.unserved);
-                (newest, v.donors(newest, &self.unserved))
+                // A tie of the donors' states waits for the peers still stepping to that
+                // epoch, who will decide it; with none, it is settled.
+                let settle = v.others.iter().all(|(_, held, _)| *held >= newest);
+                (newest, v.donors(newest, &self.unserved), settle)
             };
             let want = sync::Want {
                 shape: sync::Shape::of(&self.state.optimizer),
                 epoch: Some(newest),
                 config: self.settled.then(|| *self.state.optimizer.config()),
+                settle_ties,
             };
             match sync::download(
                 self.net.dht.host(),

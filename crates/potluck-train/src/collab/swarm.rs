@@ -27,6 +27,8 @@ pub(super) struct Local {
     pub(super) held: u64,
     pub(super) samples: u64,
     pub(super) rate: f64,
+    /// Samples in its largest micro-batch (0 before its first, and in an aux peer).
+    pub(super) micro: u64,
     /// Whether it holds the swarm's state (only then it reports, and serves).
     pub(super) publish: bool,
 }
@@ -179,6 +181,10 @@ pub(super) async fn progress_loop(
     let mut reported = Reported::new();
     // Peers of other tokenizers this peer warned of (those still live).
     let mut warned = HashSet::new();
+    // What this peer saw of the others' work, and the peers whose claimed rate it cut (those
+    // still live, warned of once).
+    let mut measure = progress::Measure::default();
+    let mut overclaimed = HashSet::new();
     let mut last_others: Option<Instant> = None;
     let tracker = Tracker {
         dht: &net.dht,
@@ -200,6 +206,9 @@ pub(super) async fn progress_loop(
             + Duration::from_millis(200)
             + (4 * latency).min(MAX_SLACK);
         let l = *local.borrow_and_update();
+        // The moment this peer entered its epoch (the others' claims in it are measured from
+        // then).
+        measure.begin(l.epoch, clock::now());
         if l.publish {
             // What an attacker says of its progress (the harness's liars), else the truth.
             let ahead = settings.attack.map_or(0, Attack::ahead);
@@ -268,6 +277,13 @@ pub(super) async fn progress_loop(
                     tokenizers: settings.tokenizers,
                 };
                 let target = settings.target_batch;
+                // The others' claims count only as far as this peer measures them.
+                measure.observe(&reports, now, ttl);
+                if l.publish {
+                    measure.observe(&[(me, mine.clone())], now, ttl);
+                }
+                let cut = measure.bound(&mut reports, now, l.micro);
+                warn_of_overclaims(&mut overclaimed, &cut, &reports, now, ttl);
                 let others_state = progress::swarm_state(&reports, now, target, ttl);
                 if l.publish {
                     reports.push((me, mine));
@@ -400,6 +416,35 @@ fn warn_of_strangers(
                 tokenizers::short(theirs),
                 tokenizers::short(&settings.tokenizers),
                 settings.run
+            );
+        }
+    }
+}
+
+/// Warns once of each live peer whose claimed rate was cut (`warned` keeps those still live).
+fn warn_of_overclaims(
+    warned: &mut HashSet<PeerId>,
+    cut: &[progress::Cut],
+    reports: &[(PeerId, progress::Report)],
+    now: Time,
+    ttl: Duration,
+) {
+    let live = |p: &PeerId| {
+        reports
+            .iter()
+            .any(|(q, r)| q == p && r.time.saturating_add(ttl.as_millis() as u64) >= now)
+    };
+    warned.retain(|p| live(p));
+    for c in cut {
+        if warned.insert(c.peer) {
+            tracing::warn!(
+                "peer {} claims {:.1} samples/s, more than {} times the median peer's: its \
+                 samples count toward an epoch's end at {:.1}/s at most (a much faster machine \
+                 than the others, or a peer claiming work it did not do)",
+                c.peer,
+                c.claimed,
+                progress::SPREAD,
+                c.counted
             );
         }
     }

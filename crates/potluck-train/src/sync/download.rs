@@ -47,6 +47,12 @@ pub struct Want {
     /// Fixed once a peer holds the run's state: only a newcomer takes the settings, from the
     /// manifest most donors agree on.
     pub config: Option<optim::Config>,
+    /// No more donors of the epoch are coming (every other peer holds it or a newer one): a
+    /// tie of the donors' states is settled by the first donor's rather than waited out
+    /// ([`Error::Tied`]). Two honest donors can hold different states (a part of the gradient
+    /// one of them kept local when its reducer vanished), and a peer with no one else to ask
+    /// must take one of them.
+    pub settle_ties: bool,
 }
 
 impl Want {
@@ -56,6 +62,7 @@ impl Want {
             shape,
             epoch: None,
             config: None,
+            settle_ties: false,
         }
     }
 
@@ -219,7 +226,7 @@ pub async fn download(
     // Every donor's manifest, at once. One whose manifest does not fit is passed over (it may
     // lie); only when every donor that answered gave one that does not fit is this peer's model
     // not the run's. The manifests that fit are cross-checked: the one most donors give is
-    // taken (on a tie, none: [`Error::Tied`]), and only those donors serve the chunks — a
+    // taken (on a tie, none: [`Error::Tied`], unless told to settle it), and only those donors serve the chunks — a
     // donor with a manifest of its own making cannot make honest donors' chunks look wrong.
     let asked = donors.iter().map(|donor| async move {
         let mut stream = open(host, donor, settings)
@@ -276,7 +283,8 @@ pub async fn download(
     }
     let manifest = match vote(fitting.iter().map(|(_, m, _)| m)) {
         Vote::Taken(m) => Some(m),
-        Vote::Tied { states, epoch } => {
+        Vote::Tied { first, .. } if want.settle_ties => Some(first),
+        Vote::Tied { states, epoch, .. } => {
             return Err(Error::Tied {
                 epoch,
                 donors: fitting.len(),
@@ -384,7 +392,11 @@ enum Vote<'a> {
     Taken(&'a Manifest),
     /// As many donors gave one as gave another (of epoch `epoch`): `states` manifests share
     /// the most donors.
-    Tied { states: usize, epoch: u64 },
+    Tied {
+        states: usize,
+        epoch: u64,
+        first: &'a Manifest,
+    },
 }
 
 /// The manifest more of `manifests` are equal to than to any other. A tie is no answer: of
@@ -407,6 +419,7 @@ fn vote<'a>(manifests: impl Iterator<Item = &'a Manifest>) -> Vote<'a> {
         (Some((m, _)), others) => Vote::Tied {
             states: others + 1,
             epoch: m.epoch,
+            first: m,
         },
         (None, _) => Vote::Empty,
     }
