@@ -280,7 +280,9 @@ fn check_together(
         (0.8 * TARGET as f64..max_batch * TARGET as f64).contains(&mean_batch),
         "mean swarm batch {mean_batch}"
     );
-    assert!(reports.iter().all(|r| !r.skipped));
+    // No step skipped for a gradient that was not finite (a peer that no member averaged
+    // with skips its step too, held back, and downloads the others' state).
+    assert!(reports.iter().all(|r| !r.skipped || r.held_back));
     // The loss follows the solo run's within 2%.
     let swarm_loss = results[0].2;
     println!(
@@ -459,7 +461,13 @@ fn a_peer_that_cannot_average_stops_stepping_alone_after_its_limit() {
     let held: Vec<&collab::EpochReport> = epochs.iter().filter(|r| r.held_back).collect();
     assert!(!held.is_empty(), "never held back: {summary:?}");
     for r in &held {
-        assert!(r.alone_epochs > LIMIT && r.skipped, "{summary:?}");
+        // Held back beyond the limit, or for an epoch in which no member averaged with it
+        // (it heard no one: a step of its own would set it apart).
+        let unheard = matches!(r.alone_because, Some(collab::Alone::Unheard));
+        assert!(
+            (r.alone_epochs > LIMIT || unheard) && r.skipped,
+            "{summary:?}"
+        );
         // Its parameters did not move in a held-back epoch: the state it entered the epoch
         // with (the last one at the epoch before, a download's if it synced) is the state it
         // ended it with (the first one at the epoch).

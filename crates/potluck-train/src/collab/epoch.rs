@@ -109,6 +109,9 @@ impl<T: Trainable> Collab<T> {
     fn install(&mut self, mut stepped: Stepped) -> Result<EpochReport, Error<T::Error>> {
         self.count_alone(&mut stepped.report);
         self.state = Arc::new(stepped.state);
+        if matches!(stepped.report.alone_because, Some(Alone::Unheard)) {
+            self.unheard = Some(self.state.epoch());
+        }
         self.spare = stepped.scratch;
         let mut guard = stepped.guard;
         if stepped.keep {

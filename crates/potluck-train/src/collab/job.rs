@@ -90,6 +90,14 @@ impl Job {
                     )
                     .await
                     {
+                        Ok(report)
+                            if group.members.len() > 1
+                                && !report.parts.iter().any(|p| {
+                                    p.chunks > 0 && p.contributors.iter().any(|&c| c != me)
+                                }) =>
+                        {
+                            alone_because = Some(Alone::Unheard);
+                        }
                         Ok(report) => {
                             swarm_samples = report.weight();
                             group_size = group.members.len();
@@ -109,7 +117,8 @@ impl Job {
             Err(why) if why.is_fault() => alone_because = Some(why),
             Err(_) => {}
         }
-        let held_back = alone_because.is_some() && !may_step_alone;
+        let held_back = alone_because.is_some()
+            && (!may_step_alone || matches!(alone_because, Some(Alone::Unheard)));
         match &alone_because {
             Some(why) if held_back => tracing::warn!(
                 "epoch {epoch}: not stepping alone again ({why}): the parameters stay as they \

@@ -141,6 +141,9 @@ pub struct Collab<T: Trainable> {
     /// The epoch at which it last tried to download the swarm's state because it was held
     /// back (once an epoch: a donor that cannot serve is not asked at every tick).
     resync_tried: Option<u64>,
+    /// The epoch it entered without stepping because no member of its group averaged with it
+    /// ([`Alone::Unheard`]): it downloads the others' state of that epoch once they hold it.
+    unheard: Option<u64>,
     /// Claims of holding a state that their peers did not serve.
     unserved: Unserved,
     /// Whether it holds the run's state (it started the swarm or joined it): from then on its
@@ -216,6 +219,7 @@ impl<T: Trainable> Collab<T> {
             guard: None,
             alone_epochs: 0,
             resync_tried: None,
+            unheard: None,
             unserved: Unserved::new(),
             settled: false,
         };
@@ -434,7 +438,8 @@ impl<T: Trainable> Collab<T> {
         // alone fetches the swarm's state at its own epoch too (once an epoch): it can no
         // longer average, but it can take the parameters the others reached.
         // (Its epoch's round may be forming: the download does not change the epoch.)
-        let held = self.alone_epochs > self.settings.alone_limit
+        let held = (self.alone_epochs > self.settings.alone_limit
+            || self.unheard == Some(self.state.epoch()))
             && self.resync_tried != Some(self.state.epoch());
         if self.busy.is_none()
             && let Some(v) = &view

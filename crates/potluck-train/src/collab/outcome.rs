@@ -77,6 +77,12 @@ pub enum Alone {
     /// The all-reduce of the gradient failed.
     #[error(transparent)]
     AllReduce(Arc<butterfly::Error>),
+    /// No other member of its group averaged with it: they formed another group without it
+    /// (its view of the round was not theirs) or all vanished. It does not step on its own
+    /// gradient (a step of its own would set it apart from the swarm), and downloads the state
+    /// the others reach.
+    #[error("no other member of its group averaged with it: will download the state")]
+    Unheard,
 }
 
 impl Alone {
