@@ -47,18 +47,32 @@ async fn newcomer_downloads(
     donors: &[Donor],
     shape: Shape,
 ) -> Result<(Snapshot, sync::Report), sync::Error> {
+    newcomer_wants(donors, &sync::Want::shape(shape)).await
+}
+
+/// [`newcomer_downloads`] of what `want` says.
+async fn newcomer_wants(
+    donors: &[Donor],
+    want: &sync::Want,
+) -> Result<(Snapshot, sync::Report), sync::Error> {
     let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
         .await
         .unwrap();
     let settings = sync::Settings::default();
-    sync::download(
-        me.host(),
-        donors,
-        &sync::Want::shape(shape),
-        &mut Partial::default(),
-        &settings,
-    )
-    .await
+    sync::download(me.host(), donors, want, &mut Partial::default(), &settings).await
+}
+
+/// A donor serving a state of its own making (same shape, its own hashes) and two honest
+/// donors (their nodes, kept alive while they serve), and the honest state.
+async fn a_liar_and_two_honest_donors() -> (Vec<Dht>, [Donor; 3], Vec<f32>, Optimizer) {
+    let (params, opt) = state(1.0);
+    let (liar_params, liar_opt) = state(2.0);
+    let chunk = 16 << 10;
+    let take = |p: &[f32], o: &Optimizer| Snapshot::take(p, o, 99, chunk);
+    let (a, liar) = donor(take(&liar_params, &liar_opt), Serving::default()).await;
+    let (b, one) = donor(take(&params, &opt), Serving::default()).await;
+    let (c, two) = donor(take(&params, &opt), Serving::default()).await;
+    (vec![a, b, c], [liar, one, two], params, opt)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,13 +318,7 @@ async fn a_donor_whose_manifest_does_not_fit_is_passed_over() {
 /// manifests are cross-checked, the two honest donors outvote it, and it serves nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
-    let (params, opt) = state(1.0);
-    let (liar_params, liar_opt) = state(2.0);
-    let chunk = 16 << 10;
-    let take = |p: &[f32], o: &Optimizer| Snapshot::take(p, o, 99, chunk);
-    let (_a, liar) = donor(take(&liar_params, &liar_opt), Serving::default()).await;
-    let (_b, one) = donor(take(&params, &opt), Serving::default()).await;
-    let (_c, two) = donor(take(&params, &opt), Serving::default()).await;
+    let (_nodes, [liar, one, two], params, opt) = a_liar_and_two_honest_donors().await;
     let (snapshot, report) = newcomer_downloads(&[liar.clone(), one, two], Shape::of(&opt))
         .await
         .unwrap();
@@ -327,13 +335,7 @@ async fn a_donor_whose_manifest_disagrees_with_the_others_is_outvoted() {
 /// that knows no more donors are coming settles the tie with the first donor's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_donors_of_two_states_install_neither_until_a_third_decides() {
-    let (params, opt) = state(1.0);
-    let (liar_params, liar_opt) = state(2.0);
-    let chunk = 16 << 10;
-    let take = |p: &[f32], o: &Optimizer| Snapshot::take(p, o, 99, chunk);
-    let (_a, liar) = donor(take(&liar_params, &liar_opt), Serving::default()).await;
-    let (_b, one) = donor(take(&params, &opt), Serving::default()).await;
-    let (_c, two) = donor(take(&params, &opt), Serving::default()).await;
+    let (_nodes, [liar, one, two], params, opt) = a_liar_and_two_honest_donors().await;
     let shape = Shape::of(&opt);
     for pair in [[liar.clone(), one.clone()], [one.clone(), liar.clone()]] {
         let err = newcomer_downloads(&pair, shape).await.unwrap_err();
@@ -344,24 +346,13 @@ async fn two_donors_of_two_states_install_neither_until_a_third_decides() {
     }
     // With no one else to ask (the downloader says no more donors are coming), the first
     // donor's state is taken: two honest peers can hold different states.
-    let me = Dht::start_memory(Keypair::generate_ed25519(), dht::Config::default())
-        .await
-        .unwrap();
     let settle = sync::Want {
         settle_ties: true,
         ..sync::Want::shape(shape)
     };
-    let settings = sync::Settings::default();
-    let pair = [one.clone(), liar.clone()];
-    let (snapshot, _) = sync::download(
-        me.host(),
-        &pair,
-        &settle,
-        &mut Partial::default(),
-        &settings,
-    )
-    .await
-    .unwrap();
+    let (snapshot, _) = newcomer_wants(&[one.clone(), liar.clone()], &settle)
+        .await
+        .unwrap();
     assert_eq!(snapshot.state().0, params);
     let (snapshot, report) = newcomer_downloads(&[liar.clone(), one, two], shape)
         .await

@@ -590,16 +590,16 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
 /// one of them was stepping found two donors of the epoch, or the liar not among them.)
 #[test]
 fn a_donor_serving_a_forged_state_is_reported() {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering};
     const HOLD: u64 = 3;
     let init = initial();
     let (runtime, boot) = runtime_and_boot();
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let epochs: Vec<Arc<AtomicU64>> = (0..3).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let peers: Vec<_> = (0..3)
         .map(|i| {
             let (handle, init, boot) = (runtime.handle().clone(), init.clone(), boot.1.clone());
-            let (stop, epoch) = (stop.clone(), epochs[i].clone());
+            let (mut stop, epoch) = (stop.clone(), epochs[i].clone());
             let mut settings = collab::Settings::in_process("forged", TARGET);
             settings.attack = (i == 2).then_some(Attack::Ahead(0));
             std::thread::spawn(move || {
@@ -613,14 +613,12 @@ fn a_donor_serving_a_forged_state_is_reported() {
                     // Each stops training once it holds the state of epoch HOLD (its network
                     // stays up and it serves that state): the newcomer then finds all three
                     // donors holding the same epoch, whenever it asks.
-                    while !stop.load(Ordering::SeqCst) {
-                        if peer.epoch() < HOLD {
-                            peer.tick(&mut next).await.unwrap();
-                        } else {
-                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        }
+                    while peer.epoch() < HOLD {
+                        peer.tick(&mut next).await.unwrap();
                         epoch.store(peer.epoch(), Ordering::SeqCst);
                     }
+                    // Until the newcomer is done (`peer` stays, and serves).
+                    let _ = stop.wait_for(|s| *s).await;
                     peer.peer_id()
                 })
             })
@@ -651,7 +649,7 @@ fn a_donor_serving_a_forged_state_is_reported() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
     });
-    stop.store(true, Ordering::SeqCst);
+    stop_tx.send_replace(true);
     let ids: Vec<libp2p::PeerId> = peers.into_iter().map(|t| t.join().unwrap()).collect();
     let (newcomer, reports) = named;
     assert!(
