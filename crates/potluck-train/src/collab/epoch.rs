@@ -163,6 +163,7 @@ impl<T: Trainable> Collab<T> {
             lr: 0.0,
             grad_norm: 0.0,
             skipped: true,
+            non_finite: false,
             rolled_back: None,
             state_averaged: false,
             averaging: started.elapsed(),

@@ -30,7 +30,11 @@ pub struct EpochReport {
     pub loss: Loss,
     pub lr: f64,
     pub grad_norm: f64,
+    /// No step was taken: it was held back, too late for the group, or the averaged gradient
+    /// was not finite.
     pub skipped: bool,
+    /// The averaged gradient was not finite (the step was skipped by the whole group).
+    pub non_finite: bool,
     /// The good state it went back to instead of stepping (the averaged gradient spiked).
     pub rolled_back: Option<u64>,
     /// Whether the parameters were averaged too.

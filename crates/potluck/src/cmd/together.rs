@@ -230,8 +230,7 @@ async fn train(
     let mut compute_time = Duration::ZERO;
     let mut last_loss = None;
     let mut first_loss = None;
-    let mut non_finite = 0u64;
-    let mut rolled_back = 0u64;
+    let mut tally = Tally::default();
     let mut interrupt = super::Interrupt::new()?;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
@@ -267,8 +266,7 @@ async fn train(
                     last_loss = Some(r.loss.total);
                     first_loss.get_or_insert(r.loss.total);
                 }
-                non_finite += u64::from(r.skipped && r.group > 0);
-                rolled_back += u64::from(r.rolled_back.is_some());
+                tally.count(&r);
                 let m = metrics::Metrics {
                     epoch: peer.epoch(),
                     loss: (r.loss.samples > 0).then_some(r.loss.total),
@@ -340,14 +338,52 @@ async fn train(
     if let (Some(first), Some(last)) = (first_loss, last_loss) {
         println!("training loss {first:.4} in its first epoch here, {last:.4} in its last");
     }
-    if non_finite > 0 {
-        println!("{non_finite} steps skipped: the averaged gradient was not finite");
-    }
-    if rolled_back > 0 {
-        println!("{rolled_back} rollbacks: the averaged gradient spiked");
+    for line in tally.lines() {
+        println!("{line}");
     }
     println!("checkpoint: {}", args.out.display());
     Ok(())
+}
+
+/// The epochs that did not end in a step on the swarm's averaged gradient, by why: said once
+/// the run is over.
+#[derive(Debug, Default)]
+struct Tally {
+    non_finite: u64,
+    rolled_back: u64,
+    held_back: u64,
+}
+
+impl Tally {
+    fn count(&mut self, r: &collab::EpochReport) {
+        self.non_finite += u64::from(r.non_finite);
+        self.rolled_back += u64::from(r.rolled_back.is_some());
+        self.held_back += u64::from(r.held_back);
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if self.non_finite > 0 {
+            lines.push(format!(
+                "{} steps skipped: the averaged gradient was not finite",
+                self.non_finite
+            ));
+        }
+        if self.rolled_back > 0 {
+            lines.push(format!(
+                "{} rollbacks: the averaged gradient spiked",
+                self.rolled_back
+            ));
+        }
+        if self.held_back > 0 {
+            lines.push(format!(
+                "{} epochs held back: no other peer averaged with this one, so it did not step \
+                 on its own gradient and took the swarm's state instead",
+                self.held_back
+            ));
+        }
+        lines
+    }
 }
 
 fn save(
@@ -419,5 +455,55 @@ impl View {
 
     fn finish(self) {
         self.bar.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use potluck_core::Loss;
+    use potluck_train::collab::{Alone, EpochReport};
+
+    use super::Tally;
+
+    fn report(skipped: bool, non_finite: bool, held_back: bool) -> EpochReport {
+        EpochReport {
+            epoch: 1,
+            samples: 16,
+            swarm_samples: 16.0,
+            group: 1,
+            alone_because: held_back.then_some(Alone::Unheard),
+            alone_epochs: 0,
+            held_back,
+            loss: Loss::default(),
+            lr: 0.0,
+            grad_norm: 1.0,
+            skipped,
+            non_finite,
+            rolled_back: None,
+            state_averaged: false,
+            averaging: Duration::ZERO,
+        }
+    }
+
+    /// A peer held back (no step of its own) did not see a gradient that was not finite: the
+    /// closing lines say which happened.
+    #[test]
+    fn a_held_back_epoch_is_not_told_as_a_gradient_that_was_not_finite() {
+        let mut tally = Tally::default();
+        tally.count(&report(true, false, true));
+        tally.count(&report(false, false, false));
+        let lines = tally.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("1 epochs held back"), "{lines:?}");
+        tally.count(&report(true, true, false));
+        let lines = tally.lines();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("1 steps skipped: the averaged gradient was not finite")),
+            "{lines:?}"
+        );
     }
 }
