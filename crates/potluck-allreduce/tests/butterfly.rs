@@ -405,6 +405,82 @@ async fn centered_clip_holds_against_a_member_sending_values_a_million_times_too
     }
 }
 
+/// A reducer that returns its part's average negated ten times over: without the check every
+/// member takes it; with it (`train --robust`'s averaging: each part reduced again by the next
+/// reducer and compared) both parts it reduced are disputed, the round shows it the liar (in
+/// disputes with two others), and every honest member takes the other reducer's average for
+/// them, all alike. Under an 8-bit codec, two honest reducers' results of a part are not
+/// disputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reducer_returning_a_forged_average_is_caught_and_its_parts_not_taken() {
+    let n = 4;
+    let len = 8_000;
+    let peers = peers(n).await;
+    let mut g = group(&peers, &[Mode::Full; 4], &[1e7; 4], len).await;
+    let weights = [1.0; 4];
+    let inputs = buffers(n, len, 9);
+    let liar = 2;
+    // No sender is excluded for a stall (on a loaded machine one reducer could drop a sender
+    // the other keeps: an honest difference, which the check does not blame).
+    let patient = |codec| Settings {
+        min_stall: Duration::from_secs(10),
+        open_timeout: Duration::from_secs(20),
+        ..settings(codec).robust()
+    };
+    // The robust average of the honest run, to hold the checked one to.
+    let honest = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![patient(Codec::None); n],
+        &[true; 4],
+    )
+    .await
+    .swap_remove(0)
+    .0;
+    for check in [false, true] {
+        let mut all = vec![patient(Codec::None); n];
+        for s in &mut all {
+            s.check = check;
+        }
+        all[liar].forge = true;
+        g.round = rand::random();
+        let results = round(&peers, &g, &weights, &inputs, &all, &[true; 4]).await;
+        let forged = g.range(liar);
+        for (i, (buffer, report)) in results.iter().enumerate().filter(|(i, _)| *i != liar) {
+            let report = report.as_ref().unwrap();
+            let far = max_diff(&buffer[forged.clone()], &honest[forged.clone()]);
+            if !check {
+                assert!(far > 1.0, "member {i}: {far}");
+                assert!(report.disputes.is_empty());
+                continue;
+            }
+            let disputed: Vec<_> = report.disputes.iter().map(|d| d.range.clone()).collect();
+            assert_eq!(disputed.len(), 2, "member {i}: {:?}", report.disputes);
+            assert!(disputed.contains(&forged), "{disputed:?}");
+            let liar_id = peers[liar].host.peer_id();
+            for d in &report.disputes {
+                assert!(d.same_inputs && d.distance > 1.0, "{d:?}");
+                assert_eq!(d.liar, Some(liar_id), "{d:?}");
+            }
+            // The other reducer's average was taken, alike on every member.
+            assert!(max_diff(buffer, &honest) < 1e-4, "member {i}");
+            assert_eq!(buffer, &results[0].0, "member {i}");
+        }
+    }
+    // Honest reducers under a lossy codec agree within its rounding.
+    let lossy = vec![patient(Codec::Uniform8); n];
+    g.round = rand::random();
+    let results = round(&peers, &g, &weights, &inputs, &lossy, &[true; 4]).await;
+    for (buffer, report) in &results {
+        let report = report.as_ref().unwrap();
+        assert!(report.disputes.is_empty(), "{:?}", report.disputes);
+        assert!(report.complete() && report.unchecked == 0);
+        assert!(max_diff(buffer, &results[0].0) < 0.05);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_feedback_cancels_what_8_bit_rounding_leaves_out_over_rounds() {
     let n = 3;

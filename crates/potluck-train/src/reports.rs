@@ -69,6 +69,9 @@ pub struct Suspects(Arc<Mutex<Named>>);
 struct Named {
     /// Each peer, why, and when it was named.
     peers: VecDeque<(PeerId, String, Instant)>,
+    /// The pairs of reducers that returned different averages of one part lately (at most
+    /// [`MAX_NAMED`]), and when.
+    disputes: VecDeque<([PeerId; 2], Instant)>,
     /// Named since the last [`Suspects::take_fresh`].
     fresh: bool,
 }
@@ -81,6 +84,46 @@ impl Suspects {
         named.peers.push_front((peer, why, Instant::now()));
         named.peers.truncate(MAX_NAMED);
         named.fresh = true;
+    }
+
+    /// Two reducers returned different averages of one part ([`Dispute`]): one of them lied.
+    /// Where this peer is one of the two it knows its own was right, and names the other; else
+    /// a reducer in disputes with two others lately is named (an honest one disputes only
+    /// with the liar). The peer named, if one is.
+    ///
+    /// [`Dispute`]: potluck_allreduce::butterfly::Dispute
+    pub fn disputed(&self, reducers: [PeerId; 2], me: PeerId) -> Option<PeerId> {
+        let within = std::time::Duration::from_millis(LIFETIME_MS);
+        let liar = {
+            let mut named = lock(&self.0);
+            named.disputes.retain(|(_, at)| at.elapsed() < within);
+            named.disputes.push_front((reducers, Instant::now()));
+            named.disputes.truncate(MAX_NAMED);
+            if reducers[0] == reducers[1] {
+                return None;
+            }
+            match reducers.iter().position(|&r| r == me) {
+                Some(i) => Some(reducers[1 - i]),
+                None => reducers.into_iter().find(|&r| {
+                    let mut others: Vec<PeerId> = named
+                        .disputes
+                        .iter()
+                        .filter(|(pair, _)| pair.contains(&r))
+                        .flat_map(|(pair, _)| pair.iter().copied().filter(|&p| p != r))
+                        .collect();
+                    others.sort();
+                    others.dedup();
+                    others.len() >= 2
+                }),
+            }
+        }?;
+        self.name(
+            liar,
+            "as a reducer, returned an average that another reducer of the same contributions \
+             contradicted"
+                .into(),
+        );
+        Some(liar)
     }
 
     /// Whether a peer was named since the last call.
@@ -163,5 +206,23 @@ mod tests {
             let item = Item { value, expiration: 1, signature: None };
             let _ = decode(&Entry::Dict(BTreeMap::from([(owner, item)])));
         }
+    }
+
+    /// A liar disputes with each honest reducer it is checked against, an honest reducer only
+    /// with the liar: the liar is named at its second partner, no honest one ever; a reducer
+    /// knows its own result, and names the other of its dispute at once.
+    #[test]
+    fn the_reducer_in_disputes_with_two_others_is_named_and_no_honest_one() {
+        let [me, liar, a, b] = [(); 4].map(|()| PeerId::random());
+        let suspects = Suspects::default();
+        assert_eq!(suspects.disputed([liar, a], me), None);
+        assert_eq!(suspects.disputed([a, liar], me), None);
+        assert!(suspects.named().is_empty());
+        assert_eq!(suspects.disputed([b, liar], me), Some(liar));
+        assert_eq!(suspects.named().len(), 1);
+        assert!(suspects.take_fresh());
+        let checked = Suspects::default();
+        assert_eq!(checked.disputed([me, liar], me), Some(liar));
+        assert_eq!(checked.named()[0].0, liar);
     }
 }

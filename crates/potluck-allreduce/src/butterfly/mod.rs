@@ -31,12 +31,15 @@
 //! - `flow`: flow control of a member's sending (pacing, its uplink's share);
 //! - `send`: this member's side of the others' parts (opening streams, sending, reading back);
 //! - `reduce`: this member's own part (reading contributions, aggregating, returning);
-//! - `round`: the driver of one round ([`all_reduce`]), its settings and outcome.
+//! - `round`: the driver of one round ([`all_reduce`]), its settings and outcome;
+//! - `check`: a checked round, each part reduced by two members and compared
+//!   ([`Settings::check`]).
 //!
 //! [`balance`]: crate::balance
 
 use potluck_net::direct;
 
+mod check;
 mod flow;
 mod group;
 mod inbox;
@@ -46,9 +49,12 @@ mod send;
 mod wire;
 
 pub use crate::codec::CodecPlan;
+pub use check::Dispute;
 pub use group::{Group, GroupError, MAX_GROUP, MAX_SHARES, Member};
 pub use inbox::{BANNED, BANNED_FOR, GONE_FOR, Inbox, STRIKES_TO_BAN};
-pub use round::{Error, Fault, PartResult, Report, Settings, all_reduce, all_reduce_with_feedback};
+pub use round::{
+    Error, Fault, PartResult, ROBUST, Report, Settings, all_reduce, all_reduce_with_feedback,
+};
 pub use wire::{PROTOCOL, decode_control, parse_result};
 
 /// The reading and writing halves of a member's channel (a libp2p stream or a direct one).

@@ -336,7 +336,12 @@ pub(super) async fn reduce(
             for v in got.into_iter().flatten() {
                 pool.give(v);
             }
-            let frame = result_frame(outcome.weight, &outcome.kept, n, chunks[next].1, &part[r]);
+            let frame = if settings.forge {
+                let forged: Vec<f32> = part[r].iter().map(|v| -10.0 * v).collect();
+                result_frame(outcome.weight, &outcome.kept, n, chunks[next].1, &forged)
+            } else {
+                result_frame(outcome.weight, &outcome.kept, n, chunks[next].1, &part[r])
+            };
             let shared = Arc::new(frame);
             for w in &writers {
                 // Bounded by the chunk count: never waits.

@@ -39,8 +39,31 @@ pub struct Settings {
     /// that were measured (a rate set too low would slow the round); None: TCP shares the
     /// uplink as it will, which through one FIFO bottleneck is badly.
     pub pace: Option<f64>,
+    /// Every part is reduced twice, by two members, and each member compares the two results
+    /// ([`super::check`]): a reducer that returns another average than its contributions
+    /// make is caught, and its part not taken ([`Report::disputes`]). Twice the bytes.
+    /// ([`all_reduce_with_feedback`] does not check.)
+    pub check: bool,
     /// For tests: this member vanishes (as a crash would) at this point of the round.
     pub fault: Option<Fault>,
+    /// For tests: as a reducer, this member returns its part's average negated and ten times
+    /// over (a dishonest reducer).
+    pub forge: bool,
+}
+
+/// `train --robust`'s aggregation: CenteredClip, its radius from the contributions' spread.
+pub const ROBUST: Rule = Rule::CenteredClipAuto { iterations: 5 };
+
+impl Settings {
+    /// `train --robust`'s averaging: [`ROBUST`] aggregation, and every part checked
+    /// ([`Settings::check`]).
+    pub fn robust(self) -> Settings {
+        Settings {
+            rule: ROBUST,
+            check: true,
+            ..self
+        }
+    }
 }
 
 /// Where a member vanishes in a round (fault injection for tests).
@@ -66,7 +89,9 @@ impl Default for Settings {
             min_stall: Duration::from_secs(2),
             slack: 4.0,
             pace: None,
+            check: false,
             fault: None,
+            forge: false,
         }
     }
 }
@@ -108,6 +133,12 @@ pub struct Report {
     pub direct_channels: usize,
     pub channels: usize,
     pub elapsed: Duration,
+    /// Parts whose two reducers returned different averages ([`Settings::check`]): this
+    /// member kept its own values there.
+    pub disputes: Vec<super::check::Dispute>,
+    /// Parts that came back without a second reducer's result to compare with (the check
+    /// was on, but one of the two failed, or only one member reduces).
+    pub unchecked: usize,
 }
 
 impl Report {
@@ -198,6 +229,9 @@ pub async fn all_reduce(
     buffer: &mut [f32],
     settings: &Settings,
 ) -> Result<Report, Error> {
+    if settings.check {
+        return super::check::checked(inbox, group, me, weight, buffer, settings).await;
+    }
     run(inbox, group, me, weight, buffer, None, settings).await
 }
 
@@ -222,7 +256,7 @@ pub async fn all_reduce_with_feedback(
     run(inbox, group, me, weight, buffer, Some(residual), settings).await
 }
 
-async fn run(
+pub(super) async fn run(
     inbox: &Inbox,
     group: &Group,
     me: usize,

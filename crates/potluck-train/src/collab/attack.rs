@@ -30,6 +30,9 @@ pub enum Attack {
     /// at 1e9 samples/s, and proposes a deadline already past for every epoch: believed, it
     /// ends every epoch at once, and every peer is too late to average.
     Rush,
+    /// As a reducer it returns its part's average negated and ten times over (what it sends
+    /// is honest): believed, every member steps the wrong way on that part, ten times as far.
+    Reducer,
 }
 
 impl Attack {
@@ -84,7 +87,7 @@ impl Attacker {
             Attack::Scale(factor) => grad.iter_mut().for_each(|g| *g *= factor),
             Attack::Weight(_) => grad.iter_mut().for_each(|g| *g = -*g),
             // It sends its true gradient: its lies are about its progress and its state.
-            Attack::Ahead(_) | Attack::Rush => {}
+            Attack::Ahead(_) | Attack::Rush | Attack::Reducer => {}
             Attack::NonFinite => grad.fill(f32::NAN),
             Attack::Noise => {
                 let norm = grad

@@ -31,8 +31,15 @@ impl<T: Trainable> Collab<T> {
             },
             None => Err(Alone::Solitary),
         };
-        // Each member's weight counts up to the samples it was seen to report for the epoch.
+        // Each member's weight counts up to the samples it was seen to report for the epoch;
+        // not in a checked round, whose two reducers of a part must weigh alike (their views
+        // differ): robust aggregation caps every weight at twice the median there.
+        let averaging = &self.settings.averaging;
+        let checked = averaging.check && averaging.rule != potluck_allreduce::aggregate::Rule::Mean;
         let group = group.map(|mut g| {
+            if checked {
+                return g;
+            }
             let view = self.view.borrow().clone();
             let now = clock::now();
             let me = self.net.dht.peer_id();

@@ -85,11 +85,19 @@ impl Job {
                 .position(|m| m.peer == net.dht.peer_id())
             {
                 Some(me) => {
-                    match butterfly::all_reduce(
+                    let reduced = butterfly::all_reduce(
                         &net.inbox, &group, me, weight, &mut grad, &averaging,
                     )
-                    .await
-                    {
+                    .await;
+                    // A disputed part whose liar the round did not show counts for nothing
+                    // this epoch, alike on every member (each kept its own values there).
+                    if let Ok(report) = &reduced {
+                        tell_disputes(&net, epoch, "gradient", &report.disputes);
+                        for d in report.disputes.iter().filter(|d| d.liar.is_none()) {
+                            grad[d.range.clone()].fill(0.0);
+                        }
+                    }
+                    match reduced {
                         Ok(report)
                             if group.members.len() > 1
                                 && !report.parts.iter().any(|p| {
@@ -210,7 +218,7 @@ impl Job {
             let TrainState {
                 params, optimizer, ..
             } = &mut state;
-            state_averaged = average_state(&net, group, *me, &averaging, params, optimizer)
+            state_averaged = average_state(&net, epoch, group, *me, &averaging, params, optimizer)
                 .await
                 .inspect_err(|e| tracing::warn!("epoch {epoch}: averaging the state failed: {e}"))
                 .unwrap_or(false);
@@ -253,6 +261,7 @@ impl Job {
 /// installed.
 async fn average_state(
     net: &Net,
+    epoch: u64,
     group: &Group,
     me: usize,
     averaging: &butterfly::Settings,
@@ -261,10 +270,11 @@ async fn average_state(
 ) -> Result<bool, String> {
     let mut round = group.clone();
     round.round[31] ^= 0x5a;
-    let params_done = butterfly::all_reduce(&net.inbox, &round, me, 1.0, params, averaging)
+    let report = butterfly::all_reduce(&net.inbox, &round, me, 1.0, params, averaging)
         .await
-        .map_err(|e| format!("the parameters: {e}"))?
-        .complete();
+        .map_err(|e| format!("the parameters: {e}"))?;
+    tell_disputes(net, epoch, "parameters", &report.disputes);
+    let params_done = report.complete();
     let mut moments = optimizer.moments_f32();
     round.round[31] ^= 0xff;
     let round = Group::new(round.round, group.members.clone(), moments.len())
@@ -272,10 +282,53 @@ async fn average_state(
     let report = butterfly::all_reduce(&net.inbox, &round, me, 1.0, &mut moments, averaging)
         .await
         .map_err(|e| format!("the moments: {e}"))?;
+    tell_disputes(net, epoch, "moments", &report.disputes);
     optimizer
         .set_moments_f32(&moments)
         .map_err(|e| format!("the averaged moments: {e}"))?;
     Ok(params_done && report.complete())
+}
+
+/// Warns of every part of `what` two reducers returned differently, and names the reducer
+/// that lied where that is known: shown by the round ([`butterfly::Dispute::liar`]), or by
+/// the disputes of the last rounds ([`crate::reports::Suspects::disputed`]).
+fn tell_disputes(net: &Net, epoch: u64, what: &str, disputes: &[butterfly::Dispute]) {
+    for d in disputes {
+        let [a, b] = d.reducers;
+        let (start, end) = (d.range.start, d.range.end);
+        if !d.same_inputs {
+            tracing::warn!(
+                "epoch {epoch}: reducers {a} and {b} averaged {what} values {start}..{end} from \
+                 different senders or weights: the part is not taken"
+            );
+            continue;
+        }
+        tracing::warn!(
+            "epoch {epoch}: reducers {a} and {b} returned {what} values {start}..{end} {:.3e} \
+             apart for the same contributions: one of them lied; {}",
+            d.distance,
+            match d.liar {
+                Some(liar) =>
+                    format!("{liar} did (in disputes with two others), the other's taken"),
+                None => "the part is not taken".into(),
+            }
+        );
+        let liar = match d.liar {
+            Some(liar) => {
+                net.suspects.name(
+                    liar,
+                    "as a reducer, returned averages that two other reducers of the same \
+                     contributions contradicted"
+                        .into(),
+                );
+                Some(liar)
+            }
+            None => net.suspects.disputed(d.reducers, net.dht.peer_id()),
+        };
+        if let Some(liar) = liar {
+            tracing::warn!("epoch {epoch}: {liar} reported as a dishonest reducer");
+        }
+    }
 }
 
 #[cfg(test)]
@@ -354,7 +407,8 @@ mod tests {
                     tokio::spawn(async move {
                         let settings = butterfly::Settings::default();
                         let done =
-                            average_state(&net, &group, me, &settings, &mut params, &mut opt).await;
+                            average_state(&net, 0, &group, me, &settings, &mut params, &mut opt)
+                                .await;
                         (done, params, opt)
                     })
                 })

@@ -167,8 +167,9 @@ impl<T: Trainable> Collab<T> {
         model: T,
         optimizer: Optimizer,
         net: Net,
-        settings: Settings,
+        mut settings: Settings,
     ) -> Result<Collab<T>, Error<T::Error>> {
+        settings.averaging.forge |= settings.attack == Some(Attack::Reducer);
         let n = model.layout().numel();
         let mut params = vec![0.0; n];
         model.read_params(&mut params).map_err(Error::Model)?;

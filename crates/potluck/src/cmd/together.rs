@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use potluck_allreduce::aggregate::Rule;
 use potluck_allreduce::balance::Mode;
 use potluck_core::clock;
 use potluck_data::Order;
@@ -40,7 +39,9 @@ pub(crate) struct RunArgs {
     pub(crate) spike_factor: f64,
     /// Byzantine-robust averaging: reducers combine contributions with CenteredClip (radius
     /// from the contributions' own spread) instead of the mean, so no one peer can move an
-    /// average far, whatever it sends.
+    /// average far, whatever it sends; and every part is reduced by two members and the two
+    /// results compared, so a reducer returning another average is caught (its part is not
+    /// taken, and it is reported). Twice the averaging bytes.
     #[arg(long)]
     pub(crate) robust: bool,
     /// Epochs in a row a peer that cannot average with the others (though it sees them) steps
@@ -106,13 +107,10 @@ pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
         f64::INFINITY
     };
     if run.robust {
-        settings.averaging.rule = ROBUST;
+        settings.averaging = settings.averaging.robust();
     }
     settings
 }
-
-/// The aggregation of `--robust` runs.
-pub(crate) const ROBUST: Rule = Rule::CenteredClipAuto { iterations: 5 };
 
 /// Loads a checkpoint's parameters and optimizer state into `model` and `optimizer`.
 pub(crate) fn init_from(

@@ -478,7 +478,7 @@ pub(crate) fn run(args: &Args) -> Result<()> {
         },
         report.codec,
         if report.robust {
-            "CenteredClip (--robust)"
+            "CenteredClip, each part reduced twice and compared (--robust)"
         } else {
             "the mean"
         },

@@ -143,14 +143,7 @@ async fn peer_main(args: &PeerArgs) -> Result<()> {
                     pace: (pace > 0.0).then_some(pace),
                     ..Settings::default()
                 };
-                let settings = if robust {
-                    Settings {
-                        rule: crate::cmd::together::ROBUST,
-                        ..settings
-                    }
-                } else {
-                    settings
-                };
+                let settings = if robust { settings.robust() } else { settings };
                 buffer = vec![0f32; numel];
                 group = Some((g, me, settings));
             }
