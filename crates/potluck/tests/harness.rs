@@ -73,10 +73,16 @@ impl Peer {
     /// Waits for a line starting with `prefix` (within a minute) and returns the rest of it.
     pub(crate) fn wait_for(&mut self, prefix: &str) -> String {
         loop {
-            let line = self
-                .lines
-                .recv_timeout(std::time::Duration::from_secs(60))
-                .unwrap_or_else(|_| panic!("no line {prefix:?} in {:?}", self.seen));
+            let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(60)) else {
+                // What the peer said on its way out (or what it said so far: it is killed).
+                let _ = self.child.kill();
+                let err = self.stderr.take().map(|h| h.join().unwrap_or_default());
+                panic!(
+                    "no line {prefix:?} in {:?}; stderr: {}",
+                    self.seen,
+                    err.unwrap_or_default()
+                );
+            };
             self.seen.push(line.clone());
             if let Some(rest) = line.trim().strip_prefix(prefix) {
                 return rest.to_owned();

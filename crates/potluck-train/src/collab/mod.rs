@@ -234,7 +234,17 @@ impl<T: Trainable> Collab<T> {
             let seen = collab.view.borrow().as_ref().map(|v| !v.others.is_empty());
             match seen {
                 Some(true) => {
-                    collab.joined = Some(collab.sync().await?);
+                    // A download that fails for want of agreeing donors (a tie, donors gone)
+                    // is tried again by `tick`, as the swarm is ahead of this peer.
+                    match collab.sync().await {
+                        Ok(report) => collab.joined = Some(report),
+                        Err(Error::Sync(e)) if !matches!(e, sync::Error::Mismatch(_)) => {
+                            tracing::warn!(
+                                "could not download the swarm's state to join, will try again: {e}"
+                            );
+                        }
+                        Err(e) => return Err(e),
+                    }
                     break;
                 }
                 Some(false) if tokio::time::Instant::now() >= until => break,
