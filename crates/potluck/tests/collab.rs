@@ -397,8 +397,11 @@ fn attacked(n: usize, attackers: usize, attacks: &[Attack], plain: bool, loose_b
                     .collect();
                 assert!(reporters.len() >= 2, "robust {robust}: {reports:?}");
             }
+            // No honest peer reports an honest one (what the attackers report is their word).
             assert!(
-                !reports.iter().any(|(_, r, _)| !bad.contains(r)),
+                !reports
+                    .iter()
+                    .any(|(by, r, _)| !bad.contains(by) && !bad.contains(r)),
                 "{reports:?}"
             );
         }
