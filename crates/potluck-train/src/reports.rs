@@ -18,6 +18,9 @@ use serde::{Deserialize, Serialize};
 
 /// Peers one report names, at most (the rest are left out).
 pub const MAX_NAMED: usize = 256;
+/// Why a reducer is named that returned averages other reducers of the same contributions
+/// contradicted.
+pub const DISHONEST_REDUCER: &str = "as a reducer, returned averages that two other reducers of the same contributions contradicted";
 /// A reason's length, at most (longer ones are cut).
 pub const MAX_WHY: usize = 200;
 /// How long a published report lives (it is published again at every new ban).
@@ -105,24 +108,12 @@ impl Suspects {
             match reducers.iter().position(|&r| r == me) {
                 Some(i) => Some(reducers[1 - i]),
                 None => reducers.into_iter().find(|&r| {
-                    let mut others: Vec<PeerId> = named
-                        .disputes
-                        .iter()
-                        .filter(|(pair, _)| pair.contains(&r))
-                        .flat_map(|(pair, _)| pair.iter().copied().filter(|&p| p != r))
-                        .collect();
-                    others.sort();
-                    others.dedup();
-                    others.len() >= 2
+                    let pairs = named.disputes.iter().map(|(pair, _)| pair);
+                    potluck_allreduce::butterfly::disputes_two_others(pairs, r)
                 }),
             }
         }?;
-        self.name(
-            liar,
-            "as a reducer, returned an average that another reducer of the same contributions \
-             contradicted"
-                .into(),
-        );
+        self.name(liar, DISHONEST_REDUCER.into());
         Some(liar)
     }
 

@@ -190,26 +190,19 @@ pub(super) async fn checked(
         .iter()
         .map(|m| m.peer)
         .filter(|&r| {
-            let mut partners: Vec<PeerId> = disputed
-                .iter()
-                .filter(|(d, _, _)| d.same_inputs && d.reducers.contains(&r))
-                .flat_map(|(d, _, _)| d.reducers.into_iter().filter(|&p| p != r))
-                .collect();
-            partners.sort();
-            partners.dedup();
-            partners.len() >= 2
+            let pairs = disputed.iter().filter(|(d, _, _)| d.same_inputs);
+            disputes_two_others(pairs.map(|(d, _, _)| &d.reducers), r)
         })
         .collect();
     for (mut dispute, a, b) in disputed {
         let [first, second_reducer] = dispute.reducers;
-        let liar = dispute.same_inputs.then(|| {
-            match (liars.contains(&first), liars.contains(&second_reducer)) {
-                (true, false) => Some(first),
-                (false, true) => Some(second_reducer),
-                _ => None,
-            }
-        });
-        match liar.flatten() {
+        dispute.liar = match (liars.contains(&first), liars.contains(&second_reducer)) {
+            _ if !dispute.same_inputs => None,
+            (true, false) => Some(first),
+            (false, true) => Some(second_reducer),
+            _ => None,
+        };
+        match dispute.liar {
             // The first reducer lied: the second's result is the part's.
             Some(l) if l == first => take_second(&mut report, buffer, a, b),
             // The second lied: the first's stands.
@@ -219,7 +212,6 @@ pub(super) async fn checked(
                 report.parts[a].chunks_done = 0;
             }
         }
-        dispute.liar = liar.flatten();
         report.disputes.push(dispute);
     }
     report.bytes_sent += other.bytes_sent;
@@ -227,6 +219,23 @@ pub(super) async fn checked(
     report.direct_channels += other.direct_channels;
     report.channels += other.channels;
     Ok(report)
+}
+
+/// Whether `reducer` is in disputes with two other reducers or more, among `pairs` (the two
+/// reducers of each disputed part): a liar disputes with every reducer checked against it, an
+/// honest reducer only with the liar.
+pub fn disputes_two_others<'a>(
+    pairs: impl IntoIterator<Item = &'a [PeerId; 2]>,
+    reducer: PeerId,
+) -> bool {
+    let mut others: Vec<PeerId> = pairs
+        .into_iter()
+        .filter(|pair| pair.contains(&reducer))
+        .flat_map(|pair| pair.iter().copied().filter(|&p| p != reducer))
+        .collect();
+    others.sort();
+    others.dedup();
+    others.len() >= 2
 }
 
 /// How far apart two results of one part are, relative, where that is more than two honest

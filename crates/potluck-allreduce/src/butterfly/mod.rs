@@ -49,7 +49,7 @@ mod send;
 mod wire;
 
 pub use crate::codec::CodecPlan;
-pub use check::Dispute;
+pub use check::{Dispute, disputes_two_others};
 pub use group::{Group, GroupError, MAX_GROUP, MAX_SHARES, Member};
 pub use inbox::{BANNED, BANNED_FOR, GONE_FOR, Inbox, STRIKES_TO_BAN};
 pub use round::{

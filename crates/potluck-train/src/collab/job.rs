@@ -315,12 +315,8 @@ fn tell_disputes(net: &Net, epoch: u64, what: &str, disputes: &[butterfly::Dispu
         );
         let liar = match d.liar {
             Some(liar) => {
-                net.suspects.name(
-                    liar,
-                    "as a reducer, returned averages that two other reducers of the same \
-                     contributions contradicted"
-                        .into(),
-                );
+                net.suspects
+                    .name(liar, crate::reports::DISHONEST_REDUCER.into());
                 Some(liar)
             }
             None => net.suspects.disputed(d.reducers, net.dht.peer_id()),
