@@ -1,8 +1,10 @@
-//! A run's charter: the settings its authority signs, which no peer's word changes. Today it
-//! names the tokenizers the run's data is encoded with ([`crate::tokenizers`]): in an
-//! authorized run whose authority published a charter, a peer whose data was encoded with
-//! others is refused at once, whatever the peers around it use, and `prepare --from-run` takes
-//! the chartered tokenizers (not merely those most peers report).
+//! A run's charter: the settings its authority signs, which no peer's word changes. It names
+//! the tokenizers the run's data is encoded with ([`crate::tokenizers`]) and the run's
+//! optimizer settings: in an authorized run whose authority published a charter, a peer whose
+//! data was encoded with other tokenizers is refused at once, whatever the peers around it use,
+//! and `prepare --from-run` takes the chartered tokenizers (not merely those most peers
+//! report); every peer trains with the chartered optimizer settings, whatever its command line
+//! says, and a newcomer takes no other from a donor (not merely those most donors offer).
 //!
 //! The charter lives under `RUN/charter` as an owner record of the authority's own peer id,
 //! signed by its key (like its revocations, [`potluck_net::revoke`]): only the authority can
@@ -19,16 +21,19 @@ use potluck_net::dht::{self, Dht};
 use potluck_net::revoke;
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizers;
+use crate::{optim, tokenizers};
 
 /// What the authority signs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Charter {
     pub run: String,
     /// When it was signed (ms since the epoch).
     pub issued: Time,
     /// The tokenizers every peer's data must be encoded with.
     pub tokenizers: tokenizers::Id,
+    /// The optimizer settings every peer steps with (rule, moments' precision, schedule,
+    /// betas, decay, clipping).
+    pub optimizer: optim::Config,
 }
 
 impl Typed for Charter {
@@ -77,6 +82,7 @@ pub fn decode(entry: &Entry, verifier: &Verifier) -> Result<Option<Charter>, Err
     if charter.run != verifier.run {
         return Err(Error::OtherRun(charter.run));
     }
+    charter.optimizer.check().map_err(Error::Malformed)?;
     Ok(Some(charter))
 }
 
@@ -88,12 +94,13 @@ pub async fn fetch(dht: &Dht, verifier: &Verifier) -> Result<Option<Charter>, Er
     }
 }
 
-/// A charter for `run` naming `tokenizers`, signed now.
-pub fn new(run: &str, tokenizers: tokenizers::Id) -> Charter {
+/// A charter for `run` naming `tokenizers` and `optimizer`, signed now.
+pub fn new(run: &str, tokenizers: tokenizers::Id, optimizer: optim::Config) -> Charter {
     Charter {
         run: run.to_owned(),
         issued: now(),
         tokenizers,
+        optimizer,
     }
 }
 
@@ -115,18 +122,26 @@ mod tests {
         assert_eq!(fetch(dht, &verifier).await.unwrap(), None);
         let expires = now() + 60_000;
         // A member's own charter, under its own subkey: ignored.
-        let forged = new("run", [9; 32]);
+        let forged = new("run", [9; 32], optim::Config::reference_lamb());
         records("run")
             .put(dht, member, &forged, expires)
             .await
             .unwrap();
         assert_eq!(fetch(dht, &verifier).await.unwrap(), None);
         // The authority's.
-        let charter = new("run", [7; 32]);
+        let charter = new("run", [7; 32], optim::Config::reference_lamb());
         dht.store_record(sign(&authority, &charter, expires))
             .await
             .unwrap();
-        assert_eq!(fetch(dht, &verifier).await.unwrap(), Some(charter));
+        assert_eq!(fetch(dht, &verifier).await.unwrap(), Some(charter.clone()));
+        // One naming optimizer settings no run trains with is not taken, though signed.
+        let mut absurd = charter.clone();
+        absurd.optimizer.schedule.peak = f64::NAN;
+        dht.store_record(sign(&authority, &absurd, expires + 1))
+            .await
+            .unwrap();
+        let err = fetch(dht, &verifier).await.unwrap_err();
+        assert!(err.to_string().contains("no run trains with"), "{err}");
         // Another run's authority reads nothing of this one's.
         let other = Verifier {
             run: "run".into(),

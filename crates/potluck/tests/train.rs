@@ -624,11 +624,12 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
         assert!(out.contains("trained to epoch 6"), "{out}");
     }
 
-    // The authority charters the run's tokenizers: a member whose data was encoded with others
-    // is refused, though no peer is around to compare with, and told how to take the run's.
+    // The authority charters the run's tokenizers and optimizer settings: a member whose data
+    // was encoded with other tokenizers is refused, though no peer is around to compare with,
+    // and told how to take the run's.
     let key = path("authority.key");
     let said = run(
-        "authority charter --run-id guarded",
+        "authority charter --run-id guarded --lr 0.004 --decay-steps 500",
         &[
             "--key",
             s(&key),
@@ -639,6 +640,25 @@ fn an_authorized_run_admits_its_token_holders_and_refuses_everyone_else() {
         ],
     );
     assert!(said.contains("run guarded: chartered tokenizers"), "{said}");
+    assert!(said.contains("learning rate 0.004"), "{said}");
+    // A member asking for another learning rate steps with the charter's: its flags are its
+    // word, the charter the run's.
+    enrol("four", "trainer", "authority.key");
+    let mut args = trainer("four");
+    let at = args.iter().position(|a| a == "6").unwrap();
+    args[at] = "2".to_owned();
+    args.extend(["--lr".to_owned(), "0.02".to_owned()]);
+    let out = ok(&strs(&args));
+    assert!(
+        out.contains("the run's charter fixes its optimizer"),
+        "{out}"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("four.ckpt").join("checkpoint.json")).unwrap())
+            .unwrap();
+    let schedule = &manifest["extra"]["optimizer"]["schedule"];
+    assert_eq!(schedule["peak"], 0.004, "{manifest}");
+    assert_eq!(schedule["total"], 500, "{manifest}");
     let apart = path("apart");
     run(
         "prepare --dataset shapes --images 64 --vq-steps 5 --vq-batch 8 --held-out 8 \

@@ -224,6 +224,8 @@ impl<T: Trainable> Collab<T> {
             unserved: Unserved::new(),
             settled: false,
         };
+        // A charter's settings are the run's from the start.
+        collab.settled = collab.settings.chartered;
         let mut guard = Guard::new(collab.settings.spike);
         guard.restart(&collab.state);
         collab.guard = Some(guard);

@@ -59,6 +59,9 @@ pub struct Settings {
     /// report others are left out of its epochs, groups and state downloads, and a newcomer
     /// the live peers outnumber with others is refused ([`Error::Tokenizers`]).
     pub tokenizers: tokenizers::Id,
+    /// The optimizer's settings are the run's charter's ([`crate::charter`]): from the start
+    /// this peer takes no other from a donor, as a peer that holds the run's state does.
+    pub chartered: bool,
 }
 
 /// Epochs in a row stepping alone, with others around, from which a peer warns at every epoch.
@@ -86,6 +89,7 @@ impl Settings {
             attack: None,
             alone_limit: 10,
             tokenizers: tokenizers::NONE,
+            chartered: false,
         }
     }
 

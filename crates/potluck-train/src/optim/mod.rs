@@ -62,6 +62,37 @@ pub struct Config {
 }
 
 impl Config {
+    /// Fails, saying why, with settings no run trains with (a learning rate outside [0, 1],
+    /// betas outside [0, 1), ε outside (0, 1), a weight decay outside [0, 1], a clamp or a
+    /// clipping norm negative or not finite): what a donor's manifest or a charter names is
+    /// checked before a peer takes it.
+    pub fn check(&self) -> Result<(), String> {
+        let sane = (0.0..=1.0).contains(&self.schedule.peak)
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps > 0.0
+            && self.eps < 1.0
+            && (0.0..=1.0).contains(&self.weight_decay)
+            && self.clamp.is_finite()
+            && self.clamp >= 0.0
+            && self.max_grad_norm.is_finite()
+            && self.max_grad_norm >= 0.0;
+        if sane {
+            return Ok(());
+        }
+        Err(format!(
+            "optimizer settings no run trains with (learning rate {}, betas {} and {}, ε {}, \
+             weight decay {}, clamp {}, clip {})",
+            self.schedule.peak,
+            self.beta1,
+            self.beta2,
+            self.eps,
+            self.weight_decay,
+            self.clamp,
+            self.max_grad_norm
+        ))
+    }
+
     /// The reference run's LAMB: lr 0.0025, betas 0.9/0.96, ε 1e-6, weight decay 0.045, clip
     /// 4.0, warm-up 3,125 and decay to 31,250 steps, 8-bit state.
     pub fn reference_lamb() -> Config {

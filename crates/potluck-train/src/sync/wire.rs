@@ -135,24 +135,7 @@ pub(super) fn check(manifest: &Manifest, shape: &Shape) -> Result<(), Error> {
             shape.bytes()
         ));
     }
-    let c = &manifest.config;
-    let sane = (0.0..=1.0).contains(&c.schedule.peak)
-        && (0.0..1.0).contains(&c.beta1)
-        && (0.0..1.0).contains(&c.beta2)
-        && c.eps > 0.0
-        && c.eps < 1.0
-        && (0.0..=1.0).contains(&c.weight_decay)
-        && c.clamp.is_finite()
-        && c.clamp >= 0.0
-        && c.max_grad_norm.is_finite()
-        && c.max_grad_norm >= 0.0;
-    if !sane {
-        return mismatch(format!(
-            "optimizer settings no run trains with (learning rate {}, betas {} and {}, ε {}, \
-             weight decay {}, clamp {}, clip {})",
-            c.schedule.peak, c.beta1, c.beta2, c.eps, c.weight_decay, c.clamp, c.max_grad_norm
-        ));
-    }
+    manifest.config.check().map_err(Error::Mismatch)?;
     let chunk = manifest.chunk as usize;
     if chunk == 0 || chunk > MAX_CHUNK {
         return mismatch(format!("chunks of {chunk} bytes"));

@@ -100,7 +100,9 @@ pub(crate) struct RevokeArgs {
     after_help = "Example: potluck authority charter --key authority.key --run-id shapes1 \
                   --data data/shapes --initial-peers /ip4/203.0.113.5/tcp/31337/p2p/12D3KooW…\n\
                   Peers whose data was encoded with other tokenizers are refused from then on; \
-                  newcomers take these with `potluck prepare --from-run`"
+                  newcomers take these with `potluck prepare --from-run`. Every peer steps with \
+                  the optimizer settings given here (--optimizer, --lr, --state, --warmup, \
+                  --decay-steps, --weight-decay; without --decay-steps the rate never decays)"
 )]
 pub(crate) struct CharterArgs {
     /// The authority's key file (from `potluck authority init`).
@@ -112,6 +114,9 @@ pub(crate) struct CharterArgs {
     /// A directory written by `potluck prepare` whose tokenizers the run trains with.
     #[arg(long)]
     pub(crate) data: PathBuf,
+    /// The run's optimizer settings (every peer steps with these, whatever its own flags).
+    #[command(flatten)]
+    pub(crate) optim: crate::cmd::train::OptimArgs,
     /// Peers of the run to publish through.
     #[arg(long, required = true, num_args = 1.., value_delimiter = ',')]
     pub(crate) initial_peers: Vec<String>,
@@ -233,27 +238,32 @@ fn join_briefly(
     Ok((rt, dht, verifier))
 }
 
-/// Publishes the run's charter: the tokenizers of `--data`, signed by the authority.
+/// Publishes the run's charter: the tokenizers of `--data` and the optimizer settings of the
+/// flags, signed by the authority.
 fn charter(args: CharterArgs) -> Result<()> {
     use potluck_train::{charter, tokenizers};
     let authority = Authority::load(&args.key)?;
+    let optimizer = crate::cmd::train::optimizer_config(&args.optim, None)?;
+    optimizer.check().map_err(anyhow::Error::msg)?;
     let data = potluck_data::tokens::TokenSet::open(&args.data)
         .with_context(|| format!("opening prepared data {}", args.data.display()))?;
     let id = crate::cmd::joining::tokenizers_of(&data)?.id();
     let (rt, dht, _) = join_briefly(&authority, &args.run_id, &args.initial_peers)?;
     rt.block_on(async {
         let expires = clock::now() + potluck_net::revoke::LIFETIME.as_millis() as u64;
-        let signed = charter::sign(&authority, &charter::new(&args.run_id, id), expires);
+        let chartered = charter::new(&args.run_id, id, optimizer);
+        let signed = charter::sign(&authority, &chartered, expires);
         let stored = dht
             .store_record(signed)
             .await
             .context("publishing the charter")?;
         println!(
-            "run {}: chartered tokenizers {} (of {}); the charter is on {stored} peers and \
-             lives {} (publish it again to keep it)",
+            "run {}: chartered tokenizers {} (of {}) and optimizer {}; the charter is on \
+             {stored} peers and lives {} (publish it again to keep it)",
             args.run_id,
             tokenizers::short(&id),
             args.data.display(),
+            crate::cmd::joining::describe(&optimizer),
             potluck_core::clock::humanize(potluck_net::revoke::LIFETIME.as_secs())
         );
         Ok(())

@@ -18,7 +18,7 @@ use potluck_train::optim::Optimizer;
 use serde_json::json;
 
 use crate::cmd::joining::{
-    NetArgs, join_failed, publish_metrics, run_seed, start_dht, use_tokenizers,
+    NetArgs, follow_charter, join_failed, publish_metrics, run_seed, start_dht,
 };
 use crate::cmd::run;
 use crate::cmd::together::{RunArgs, collab_settings, init_from};
@@ -75,7 +75,7 @@ pub(crate) fn run(args: Args) -> Result<()> {
     potluck_model::tch::manual_seed(run_seed(&args.run_id, 0) as i64);
     let mut model = Dalle::new(config, Device::Cpu.tch()?)?;
     // A swarm this peer starts takes these settings (the first peer's); joining one, the
-    // swarm's replace them.
+    // swarm's replace them; the run's charter, where its authority published one, fixes them.
     let cfg = optimizer_config(&args.optim, args.epochs)?;
     let mut optimizer = Optimizer::new(cfg, potluck_core::Trainable::layout(&model));
     if let Some(dir) = &args.init {
@@ -90,13 +90,27 @@ pub(crate) fn run(args: Args) -> Result<()> {
     rt.block_on(serve(args, data, model, optimizer))
 }
 
-async fn serve(mut args: Args, data: TokenSet, model: Dalle, optimizer: Optimizer) -> Result<()> {
+async fn serve(
+    mut args: Args,
+    data: TokenSet,
+    model: Dalle,
+    mut optimizer: Optimizer,
+) -> Result<()> {
     args.net.client_mode = reachable(args.net.client_mode)?;
     let (dht, keypair) = start_dht(&args.run_id, &args.net).await?;
     let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;
-    use_tokenizers(&dht, &data, &mut settings, &args.net).await?;
+    let layout = potluck_core::Trainable::layout(&model).clone();
+    follow_charter(
+        &dht,
+        &data,
+        &mut settings,
+        &mut optimizer,
+        &layout,
+        &args.net,
+    )
+    .await?;
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
         .map_err(|e| join_failed(e, &args.run_id, &args.net, &data))?;

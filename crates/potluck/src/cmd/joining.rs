@@ -10,12 +10,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use potluck_core::clock;
+use potluck_core::{Layout, clock};
 use potluck_data::tokens::TokenSet;
 use potluck_net::auth::{AuthorityKey, Gate, Token, Verifier, watch_token};
 use potluck_net::dht::{self, Dht};
 use potluck_net::host::{self, ClientMode, Transports};
 use potluck_net::identity;
+use potluck_train::charter::Charter;
+use potluck_train::optim::{self, Optimizer};
 use potluck_train::{metrics, tokenizers};
 
 /// Where a peer is on the network and how it joins.
@@ -240,11 +242,15 @@ pub(crate) fn tokenizers_of(data: &TokenSet) -> Result<tokenizers::Bundle> {
 
 /// Makes `data`'s tokenizers this peer's in `settings` (it reports their id, and leaves peers
 /// of others out) and serves them to newcomers (`potluck prepare --from-run`). In an
-/// authorized run whose authority chartered other tokenizers, fails with what to do.
-pub(crate) async fn use_tokenizers(
+/// authorized run whose authority published a charter, fails with what to do when the
+/// charter names other tokenizers, and makes the chartered optimizer settings `optimizer`'s
+/// and the run's (a newcomer takes no other from its donors), whatever this peer's flags said.
+pub(crate) async fn follow_charter(
     dht: &Dht,
     data: &TokenSet,
     settings: &mut potluck_train::collab::Settings,
+    optimizer: &mut Optimizer,
+    layout: &Layout,
     net: &NetArgs,
 ) -> Result<()> {
     let bundle = tokenizers_of(data)?;
@@ -254,32 +260,79 @@ pub(crate) async fn use_tokenizers(
         "this peer's data was encoded with tokenizers {}",
         tokenizers::short(&ours)
     );
-    if let Some(c) = chartered(dht).await
-        && c != ours
-    {
-        return Err(other_tokenizers(
-            "the run's authority chartered other tokenizers".into(),
-            &ours,
-            &c,
-            &settings.run,
-            net,
-            data,
-        ));
+    if let Some(c) = chartered(dht).await {
+        if c.tokenizers != ours {
+            return Err(other_tokenizers(
+                "the run's authority chartered other tokenizers".into(),
+                &ours,
+                &c.tokenizers,
+                &settings.run,
+                net,
+                data,
+            ));
+        }
+        take_chartered(optimizer, c.optimizer, layout)?;
+        settings.chartered = true;
     }
     tokenizers::serve(dht.host(), Arc::new(bundle))?;
     Ok(())
 }
 
-/// The tokenizers the run's authority chartered, in an authorized run that has a charter
-/// (said in the log when it has none, or it could not be read).
-pub(crate) async fn chartered(dht: &Dht) -> Option<tokenizers::Id> {
+/// Makes `chartered` `optimizer`'s settings, saying so when this peer's flags gave others. A
+/// fresh optimizer whose moments are of another precision is made anew; moments restored
+/// from a checkpoint (`--init`) must be of the charter's.
+fn take_chartered(
+    optimizer: &mut Optimizer,
+    chartered: optim::Config,
+    layout: &Layout,
+) -> Result<()> {
+    let own = *optimizer.config();
+    if own == chartered {
+        return Ok(());
+    }
+    println!(
+        "the run's charter fixes its optimizer: {} (this peer's flags said {})",
+        describe(&chartered),
+        describe(&own)
+    );
+    if optimizer.adopt(chartered).is_ok() {
+        return Ok(());
+    }
+    if optimizer.steps() > 0 {
+        bail!(
+            "the run's charter keeps the optimizer's moments in {:?} and --init's checkpoint \
+             holds them in {:?}: start from a checkpoint of the run's precision",
+            chartered.precision,
+            own.precision
+        );
+    }
+    *optimizer = Optimizer::new(chartered, layout);
+    Ok(())
+}
+
+/// Optimizer settings in a few words, for people.
+pub(crate) fn describe(c: &optim::Config) -> String {
+    let decay = match c.schedule.total {
+        u64::MAX => "no decay".to_owned(),
+        total => format!("decayed to 0 at step {total}"),
+    };
+    format!(
+        "{:?}, {:?} moments, learning rate {} (warm-up {} steps, {decay}), weight decay {}",
+        c.rule, c.precision, c.schedule.peak, c.schedule.warmup, c.weight_decay
+    )
+}
+
+/// The charter of the run's authority, in an authorized run that has one (said in the log when
+/// it has none, or it could not be read).
+pub(crate) async fn chartered(dht: &Dht) -> Option<Charter> {
     let gate = dht.host().gate()?;
     match potluck_train::charter::fetch(dht, gate.verifier()).await {
-        Ok(Some(c)) => Some(c.tokenizers),
+        Ok(Some(c)) => Some(c),
         Ok(None) => {
             tracing::warn!(
                 "the run's authority published no charter: its tokenizers are those most of its \
-                 live peers train with (`potluck authority charter` fixes them)"
+                 live peers train with and its optimizer settings those most donors offer \
+                 (`potluck authority charter` fixes them)"
             );
             None
         }

@@ -146,7 +146,7 @@ fn take_from_run(run: &str, net: &NetArgs, out: &Path) -> Result<usize> {
         .context("starting the async runtime")?;
     let (bundle, peers, others) = rt.block_on(async {
         let (dht, keypair) = start_dht(run, net).await?;
-        let chartered = chartered(&dht).await;
+        let chartered = chartered(&dht).await.map(|c| c.tokenizers);
         tokenizers::from_run(&dht, &keypair, run, chartered, LOOK_FOR_PEERS)
             .await
             .with_context(|| format!("taking the tokenizers of run {run}"))

@@ -19,7 +19,7 @@ use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
 use crate::cmd::joining::{
-    NetArgs, join_failed, publish_metrics, run_seed, start_dht, use_tokenizers,
+    NetArgs, follow_charter, join_failed, publish_metrics, run_seed, start_dht,
 };
 use crate::cmd::run;
 use crate::cmd::train::{Args, fixed_loss, model_config, optimizer_config, save_state};
@@ -167,7 +167,7 @@ async fn train(
     run_id: String,
     data: TokenSet,
     model: Dalle,
-    optimizer: Optimizer,
+    mut optimizer: Optimizer,
     micro: usize,
 ) -> Result<()> {
     let swarm = &args.swarm;
@@ -180,7 +180,16 @@ async fn train(
         Mode::Full
     };
     settings.delayed = swarm.delayed_updates;
-    use_tokenizers(&dht, &data, &mut settings, &swarm.net).await?;
+    let layout = model.layout().clone();
+    follow_charter(
+        &dht,
+        &data,
+        &mut settings,
+        &mut optimizer,
+        &layout,
+        &swarm.net,
+    )
+    .await?;
     let config = model.config().clone();
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
