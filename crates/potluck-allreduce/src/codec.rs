@@ -174,6 +174,11 @@ impl CodecPlan {
         CodecPlan { spans }
     }
 
+    /// Whether every stretch travels exactly (nothing for error feedback to carry).
+    pub fn is_exact(&self) -> bool {
+        self.spans.iter().all(|(_, c)| c.is_exact())
+    }
+
     /// The codec at `offset`, and where its stretch ends.
     pub(crate) fn at(&self, offset: usize) -> (Codec, usize) {
         let i = self.spans.partition_point(|(end, _)| *end <= offset);

@@ -196,6 +196,17 @@ async fn results_equal_the_reference(on: On) {
                 "{codec:?} member {i}: off by {diff} > {bound}"
             );
         }
+        // Every member holds the same values, bit for bit, whatever the codec: a reducer keeps
+        // its part as the others receive it (a lossy codec's rounding included), or their
+        // parameters drift apart step after step.
+        for (i, (buffer, _)) in results.iter().enumerate().skip(1) {
+            let differ = buffer
+                .iter()
+                .zip(&results[0].0)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            assert_eq!(differ, 0, "{codec:?}: member {i} differs from member 0");
+        }
     }
 }
 

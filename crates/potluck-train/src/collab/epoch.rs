@@ -89,6 +89,7 @@ impl<T: Trainable> Collab<T> {
                 .unwrap_or_else(|| Guard::new(self.settings.spike)),
             started,
             may_step_alone: self.alone_epochs < self.settings.alone_limit,
+            residual: self.residual.take(),
         };
         self.epoch += 1;
         self.samples = 0;
@@ -120,6 +121,7 @@ impl<T: Trainable> Collab<T> {
             self.unheard = Some(self.state.epoch());
         }
         self.spare = stepped.scratch;
+        self.residual = stepped.residual;
         let mut guard = stepped.guard;
         if stepped.keep {
             guard.keep(&self.state);

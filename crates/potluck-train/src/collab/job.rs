@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use potluck_allreduce::butterfly::{self, Group};
+use potluck_allreduce::codec::{Codec, CodecPlan};
 use potluck_core::Loss;
 
 use super::{Alone, EpochReport, Net};
@@ -34,6 +35,8 @@ pub(super) struct Job {
     /// Whether it may step on its own gradient if it cannot average (see
     /// [`super::Settings::alone_limit`]).
     pub(super) may_step_alone: bool,
+    /// Error feedback of a lossy codec (see [`super::Collab`]), given back in [`Stepped`].
+    pub(super) residual: Option<Vec<f32>>,
 }
 
 /// Why a [`Job`] could not step.
@@ -54,6 +57,7 @@ pub(super) struct Stepped {
     pub(super) keep: bool,
     /// The gradient buffer, for reuse.
     pub(super) scratch: Vec<f32>,
+    pub(super) residual: Option<Vec<f32>>,
     pub(super) report: EpochReport,
 }
 
@@ -73,6 +77,7 @@ impl Job {
             mut guard,
             started,
             may_step_alone,
+            mut residual,
         } = self;
         let mut swarm_samples = samples as f64;
         let mut group_size = 1;
@@ -85,10 +90,26 @@ impl Job {
                 .position(|m| m.peer == net.dht.peer_id())
             {
                 Some(me) => {
-                    let reduced = butterfly::all_reduce(
-                        &net.inbox, &group, me, weight, &mut grad, &averaging,
-                    )
-                    .await;
+                    let reduced = match residual.as_mut() {
+                        Some(r) => {
+                            butterfly::all_reduce_with_feedback(
+                                &net.inbox, &group, me, weight, &mut grad, r, &averaging,
+                            )
+                            .await
+                        }
+                        None => {
+                            butterfly::all_reduce(
+                                &net.inbox, &group, me, weight, &mut grad, &averaging,
+                            )
+                            .await
+                        }
+                    };
+                    // What feedback carries is owed to an average that happened in full.
+                    if !matches!(&reduced, Ok(r) if r.complete())
+                        && let Some(r) = residual.as_mut()
+                    {
+                        r.fill(0.0);
+                    }
                     // A disputed part whose liar the round did not show counts for nothing
                     // this epoch, alike on every member (each kept its own values there).
                     if let Ok(report) = &reduced {
@@ -125,6 +146,11 @@ impl Job {
             Err(why) if why.is_fault() => alone_because = Some(why),
             Err(_) => {}
         }
+        if alone_because.is_some()
+            && let Some(r) = residual.as_mut()
+        {
+            r.fill(0.0);
+        }
         let held_back = alone_because.is_some()
             && (!may_step_alone || matches!(alone_because, Some(Alone::Unheard)));
         match &alone_because {
@@ -159,6 +185,7 @@ impl Job {
                 state,
                 guard,
                 scratch: grad,
+                residual,
             });
         }
         // The step is a few hundred milliseconds of arithmetic: off the async workers. A
@@ -218,7 +245,13 @@ impl Job {
             let TrainState {
                 params, optimizer, ..
             } = &mut state;
-            state_averaged = average_state(&net, epoch, group, *me, &averaging, params, optimizer)
+            // The state travels exactly: a lossy codec's rounding of the parameters every few
+            // epochs would erase the small steps between.
+            let exact = butterfly::Settings {
+                plan: CodecPlan::uniform(Codec::None),
+                ..averaging.clone()
+            };
+            state_averaged = average_state(&net, epoch, group, *me, &exact, params, optimizer)
                 .await
                 .inspect_err(|e| tracing::warn!("epoch {epoch}: averaging the state failed: {e}"))
                 .unwrap_or(false);
@@ -232,6 +265,7 @@ impl Job {
             guard,
             keep,
             scratch: grad,
+            residual,
             report: EpochReport {
                 epoch: info.step,
                 samples,

@@ -56,7 +56,7 @@ pub use attack::Attack;
 use attack::Attacker;
 use job::{Job, Stepped};
 pub use outcome::{Alone, EpochReport, Tick};
-pub use settings::{ALONE_WARN, Net, Settings};
+pub use settings::{ALONE_WARN, Compression, Net, SMALL_TENSOR, Settings};
 use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
 
 /// Errors that stop training.
@@ -149,6 +149,10 @@ pub struct Collab<T: Trainable> {
     /// Whether it holds the run's state (it started the swarm or joined it): from then on its
     /// optimizer settings are the run's, and no donor changes them.
     settled: bool,
+    /// Error feedback of a lossy codec: what the last averaging's rounding left out of this
+    /// peer's gradient, sent with the next (in the step's job while one runs). None with an
+    /// exact codec, or under `--robust` (its checked rounds send each part twice).
+    residual: Option<Vec<f32>>,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -170,7 +174,9 @@ impl<T: Trainable> Collab<T> {
         mut settings: Settings,
     ) -> Result<Collab<T>, Error<T::Error>> {
         settings.averaging.forge |= settings.attack == Some(Attack::Reducer);
+        settings.averaging.plan = settings.codec.plan(model.layout());
         let n = model.layout().numel();
+        let feedback = !settings.averaging.plan.is_exact() && !settings.averaging.check;
         let mut params = vec![0.0; n];
         model.read_params(&mut params).map_err(Error::Model)?;
         let addrs = net.dht.addrs().await?;
@@ -223,6 +229,7 @@ impl<T: Trainable> Collab<T> {
             unheard: None,
             unserved: Unserved::new(),
             settled: false,
+            residual: feedback.then(|| vec![0.0; n]),
         };
         // A charter's settings are the run's from the start.
         collab.settled = collab.settings.chartered;

@@ -64,6 +64,9 @@ impl<T: Trainable> Collab<T> {
                         .write_params(&self.state.params)
                         .map_err(Error::Model)?;
                     self.grad.fill(0.0);
+                    if let Some(r) = &mut self.residual {
+                        r.fill(0.0);
+                    }
                     self.samples = 0;
                     self.loss = Loss::default();
                     self.missed = None;

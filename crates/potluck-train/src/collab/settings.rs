@@ -6,6 +6,7 @@ use libp2p::Multiaddr;
 use libp2p::identity::Keypair;
 use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::{self, Inbox};
+use potluck_allreduce::codec::{Codec, CodecPlan};
 use potluck_allreduce::matchmaking;
 use potluck_net::dht::{self, Dht};
 
@@ -59,9 +60,54 @@ pub struct Settings {
     /// report others are left out of its epochs, groups and state downloads, and a newcomer
     /// the live peers outnumber with others is refused ([`Error::Tokenizers`]).
     pub tokenizers: tokenizers::Id,
+    /// How each epoch's gradient travels in the averaging: peers of a run must agree (a part's
+    /// chunks are cut where its codecs change).
+    pub codec: Compression,
     /// The optimizer's settings are the run's charter's ([`crate::charter`]): from the start
     /// this peer takes no other from a donor, as a peer that holds the run's state does.
     pub chartered: bool,
+}
+
+/// Tensors of fewer values than this travel in fp16 under [`Compression::Auto`], as in the
+/// reference run (norms, biases and small tensors); the others in blockwise 8-bit.
+pub const SMALL_TENSOR: usize = 1 << 16;
+
+/// How each epoch's gradient travels in the averaging (`train --codec`). A lossy codec is
+/// used with error feedback: what a round's rounding left out of a peer's gradient is added to
+/// what it sends the next epoch. The parameters' and moments' averaging every few epochs is
+/// always exact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// As the reference run: norms, biases and tensors under [`SMALL_TENSOR`] values in fp16,
+    /// the others (weights, embeddings) in blockwise 8-bit: about a quarter of f32's bytes.
+    Auto,
+    /// One codec for the whole gradient.
+    Uniform(Codec),
+}
+
+impl Compression {
+    /// The codec of each stretch of a buffer laid out as `layout`.
+    pub fn plan(self, layout: &potluck_core::Layout) -> CodecPlan {
+        match self {
+            Compression::Auto => {
+                CodecPlan::for_layout(layout, SMALL_TENSOR, Codec::Fp16, Codec::Blockwise8)
+            }
+            Compression::Uniform(codec) => CodecPlan::uniform(codec),
+        }
+    }
+}
+
+impl std::str::FromStr for Compression {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Compression, String> {
+        match s {
+            "auto" => Ok(Compression::Auto),
+            "none" | "f32" => Ok(Compression::Uniform(Codec::None)),
+            "fp16" => Ok(Compression::Uniform(Codec::Fp16)),
+            "8bit" => Ok(Compression::Uniform(Codec::Blockwise8)),
+            _ => Err(format!("codec `{s}`: use auto, none, fp16 or 8bit")),
+        }
+    }
 }
 
 /// Epochs in a row stepping alone, with others around, from which a peer warns at every epoch.
@@ -90,6 +136,7 @@ impl Settings {
             alone_limit: 10,
             tokenizers: tokenizers::NONE,
             chartered: false,
+            codec: Compression::Uniform(Codec::None),
         }
     }
 

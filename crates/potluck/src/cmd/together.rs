@@ -50,6 +50,12 @@ pub(crate) struct RunArgs {
     /// such epoch on; 0: never step alone while others are around).
     #[arg(long, default_value_t = 10)]
     pub(crate) max_alone_epochs: u64,
+    /// How each epoch's gradient travels: auto (norms, biases and small tensors in fp16, the
+    /// rest blockwise 8-bit, about a quarter of f32's bytes), none (f32), fp16 or 8bit. Lossy
+    /// codecs carry their rounding into the next epoch (error feedback); the parameters'
+    /// averaging every --state-every epochs is exact. Every peer of a run gives the same.
+    #[arg(long, default_value = "auto")]
+    pub(crate) codec: collab::Compression,
 }
 
 /// What joining a run takes.
@@ -88,6 +94,7 @@ impl Default for SwarmArgs {
                 spike_factor: 10.0,
                 robust: false,
                 max_alone_epochs: 10,
+                codec: collab::Compression::Auto,
             },
             init: None,
             delayed_updates: false,
@@ -101,6 +108,7 @@ pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
     let mut settings = collab::Settings::new(run_id, run.target_batch_size);
     settings.state_every = run.state_every;
     settings.alone_limit = run.max_alone_epochs;
+    settings.codec = run.codec;
     settings.spike = if run.spike_factor > 0.0 {
         run.spike_factor
     } else {
