@@ -44,6 +44,15 @@ pub struct Metrics {
     /// out of its epochs and groups: the run is split; see `crate::tokenizers`).
     #[serde(default)]
     pub strangers: u64,
+    /// Bytes it sent and received since it started: averaging, and the states it downloaded
+    /// and served.
+    #[serde(default)]
+    pub sent: u64,
+    #[serde(default)]
+    pub received: u64,
+    /// The share of its time since it started that it spent computing (0 to 1).
+    #[serde(default)]
+    pub computing: f64,
     /// Wall clock (ms) when it was published.
     pub time: Time,
 }
@@ -61,6 +70,11 @@ impl Metrics {
         if !self.samples_per_second.is_finite() || self.samples_per_second < 0.0 {
             self.samples_per_second = 0.0;
         }
+        self.computing = if self.computing.is_finite() {
+            self.computing.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 }
@@ -128,6 +142,9 @@ mod tests {
             client: false,
             alone_epochs: 0,
             strangers: 0,
+            sent: 0,
+            received: 0,
+            computing: 0.0,
             time: clock::now(),
         }
     }

@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use potluck_core::{Loss, Trainable, clock};
 
-use super::{ALONE_WARN, Alone, Collab, EpochReport, Error, Guard, Job, Stepped, Tick, TrainState};
+use super::{
+    ALONE_WARN, Alone, Collab, EpochReport, Error, Guard, Job, Stepped, Tick, Traffic, TrainState,
+};
 
 impl<T: Trainable> Collab<T> {
     /// Ends the epoch: averages its gradient with the group (or not, alone) and steps, here
@@ -122,6 +124,7 @@ impl<T: Trainable> Collab<T> {
         }
         self.spare = stepped.scratch;
         self.residual = stepped.residual;
+        self.traffic += stepped.report.traffic;
         let mut guard = stepped.guard;
         if stepped.keep {
             guard.keep(&self.state);
@@ -176,6 +179,7 @@ impl<T: Trainable> Collab<T> {
             rolled_back: None,
             state_averaged: false,
             averaging: started.elapsed(),
+            traffic: Traffic::default(),
         }
     }
 }

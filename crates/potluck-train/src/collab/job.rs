@@ -8,7 +8,7 @@ use potluck_allreduce::butterfly::{self, Group};
 use potluck_allreduce::codec::{Codec, CodecPlan};
 use potluck_core::Loss;
 
-use super::{Alone, EpochReport, Net};
+use super::{Alone, EpochReport, Net, Traffic};
 use crate::guard::{Guard, Verdict};
 use crate::optim::{self, Optimizer};
 use crate::state::TrainState;
@@ -83,6 +83,7 @@ impl Job {
         let mut group_size = 1;
         let mut alone_because = None;
         let mut averaged: Option<(Group, usize)> = None;
+        let mut traffic = Traffic::default();
         match group {
             Ok(group) => match group
                 .members
@@ -113,6 +114,7 @@ impl Job {
                     // A disputed part whose liar the round did not show counts for nothing
                     // this epoch, alike on every member (each kept its own values there).
                     if let Ok(report) = &reduced {
+                        traffic += Traffic::of(report);
                         tell_disputes(&net, epoch, "gradient", &report.disputes);
                         for d in report.disputes.iter().filter(|d| d.liar.is_none()) {
                             grad[d.range.clone()].fill(0.0);
@@ -181,6 +183,7 @@ impl Job {
                     rolled_back: None,
                     state_averaged: false,
                     averaging: started.elapsed(),
+                    traffic,
                 },
                 state,
                 guard,
@@ -251,10 +254,18 @@ impl Job {
                 plan: CodecPlan::uniform(Codec::None),
                 ..averaging.clone()
             };
-            state_averaged = average_state(&net, epoch, group, *me, &exact, params, optimizer)
-                .await
-                .inspect_err(|e| tracing::warn!("epoch {epoch}: averaging the state failed: {e}"))
-                .unwrap_or(false);
+            state_averaged = average_state(
+                &net,
+                epoch,
+                (group, *me),
+                &exact,
+                params,
+                optimizer,
+                &mut traffic,
+            )
+            .await
+            .inspect_err(|e| tracing::warn!("epoch {epoch}: averaging the state failed: {e}"))
+            .unwrap_or(false);
         }
         state.samples += swarm_samples.max(0.0) as u64;
         // The state every few epochs is the one to go back to (the same on every peer once
@@ -282,6 +293,7 @@ impl Job {
                 rolled_back,
                 state_averaged,
                 averaging: started.elapsed(),
+                traffic,
             },
         })
     }
@@ -296,17 +308,18 @@ impl Job {
 async fn average_state(
     net: &Net,
     epoch: u64,
-    group: &Group,
-    me: usize,
+    (group, me): (&Group, usize),
     averaging: &butterfly::Settings,
     params: &mut [f32],
     optimizer: &mut Optimizer,
+    traffic: &mut Traffic,
 ) -> Result<bool, String> {
     let mut round = group.clone();
     round.round[31] ^= 0x5a;
     let report = butterfly::all_reduce(&net.inbox, &round, me, 1.0, params, averaging)
         .await
         .map_err(|e| format!("the parameters: {e}"))?;
+    *traffic += Traffic::of(&report);
     tell_disputes(net, epoch, "parameters", &report.disputes);
     let params_done = report.complete();
     let mut moments = optimizer.moments_f32();
@@ -316,6 +329,7 @@ async fn average_state(
     let report = butterfly::all_reduce(&net.inbox, &round, me, 1.0, &mut moments, averaging)
         .await
         .map_err(|e| format!("the moments: {e}"))?;
+    *traffic += Traffic::of(&report);
     tell_disputes(net, epoch, "moments", &report.disputes);
     optimizer
         .set_moments_f32(&moments)
@@ -436,9 +450,19 @@ mod tests {
                     let (net, group) = (nets[me].clone(), group.clone());
                     tokio::spawn(async move {
                         let settings = butterfly::Settings::default();
-                        let done =
-                            average_state(&net, 0, &group, me, &settings, &mut params, &mut opt)
-                                .await;
+                        let mut traffic = Traffic::default();
+                        let done = average_state(
+                            &net,
+                            0,
+                            (&group, me),
+                            &settings,
+                            &mut params,
+                            &mut opt,
+                            &mut traffic,
+                        )
+                        .await;
+                        // Both rounds moved the state's values (f32: 4 bytes each).
+                        assert!(traffic.sent > 0 && traffic.received > 0, "{traffic:?}");
                         (done, params, opt)
                     })
                 })

@@ -55,7 +55,7 @@ mod swarm;
 pub use attack::Attack;
 use attack::Attacker;
 use job::{Job, Stepped};
-pub use outcome::{Alone, EpochReport, Tick};
+pub use outcome::{Alone, EpochReport, Tick, Traffic};
 pub use settings::{ALONE_WARN, Compression, Net, SMALL_TENSOR, Settings};
 use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
 
@@ -153,6 +153,8 @@ pub struct Collab<T: Trainable> {
     /// peer's gradient, sent with the next (in the step's job while one runs). None with an
     /// exact codec, or under `--robust` (its checked rounds send each part twice).
     residual: Option<Vec<f32>>,
+    /// Bytes averaged and downloaded so far (served: [`Net::shelf`]).
+    traffic: Traffic,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -230,6 +232,7 @@ impl<T: Trainable> Collab<T> {
             unserved: Unserved::new(),
             settled: false,
             residual: feedback.then(|| vec![0.0; n]),
+            traffic: Traffic::default(),
         };
         // A charter's settings are the run's from the start.
         collab.settled = collab.settings.chartered;
@@ -271,6 +274,14 @@ impl<T: Trainable> Collab<T> {
         collab.shelve();
         collab.report(true);
         Ok(collab)
+    }
+
+    /// Bytes this peer sent and received since it started: its averaging rounds, the states
+    /// it downloaded and served.
+    pub fn traffic(&self) -> Traffic {
+        let mut traffic = self.traffic;
+        traffic.sent += self.net.shelf.served();
+        traffic
     }
 
     /// Fails with [`Error::Tokenizers`] if the live peers of other tokenizers than this

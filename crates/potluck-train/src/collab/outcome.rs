@@ -41,6 +41,33 @@ pub struct EpochReport {
     pub state_averaged: bool,
     /// Time from the end of computing to the new parameters.
     pub averaging: Duration,
+    /// Bytes the epoch's averaging moved (the gradient's, and the state's when it was
+    /// averaged); rounds that failed count nothing.
+    pub traffic: Traffic,
+}
+
+/// Bytes a peer sent and received: for averaging, and for the state it downloaded and served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub sent: u64,
+    pub received: u64,
+}
+
+impl Traffic {
+    /// What an all-reduce round moved.
+    pub fn of(report: &butterfly::Report) -> Traffic {
+        Traffic {
+            sent: report.bytes_sent,
+            received: report.bytes_received,
+        }
+    }
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, other: Traffic) {
+        self.sent += other.sent;
+        self.received += other.received;
+    }
 }
 
 /// What one [`Collab::tick`] did.

@@ -51,6 +51,7 @@ impl<T: Trainable> Collab<T> {
             .await
             {
                 Ok((snapshot, report)) => {
+                    self.traffic.received += report.bytes;
                     let claimed = |p: &libp2p::PeerId| (*p, newest, "served another state");
                     self.distrust(report.unlike.iter().map(claimed));
                     let outvoted = "served a state unlike most donors'";

@@ -15,9 +15,12 @@ use potluck_net::host::{self, Host};
 use super::snapshot::Snapshot;
 use super::wire::{MAX_CONTROL, PROTOCOL, Request, Response};
 
-/// The state this peer serves; replaced after every step.
+/// The state this peer serves (replaced after every step), and the bytes it served so far.
 #[derive(Debug, Clone, Default)]
-pub struct Shelf(Arc<Mutex<Option<Arc<Snapshot>>>>);
+pub struct Shelf(
+    Arc<Mutex<Option<Arc<Snapshot>>>>,
+    Arc<std::sync::atomic::AtomicU64>,
+);
 
 impl Shelf {
     pub fn put(&self, snapshot: Snapshot) {
@@ -26,6 +29,16 @@ impl Shelf {
 
     pub fn get(&self) -> Option<Arc<Snapshot>> {
         lock(&self.0).clone()
+    }
+
+    /// Bytes of manifests and chunks served to downloaders so far.
+    pub fn served(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, bytes: usize) {
+        self.1
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -176,6 +189,7 @@ async fn answer(peer: PeerId, mut stream: Stream, donor: &Donor) -> std::io::Res
                 }
                 write_message(&mut stream, &Response::Manifest).await?;
                 write_frame(&mut stream, &[&bytes]).await?;
+                shelf.count(bytes.len());
             }
             (Request::Chunk { epoch, index }, Some(s))
                 if s.epoch == epoch && (index as usize) * s.chunk() < s.len() =>
@@ -197,6 +211,7 @@ async fn answer(peer: PeerId, mut stream: Stream, donor: &Donor) -> std::io::Res
                 }
                 write_message(&mut stream, &Response::Chunk).await?;
                 write_frame(&mut stream, &[&chunk]).await?;
+                shelf.count(chunk.len());
             }
             (_, s) => {
                 let epoch = s.map(|s| s.epoch);

@@ -168,6 +168,9 @@ async fn serve(
             client: false,
             alone_epochs: peer.alone_epochs(),
             strangers: peer.strangers().len() as u64,
+            sent: peer.traffic().sent,
+            received: peer.traffic().received,
+            computing: 0.0,
             time: clock::now(),
         };
         publish_metrics(&dht, &keypair, &args.run_id, m);

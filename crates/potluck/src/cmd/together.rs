@@ -294,6 +294,10 @@ async fn train(
                     client: !dht.host().reachability().serving,
                     alone_epochs: r.alone_epochs,
                     strangers: peer.strangers().len() as u64,
+                    sent: peer.traffic().sent,
+                    received: peer.traffic().received,
+                    computing: compute_time.as_secs_f64()
+                        / started.elapsed().as_secs_f64().max(1e-9),
                     time: clock::now(),
                 };
                 publish_metrics(&dht, &keypair, &run_id, m);
@@ -353,11 +357,38 @@ async fn train(
     if let (Some(first), Some(last)) = (first_loss, last_loss) {
         println!("training loss {first:.4} in its first epoch here, {last:.4} in its last");
     }
+    println!(
+        "{}",
+        traffic_line(
+            peer.traffic(),
+            computed,
+            compute_time.as_secs_f64() / elapsed.max(1e-9)
+        )
+    );
     for line in tally.lines() {
         println!("{line}");
     }
     println!("checkpoint: {}", args.out.display());
     Ok(())
+}
+
+/// What a peer moved over the network for its work: `traffic: sent S MB, received R MB, B bytes
+/// sent per sample; computing P% of the time` (per sample this peer computed; `computing` the
+/// share of its time).
+fn traffic_line(traffic: collab::Traffic, computed: u64, computing: f64) -> String {
+    let per_sample = match computed {
+        0 => "no samples computed".to_owned(),
+        n => format!(
+            "{:.0} bytes sent per sample",
+            traffic.sent as f64 / n as f64
+        ),
+    };
+    format!(
+        "traffic: sent {:.1} MB, received {:.1} MB, {per_sample}; computing {:.1}% of the time",
+        traffic.sent as f64 / 1e6,
+        traffic.received as f64 / 1e6,
+        100.0 * computing
+    )
 }
 
 /// The epochs that did not end in a step on the swarm's averaged gradient, by why: said once
@@ -499,6 +530,7 @@ mod tests {
             rolled_back: None,
             state_averaged: false,
             averaging: Duration::ZERO,
+            traffic: Default::default(),
         }
     }
 

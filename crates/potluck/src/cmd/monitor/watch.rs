@@ -169,6 +169,11 @@ impl Watch {
                 "client": s.metrics.client,
                 "alone_epochs": s.metrics.alone_epochs,
                 "strangers": s.metrics.strangers,
+                "sent": s.metrics.sent,
+                "received": s.metrics.received,
+                "computing": s.metrics.computing,
+                "bytes_per_sample": (s.metrics.samples > 0)
+                    .then(|| s.metrics.sent as f64 / s.metrics.samples as f64),
                 "seen_s_ago": now.saturating_sub(s.metrics.time) / 1000,
             })
         };
@@ -292,6 +297,9 @@ mod tests {
             client: false,
             alone_epochs: 0,
             strangers: 0,
+            sent: 0,
+            received: 0,
+            computing: 0.0,
             time,
         }
     }
@@ -362,6 +370,18 @@ mod tests {
             prom.contains("potluck_peers_seeing_other_tokenizers{run=\"r\"} 1"),
             "{prom}"
         );
+        // What a peer sent per sample it computed, and its time computing, for the board.
+        let busy = Metrics {
+            sent: 6_000,
+            computing: 0.9,
+            ..m(2, Some(3.0), 20, now + 5)
+        };
+        w.update(vec![("c".into(), busy)], now + 5);
+        let status = w.status("r", "join", now + 5);
+        let live = status["live"].as_array().unwrap();
+        let c = live.iter().find(|p| p["peer"] == "c").unwrap();
+        assert_eq!(c["bytes_per_sample"], 300.0, "{c}");
+        assert_eq!(c["computing"], 0.9, "{c}");
         // Gone for long: not live.
         assert_eq!(w.live(now + LIVE_MS + 10).len(), 0);
     }
