@@ -144,10 +144,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         None => identity::generate(),
     };
     let listen = if args.listen.is_empty() {
-        vec![
-            "/ip4/0.0.0.0/tcp/0".to_owned(),
-            "/ip4/0.0.0.0/udp/0/quic-v1".to_owned(),
-        ]
+        crate::cmd::joining::LISTEN.map(str::to_owned).to_vec()
     } else {
         args.listen.clone()
     };
@@ -244,10 +241,7 @@ async fn probe(args: ProbeArgs) -> Result<()> {
     };
     let host_config = host::Config::new(identity::generate(), Transports::Network);
     let host_config = host::Config {
-        listen: parse_addrs(&[
-            "/ip4/0.0.0.0/tcp/0".to_owned(),
-            "/ip4/0.0.0.0/udp/0/quic-v1".to_owned(),
-        ])?,
+        listen: parse_addrs(&crate::cmd::joining::LISTEN.map(str::to_owned))?,
         ..host_config
     };
     let config = Config {
