@@ -550,8 +550,8 @@ async fn error_feedback_cancels_what_8_bit_rounding_leaves_out_over_rounds() {
                 }
             }
         }
-        // On each member's own part the result is exact but for the others' rounding: its
-        // average over the rounds shows what feedback cancels.
+        // Each member's own part: its average over the rounds shows what feedback cancels (the
+        // senders' rounding, and the reducer's of the averages it returns).
         let mut err = 0f64;
         for (i, sum) in sums.iter().enumerate() {
             for j in g.range(i) {

@@ -208,6 +208,7 @@ pub(super) async fn reduce(
     round: &Round<'_>,
     mut registration: Registration,
     part: &mut [f32],
+    mut residual: Option<&mut [f32]>,
 ) -> (PartResult, Vec<(usize, String)>) {
     let &Round {
         inbox,
@@ -339,9 +340,16 @@ pub(super) async fn reduce(
             let codec = chunks[next].1;
             let frame = if settings.forge {
                 let forged: Vec<f32> = part[r].iter().map(|v| -10.0 * v).collect();
-                result_frame(outcome.weight, &outcome.kept, n, codec, &forged)
+                result_frame(outcome.weight, &outcome.kept, n, codec, &forged, None)
             } else {
-                let frame = result_frame(outcome.weight, &outcome.kept, n, codec, &part[r.clone()]);
+                // With error feedback, what the result's rounding leaves out goes into the
+                // next round's result of these values (every member gets the same bytes).
+                let residual = residual
+                    .as_deref_mut()
+                    .filter(|_| !codec.is_exact())
+                    .map(|res| &mut res[r.clone()]);
+                let values = &part[r.clone()];
+                let frame = result_frame(outcome.weight, &outcome.kept, n, codec, values, residual);
                 // The reducer keeps what the others receive: with a lossy codec, the exact
                 // average kept here made its parameters drift from theirs epoch after epoch.
                 if !codec.is_exact() {

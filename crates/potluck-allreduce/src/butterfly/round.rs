@@ -237,7 +237,9 @@ pub async fn all_reduce(
 
 /// [`all_reduce`] with error feedback for lossy codecs: what compression left out of this
 /// member's values in one round (kept in `residual`, as long as the buffer, zero at first) is
-/// added to what it sends in the next.
+/// added to what it sends in the next; and as a reducer, what it left out of the averages it
+/// returned (kept in the residual's stretch of its own part, which it sends no values of) is
+/// added to the averages it returns next, so the rounding cancels over rounds both ways.
 pub async fn all_reduce_with_feedback(
     inbox: &Inbox,
     group: &Group,
@@ -302,14 +304,14 @@ pub(super) async fn run(
             continue;
         }
         if j == me {
-            own = Some(part);
+            own = Some((part, residual));
             continue;
         }
         jobs.push(exchange(&round, j, part, residual));
     }
     let reduce = async {
         match own {
-            Some(part) => Some(reduce(&round, registration, part).await),
+            Some((part, residual)) => Some(reduce(&round, registration, part, residual).await),
             None => {
                 // No part: refuse whoever opens a stream to us (they keep their values).
                 drop(registration);

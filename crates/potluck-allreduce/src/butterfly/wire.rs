@@ -60,6 +60,7 @@ pub(super) fn result_frame(
     members: usize,
     codec: Codec,
     values: &[f32],
+    residual: Option<&mut [f32]>,
 ) -> Vec<u8> {
     let mut bitmap = vec![0u8; members.div_ceil(8)];
     for &m in kept {
@@ -68,7 +69,10 @@ pub(super) fn result_frame(
     let mut frame = Vec::with_capacity(8 + bitmap.len() + codec.encoded_len(values.len()));
     frame.extend_from_slice(&weight.to_le_bytes());
     frame.extend_from_slice(&bitmap);
-    codec::encode(codec, values, &mut frame);
+    match residual {
+        Some(residual) => codec::encode_with_feedback(codec, values, residual, &mut frame),
+        None => codec::encode(codec, values, &mut frame),
+    }
     frame
 }
 
@@ -116,7 +120,7 @@ mod tests {
     #[test]
     fn a_result_frame_parses_back_to_its_weight_members_and_values() {
         let values = [1.0f32, -2.5, 3.25];
-        let frame = result_frame(6.5, &[0, 2, 9], 10, Codec::None, &values);
+        let frame = result_frame(6.5, &[0, 2, 9], 10, Codec::None, &values, None);
         assert!(frame.len() <= result_limit(10, values.len()));
         let mut out = [0f32; 3];
         let (weight, behind) = parse_result(&frame, 10, &mut out).unwrap();
