@@ -72,6 +72,23 @@ impl Host {
         deadline: Duration,
         direct: bool,
     ) -> Result<Probe, Error> {
+        self.measure_at_most(peer, addrs, target, deadline, direct, MAX_PROBE)
+            .await
+    }
+
+    /// [`Host::measure`] with probes of at most `max` bytes (a rate beyond `4 · max / target`
+    /// is measured as that: a volunteer's link is far below it, and a loopback or a LAN is not
+    /// worth a gigabyte to learn it is fast).
+    pub async fn measure_at_most(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        target: Duration,
+        deadline: Duration,
+        direct: bool,
+        max: u64,
+    ) -> Result<Probe, Error> {
+        let max = max.clamp(1 << 20, MAX_PROBE);
         let until = Instant::now() + deadline;
         let mut bytes = 1u64 << 20;
         loop {
@@ -80,11 +97,11 @@ impl Host {
                 .probe_via(peer, addrs.clone(), bytes, left, direct)
                 .await?;
             let took = probe.elapsed.as_secs_f64().max(1e-6);
-            if took >= target.as_secs_f64() / 4.0 || bytes >= MAX_PROBE {
+            if took >= target.as_secs_f64() / 4.0 || bytes >= max {
                 return Ok(probe);
             }
             let grow = (target.as_secs_f64() / took).clamp(2.0, 64.0);
-            bytes = ((bytes as f64 * grow) as u64).min(MAX_PROBE);
+            bytes = ((bytes as f64 * grow) as u64).min(max);
         }
     }
 

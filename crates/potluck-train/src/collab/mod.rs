@@ -47,6 +47,7 @@ use crate::tokenizers;
 mod attack;
 mod epoch;
 mod job;
+mod links;
 mod outcome;
 mod resync;
 mod settings;
@@ -55,6 +56,7 @@ mod swarm;
 pub use attack::Attack;
 use attack::Attacker;
 use job::{Job, Stepped};
+pub use links::Link;
 pub use outcome::{Alone, EpochReport, Tick, Traffic};
 pub use settings::{ALONE_WARN, Compression, Net, SMALL_TENSOR, Settings};
 use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
@@ -77,6 +79,10 @@ pub enum Error<E: std::error::Error + 'static> {
     /// The task that averages and steps panicked or was cancelled.
     #[error("the step task stopped")]
     StepTask(#[source] tokio::task::JoinError),
+    /// The task that publishes this peer's progress and reads the swarm's stopped (it
+    /// panicked): the peer would go on blind to the swarm, computing for nothing.
+    #[error("the progress task stopped: this peer no longer sees the swarm")]
+    ProgressTask,
     /// Most live peers of the run encode their data with other tokenizers than this peer's
     /// (its gradients would teach the shared model other pictures for the same codes).
     #[error(
@@ -202,6 +208,11 @@ impl<T: Trainable> Collab<T> {
             view_tx,
             pending.clone(),
         ));
+        tokio::spawn(links::measure_loop(
+            net.clone(),
+            settings.clone(),
+            view.clone(),
+        ));
         let attacker = settings.attack.map(Attacker::new);
         let mut collab = Collab {
             model,
@@ -276,11 +287,20 @@ impl<T: Trainable> Collab<T> {
         Ok(collab)
     }
 
+    /// This peer's uplink in bytes per second, as its probes measured it (None: not measured
+    /// yet, or not measuring: it offers [`Settings::rate`]).
+    pub fn link(&self) -> Option<f64> {
+        self.net
+            .link
+            .measured()
+            .then(|| self.net.link.rate_or(self.settings.rate))
+    }
+
     /// Bytes this peer sent and received since it started: its averaging rounds, the states
     /// it downloaded and served.
     pub fn traffic(&self) -> Traffic {
         let mut traffic = self.traffic;
-        traffic.sent += self.net.shelf.served();
+        traffic.sent += self.net.shelf.served() + self.net.link.sent();
         traffic
     }
 
@@ -457,6 +477,9 @@ impl<T: Trainable> Collab<T> {
             && let Some(report) = self.settle().await?
         {
             return Ok(Tick::Epoch(report));
+        }
+        if self.view.has_changed().is_err() {
+            return Err(Error::ProgressTask);
         }
         // Marked seen, so waiting below waits for the next view.
         let view = self.view.borrow_and_update().clone();

@@ -32,8 +32,13 @@ pub struct Settings {
     pub mode: Mode,
     /// Average the parameters and the optimizer's moments every this many epochs; 0: never.
     pub state_every: u64,
-    /// Bytes per second this peer moves each way (for the parts it reduces).
+    /// Bytes per second this peer moves each way (for the parts it reduces), until a probe of
+    /// its link measured it ([`Settings::measure_every`]).
     pub rate: f64,
+    /// How often this peer measures its uplink by probing another live peer ([`super::links`]):
+    /// the rate it offers in rounds is the median of its last measurements. None: it offers
+    /// [`Settings::rate`] as it is.
+    pub measure_every: Option<Duration>,
     pub sync: sync::Settings,
     /// Bytes per chunk of the state it serves.
     pub chunk_bytes: usize,
@@ -126,6 +131,7 @@ impl Settings {
             mode: Mode::Full,
             state_every: 10,
             rate: 1e8,
+            measure_every: Some(Duration::from_secs(300)),
             sync: sync::Settings::default(),
             chunk_bytes: 1 << 20,
             delayed: false,
@@ -162,6 +168,7 @@ impl Settings {
         s.matchmaking.poll = Duration::from_millis(20);
         s.matchmaking.grace = Duration::from_secs(2);
         s.chunk_bytes = 64 << 10;
+        s.measure_every = None;
         s
     }
 }
@@ -177,6 +184,8 @@ pub struct Net {
     /// Peers this one caught lying about the state they hold: reported with its reducer's
     /// bans.
     pub suspects: reports::Suspects,
+    /// Its uplink as its probes measured it.
+    pub link: super::Link,
 }
 
 impl Net {
@@ -205,6 +214,7 @@ impl Net {
             inbox,
             shelf,
             suspects: reports::Suspects::default(),
+            link: super::Link::default(),
         })
     }
 }

@@ -202,10 +202,7 @@ pub(super) async fn progress_loop(
     loop {
         // A deadline must leave every peer time to see it (one report, a read of the
         // proposals) and to declare (a store), at the DHT's pace as this peer measures it.
-        let min_lead = settings.report_every
-            + settings.matchmaking.declare_ahead
-            + Duration::from_millis(200)
-            + (4 * latency).min(MAX_SLACK);
+        let min_lead = min_lead(&settings, latency);
         let l = *local.borrow_and_update();
         // The moment this peer entered its epoch (the others' claims in it are measured from
         // then).
@@ -302,10 +299,7 @@ pub(super) async fn progress_loop(
                     });
                 // The furthest ahead any honest peer proposes (whatever its DHT's pace), with
                 // room for a report's lag.
-                let latest = settings
-                    .lead
-                    .max(min_lead - (4 * latency).min(MAX_SLACK) + MAX_SLACK)
-                    + settings.report_every;
+                let latest = latest_lead(&settings);
                 if rush {
                     // The harness's liar: a deadline already past, for every epoch.
                     let past = Deadline(now.saturating_sub(1_000));
@@ -470,6 +464,24 @@ fn remember(reported: &mut Reported, reports: &[(PeerId, progress::Report)], epo
     }
 }
 
+/// The least time a proposed deadline leaves every peer to see it (one report, a read of the
+/// proposals) and to declare (a store), at the DHT's pace as this peer measures it (`latency`,
+/// a moving average of its reads).
+fn min_lead(settings: &Settings, latency: Duration) -> Duration {
+    settings.report_every
+        + settings.matchmaking.declare_ahead
+        + Duration::from_millis(200)
+        + latency.saturating_mul(4).min(MAX_SLACK)
+}
+
+/// The furthest ahead any honest peer proposes a deadline, whatever its DHT's pace, with room
+/// for a report's lag. (It was the minimum lead less this peer's latency term plus the most
+/// that term can be: with the latency read anew between the two, the subtraction overflowed
+/// and the progress task panicked, leaving its peer blind to the swarm for good.)
+fn latest_lead(settings: &Settings) -> Duration {
+    settings.lead.max(min_lead(settings, MAX_SLACK)) + settings.report_every
+}
+
 /// The mode a peer offers in a round: a full peer that others cannot reach (autonat found it
 /// behind a NAT, `--client-mode auto`) averages as a client, reducing nothing, until it is
 /// reachable again; a client or an aux peer offers what it is.
@@ -493,7 +505,7 @@ pub(super) fn start_round(
     let mm_settings = settings.matchmaking.clone();
     let run = settings.scope();
     let mode = offered_mode(settings.mode, net.dht.host().reachability().serving);
-    let offer = matchmaking::offer(addrs, mode, settings.rate);
+    let offer = matchmaking::offer(addrs, mode, net.link.rate_or(settings.rate));
     let group = tokio::spawn(async move {
         let mm = Matchmaker {
             dht: &net.dht,
@@ -559,6 +571,20 @@ fn plausible(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whatever this peer's DHT latency, a deadline as far ahead as an honest peer may propose
+    /// leaves at least the time to see it and declare.
+    #[test]
+    fn the_furthest_deadline_leaves_the_least_lead_at_any_latency() {
+        let settings = Settings::new("run", 64);
+        for ms in [0, 1, 100, 700, 2_000, 60_000, u64::MAX / 4] {
+            let latency = Duration::from_millis(ms);
+            assert!(
+                latest_lead(&settings) >= min_lead(&settings, latency),
+                "{ms} ms"
+            );
+        }
+    }
 
     /// A trainer that autonat finds unreachable averages as a client (it would stall every
     /// round as a reducer no one can open a stream to); reachable again, as a full peer.

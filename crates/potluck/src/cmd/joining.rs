@@ -20,8 +20,10 @@ use potluck_train::charter::Charter;
 use potluck_train::optim::{self, Optimizer};
 use potluck_train::{metrics, tokenizers};
 
-/// Where a node listens unless told: every interface, a free TCP port and a free QUIC one (a
-/// peer whose TCP is blocked or slow to connect may still reach it over UDP).
+/// Where a `dht serve` node listens unless told: every interface, a free TCP port and a free
+/// QUIC one (a peer whose TCP is blocked or slow to connect may still reach it over UDP). A
+/// training peer listens on the first alone unless told: with QUIC too, newcomers of two
+/// loopback swarms in the tests did not find the swarm they joined (not understood yet).
 pub(crate) const LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"];
 
 /// Where a peer is on the network and how it joins.
@@ -31,7 +33,8 @@ pub(crate) struct NetArgs {
     /// separate with commas). The first peer of a run needs none.
     #[arg(long, value_delimiter = ',')]
     pub(crate) initial_peers: Vec<String>,
-    /// Addresses to listen on [default: every interface, a free TCP port and a free QUIC one].
+    /// Addresses to listen on [default: every interface, a free TCP port; add e.g.
+    /// /ip4/0.0.0.0/udp/0/quic-v1 for QUIC].
     #[arg(long)]
     pub(crate) listen: Vec<String>,
     /// Identity file: created if missing, so the peer keeps its id across restarts.
@@ -158,7 +161,7 @@ pub(crate) async fn start_dht(
     };
     let gate = args.auth.gate(run, &keypair)?;
     let listen = if args.listen.is_empty() {
-        LISTEN.map(str::to_owned).to_vec()
+        vec![LISTEN[0].to_owned()]
     } else {
         args.listen.clone()
     };
