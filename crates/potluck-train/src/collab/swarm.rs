@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
-use potluck_allreduce::balance::Mode;
 use potluck_allreduce::butterfly::Group;
 use potluck_allreduce::matchmaking::{self, Matchmaker};
 use potluck_core::clock::{self, Time};
@@ -482,16 +481,6 @@ fn latest_lead(settings: &Settings) -> Duration {
     settings.lead.max(min_lead(settings, MAX_SLACK)) + settings.report_every
 }
 
-/// The mode a peer offers in a round: a full peer that others cannot reach (autonat found it
-/// behind a NAT, `--client-mode auto`) averages as a client, reducing nothing, until it is
-/// reachable again; a client or an aux peer offers what it is.
-pub(super) fn offered_mode(declared: Mode, reachable: bool) -> Mode {
-    match declared {
-        Mode::Full if !reachable => Mode::Client,
-        mode => mode,
-    }
-}
-
 /// Starts forming `epoch`'s group by `deadline` in the background.
 pub(super) fn start_round(
     net: &Net,
@@ -504,8 +493,7 @@ pub(super) fn start_round(
     let net = net.clone();
     let mm_settings = settings.matchmaking.clone();
     let run = settings.scope();
-    let mode = offered_mode(settings.mode, net.dht.host().reachability().serving);
-    let offer = matchmaking::offer(addrs, mode, net.link.rate_or(settings.rate));
+    let offer = matchmaking::offer(addrs, settings.mode, net.link.rate_or(settings.rate));
     let group = tokio::spawn(async move {
         let mm = Matchmaker {
             dht: &net.dht,
@@ -584,16 +572,6 @@ mod tests {
                 "{ms} ms"
             );
         }
-    }
-
-    /// A trainer that autonat finds unreachable averages as a client (it would stall every
-    /// round as a reducer no one can open a stream to); reachable again, as a full peer.
-    #[test]
-    fn an_unreachable_full_peer_offers_itself_as_a_client() {
-        assert_eq!(offered_mode(Mode::Full, false), Mode::Client);
-        assert_eq!(offered_mode(Mode::Full, true), Mode::Full);
-        assert_eq!(offered_mode(Mode::Client, true), Mode::Client);
-        assert_eq!(offered_mode(Mode::Auxiliary, false), Mode::Auxiliary);
     }
 
     #[test]
