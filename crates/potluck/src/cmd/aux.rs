@@ -101,13 +101,12 @@ async fn serve(
     let net = Net::start(dht.clone(), keypair.clone())?;
     let mut settings = collab_settings(&args.run_id, &args.run);
     settings.mode = Mode::Auxiliary;
-    let layout = potluck_core::Trainable::layout(&model).clone();
     follow_charter(
         &dht,
         &data,
         &mut settings,
         &mut optimizer,
-        &layout,
+        potluck_core::Trainable::layout(&model),
         &args.net,
     )
     .await?;
@@ -156,6 +155,7 @@ async fn serve(
             }
             _ => continue,
         };
+        let traffic = peer.traffic();
         let m = potluck_train::metrics::Metrics {
             epoch: peer.epoch(),
             loss: None,
@@ -168,8 +168,8 @@ async fn serve(
             client: false,
             alone_epochs: peer.alone_epochs(),
             strangers: peer.strangers().len() as u64,
-            sent: peer.traffic().sent,
-            received: peer.traffic().received,
+            sent: traffic.sent,
+            received: traffic.received,
             computing: 0.0,
             time: clock::now(),
         };

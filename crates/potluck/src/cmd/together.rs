@@ -197,13 +197,12 @@ async fn train(
         Mode::Full
     };
     settings.delayed = swarm.delayed_updates;
-    let layout = model.layout().clone();
     follow_charter(
         &dht,
         &data,
         &mut settings,
         &mut optimizer,
-        &layout,
+        model.layout(),
         &swarm.net,
     )
     .await?;
@@ -291,6 +290,7 @@ async fn train(
                     first_loss.get_or_insert(r.loss.total);
                 }
                 tally.count(&r);
+                let traffic = peer.traffic();
                 let m = metrics::Metrics {
                     epoch: peer.epoch(),
                     loss: (r.loss.samples > 0).then_some(r.loss.total),
@@ -303,8 +303,8 @@ async fn train(
                     client: !dht.host().reachability().serving,
                     alone_epochs: r.alone_epochs,
                     strangers: peer.strangers().len() as u64,
-                    sent: peer.traffic().sent,
-                    received: peer.traffic().received,
+                    sent: traffic.sent,
+                    received: traffic.received,
                     computing: compute_time.as_secs_f64()
                         / started.elapsed().as_secs_f64().max(1e-9),
                     time: clock::now(),
