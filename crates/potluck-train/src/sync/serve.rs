@@ -16,19 +16,68 @@ use super::snapshot::Snapshot;
 use super::wire::{MAX_CONTROL, PROTOCOL, Request, Response};
 
 /// The state this peer serves (replaced after every step), and the bytes it served so far.
+///
+/// A state replaced while a downloader was fetching it stays on the shelf, for that download
+/// only, until no chunk of it was asked for in [`KEEP_WHILE_ASKED`]: on a slow link a state
+/// takes longer to download than an epoch does, and a download that had to start again at
+/// every step never finished while taking the donors' uplinks from their averaging (three
+/// `small` peers on 10 Mbit/s links: a newcomer fetched 22 of 26 chunks, twice, and the
+/// others' rounds came too late).
 #[derive(Debug, Clone, Default)]
-pub struct Shelf(
-    Arc<Mutex<Option<Arc<Snapshot>>>>,
-    Arc<std::sync::atomic::AtomicU64>,
-);
+pub struct Shelf(Arc<Mutex<Shelved>>, Arc<std::sync::atomic::AtomicU64>);
+
+/// How long a replaced state stays on the shelf after the last chunk asked of it.
+pub const KEEP_WHILE_ASKED: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Default)]
+struct Shelved {
+    current: Option<Arc<Snapshot>>,
+    /// When a chunk of the current state was last asked for.
+    asked: Option<Instant>,
+    /// The state before, while a download of it is under way (and when it was last asked).
+    previous: Option<(Arc<Snapshot>, Instant)>,
+}
 
 impl Shelf {
     pub fn put(&self, snapshot: Snapshot) {
-        *lock(&self.0) = Some(Arc::new(snapshot));
+        self.put_at(snapshot, Instant::now());
     }
 
+    fn put_at(&self, snapshot: Snapshot, now: Instant) {
+        let mut shelved = lock(&self.0);
+        let old = shelved.current.replace(Arc::new(snapshot));
+        let asked = shelved.asked.take();
+        shelved.previous = old
+            .zip(asked)
+            .filter(|(_, at)| now.saturating_duration_since(*at) < KEEP_WHILE_ASKED);
+    }
+
+    /// The state it serves now.
     pub fn get(&self) -> Option<Arc<Snapshot>> {
-        lock(&self.0).clone()
+        lock(&self.0).current.clone()
+    }
+
+    /// The state of `epoch` for a chunk asked at `now`: the current one, or the one before
+    /// while its download goes on. A replaced state no longer asked for is let go.
+    fn for_chunk(&self, epoch: u64, now: Instant) -> Option<Arc<Snapshot>> {
+        let mut shelved = lock(&self.0);
+        if let Some(s) = shelved.current.clone().filter(|s| s.epoch == epoch) {
+            shelved.asked = Some(now);
+            return Some(s);
+        }
+        let stale = shelved
+            .previous
+            .as_ref()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) >= KEEP_WHILE_ASKED);
+        if stale {
+            shelved.previous = None;
+        }
+        let (s, at) = shelved
+            .previous
+            .as_mut()
+            .filter(|(s, _)| s.epoch == epoch)?;
+        *at = now;
+        Some(s.clone())
     }
 
     /// Bytes of manifests and chunks served to downloaders so far.
@@ -173,7 +222,12 @@ async fn answer(peer: PeerId, mut stream: Stream, donor: &Donor) -> std::io::Res
             Ok(Err(e)) => return Err(e),
             Err(_) => return Ok(()),
         };
-        let snapshot = shelf.get();
+        let snapshot = match &request {
+            Request::Chunk { epoch, .. } => shelf
+                .for_chunk(*epoch, Instant::now())
+                .or_else(|| shelf.get()),
+            Request::Manifest => shelf.get(),
+        };
         match (request, snapshot) {
             (Request::Manifest, Some(s)) => {
                 let state = s.len();
@@ -224,6 +278,40 @@ async fn answer(peer: PeerId, mut stream: Stream, donor: &Donor) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A state replaced while its download is under way is still served for that download,
+    /// and let go once no chunk of it was asked for in a while; one nobody was fetching is
+    /// let go at once.
+    #[test]
+    fn a_state_being_downloaded_outlives_its_replacement_until_the_download_stops() {
+        let (params, opt) = crate::sync::test_state(crate::optim::Precision::F32);
+        let shelf = Shelf::default();
+        let t0 = Instant::now();
+        let snap = |steps: u64| {
+            let mut o = opt.clone();
+            o.set_steps(steps);
+            Snapshot::take(&params, &o, 0, 1 << 10)
+        };
+        shelf.put_at(snap(4), t0);
+        assert!(shelf.for_chunk(4, t0).is_some());
+        // Replaced mid-download: both served.
+        let t1 = t0 + Duration::from_secs(5);
+        shelf.put_at(snap(5), t1);
+        assert_eq!(shelf.for_chunk(4, t1).map(|s| s.epoch), Some(4));
+        assert_eq!(shelf.for_chunk(5, t1).map(|s| s.epoch), Some(5));
+        // Asked again within the window: kept; then nobody asks, and it goes.
+        let t2 = t1 + KEEP_WHILE_ASKED / 2;
+        assert!(shelf.for_chunk(4, t2).is_some());
+        assert!(shelf.for_chunk(4, t2 + KEEP_WHILE_ASKED).is_none());
+        assert!(lock(&shelf.0).previous.is_none());
+        // Epoch 5 was last asked for long before 6 replaced it, and 6 never: neither is kept.
+        let t3 = t2 + KEEP_WHILE_ASKED;
+        shelf.put_at(snap(6), t3);
+        shelf.put_at(snap(7), t3);
+        assert!(shelf.for_chunk(6, t3).is_none());
+        assert!(shelf.for_chunk(5, t3).is_none());
+        assert_eq!(shelf.get().map(|s| s.epoch), Some(7));
+    }
 
     /// A downloader takes its budget and is then told when to come back; the budget refills
     /// with time, and another downloader has its own.
