@@ -34,7 +34,12 @@ pub struct Report {
     pub addrs: Vec<Vec<u8>>,
     /// The tokenizers its data was encoded with ([`crate::tokenizers::Bundle::id`]).
     pub tokenizers: crate::tokenizers::Id,
+    /// How it trains ([`crate::collab::Settings::recipe`]): peers of another are left out.
+    pub recipe: String,
 }
+
+/// The longest recipe a report may carry.
+pub const MAX_RECIPE: usize = 256;
 
 impl Typed for Report {
     const NAME: &'static str = "progress";
@@ -45,6 +50,9 @@ impl Typed for Report {
     }
 
     fn check(&self) -> Result<(), String> {
+        if self.recipe.len() > MAX_RECIPE {
+            return Err(format!("a recipe of {} bytes", self.recipe.len()));
+        }
         typed::check_addrs(&self.addrs)
     }
 }
@@ -334,6 +342,7 @@ mod tests {
                 held: epoch,
                 addrs: Vec::new(),
                 tokenizers: crate::tokenizers::NONE,
+                recipe: String::new(),
             },
         )
     }
@@ -489,6 +498,7 @@ mod tests {
                 held: 3,
                 addrs: Vec::new(),
                 tokenizers: crate::tokenizers::NONE,
+                recipe: String::new(),
             };
             tracker.publish(&report).await.unwrap();
         }

@@ -304,7 +304,10 @@ fn swarm_for(
                 handle.block_on(async move {
                     let net = Net::start_memory(&boot).await.unwrap();
                     let m = model(&init);
-                    let opt = optimizer(m.layout());
+                    let opt = match settings.local {
+                        Some(_) => Optimizer::new(optim::Config::outer(0.7, 0.9), m.layout()),
+                        None => optimizer(m.layout()),
+                    };
                     if settings.attack.is_some() {
                         let mut all_in = honest_stepped.subscribe();
                         all_in.wait_for(|&j| j >= honest).await.unwrap();
@@ -620,23 +623,72 @@ fn a_peer_that_cannot_average_stops_stepping_alone_after_its_limit() {
 /// live peers of other tokenizers outnumber its own.
 #[test]
 fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() {
+    let (ours, theirs) = ([1u8; 32], [2u8; 32]);
+    let refused = left_out_and_refused("tokenizers", |s, odd| {
+        s.tokenizers = if odd { theirs } else { ours };
+    });
+    match refused {
+        Some(collab::Error::Tokenizers {
+            ours: mine,
+            theirs: run,
+            peers,
+            same,
+        }) => {
+            assert_eq!((mine, run, peers, same), (theirs, ours, 2, 1));
+        }
+        other => panic!("the newcomer of other tokenizers was not refused: {other:?}"),
+    }
+}
+
+/// The mode of a run is agreed by all its peers: a peer in local-update mode and two averaging
+/// every step (or two codecs) would average buffers that mean other things, or are cut
+/// differently. As with tokenizers, the odd one is left out by both sides and a newcomer of
+/// its recipe is refused, told what the run's is.
+#[test]
+fn peers_of_another_recipe_are_left_out_and_a_newcomer_of_another_is_refused() {
+    let refused = left_out_and_refused("recipe", |s, odd| {
+        if odd {
+            s.local = Some(local_updates(2));
+        }
+    });
+    match refused {
+        Some(collab::Error::Recipe {
+            ours,
+            theirs,
+            peers,
+            same,
+        }) => {
+            assert!(ours.starts_with("local updates"), "{ours}");
+            assert!(theirs.starts_with("every step"), "{theirs}");
+            assert_eq!((peers, same), (2, 1));
+        }
+        other => panic!("the newcomer of another recipe was not refused: {other:?}"),
+    }
+}
+
+/// Three peers, the third's settings made odd by `vary(settings, true)` (the others' by
+/// `vary(settings, false)`): checks that the two average together, never with the third, and
+/// each side names the other left out; returns what a newcomer like the third got on joining.
+fn left_out_and_refused(
+    run: &str,
+    vary: impl Fn(&mut collab::Settings, bool),
+) -> Option<collab::Error<<Dalle as Trainable>::Error>> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let init = initial();
-    let (ours, theirs) = ([1u8; 32], [2u8; 32]);
     let (runtime, boot) = runtime_and_boot();
     let stop = Arc::new(AtomicBool::new(false));
     let least_epoch = Arc::new(AtomicU64::new(0));
     let epochs = Arc::new(std::sync::Mutex::new([0u64; 3]));
-    let settings = |tokenizers| {
-        let mut s = collab::Settings::in_process("tokenizers", TARGET);
-        s.tokenizers = tokenizers;
+    let settings = |odd| {
+        let mut s = collab::Settings::in_process(run, TARGET);
+        vary(&mut s, odd);
         s
     };
     let peers: Vec<_> = (0..3)
         .map(|i| {
             let (handle, init, boot) = (runtime.handle().clone(), init.clone(), boot.1.clone());
             let (stop, least_epoch, epochs) = (stop.clone(), least_epoch.clone(), epochs.clone());
-            let settings = settings(if i == 2 { theirs } else { ours });
+            let settings = settings(i == 2);
             std::thread::spawn(move || {
                 handle.block_on(async move {
                     let net = Net::start_memory(&boot).await.unwrap();
@@ -650,7 +702,8 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
                     while !stop.load(Ordering::SeqCst) {
                         if let Tick::Epoch(r) = peer.tick(&mut next).await.unwrap() {
                             groups.push(r.group);
-                            strangers = strangers.max(peer.strangers().len());
+                            let left_out = peer.strangers().len() + peer.misfits().len();
+                            strangers = strangers.max(left_out);
                             let mut e = epochs.lock().unwrap();
                             e[i] = r.epoch;
                             least_epoch.store(*e.iter().min().unwrap(), Ordering::SeqCst);
@@ -661,7 +714,7 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
             })
         })
         .collect();
-    // Every peer well into training: a newcomer of the third's tokenizers asks to join.
+    // Every peer well into training: a newcomer like the third asks to join.
     let waited = std::time::Instant::now();
     while least_epoch.load(Ordering::SeqCst) < 6 {
         assert!(
@@ -675,34 +728,106 @@ fn peers_of_other_tokenizers_are_left_out_and_a_newcomer_of_others_is_refused() 
         let net = Net::start_memory(&boot.1).await.unwrap();
         let m = model(&init);
         let opt = optimizer(m.layout());
-        Collab::join(m, opt, net, settings(theirs)).await.err()
+        Collab::join(m, opt, net, settings(true)).await.err()
     });
     stop.store(true, Ordering::SeqCst);
     let results: Vec<(Vec<usize>, usize)> = peers.into_iter().map(|t| t.join().unwrap()).collect();
-    match refused {
-        Some(collab::Error::Tokenizers {
-            ours: mine,
-            theirs: run,
-            peers,
-            same,
-        }) => {
-            assert_eq!((mine, run, peers, same), (theirs, ours, 2, 1));
-        }
-        other => panic!("the newcomer of other tokenizers was not refused: {other:?}"),
-    }
     for (i, (groups, strangers)) in results.iter().enumerate() {
         let largest = groups.iter().max().copied().unwrap_or(0);
         if i < 2 {
-            // The two of one tokenizers averaged together, and only together.
+            // The two alike averaged together, and only together.
             assert_eq!(largest, 2, "peer {i}: groups {groups:?}");
             assert_eq!(*strangers, 1, "peer {i}");
         } else {
-            assert!(
-                largest <= 1,
-                "the peer of other tokenizers averaged: {groups:?}"
-            );
+            assert!(largest <= 1, "the odd peer averaged: {groups:?}");
             assert_eq!(*strangers, 2);
         }
+    }
+    refused
+}
+
+/// Local-update mode (as DiLoCo): four peers take inner steps on their own micro-batches
+/// through rounds of five batches, then average the change of their parameters and all take
+/// one outer step (Nesterov, lr 0.7, momentum 0.9). Over the samples of the every-step swarm,
+/// with and without delayed updates (the outer step a round late, the inner steps taken
+/// meanwhile kept on top): every peer holds the same outer parameters at every round's end,
+/// the loss falls about as far as every step averaged (printed for docs/BENCHMARKS.md), and
+/// the peers send about a fifth of the bytes.
+#[test]
+fn four_peers_in_local_update_mode_hold_one_state_learn_and_send_a_fraction() {
+    const H: u64 = 5;
+    let init = initial();
+    let first = eval(&mut model(&init));
+    let every = swarm(&init, |_, _| {});
+    let sent = |results: &[Seen]| -> u64 {
+        results
+            .iter()
+            .flat_map(|(_, e, ..)| e)
+            .map(|r| r.traffic.sent)
+            .sum()
+    };
+    let every_loss = every[0].2;
+    for delayed in [false, true] {
+        let local = swarm_for(PEERS, EPOCHS / H, &init, |_, s| {
+            s.local = Some(local_updates(H));
+            s.target_batch = TARGET * H;
+            s.delayed = delayed;
+        });
+        // One outer state: every peer that passed a round's end holds the same parameters.
+        let mut compared = 0;
+        for round in 1..=EPOCHS / H {
+            let at: Vec<&Vec<f32>> = local
+                .iter()
+                .filter_map(|(at, ..)| at.iter().rev().find(|(e, _)| *e == round).map(|(_, p)| p))
+                .collect();
+            for p in &at[1..] {
+                assert_eq!(
+                    *p, at[0],
+                    "delayed {delayed}: round {round}: the peers differ"
+                );
+                compared += 1;
+            }
+        }
+        assert!(
+            compared >= (PEERS - 1) * (EPOCHS / H) as usize / 2,
+            "{compared}"
+        );
+        let rounds: Vec<_> = local.iter().flat_map(|(_, e, ..)| e).collect();
+        assert!(
+            rounds.iter().filter(|r| r.group == PEERS).count() * 10 >= rounds.len() * 8,
+            "rounds averaged apart: {:?}",
+            rounds.iter().map(|r| r.group).collect::<Vec<_>>()
+        );
+        let loss = local[0].2;
+        let ratio = sent(&local) as f64 / sent(&every) as f64;
+        println!(
+            "delayed {delayed}: loss initial {first:.4}, every step {every_loss:.4}, local \
+             updates (H = {H}) {loss:.4}; bytes sent {:.3} of every step's",
+            ratio
+        );
+        assert!(
+            loss < 0.8 * first,
+            "local updates did not learn: {first} -> {loss}"
+        );
+        assert!(
+            loss <= 1.1 * every_loss,
+            "local updates {loss} against every step {every_loss}"
+        );
+        assert!(
+            ratio < 0.35,
+            "local updates sent {ratio} of every step's bytes"
+        );
+    }
+}
+
+/// Local-update mode's settings for the peers here: rounds of `steps` batches, inner steps
+/// of a micro-batch with the tests' optimizer.
+fn local_updates(steps: u64) -> collab::LocalUpdates {
+    let layout = model(&initial()).layout().clone();
+    collab::LocalUpdates {
+        steps,
+        inner: *optimizer(&layout).config(),
+        inner_batch: MICRO as u64,
     }
 }
 

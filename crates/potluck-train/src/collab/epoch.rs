@@ -52,17 +52,26 @@ impl<T: Trainable> Collab<T> {
         });
         // One step at a time: the previous epoch's must be in before this one starts.
         let earlier = self.settle().await?;
-        // The mean gradient of this peer's samples (weighted by their count in the average).
+        // The mean gradient of this peer's samples (weighted by their count in the average);
+        // in local-update mode, the change of its parameters over the round.
         let samples = self.samples;
         let n = self.state.params.len();
-        let mut grad = std::mem::replace(&mut self.grad, std::mem::take(&mut self.spare));
+        let mut grad = if self.inner.is_some() {
+            // The gradient buffer is empty after the last inner step, and stays.
+            let mut delta = std::mem::take(&mut self.spare);
+            delta.resize(n, 0.0);
+            self.round_change(&mut delta)?;
+            delta
+        } else {
+            std::mem::replace(&mut self.grad, std::mem::take(&mut self.spare))
+        };
         if grad.len() != n {
             grad = vec![0.0; n];
         }
         if self.grad.len() != grad.len() {
             self.grad = vec![0.0; grad.len()];
         }
-        if samples > 0 {
+        if self.inner.is_none() && samples > 0 {
             let inv = 1.0 / samples as f32;
             grad.iter_mut().for_each(|g| *g *= inv);
         }
@@ -131,9 +140,7 @@ impl<T: Trainable> Collab<T> {
         }
         self.guard = Some(guard);
         self.spare.fill(0.0);
-        self.model
-            .write_params(&self.state.params)
-            .map_err(Error::Model)?;
+        self.restart_round(true)?;
         self.shelve();
         Ok(stepped.report)
     }

@@ -58,7 +58,7 @@ use attack::Attacker;
 use job::{Job, Stepped};
 pub use links::Link;
 pub use outcome::{Alone, EpochReport, Tick, Traffic};
-pub use settings::{ALONE_WARN, Compression, Net, SMALL_TENSOR, Settings};
+pub use settings::{ALONE_WARN, Compression, LocalUpdates, Net, SMALL_TENSOR, Settings};
 use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
 
 /// Errors that stop training.
@@ -95,6 +95,18 @@ pub enum Error<E: std::error::Error + 'static> {
         ours: tokenizers::Id,
         theirs: tokenizers::Id,
         /// Live peers of `theirs`, and of `ours` (this one left out).
+        peers: usize,
+        same: usize,
+    },
+    /// Most live peers of the run train by another recipe than this peer's (local updates or
+    /// not, another codec): its averaging would mix buffers that mean other things.
+    #[error(
+        "the run's peers train by another recipe ({peers} of them: {theirs}) than this peer \
+         ({ours}, {same} other peers): pass the run's --local-steps and --codec"
+    )]
+    Recipe {
+        ours: String,
+        theirs: String,
         peers: usize,
         same: usize,
     },
@@ -161,6 +173,32 @@ pub struct Collab<T: Trainable> {
     residual: Option<Vec<f32>>,
     /// Bytes averaged and downloaded so far (served: [`Net::shelf`]).
     traffic: Traffic,
+    /// Local-update mode's own side: the parameters its inner steps move, and its inner
+    /// optimizer (None: every step averaged).
+    inner: Option<Inner>,
+}
+
+/// A peer's own side of local-update mode ([`Settings::local`]): the state's parameters are
+/// the round's start (the outer parameters every peer holds alike), these move with every
+/// inner step, and the model holds these.
+struct Inner {
+    params: Vec<f32>,
+    optimizer: Optimizer,
+    /// Samples of the gradient accumulated since the last inner step.
+    since: u64,
+    /// The samples each inner step takes.
+    batch: u64,
+    /// Inner steps this round, the last round, and in all.
+    round_steps: u64,
+    last_round: u64,
+    steps: u64,
+    /// The run's learning-rate schedule, in the swarm's batches: the inner steps of round `r`
+    /// take its rate at batch `r × per_round`.
+    schedule: optim::Schedule,
+    per_round: u64,
+    /// With delayed updates, the parameters the round's change was taken from while its
+    /// averaging runs: the inner steps taken meanwhile are kept on top of the outer step.
+    taken_from: Option<Vec<f32>>,
 }
 
 impl<T: Trainable> std::fmt::Debug for Collab<T> {
@@ -214,6 +252,20 @@ impl<T: Trainable> Collab<T> {
             view.clone(),
         ));
         let attacker = settings.attack.map(Attacker::new);
+        // An aux peer takes no inner steps: the change it sends is nothing, as its gradient.
+        let computes = settings.mode != Mode::Auxiliary;
+        let inner = settings.local.filter(|_| computes).map(|l| Inner {
+            params: params.clone(),
+            optimizer: Optimizer::new(l.inner, model.layout()).with_threads(optimizer.threads()),
+            since: 0,
+            batch: l.inner_batch.max(1),
+            round_steps: 0,
+            last_round: 0,
+            steps: 0,
+            schedule: l.inner.schedule,
+            per_round: l.steps.max(1),
+            taken_from: None,
+        });
         let mut collab = Collab {
             model,
             state: Arc::new(TrainState::new(params, optimizer, 0)),
@@ -244,6 +296,7 @@ impl<T: Trainable> Collab<T> {
             settled: false,
             residual: feedback.then(|| vec![0.0; n]),
             traffic: Traffic::default(),
+            inner,
         };
         // A charter's settings are the run's from the start.
         collab.settled = collab.settings.chartered;
@@ -282,6 +335,7 @@ impl<T: Trainable> Collab<T> {
             }
         }
         collab.settled = true;
+        collab.restart_round(false)?;
         collab.shelve();
         collab.report(true);
         Ok(collab)
@@ -305,12 +359,27 @@ impl<T: Trainable> Collab<T> {
     }
 
     /// Fails with [`Error::Tokenizers`] if the live peers of other tokenizers than this
-    /// peer's outnumber those of its own (most of them: the run's are the others').
+    /// peer's outnumber those of its own (most of them: the run's are the others'), and with
+    /// [`Error::Recipe`] if those of another recipe do.
     fn refuse_other_tokenizers(&self) -> Result<(), Error<T::Error>> {
         let view = self.view.borrow();
         let Some(v) = view.as_ref() else {
             return Ok(());
         };
+        let mut recipes: HashMap<&str, usize> = HashMap::new();
+        for (_, r) in &v.misfits {
+            *recipes.entry(r.as_str()).or_default() += 1;
+        }
+        if let Some((theirs, peers)) = recipes.into_iter().max_by_key(|(r, n)| (*n, *r))
+            && peers > v.others.len()
+        {
+            return Err(Error::Recipe {
+                ours: self.settings.recipe(),
+                theirs: theirs.to_owned(),
+                peers,
+                same: v.others.len(),
+            });
+        }
         let mut counts: HashMap<tokenizers::Id, usize> = HashMap::new();
         for (_, id) in &v.strangers {
             *counts.entry(*id).or_default() += 1;
@@ -336,6 +405,15 @@ impl<T: Trainable> Collab<T> {
             .borrow()
             .as_ref()
             .map_or_else(Vec::new, |v| v.strangers.clone())
+    }
+
+    /// Live peers of this peer's tokenizers that train by another recipe
+    /// ([`Settings::recipe`]; left out of its epochs and groups), and theirs.
+    pub fn misfits(&self) -> Vec<(libp2p::PeerId, String)> {
+        self.view
+            .borrow()
+            .as_ref()
+            .map_or_else(Vec::new, |v| v.misfits.clone())
     }
 
     /// Waits until at least `n` other peers are live (true), or `within` passed (false).
@@ -614,8 +692,96 @@ impl<T: Trainable> Collab<T> {
         self.started_computing = Some(Instant::now());
         self.samples += n;
         self.loss.add_weighted(&loss);
+        if let Some(inner) = &mut self.inner {
+            inner.since += n;
+            if inner.since >= inner.batch {
+                self.inner_step()?;
+            }
+        }
         self.report(true);
         Ok(Tick::Computed(loss))
+    }
+
+    /// Local-update mode: steps the inner optimizer on the gradient accumulated since the
+    /// last inner step (its mean), and gives the model the new parameters. A gradient that is
+    /// not finite is dropped, as an every-step peer would skip the step.
+    fn inner_step(&mut self) -> Result<(), Error<T::Error>> {
+        let Some(inner) = &mut self.inner else {
+            return Ok(());
+        };
+        if inner.since == 0 {
+            return Ok(());
+        }
+        let scale = 1.0 / inner.since as f64;
+        match inner
+            .optimizer
+            .step_scaled(&mut inner.params, &mut self.grad, scale)
+        {
+            Ok(_) => {
+                inner.round_steps += 1;
+                inner.steps += 1;
+            }
+            Err(optim::Error::NonFinite { norm }) => tracing::warn!(
+                "epoch {}: a gradient of norm {norm} is not finite: inner step skipped",
+                self.epoch
+            ),
+            Err(e) => return Err(e.into()),
+        }
+        inner.since = 0;
+        self.grad.fill(0.0);
+        self.model.write_params(&inner.params).map_err(Error::Model)
+    }
+
+    /// Inner steps this peer took in its last round, and in all (local-update mode).
+    pub fn inner_steps(&self) -> Option<(u64, u64)> {
+        self.inner.as_ref().map(|i| (i.last_round, i.steps))
+    }
+
+    /// Local-update mode: the change of this peer's parameters over the round (the round's
+    /// start less where its inner steps took them) into `delta`, the inner steps' last one
+    /// taken first; with delayed updates it keeps where the change was taken from.
+    fn round_change(&mut self, delta: &mut [f32]) -> Result<(), Error<T::Error>> {
+        self.inner_step()?;
+        let Some(inner) = &mut self.inner else {
+            return Ok(());
+        };
+        for ((d, start), now) in delta.iter_mut().zip(&self.state.params).zip(&inner.params) {
+            *d = start - now;
+        }
+        inner.last_round = std::mem::take(&mut inner.round_steps);
+        if self.settings.delayed {
+            inner.taken_from = Some(inner.params.clone());
+        }
+        Ok(())
+    }
+
+    /// Local-update mode: a new state is in (an outer step, or a download): the inner steps
+    /// go on from its parameters, with those taken since the round's change was sent on top
+    /// (delayed updates, `keep_drift`). Gives the model the parameters it trains.
+    fn restart_round(&mut self, keep_drift: bool) -> Result<(), Error<T::Error>> {
+        let Some(inner) = &mut self.inner else {
+            return self
+                .model
+                .write_params(&self.state.params)
+                .map_err(Error::Model);
+        };
+        let batch = self.state.epoch().saturating_mul(inner.per_round);
+        inner
+            .optimizer
+            .set_schedule(optim::Schedule::constant(inner.schedule.lr(batch)));
+        match inner.taken_from.take().filter(|_| keep_drift) {
+            Some(from) => {
+                for ((p, new), old) in inner.params.iter_mut().zip(&self.state.params).zip(&from) {
+                    *p = new + (*p - old);
+                }
+            }
+            None => {
+                inner.params.copy_from_slice(&self.state.params);
+                inner.since = 0;
+                inner.round_steps = 0;
+            }
+        }
+        self.model.write_params(&inner.params).map_err(Error::Model)
     }
 
     /// How many samples this peer computes next: a whole micro-batch while the swarm lacks

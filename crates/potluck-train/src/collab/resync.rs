@@ -61,10 +61,8 @@ impl<T: Trainable> Collab<T> {
                         .get_or_insert_with(|| Guard::new(self.settings.spike))
                         .restart(&self.state);
                     self.epoch = self.state.epoch();
-                    self.model
-                        .write_params(&self.state.params)
-                        .map_err(Error::Model)?;
                     self.grad.fill(0.0);
+                    self.restart_round(false)?;
                     if let Some(r) = &mut self.residual {
                         r.fill(0.0);
                     }

@@ -68,9 +68,31 @@ pub struct Settings {
     /// How each epoch's gradient travels in the averaging: peers of a run must agree (a part's
     /// chunks are cut where its codecs change).
     pub codec: Compression,
+    /// Local-update mode (`train --local-steps`): None, every epoch's gradient is averaged
+    /// and stepped by all; Some, an epoch is a round of inner steps ([`LocalUpdates`]).
+    pub local: Option<LocalUpdates>,
     /// The optimizer's settings are the run's charter's ([`crate::charter`]): from the start
     /// this peer takes no other from a donor, as a peer that holds the run's state does.
     pub chartered: bool,
+}
+
+/// Local-update mode, as DiLoCo: every peer steps its own inner optimizer on its own samples
+/// through a round (an epoch of [`Settings::target_batch`] samples of the swarm's), then the
+/// peers average the change of their parameters since the round began (weighted by samples,
+/// through the codec with error feedback) and all take the same outer step
+/// ([`crate::optim::Config::outer`], the state's optimizer) from the round's starting
+/// parameters. A slow peer takes fewer inner steps; nobody waits for it. With
+/// [`Settings::delayed`] the averaging runs while the next round's inner steps are taken, and
+/// the outer step lands one round late (the inner steps taken meanwhile are kept on top).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LocalUpdates {
+    /// Rounds last this many of the swarm's batches (the `--local-steps` flag): part of the
+    /// run's recipe, which every peer must share.
+    pub steps: u64,
+    /// The inner optimizer (the run's `--optimizer`, `--lr`…): each peer's own, never shared.
+    pub inner: crate::optim::Config,
+    /// Samples of its own a peer steps its inner optimizer on.
+    pub inner_batch: u64,
 }
 
 /// Tensors of fewer values than this travel in fp16 under [`Compression::Auto`], as in the
@@ -99,6 +121,19 @@ impl Compression {
             }
             Compression::Uniform(codec) => CodecPlan::uniform(codec),
         }
+    }
+}
+
+impl std::fmt::Display for Compression {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Compression::Auto => "auto",
+            Compression::Uniform(Codec::None) => "none",
+            Compression::Uniform(Codec::Fp16) => "fp16",
+            Compression::Uniform(Codec::Blockwise8) => "8bit",
+            Compression::Uniform(Codec::Bf16) => "bf16",
+            Compression::Uniform(Codec::Uniform8) => "uniform8",
+        })
     }
 }
 
@@ -143,17 +178,39 @@ impl Settings {
             tokenizers: tokenizers::NONE,
             chartered: false,
             codec: Compression::Uniform(Codec::None),
+            local: None,
         }
     }
 
+    /// How the run trains, as every peer of it must (said in its progress reports; a peer of
+    /// another recipe is left out and told so): every step averaged, or local updates and
+    /// their length, and the codec its averaging sends.
+    pub fn recipe(&self) -> String {
+        let mode = match &self.local {
+            None => "every step averaged".to_owned(),
+            Some(l) => format!("local updates, rounds of {} batches", l.steps),
+        };
+        format!("{mode}, codec {}", self.codec)
+    }
+
     /// The prefix of the keys of this peer's rounds (deadlines, matchmaking): the run's name,
-    /// and its tokenizers' short id unless they are [`tokenizers::NONE`], so that peers of
-    /// other tokenizers never propose an epoch's end or form a group together.
+    /// its tokenizers' short id unless they are [`tokenizers::NONE`], and a short hash of its
+    /// [`Settings::recipe`], so that peers of other tokenizers or another recipe never propose
+    /// an epoch's end or form a group together.
     pub fn scope(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let recipe: String = Sha256::digest(self.recipe().as_bytes())[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         if self.tokenizers == tokenizers::NONE {
-            self.run.clone()
+            format!("{}/{recipe}", self.run)
         } else {
-            format!("{}/{}", self.run, tokenizers::short(&self.tokenizers))
+            format!(
+                "{}/{}/{recipe}",
+                self.run,
+                tokenizers::short(&self.tokenizers)
+            )
         }
     }
 

@@ -52,6 +52,9 @@ pub(super) struct View {
     /// Live peers whose data was encoded with other tokenizers, and theirs: left out of
     /// everything above.
     pub(super) strangers: Vec<(PeerId, tokenizers::Id)>,
+    /// Live peers of this peer's tokenizers that train by another recipe
+    /// ([`Settings::recipe`]), and theirs: left out as strangers are.
+    pub(super) misfits: Vec<(PeerId, String)>,
 }
 
 /// Reports seen, by peer and epoch.
@@ -181,6 +184,9 @@ pub(super) async fn progress_loop(
     let mut reported = Reported::new();
     // Peers of other tokenizers this peer warned of (those still live).
     let mut warned = HashSet::new();
+    // Peers of another recipe this peer warned of (those still live), and its own recipe.
+    let mut warned_misfits = HashSet::new();
+    let recipe = settings.recipe();
     // What this peer saw of the others' work, and the peers whose claimed rate it cut (those
     // still live, warned of once).
     let mut measure = progress::Measure::default();
@@ -222,6 +228,7 @@ pub(super) async fn progress_loop(
                 held: l.held.saturating_add(ahead),
                 addrs: wire_addrs.clone(),
                 tokenizers: settings.tokenizers,
+                recipe: recipe.clone(),
             };
             if let Err(e) = tracker.publish(&report).await {
                 tracing::debug!("publishing progress: {e}");
@@ -251,6 +258,8 @@ pub(super) async fn progress_loop(
                 reports.retain(|(p, _)| *p != me);
                 let strangers = leave_out_strangers(&mut reports, &settings, now, ttl);
                 warn_of_strangers(&mut warned, &strangers, &settings);
+                let misfits = leave_out_misfits(&mut reports, &recipe, now, ttl);
+                warn_of_misfits(&mut warned_misfits, &misfits, &recipe);
                 remember(&mut reported, &reports, l.epoch);
                 let others: Vec<(u64, u64, Donor)> = reports
                     .iter()
@@ -272,6 +281,7 @@ pub(super) async fn progress_loop(
                     held: l.held,
                     addrs: Vec::new(),
                     tokenizers: settings.tokenizers,
+                    recipe: recipe.clone(),
                 };
                 let target = settings.target_batch;
                 // The others' claims count only as far as this peer measures them.
@@ -338,6 +348,7 @@ pub(super) async fn progress_loop(
                     reported: Arc::new(reported.clone()),
                     ttl,
                     strangers,
+                    misfits,
                 };
                 if view.send(Some(v)).is_err() {
                     return;
@@ -392,6 +403,42 @@ fn leave_out_strangers(
         false
     });
     strangers
+}
+
+/// Takes out of `reports` the peers that train by another recipe than `recipe` and returns
+/// the live ones with theirs: a peer averaging every step and one taking local steps, or two
+/// of other codecs, would average buffers that mean other things or are cut differently.
+fn leave_out_misfits(
+    reports: &mut Vec<(PeerId, progress::Report)>,
+    recipe: &str,
+    now: Time,
+    ttl: Duration,
+) -> Vec<(PeerId, String)> {
+    let mut misfits = Vec::new();
+    reports.retain(|(peer, r)| {
+        if r.recipe == recipe {
+            return true;
+        }
+        if r.time.saturating_add(ttl.as_millis() as u64) >= now {
+            misfits.push((*peer, r.recipe.clone()));
+        }
+        false
+    });
+    misfits
+}
+
+/// Warns once of each live peer of another recipe (`warned` keeps those still live).
+fn warn_of_misfits(warned: &mut HashSet<PeerId>, misfits: &[(PeerId, String)], recipe: &str) {
+    warned.retain(|p| misfits.iter().any(|(s, _)| s == p));
+    for (peer, theirs) in misfits {
+        if warned.insert(*peer) {
+            tracing::warn!(
+                "peer {peer} trains by another recipe ({theirs}) than this peer ({recipe}): it \
+                 is left out of this peer's epochs, groups and downloads (every peer of a run \
+                 must pass the same --local-steps and --codec)"
+            );
+        }
+    }
 }
 
 /// Warns once of each live peer of other tokenizers (`warned` keeps those still live).

@@ -29,6 +29,10 @@ pub use step::global_norm;
 pub enum Rule {
     AdamW,
     Lamb,
+    /// SGD with Nesterov momentum (`beta1` the momentum), as PyTorch's `SGD(nesterov=True)`:
+    /// `b ← μ·b + g`, `p ← p − lr·(g + μ·b)`, the buffer `b` kept as the first moment (the
+    /// second stays zero). The outer optimizer of local-update mode ([`Config::outer`]).
+    Nesterov,
 }
 
 /// How the moments are stored.
@@ -93,6 +97,24 @@ impl Config {
         ))
     }
 
+    /// The outer optimizer of local-update mode, as DiLoCo's: Nesterov momentum `momentum`,
+    /// a constant rate `lr`, on the change of the parameters averaged over a round, its state
+    /// in `f32` (it is stepped once a round, and every peer must hold the same).
+    pub fn outer(lr: f64, momentum: f64) -> Config {
+        Config {
+            rule: Rule::Nesterov,
+            precision: Precision::F32,
+            schedule: Schedule::constant(lr),
+            beta1: momentum,
+            beta2: 0.0,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            bias_correction: false,
+            clamp: 0.0,
+            max_grad_norm: 0.0,
+        }
+    }
+
     /// The reference run's LAMB: lr 0.0025, betas 0.9/0.96, ε 1e-6, weight decay 0.045, clip
     /// 4.0, warm-up 3,125 and decay to 31,250 steps, 8-bit state.
     pub fn reference_lamb() -> Config {
@@ -131,6 +153,9 @@ pub enum Error {
     State { got: usize, want: usize },
     #[error("optimizer state kept as {got:?}, this optimizer keeps {want:?}")]
     Precision { got: Precision, want: Precision },
+    /// An outer optimizer (local-update mode) offered an inner one's settings, or the reverse.
+    #[error("optimizer settings of rule {got:?} for an optimizer of rule {want:?}")]
+    Rule { got: Rule, want: Rule },
 }
 
 /// What a step did.
@@ -236,6 +261,11 @@ impl Optimizer {
             moments,
             threads,
         }
+    }
+
+    /// Threads it steps on.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Runs on at most `threads` threads.
@@ -401,6 +431,12 @@ impl Optimizer {
             return Err(Error::Precision {
                 got: cfg.precision,
                 want: self.cfg.precision,
+            });
+        }
+        if (cfg.rule == Rule::Nesterov) != (self.cfg.rule == Rule::Nesterov) {
+            return Err(Error::Rule {
+                got: cfg.rule,
+                want: self.cfg.rule,
             });
         }
         self.cfg = cfg;

@@ -183,9 +183,18 @@ impl Optimizer {
             gscale: gscale as f32,
             floor_v: cfg.precision == Precision::Blockwise8,
         };
+        if cfg.rule == Rule::Nesterov {
+            self.nesterov(params, grad, gscale as f32, cfg.beta1 as f32, lr as f32);
+            self.step = t;
+            return Ok(StepInfo {
+                step: t,
+                lr,
+                grad_norm,
+            });
+        }
         let groups = self.groups();
         match cfg.rule {
-            Rule::AdamW => {
+            Rule::AdamW | Rule::Nesterov => {
                 self.update(&groups, params, grad, &k, Some(lr as f32));
             }
             Rule::Lamb => {
@@ -210,6 +219,34 @@ impl Optimizer {
             lr,
             grad_norm,
         })
+    }
+
+    /// SGD with Nesterov momentum `mu` on `scale · grad`, its buffer in the first moments
+    /// (8-bit moments are decoded and quantized again). Once a round, on one thread: the
+    /// arithmetic is a few passes over the buffers.
+    fn nesterov(&mut self, params: &mut [f32], grad: &mut [f32], scale: f32, mu: f32, lr: f32) {
+        let apply = |b: &mut [f32], p: &mut [f32], g: &mut [f32]| {
+            for ((b, p), g) in b.iter_mut().zip(p.iter_mut()).zip(g.iter_mut()) {
+                let g0 = *g * scale;
+                *b = mu * *b + g0;
+                let u = g0 + mu * *b;
+                *p -= lr * u;
+                *g = u;
+            }
+        };
+        match &mut self.moments {
+            Moments::F32 { m, .. } => apply(m, params, grad),
+            Moments::Blockwise8 { m, m_scale, .. } => {
+                let mut block = vec![0f32; BLOCK];
+                for (j, u) in self.units.iter().enumerate() {
+                    let r = u.range.clone();
+                    let b = &mut block[..r.len()];
+                    Map::signed().dequantize(&m[r.clone()], m_scale[j], b);
+                    apply(b, &mut params[r.clone()], &mut grad[r.clone()]);
+                    m_scale[j] = Map::signed().quantize(b, &mut m[r]);
+                }
+            }
+        }
     }
 
     /// Updates the moments of every unit and writes its direction into `grad`; with `lr`

@@ -253,3 +253,33 @@ fn eight_bit_state_is_about_four_times_smaller() {
     let ratio = f32.moments().bytes() as f64 / q8.moments().bytes() as f64;
     assert!(ratio > 3.99, "{ratio}");
 }
+
+/// The outer optimizer is SGD with Nesterov momentum as PyTorch's `SGD(nesterov=True)` writes
+/// it (`b ← μb + g`, `p ← p − lr(g + μb)`), followed here in f64 over three steps.
+#[test]
+fn nesterov_follows_sgd_with_nesterov_momentum() {
+    let (lr, mu) = (0.7, 0.9);
+    let mut opt = Optimizer::new(Config::outer(lr, mu), &layout());
+    let mut p = params();
+    let mut want: Vec<f64> = p.iter().map(|&x| f64::from(x)).collect();
+    let mut b = vec![0f64; p.len()];
+    for s in 0..3 {
+        let g = grads(s);
+        for i in 0..p.len() {
+            let gi = f64::from(g[i]);
+            b[i] = mu * b[i] + gi;
+            want[i] -= lr * (gi + mu * b[i]);
+        }
+        let info = opt.step(&mut p, &mut g.clone()).unwrap();
+        assert_eq!(info.lr, lr);
+    }
+    for (got, want) in p.iter().zip(&want) {
+        assert!((f64::from(*got) - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    assert_eq!(opt.steps(), 3);
+    // The buffer is the first moment: it travels and averages with the state.
+    let moments = opt.moments_f32();
+    for (got, want) in moments[..p.len()].iter().zip(&b) {
+        assert!((f64::from(*got) - want).abs() < 1e-5);
+    }
+}

@@ -27,7 +27,7 @@ use super::wire::{MAX_CONTROL, PROTOCOL, Request, Response};
 pub struct Shelf(Arc<Mutex<Shelved>>, Arc<std::sync::atomic::AtomicU64>);
 
 /// How long a replaced state stays on the shelf after the last chunk asked of it.
-pub const KEEP_WHILE_ASKED: Duration = Duration::from_secs(30);
+pub(crate) const KEEP_WHILE_ASKED: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Shelved {

@@ -76,7 +76,9 @@ pub(crate) fn run(args: Args) -> Result<()> {
     let mut model = Dalle::new(config, Device::Cpu.tch()?)?;
     // A swarm this peer starts takes these settings (the first peer's); joining one, the
     // swarm's replace them; the run's charter, where its authority published one, fixes them.
-    let cfg = optimizer_config(&args.optim, args.epochs)?;
+    let cfg = args
+        .run
+        .state_optimizer(optimizer_config(&args.optim, args.epochs)?)?;
     let mut optimizer = Optimizer::new(cfg, potluck_core::Trainable::layout(&model));
     if let Some(dir) = &args.init {
         init_from(dir, &mut model, &mut optimizer)?;
@@ -99,7 +101,9 @@ async fn serve(
     args.net.client_mode = reachable(args.net.client_mode)?;
     let (dht, keypair) = start_dht(&args.run_id, &args.net).await?;
     let net = Net::start(dht.clone(), keypair.clone())?;
-    let mut settings = collab_settings(&args.run_id, &args.run);
+    // An aux peer takes no inner steps: the inner optimizer is there for the recipe alone.
+    let inner = optimizer_config(&args.optim, args.epochs)?;
+    let mut settings = collab_settings(&args.run_id, &args.run, inner, 1);
     settings.mode = Mode::Auxiliary;
     follow_charter(
         &dht,
@@ -167,7 +171,7 @@ async fn serve(
             version: env!("CARGO_PKG_VERSION").into(),
             client: false,
             alone_epochs: peer.alone_epochs(),
-            strangers: peer.strangers().len() as u64,
+            strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
             sent: traffic.sent,
             received: traffic.received,
             computing: 0.0,

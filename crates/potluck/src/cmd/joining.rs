@@ -278,7 +278,16 @@ pub(crate) async fn follow_charter(
                 data,
             ));
         }
-        take_chartered(optimizer, c.optimizer, layout)?;
+        // In local-update mode the charter's optimizer is the inner one (each peer's own);
+        // the state's is the outer optimizer of the run's flags.
+        match &mut settings.local {
+            Some(local) => {
+                let mut inner = Optimizer::new(local.inner, layout);
+                take_chartered(&mut inner, c.optimizer, layout)?;
+                local.inner = *inner.config();
+            }
+            None => take_chartered(optimizer, c.optimizer, layout)?,
+        }
         settings.chartered = true;
     }
     tokenizers::serve(dht.host(), Arc::new(bundle))?;

@@ -14,7 +14,7 @@ use potluck_model::Device;
 use potluck_model::dalle::{Dalle, TokenBatch};
 use potluck_net::host::ClientMode;
 use potluck_train::collab::{self, Collab, Net, Tick};
-use potluck_train::optim::Optimizer;
+use potluck_train::optim::{self, Optimizer};
 use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
@@ -62,6 +62,42 @@ pub(crate) struct RunArgs {
     /// 100 MB/s).
     #[arg(long, default_value_t = 300)]
     pub(crate) measure_links_every: u64,
+    /// Local-update mode, as DiLoCo (0: off, every epoch's gradient is averaged): an epoch is
+    /// a round of this many --target-batch-size batches, through which every peer steps its
+    /// own inner optimizer (--optimizer, --lr…) on its own samples, every --inner-batch; then
+    /// the peers average the change of their parameters (weighted by samples, with --codec)
+    /// and all take the same outer step (Nesterov momentum). The inner learning rate follows
+    /// --warmup and --decay-steps counted in batches (a round's inner steps take its rate at
+    /// the round's first batch); --epochs counts rounds. A slow peer takes fewer inner
+    /// steps and nobody waits for it; with --delayed-updates the averaging runs during the
+    /// next round. Every peer of a run gives the same.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) local_steps: u64,
+    /// Local-update mode: samples of its own a peer takes an inner step on (default: its
+    /// micro-batch).
+    #[arg(long)]
+    pub(crate) inner_batch: Option<u64>,
+    /// Local-update mode: the outer step's learning rate.
+    #[arg(long, default_value_t = 0.7)]
+    pub(crate) outer_lr: f64,
+    /// Local-update mode: the outer step's Nesterov momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub(crate) outer_momentum: f64,
+}
+
+impl RunArgs {
+    /// The optimizer of the state the swarm shares: the outer one in local-update mode, else
+    /// `optimizer` (the flags' inner one) itself.
+    pub(crate) fn state_optimizer(&self, optimizer: optim::Config) -> Result<optim::Config> {
+        if self.local_steps == 0 {
+            return Ok(optimizer);
+        }
+        let outer = optim::Config::outer(self.outer_lr, self.outer_momentum);
+        outer
+            .check()
+            .map_err(|e| anyhow::anyhow!("--outer-lr and --outer-momentum: {e}"))?;
+        Ok(outer)
+    }
 }
 
 /// What joining a run takes.
@@ -102,6 +138,10 @@ impl Default for SwarmArgs {
                 max_alone_epochs: 10,
                 codec: collab::Compression::Auto,
                 measure_links_every: 300,
+                local_steps: 0,
+                inner_batch: None,
+                outer_lr: 0.7,
+                outer_momentum: 0.9,
             },
             init: None,
             delayed_updates: false,
@@ -110,9 +150,21 @@ impl Default for SwarmArgs {
     }
 }
 
-/// The collaborative optimizer's settings for a run.
-pub(crate) fn collab_settings(run_id: &str, run: &RunArgs) -> collab::Settings {
-    let mut settings = collab::Settings::new(run_id, run.target_batch_size);
+/// The collaborative optimizer's settings for a run; in local-update mode, `inner` is the
+/// inner optimizer's and `micro` the default inner batch.
+pub(crate) fn collab_settings(
+    run_id: &str,
+    run: &RunArgs,
+    inner: optim::Config,
+    micro: u64,
+) -> collab::Settings {
+    let rounds = run.local_steps.max(1);
+    let mut settings = collab::Settings::new(run_id, run.target_batch_size.saturating_mul(rounds));
+    settings.local = (run.local_steps > 0).then(|| collab::LocalUpdates {
+        steps: run.local_steps,
+        inner,
+        inner_batch: run.inner_batch.unwrap_or(micro).max(1),
+    });
     settings.state_every = run.state_every;
     settings.alone_limit = run.max_alone_epochs;
     settings.codec = run.codec;
@@ -167,7 +219,8 @@ pub(crate) fn run(args: Args) -> Result<()> {
     potluck_model::tch::manual_seed(run_seed(&run_id, args.seed) as i64);
     let mut model = Dalle::new(config.clone(), device)?;
     let opt_cfg = optimizer_config(&args.optim, args.steps)?;
-    let mut optimizer = Optimizer::new(opt_cfg, model.layout());
+    let state_cfg = args.swarm.run.state_optimizer(opt_cfg)?;
+    let mut optimizer = Optimizer::new(state_cfg, model.layout());
     if let Some(dir) = &args.swarm.init {
         init_from(dir, &mut model, &mut optimizer)?;
     }
@@ -190,7 +243,12 @@ async fn train(
     let swarm = &args.swarm;
     let (dht, keypair) = start_dht(&run_id, &swarm.net).await?;
     let net = Net::start(dht.clone(), keypair.clone())?;
-    let mut settings = collab_settings(&run_id, &swarm.run);
+    // The inner optimizer's schedule counts the swarm's batches: --local-steps to a round.
+    let batches = args
+        .steps
+        .map(|s| s.saturating_mul(swarm.run.local_steps.max(1)));
+    let inner = optimizer_config(&args.optim, batches)?;
+    let mut settings = collab_settings(&run_id, &swarm.run, inner, micro as u64);
     settings.mode = if swarm.net.client_mode == ClientMode::On {
         Mode::Client
     } else {
@@ -207,6 +265,7 @@ async fn train(
     )
     .await?;
     let config = model.config().clone();
+    let local = settings.local;
     let mut peer = Collab::join(model, optimizer, net, settings)
         .await
         .map_err(|e| join_failed(e, &run_id, &swarm.net, &data))?;
@@ -225,6 +284,18 @@ async fn train(
         swarm.run.target_batch_size,
         peer.epoch()
     );
+    if let Some(l) = &local {
+        println!(
+            "local updates: an epoch is a round of {} samples (--local-steps {} × {}); inner \
+             steps every {} samples here; outer step: lr {}, Nesterov momentum {}",
+            swarm.run.target_batch_size * l.steps,
+            l.steps,
+            swarm.run.target_batch_size,
+            l.inner_batch,
+            swarm.run.outer_lr,
+            swarm.run.outer_momentum
+        );
+    }
 
     // Each peer reads the data in its own order.
     let order = Order::new(args.seed, rand::random());
@@ -302,7 +373,7 @@ async fn train(
                     version: env!("CARGO_PKG_VERSION").into(),
                     client: !dht.host().reachability().serving,
                     alone_epochs: r.alone_epochs,
-                    strangers: peer.strangers().len() as u64,
+                    strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
                     sent: traffic.sent,
                     received: traffic.received,
                     computing: compute_time.as_secs_f64()
@@ -310,9 +381,12 @@ async fn train(
                     time: clock::now(),
                 };
                 publish_metrics(&dht, &keypair, &run_id, m);
+                let inner = peer
+                    .inner_steps()
+                    .map_or(String::new(), |(n, _)| format!(", {n} inner steps"));
                 tracing::info!(
-                    "epoch {} done: {:.0} samples ({} here) in a group of {}{}, loss {:.3}, \
-                     lr {:.2e}, {:.2} s from the deadline to new parameters",
+                    "epoch {} done: {:.0} samples ({} here{inner}) in a group of {}{}, loss \
+                     {:.3}, lr {:.2e}, {:.2} s from the deadline to new parameters",
                     r.epoch,
                     r.swarm_samples,
                     r.samples,
