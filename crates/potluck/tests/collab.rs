@@ -748,8 +748,9 @@ fn left_out_and_refused(
 
 /// Local-update mode (as DiLoCo): four peers take inner steps on their own micro-batches
 /// through rounds of five batches, then average the change of their parameters and all take
-/// one outer step (Nesterov, lr 0.7, momentum 0.9). Over the samples of the every-step swarm,
-/// with and without delayed updates (the outer step a round late, the inner steps taken
+/// one outer step (Nesterov, lr 0.7, momentum 0.9). In a fifth as many rounds as the
+/// every-step swarm's epochs (a round gathers at least five of its batches: the peers compute
+/// on while the round's group forms), with and without delayed updates (the outer step a round late, the inner steps taken
 /// meanwhile kept on top): every peer holds the same outer parameters at every round's end,
 /// the loss falls about as far as every step averaged (printed for docs/BENCHMARKS.md), and
 /// the peers send about a fifth of the bytes.

@@ -147,6 +147,30 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
     );
 }
 
+/// Local-update mode through `train --local-steps`: two peers hold one outer state (the same
+/// loss on the fixed samples, the same round in their checkpoints), and a newcomer sends a
+/// fraction of the bytes per sample that averaging every step with the same codec sends.
+#[test]
+fn two_peers_in_local_update_mode_train_one_model_and_send_a_fraction_per_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let (first, _) = pair(dir.path(), &data, "local", &["--local-steps", "4"]);
+    assert!(
+        first.contains("local updates: an epoch is a round of 128 samples"),
+        "{first}"
+    );
+    let every = sent_per_sample(dir.path(), &data, "every", &[]);
+    // Rounds of 8 batches: an eighth of the averagings, but every-step epochs overshoot
+    // their 32 samples (micro-batches of 16 under way as the target is met) where a round of
+    // 256 hardly does, and a round's messages around the values weigh the same.
+    let local = sent_per_sample(dir.path(), &data, "rounds", &["--local-steps", "8"]);
+    println!("bytes sent per sample: {local:.0} in rounds of 8 batches, {every:.0} every step");
+    assert!(
+        local > 0.0 && local < 0.4 * every,
+        "bytes sent per sample: {local} in rounds of 8 batches, {every} every step"
+    );
+}
+
 /// The bytes per sample a newcomer to a peer of run `run` sends in its 12 s of training
 /// together (`extra`: both peers' flags), without the state averaging every 10 epochs (exact,
 /// it would weigh as much as several epochs of compressed gradients) and without probes of the
@@ -429,14 +453,36 @@ fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
 /// when the swarm has the target, whoever gathered it.
 #[test]
 fn a_slow_peer_gives_its_share_and_does_not_hold_the_epoch_back() {
+    slow_peer("uneven", &["--target-batch-size", "1536", "--epochs", "8"]);
+}
+
+/// The same in local-update mode: rounds of 4 × 384 samples, in which the slow peer takes a
+/// quarter of the fast one's inner steps, and the round ends when the swarm has its samples.
+#[test]
+fn a_slow_peer_takes_fewer_inner_steps_and_does_not_hold_the_round_back() {
+    slow_peer(
+        "uneven-local",
+        &[
+            "--target-batch-size",
+            "384",
+            "--local-steps",
+            "4",
+            "--epochs",
+            "8",
+        ],
+    );
+}
+
+/// Two peers of run `run` with flags `common`, one throttled 4×: the slow one's share of the
+/// samples, and both peers' time computing, as [`a_slow_peer_gives_its_share_and_does_not_hold_the_epoch_back`] asks.
+fn slow_peer(run: &str, common: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
-    let common = ["--target-batch-size", "1536", "--epochs", "8"];
-    let mut fast = peer_args("uneven", &data, &dir.path().join("fast"), &common);
+    let mut fast = peer_args(run, &data, &dir.path().join("fast"), common);
     fast.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
     let mut fast = Peer::spawn(&strs(&fast));
     let addr = fast.wait_for("listening on ");
-    let mut slow = peer_args("uneven", &data, &dir.path().join("slow"), &common);
+    let mut slow = peer_args(run, &data, &dir.path().join("slow"), common);
     slow.extend([
         "--initial-peers".into(),
         addr,

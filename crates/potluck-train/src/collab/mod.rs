@@ -627,7 +627,9 @@ impl<T: Trainable> Collab<T> {
         let committed = view
             .as_ref()
             .map_or(self.samples, |v| v.committed(epoch, self.samples));
-        let enough = !alone && committed >= self.settings.target_batch;
+        // In local-update mode a peer never waits for the round to close: its inner steps go
+        // on (into this round's change, its samples counted) until the group averages.
+        let enough = !alone && committed >= self.settings.target_batch && self.inner.is_none();
         // An auxiliary peer computes nothing: it averages and keeps the state. Nor does a peer
         // held back from stepping alone while the others step to its epoch: it could not
         // average the gradients, and it downloads their state as soon as they hold it (it
@@ -659,7 +661,7 @@ impl<T: Trainable> Collab<T> {
             return Ok(Tick::Waited);
         }
         let share = match &view {
-            Some(v) if !alone => self.share(v, committed),
+            Some(v) if !alone && self.inner.is_none() => self.share(v, committed),
             _ => u64::MAX,
         };
         let batch = next(usize::try_from(share).unwrap_or(usize::MAX)).map_err(Error::Data)?;
