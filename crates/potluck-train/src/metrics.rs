@@ -53,6 +53,10 @@ pub struct Metrics {
     /// The share of its time since it started that it spent computing (0 to 1).
     #[serde(default)]
     pub computing: f64,
+    /// How it trains (`collab::Settings::recipe`): every step averaged or local updates, and
+    /// the codec.
+    #[serde(default)]
+    pub recipe: String,
     /// Wall clock (ms) when it was published.
     pub time: Time,
 }
@@ -61,7 +65,12 @@ impl Metrics {
     /// The same with every text field cut to [`MAX_TEXT`] characters and the figures made
     /// sane (a peer's record is whatever it says).
     pub fn bounded(mut self) -> Metrics {
-        for text in [&mut self.device, &mut self.role, &mut self.version] {
+        for text in [
+            &mut self.device,
+            &mut self.role,
+            &mut self.version,
+            &mut self.recipe,
+        ] {
             if text.chars().count() > MAX_TEXT {
                 *text = text.chars().take(MAX_TEXT).collect();
             }
@@ -145,6 +154,7 @@ mod tests {
             sent: 0,
             received: 0,
             computing: 0.0,
+            recipe: "every step averaged, codec auto".into(),
             time: clock::now(),
         }
     }

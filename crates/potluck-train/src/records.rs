@@ -99,6 +99,7 @@ mod tests {
             held: 3,
             addrs: Vec::new(),
             tokenizers: crate::tokenizers::NONE,
+            recipe: "every step averaged, codec auto".into(),
         };
         let tracker = progress::Tracker {
             dht: &liar,
@@ -114,7 +115,13 @@ mod tests {
         .fetch()
         .await
         .unwrap();
-        assert_eq!(read, vec![(liar.peer_id(), report)]);
+        assert_eq!(read, vec![(liar.peer_id(), report.clone())]);
+        // A recipe longer than any a peer gives is refused.
+        let long = progress::Report {
+            recipe: "x".repeat(progress::MAX_RECIPE + 1),
+            ..report
+        };
+        assert!(tracker.publish(&long).await.is_err());
         // Keys of no type are not the run's business.
         liar.store(b"run.other", None, b"anything".to_vec(), expiration)
             .await

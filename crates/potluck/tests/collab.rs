@@ -882,7 +882,10 @@ fn a_donor_serving_a_forged_state_is_reported() {
         let net = Net::start_memory(&boot.1).await.unwrap();
         let m = model(&init);
         let opt = optimizer(m.layout());
-        let settings = collab::Settings::in_process("forged", TARGET);
+        let mut settings = collab::Settings::in_process("forged", TARGET);
+        // The swarm is there: on a loaded machine its reports may take longer than the
+        // in-process 300 ms to reach a newcomer, which would then start a swarm of its own.
+        settings.join_wait = std::time::Duration::from_secs(10);
         let newcomer = Collab::join(m, opt, net, settings).await.unwrap();
         assert!(
             newcomer.joined().is_some(),

@@ -25,6 +25,7 @@ impl<T: Trainable> Collab<T> {
                     // download the new state.
                     tracing::info!("too late for epoch {}'s averaging", round.epoch);
                     self.missed = Some(round.epoch);
+                    self.missed_deadline = round.deadline;
                     self.report(true);
                     return Ok(Tick::Epoch(self.missed_report(epoch, started)));
                 }

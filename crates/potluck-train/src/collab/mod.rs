@@ -146,8 +146,10 @@ pub struct Collab<T: Trainable> {
     attacker: Option<Attacker>,
     /// The download it joined with, if it found a swarm.
     joined: Option<sync::Report>,
-    /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs).
+    /// An epoch this peer missed the averaging of (it waits to fall behind, then syncs), and
+    /// the deadline it missed.
     missed: Option<u64>,
+    missed_deadline: potluck_core::clock::Time,
     /// Samples in a full micro-batch (the largest computed), and samples/s (smoothed).
     micro_samples: u64,
     rate: f64,
@@ -285,6 +287,7 @@ impl<T: Trainable> Collab<T> {
             attacker,
             joined: None,
             missed: None,
+            missed_deadline: 0,
             micro_samples: 0,
             rate: 0.0,
             started_computing: None,
@@ -405,6 +408,11 @@ impl<T: Trainable> Collab<T> {
             .borrow()
             .as_ref()
             .map_or_else(Vec::new, |v| v.strangers.clone())
+    }
+
+    /// How this peer trains ([`Settings::recipe`]).
+    pub fn recipe(&self) -> String {
+        self.settings.recipe()
     }
 
     /// Live peers of this peer's tokenizers that train by another recipe
@@ -614,6 +622,23 @@ impl<T: Trainable> Collab<T> {
         let alone = view.as_ref().is_none_or(|v| v.alone);
         if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
             return self.finish_epoch().await;
+        }
+        // Every peer may have been too late for a round (their DHT stores slowed by a link
+        // full of the last averaging): then nobody steps to the next epoch, and waiting for
+        // someone to fall behind waits for ever (three `small` peers on 10 Mbit/s links sat
+        // for minutes). Once the missed deadline is `max_wait` past and no peer holds a newer
+        // state, this peer joins a new round of the same epoch.
+        if self.missed == Some(epoch)
+            && now >= self.missed_deadline + self.settings.max_wait.as_millis() as u64
+            && view
+                .as_ref()
+                .is_some_and(|v| v.newest(&self.unserved) <= self.state.epoch())
+        {
+            tracing::warn!(
+                "epoch {epoch}: no peer averaged it since its deadline passed (all too late): \
+                 joining a new round of it"
+            );
+            self.missed = None;
         }
         if let Some(round) = lock(&self.pending).take() {
             if round.epoch == epoch && self.missed != Some(epoch) && self.round.is_none() {

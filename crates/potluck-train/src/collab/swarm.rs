@@ -200,6 +200,8 @@ pub(super) async fn progress_loop(
     };
     let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
     let mut closing: Option<(u64, Time)> = None;
+    // The epoch whose round this peer declared its offer for as it entered the epoch.
+    let mut declared: Option<u64> = None;
     let rush = settings.attack == Some(Attack::Rush);
     // How long this peer's DHT reads take (a moving average): on a loaded machine they take
     // hundreds of milliseconds, and a deadline must leave room for them.
@@ -233,6 +235,32 @@ pub(super) async fn progress_loop(
             if let Err(e) = tracker.publish(&report).await {
                 tracing::debug!("publishing progress: {e}");
             }
+        }
+        // The offer for this epoch's round goes out as the epoch begins, not at its end: on a
+        // slow link full of the last epoch's averaging a store takes seconds, longer than a
+        // deadline's lead, and every peer of three on 10 Mbit/s links came too late for the
+        // round after each averaging. Starting the round refreshes it.
+        if l.publish && declared != Some(l.epoch) {
+            declared = Some(l.epoch);
+            let offer = matchmaking::offer(&addrs, settings.mode, net.link.rate_or(settings.rate));
+            let (net, mm, run, epoch) = (
+                net.clone(),
+                settings.matchmaking.clone(),
+                settings.scope(),
+                l.epoch,
+            );
+            tokio::spawn(async move {
+                let mm = Matchmaker {
+                    dht: &net.dht,
+                    keypair: &net.keypair,
+                    run: &run,
+                    settings: mm,
+                };
+                let until = clock::now() + EARLY_OFFER.as_millis() as u64;
+                if let Err(e) = mm.declare(epoch, until, &offer).await {
+                    tracing::debug!("declaring for epoch {epoch}'s round early: {e}");
+                }
+            });
         }
         // Members this peer's reducer banned and donors it caught lying since the last
         // report: told to the swarm (both checked, so both marks are taken).
@@ -298,7 +326,10 @@ pub(super) async fn progress_loop(
                 let state = progress::swarm_state(&reports, now, target, ttl);
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
-                let open = closing.is_none_or(|(e, _)| e != l.epoch);
+                // A round of this epoch whose deadline is `max_wait` past without the epoch
+                // ending here was missed by all (see `Collab::tick`): it may close again.
+                let retry = |d: Time| now >= d + settings.max_wait.as_millis() as u64;
+                let open = closing.is_none_or(|(e, d)| e != l.epoch || retry(d));
                 // The swarm nears the target: another peer may propose the deadline any
                 // moment, and this one must see it soon enough to declare.
                 near = open
@@ -328,8 +359,9 @@ pub(super) async fn progress_loop(
                         Ok(None) => {}
                         Ok(Some(deadline)) => {
                             closing = Some((l.epoch, deadline));
+                            let early = declared == Some(l.epoch);
                             let round =
-                                start_round(&net, &settings, &addrs, len, l.epoch, deadline);
+                                start_round(&net, &settings, &addrs, len, l.epoch, deadline, early);
                             *lock(&pending) = Some(round);
                         }
                         Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
@@ -528,7 +560,12 @@ fn latest_lead(settings: &Settings) -> Duration {
     settings.lead.max(min_lead(settings, MAX_SLACK)) + settings.report_every
 }
 
-/// Starts forming `epoch`'s group by `deadline` in the background.
+/// How long an offer declared as its epoch begins lives past then (the deadline is not known
+/// yet; an offer lives a minute past its deadline once the round starts).
+const EARLY_OFFER: Duration = Duration::from_secs(300);
+
+/// Starts forming `epoch`'s group by `deadline` in the background. With its offer out
+/// (`early`), a store too late to be seen by the deadline only fails to refresh it.
 pub(super) fn start_round(
     net: &Net,
     settings: &Settings,
@@ -536,6 +573,7 @@ pub(super) fn start_round(
     len: usize,
     epoch: u64,
     deadline: Time,
+    early: bool,
 ) -> Round {
     let net = net.clone();
     let mm_settings = settings.matchmaking.clone();
@@ -548,7 +586,15 @@ pub(super) fn start_round(
             run: &run,
             settings: mm_settings,
         };
-        mm.form_group(epoch, deadline, &offer, len).await
+        if !early {
+            return mm.form_group(epoch, deadline, &offer, len).await;
+        }
+        if let Err(e) = mm.declare(epoch, deadline, &offer).await {
+            tracing::debug!("refreshing the offer for epoch {epoch}'s round: {e}");
+        }
+        let wait = deadline.saturating_sub(clock::now());
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        mm.agree(epoch, deadline, len).await
     });
     Round {
         epoch,

@@ -172,6 +172,7 @@ async fn serve(
             client: false,
             alone_epochs: peer.alone_epochs(),
             strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
+            recipe: peer.recipe(),
             sent: traffic.sent,
             received: traffic.received,
             computing: 0.0,

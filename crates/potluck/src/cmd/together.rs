@@ -374,6 +374,7 @@ async fn train(
                     client: !dht.host().reachability().serving,
                     alone_epochs: r.alone_epochs,
                     strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
+                    recipe: peer.recipe(),
                     sent: traffic.sent,
                     received: traffic.received,
                     computing: compute_time.as_secs_f64()

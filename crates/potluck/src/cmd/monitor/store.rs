@@ -257,6 +257,7 @@ mod tests {
                 sent: 0,
                 received: 0,
                 computing: 0.0,
+                recipe: String::new(),
                 time: 1000 + epoch,
             },
             first_seen: 5,

@@ -172,6 +172,7 @@ impl Watch {
                 "sent": s.metrics.sent,
                 "received": s.metrics.received,
                 "computing": s.metrics.computing,
+                "recipe": s.metrics.recipe,
                 "bytes_per_sample": (s.metrics.samples > 0)
                     .then(|| s.metrics.sent as f64 / s.metrics.samples as f64),
                 "seen_s_ago": now.saturating_sub(s.metrics.time) / 1000,
@@ -241,8 +242,8 @@ impl Watch {
         );
         gauge(
             "potluck_peers_seeing_other_tokenizers",
-            "Live peers that see peers training on data encoded with other tokenizers (the run \
-             is split: each side leaves the other out).",
+            "Live peers that see peers training on data encoded with other tokenizers, or by \
+             another recipe (the run is split: each side leaves the other out).",
             live.iter().filter(|s| s.metrics.strangers > 0).count() as f64,
         );
         let rate: f64 = live.iter().map(|s| s.metrics.samples_per_second).sum();
@@ -300,6 +301,7 @@ mod tests {
             sent: 0,
             received: 0,
             computing: 0.0,
+            recipe: String::new(),
             time,
         }
     }
@@ -370,10 +372,12 @@ mod tests {
             prom.contains("potluck_peers_seeing_other_tokenizers{run=\"r\"} 1"),
             "{prom}"
         );
-        // What a peer sent per sample it computed, and its time computing, for the board.
+        // What a peer sent per sample it computed, its time computing and how it trains, for
+        // the board.
         let busy = Metrics {
             sent: 6_000,
             computing: 0.9,
+            recipe: "local updates, rounds of 32 batches, codec auto".into(),
             ..m(2, Some(3.0), 20, now + 5)
         };
         w.update(vec![("c".into(), busy)], now + 5);
@@ -382,6 +386,10 @@ mod tests {
         let c = live.iter().find(|p| p["peer"] == "c").unwrap();
         assert_eq!(c["bytes_per_sample"], 300.0, "{c}");
         assert_eq!(c["computing"], 0.9, "{c}");
+        assert_eq!(
+            c["recipe"],
+            "local updates, rounds of 32 batches, codec auto"
+        );
         // Gone for long: not live.
         assert_eq!(w.live(now + LIVE_MS + 10).len(), 0);
     }
