@@ -10,7 +10,7 @@
 #
 # DATA is a `prepare --dataset shapes` directory. EPOCHS (default 10) epochs for (a) and (b),
 # ROUNDS (default 4) rounds of H (default 32) batches of TARGET (default 96) samples for (c).
-# Every peer's log is OUT/RATE-MODE/peerI.log.
+# MODES (default "a b c") picks the ways. Every peer's log is OUT/RATE-MODE/peerI.log.
 set -euo pipefail
 OUT=${1:?output directory}
 DATA=${2:?prepared shapes data}
@@ -27,7 +27,7 @@ common=(--config small --data "$DATA" --target-batch-size "$TARGET" --micro-batc
     --measure-links-every 60)
 for rate in "${RATES[@]}"; do
     "$here/slowlinks.sh" up hl 3 "$rate"
-    for mode in a b c; do
+    for mode in ${MODES:-a b c}; do
         case $mode in
             a) flags=(--codec none --epochs "$EPOCHS") ;;
             b) flags=(--codec auto --epochs "$EPOCHS") ;;

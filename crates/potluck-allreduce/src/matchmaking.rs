@@ -338,7 +338,7 @@ impl Matchmaker<'_> {
     }
 
     /// The offers of `round`, each signed by the peer it describes, by peer.
-    async fn offers(&self, round: u64) -> Result<BTreeMap<PeerId, Offer>, Error> {
+    pub async fn offers(&self, round: u64) -> Result<BTreeMap<PeerId, Offer>, Error> {
         Ok(offers_of(self.run, round)
             .get(self.dht)
             .await?

@@ -800,6 +800,13 @@ fn four_peers_in_local_update_mode_hold_one_state_learn_and_send_a_fraction() {
             rounds.iter().map(|r| r.group).collect::<Vec<_>>()
         );
         let loss = local[0].2;
+        // The rounds' sizes (the peers compute on while a round's group forms, so a round
+        // gathers more than its target by what the peers computed meanwhile).
+        let sizes: Vec<u64> = local[0].1.iter().map(|r| r.swarm_samples as u64).collect();
+        println!(
+            "delayed {delayed}: rounds of {sizes:?} samples (target {})",
+            TARGET * H
+        );
         let ratio = sent(&local) as f64 / sent(&every) as f64;
         println!(
             "delayed {delayed}: loss initial {first:.4}, every step {every_loss:.4}, local \
@@ -830,6 +837,52 @@ fn local_updates(steps: u64) -> collab::LocalUpdates {
         inner: *optimizer(&layout).config(),
         inner_batch: MICRO as u64,
     }
+}
+
+/// A peer alone steps its epochs without rounds and declares for none of them: an offer it
+/// left behind for an epoch put a newcomer that came to that epoch (by downloading its state)
+/// in a group with a peer long past it, and the newcomer waited out the open timeout and
+/// averaged nothing (`train` two peers, about one run in six).
+#[test]
+fn a_peer_alone_leaves_no_offers_behind() {
+    const ALONE: u64 = 8;
+    let init = initial();
+    let (runtime, boot) = runtime_and_boot();
+    let settings = collab::Settings::in_process("alone", TARGET);
+    let scope = settings.scope();
+    let offered = runtime.block_on(async {
+        let net = Net::start_memory(&boot.1).await.unwrap();
+        let m = model(&init);
+        let opt = optimizer(m.layout());
+        let (dht, keypair) = (net.dht.clone(), net.keypair.clone());
+        let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(500);
+        let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
+        let mut alone = 0;
+        while peer.epoch() < ALONE {
+            if let Tick::Epoch(r) = peer.tick(&mut next).await.unwrap() {
+                alone += u64::from(r.group == 1);
+            }
+        }
+        assert_eq!(alone, ALONE, "the peer had company");
+        // Its tracker declares within a report of an epoch's start; the stores take a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let mm = potluck_allreduce::matchmaking::Matchmaker {
+            dht: &dht,
+            keypair: &keypair,
+            run: &scope,
+            settings: Default::default(),
+        };
+        let mut offered = Vec::new();
+        for round in 0..=ALONE {
+            if !mm.offers(round).await.unwrap().is_empty() {
+                offered.push(round);
+            }
+        }
+        drop(peer);
+        offered
+    });
+    assert!(offered.is_empty(), "offers for rounds {offered:?}");
 }
 
 /// A donor that serves a forged state (sign-flipped parameters as its epoch's) is caught by a

@@ -203,7 +203,9 @@ fn sent_per_sample(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> f64 {
     args.extend(["--initial-peers".into(), addr]);
     let said = ok(&strs(&args));
     first.kill();
-    figure(&said, "traffic: ", "bytes")
+    let sent = figure(&said, "traffic: ", "bytes");
+    assert!(sent > 0.0, "the newcomer of {run} averaged nothing: {said}");
+    sent
 }
 
 /// Two peers of run `run` train `tiny` for 12 epochs (the second joins through the first and

@@ -50,7 +50,17 @@ pub(super) struct Task<I> {
     /// said of them (held back until they are admitted).
     unadmitted: HashMap<PeerId, (Instant, Option<identify::Info>)>,
     limiter: Limiter,
+    /// Since when autonat has found this host unreachable after it had found it reachable
+    /// (it goes on serving for [`PRIVATE_GRACE`]), and whether it was ever found reachable.
+    private_since: Option<Instant>,
+    was_public: bool,
 }
+
+/// How long a host once found reachable goes on serving while autonat finds it unreachable:
+/// on a home link full of averaging the probes' dial-backs time out, and three peers on
+/// 10 Mbit/s links, found private 90 s into a run, stopped serving and their groups could no
+/// longer reach them. A host that really lost its reachability stops serving after this long.
+pub(super) const PRIVATE_GRACE: Duration = Duration::from_secs(600);
 
 impl<I: Inbound> Task<I> {
     /// The task of a host whose swarm listens on `listening`; `marker` is held while it serves
@@ -82,6 +92,8 @@ impl<I: Inbound> Task<I> {
             gate: cfg.auth.clone(),
             unadmitted: HashMap::new(),
             limiter: Limiter::new(cfg.requests),
+            private_since: None,
+            was_public: false,
         }
     }
 
@@ -105,6 +117,18 @@ impl<I: Inbound> Task<I> {
     fn sweep(&mut self) {
         for peer in self.limiter.sweep(Instant::now()) {
             self.swarm.behaviour_mut().banned.unblock_peer(peer);
+        }
+        if self
+            .private_since
+            .is_some_and(|t| t.elapsed() >= PRIVATE_GRACE)
+        {
+            self.private_since = None;
+            tracing::warn!(
+                "autonat has found this host unreachable for {} s: client mode",
+                PRIVATE_GRACE.as_secs()
+            );
+            self.set_serving(false);
+            self.reserve_relays();
         }
         let Some(gate) = &self.gate else { return };
         let mut out = gate.expired();
@@ -278,11 +302,26 @@ impl<I: Inbound> Task<I> {
                 tracing::info!("reachability: {nat:?}");
                 *lock(&self.status.nat) = nat;
                 match nat {
+                    Nat::Private if self.was_public && self.client_mode == ClientMode::Auto => {
+                        if self.private_since.is_none() {
+                            tracing::warn!(
+                                "autonat's probes of this host failed (a link too busy for \
+                                 their dial-backs?): it goes on serving unless they fail for \
+                                 {} s",
+                                PRIVATE_GRACE.as_secs()
+                            );
+                            self.private_since = Some(Instant::now());
+                        }
+                    }
                     Nat::Private => {
                         self.set_serving(false);
                         self.reserve_relays();
                     }
-                    Nat::Public => self.set_serving(true),
+                    Nat::Public => {
+                        self.was_public = true;
+                        self.private_since = None;
+                        self.set_serving(true);
+                    }
                     Nat::Unknown => {}
                 }
             }

@@ -102,6 +102,7 @@ impl<T: Trainable> Collab<T> {
             started,
             may_step_alone: self.alone_epochs < self.settings.alone_limit,
             residual: self.residual.take(),
+            local: self.inner.is_some(),
         };
         self.epoch += 1;
         self.samples = 0;

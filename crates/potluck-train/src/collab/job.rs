@@ -37,6 +37,8 @@ pub(super) struct Job {
     pub(super) may_step_alone: bool,
     /// Error feedback of a lossy codec (see [`super::Collab`]), given back in [`Stepped`].
     pub(super) residual: Option<Vec<f32>>,
+    /// Local-update mode: `grad` is the change of the parameters over a round.
+    pub(super) local: bool,
 }
 
 /// Why a [`Job`] could not step.
@@ -78,6 +80,7 @@ impl Job {
             started,
             may_step_alone,
             mut residual,
+            local,
         } = self;
         let mut swarm_samples = samples as f64;
         let mut group_size = 1;
@@ -132,7 +135,21 @@ impl Job {
                         Ok(report) => {
                             swarm_samples = report.weight();
                             group_size = group.members.len();
-                            if !report.complete() {
+                            if !report.complete() && local {
+                                // A member's own change for a part that did not come back
+                                // would set its outer parameters apart from the others' for
+                                // good (their manifests then disagree, and downloaders take
+                                // honest donors for liars): every member that lacks the part
+                                // leaves it where the round began.
+                                for p in report.parts.iter().filter(|p| !p.complete()) {
+                                    grad[p.range.clone()].fill(0.0);
+                                }
+                                tracing::warn!(
+                                    "round {epoch}: parts of the change did not come back, and \
+                                     stay as the round began: {:?}",
+                                    report.excluded
+                                );
+                            } else if !report.complete() {
                                 tracing::warn!(
                                     "epoch {epoch}: parts of the gradient kept local values: {:?}",
                                     report.excluded

@@ -239,8 +239,12 @@ pub(super) async fn progress_loop(
         // The offer for this epoch's round goes out as the epoch begins, not at its end: on a
         // slow link full of the last epoch's averaging a store takes seconds, longer than a
         // deadline's lead, and every peer of three on 10 Mbit/s links came too late for the
-        // round after each averaging. Starting the round refreshes it.
-        if l.publish && declared != Some(l.epoch) {
+        // round after each averaging. Starting the round refreshes it. A peer alone declares
+        // nothing: it steps its epochs without a round, and an offer it left behind for an
+        // epoch put a newcomer that came to that epoch in a group with a peer long gone (it
+        // waited out the open timeout and averaged nothing).
+        let with_others = last_others.is_some_and(|t| t.elapsed() < 2 * ttl);
+        if l.publish && with_others && declared != Some(l.epoch) {
             declared = Some(l.epoch);
             let offer = matchmaking::offer(&addrs, settings.mode, net.link.rate_or(settings.rate));
             let (net, mm, run, epoch) = (
