@@ -323,11 +323,19 @@ pub(super) async fn progress_loop(
                 }
                 let cut = measure.bound(&mut reports, now, l.micro);
                 warn_of_overclaims(&mut overclaimed, &cut, &reports, now, ttl);
-                let others_state = progress::swarm_state(&reports, now, target, ttl);
+                let mut others_state = progress::swarm_state(&reports, now, target, ttl);
                 if l.publish {
                     reports.push((me, mine));
                 }
-                let state = progress::swarm_state(&reports, now, target, ttl);
+                let mut state = progress::swarm_state(&reports, now, target, ttl);
+                // The peers that closed this epoch and moved on (their round under way) gathered
+                // their samples of it all the same: counted no more, the others computed their
+                // share again before they saw the target (two `small` peers on 10 Mbit/s links
+                // in local-update mode came to the round 28 s after the third, which had left).
+                let closed = closed_samples(&reported, &reports, l.epoch, &measure, now, l.micro);
+                for s in [&mut state, &mut others_state] {
+                    count_closed(s, l.epoch, closed, target);
+                }
                 // Once any peer closed this epoch, this one joins the round too, whatever its
                 // own estimate says; it proposes a deadline only when it sees the target met.
                 // A round of this epoch whose deadline is `max_wait` past without the epoch
@@ -362,6 +370,22 @@ pub(super) async fn progress_loop(
                     match close(&net, &settings, l.epoch, propose, latest).await {
                         Ok(None) => {}
                         Ok(Some(deadline)) => {
+                            tracing::debug!(
+                                "epoch {}: its round's deadline is in {} ms ({}); the swarm \
+                                 holds {} of {target} samples here ({} of {} live peers in \
+                                 the epoch, eta {:?})",
+                                l.epoch,
+                                deadline as i64 - now as i64,
+                                if propose == Some(deadline) {
+                                    "proposed here"
+                                } else {
+                                    "another peer's"
+                                },
+                                state.samples,
+                                state.in_epoch,
+                                state.peers,
+                                state.eta,
+                            );
                             closing = Some((l.epoch, deadline));
                             let early = declared == Some(l.epoch);
                             let round =
@@ -527,6 +551,44 @@ fn warn_of_overclaims(
     }
 }
 
+/// The samples of `epoch` last reported by the peers whose newest report (in `reports`) is of a
+/// later epoch: they closed it and moved on. Each counts as far as `measure` bounds its claim.
+fn closed_samples(
+    reported: &Reported,
+    reports: &[(PeerId, progress::Report)],
+    epoch: u64,
+    measure: &progress::Measure,
+    now: Time,
+    micro: u64,
+) -> u64 {
+    let mut closed: Vec<(PeerId, progress::Report)> = reports
+        .iter()
+        .filter(|(_, r)| r.epoch > epoch)
+        .filter_map(|(peer, _)| reported.get(&(*peer, epoch)).map(|r| (*peer, r.clone())))
+        .collect();
+    measure.bound(&mut closed, now, micro);
+    closed
+        .iter()
+        .map(|(_, r)| r.samples)
+        .fold(0, u64::saturating_add)
+}
+
+/// Adds `closed` samples (of peers that closed `epoch`, [`closed_samples`]) to `state` if it is
+/// of that epoch, and its time to the target with them.
+fn count_closed(state: &mut progress::SwarmState, epoch: u64, closed: u64, target: u64) {
+    if state.epoch != epoch || closed == 0 {
+        return;
+    }
+    state.samples = state.samples.saturating_add(closed);
+    state.committed = state.committed.saturating_add(closed);
+    if state.samples >= target {
+        state.eta = Some(Duration::ZERO);
+    } else if state.samples_per_second > 0.0 {
+        let left = (target - state.samples) as f64 / state.samples_per_second;
+        state.eta = Some(Duration::from_secs_f64(left.min(1e9)));
+    }
+}
+
 /// Keeps the newest of `reports` per peer and epoch in `reported`, for the epochs from
 /// [`KEEP_EPOCHS`] before `epoch` on (older ones are dropped: memory stays bounded by the
 /// live peers).
@@ -628,6 +690,7 @@ pub(super) async fn close(
     if let Some(t) = earliest(deadlines.get(&net.dht).await?) {
         return Ok(Some(t));
     }
+
     let Some(mine) = propose else {
         return Ok(None);
     };
@@ -656,6 +719,54 @@ fn plausible(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer that closed epoch 3 and moved to 4 (its round under way) keeps its last samples
+    /// of 3 counted toward 3's target, as far as its measured rate allows; without them the
+    /// two peers still in 3 would compute its share again before they saw the target.
+    #[test]
+    fn a_peer_that_closed_the_epoch_keeps_its_samples_counted() {
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let (now, stale, target) = (1_000_000, Duration::from_secs(3), 3_000);
+        let report = |epoch, samples| progress::Report {
+            epoch,
+            samples,
+            samples_per_second: 20.0,
+            time: now - 100,
+            held: epoch,
+            addrs: Vec::new(),
+            tokenizers: crate::tokenizers::NONE,
+            recipe: String::new(),
+        };
+        let mut measure = progress::Measure::default();
+        measure.begin(3, now - 60_000);
+        let reports = vec![
+            (a, report(4, 0)),
+            (b, report(3, 1_000)),
+            (c, report(3, 1_000)),
+        ];
+        measure.observe(&reports, now, stale);
+        let mut reported = Reported::new();
+        reported.insert((a, 3), report(3, 1_000));
+        let mut state = progress::swarm_state(&reports, now, target, stale);
+        assert_eq!((state.epoch, state.committed), (3, 2_000));
+        assert!(!state.ready(target));
+        let closed = closed_samples(&reported, &reports, 3, &measure, now, 16);
+        assert_eq!(closed, 1_000);
+        count_closed(&mut state, 3, closed, target);
+        assert!(state.ready(target));
+        assert_eq!(state.eta, Some(Duration::ZERO));
+        // A claim beyond its rate since the epoch began here counts no further (20/s for 60 s,
+        // and a micro-batch), and an epoch the state is not of gains nothing.
+        reported.insert((a, 3), report(3, 1_000_000));
+        assert_eq!(
+            closed_samples(&reported, &reports, 3, &measure, now, 16),
+            1_216
+        );
+        let mut later = progress::swarm_state(&reports, now, target, stale);
+        later.epoch = 4;
+        count_closed(&mut later, 3, 1_000, target);
+        assert_eq!(later.committed, 2_000);
+    }
 
     /// Whatever this peer's DHT latency, a deadline as far ahead as an honest peer may propose
     /// leaves at least the time to see it and declare.
