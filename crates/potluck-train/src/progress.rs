@@ -157,19 +157,11 @@ pub fn swarm_state(
         .fold(0u64, u64::saturating_add);
     let rate: f64 = current.iter().map(|r| r.samples_per_second.max(0.0)).sum();
     let samples = samples.min(u64::MAX as f64) as u64;
-    let eta = if samples >= target {
-        Some(Duration::ZERO)
-    } else if rate > 0.0 {
-        Some(Duration::from_secs_f64(
-            ((target - samples) as f64 / rate).min(1e9),
-        ))
-    } else {
-        None
-    };
     SwarmState {
         epoch,
         samples,
         committed,
+        eta: eta(samples, target, rate),
         samples_per_second: rate,
         peers: live.len(),
         in_epoch: current.len(),
@@ -177,7 +169,20 @@ pub fn swarm_state(
             .iter()
             .filter(|r| r.samples > 0 || r.samples_per_second > 0.0)
             .count(),
-        eta,
+    }
+}
+
+/// The time until `target` samples at `rate` samples/s with `samples` gathered: zero once
+/// reached, `None` with no rate.
+pub fn eta(samples: u64, target: u64, rate: f64) -> Option<Duration> {
+    if samples >= target {
+        Some(Duration::ZERO)
+    } else if rate > 0.0 {
+        Some(Duration::from_secs_f64(
+            ((target - samples) as f64 / rate).min(1e9),
+        ))
+    } else {
+        None
     }
 }
 

@@ -581,12 +581,7 @@ fn count_closed(state: &mut progress::SwarmState, epoch: u64, closed: u64, targe
     }
     state.samples = state.samples.saturating_add(closed);
     state.committed = state.committed.saturating_add(closed);
-    if state.samples >= target {
-        state.eta = Some(Duration::ZERO);
-    } else if state.samples_per_second > 0.0 {
-        let left = (target - state.samples) as f64 / state.samples_per_second;
-        state.eta = Some(Duration::from_secs_f64(left.min(1e9)));
-    }
+    state.eta = progress::eta(state.samples, target, state.samples_per_second);
 }
 
 /// Keeps the newest of `reports` per peer and epoch in `reported`, for the epochs from
