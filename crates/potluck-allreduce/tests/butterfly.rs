@@ -254,6 +254,34 @@ async fn clients_and_auxiliaries(on: On) {
     }
 }
 
+/// A group of clients alone (every member found itself unreachable) still averages: each
+/// reduces a part over the connections the group has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_alone_average_all_the_same() {
+    let n = 3;
+    let len = 6_000;
+    let peers = peers_on(n, On::Tcp).await;
+    let g = group(&peers, &[Mode::Client; 3], &[1e7; 3], len).await;
+    assert!(g.parts.iter().all(|&p| p > 0), "{:?}", g.parts);
+    let weights = [1.0, 2.0, 3.0];
+    let inputs = buffers(n, len, 2);
+    let want = reference(&inputs, &weights, &[0, 1, 2]);
+    let results = round(
+        &peers,
+        &g,
+        &weights,
+        &inputs,
+        &vec![settings(Codec::None); n],
+        &[true; 3],
+    )
+    .await;
+    for (i, (buffer, report)) in results.iter().enumerate() {
+        let report = report.as_ref().unwrap();
+        assert!(report.complete(), "member {i}: {report:?}");
+        assert!(max_diff(buffer, &want) <= 1e-6, "member {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn part_sizes_follow_measured_rates() {
     let peers = peers(2).await;

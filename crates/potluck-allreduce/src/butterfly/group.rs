@@ -38,7 +38,7 @@ pub struct Group {
     /// Names the round (every stream says which round it belongs to).
     pub round: [u8; 32],
     pub members: Vec<Member>,
-    /// Values in each member's part (0 for clients), in member order.
+    /// Values in each member's part (0 for clients, unless all are), in member order.
     pub parts: Vec<usize>,
 }
 
@@ -53,18 +53,32 @@ pub enum GroupError {
 
 impl Group {
     /// A group whose parts are balanced by the members' rates for a buffer of `len` values.
+    ///
+    /// A group of clients alone reduces all the same, every member a part: they reached each
+    /// other to form it (directly, punched or relayed), and a round over those connections
+    /// beats no round. (Three peers that all found themselves unreachable once stopped
+    /// averaging for good.)
     pub fn new(round: [u8; 32], members: Vec<Member>, len: usize) -> Result<Group, GroupError> {
         if members.len() > MAX_GROUP {
             return Err(GroupError::TooLarge(members.len()));
         }
+        let all_clients = members.iter().all(|m| m.mode == Mode::Client);
+        if all_clients && members.len() > 1 {
+            tracing::warn!(
+                "every member of a group of {} is a client: each reduces a part over the \
+                 connections it has",
+                members.len()
+            );
+        }
+        let mode = |m: &Member| if all_clients { Mode::Full } else { m.mode };
         let peers: Vec<balance::Peer> = members
             .iter()
             .map(|m| balance::Peer {
-                mode: m.mode,
+                mode: mode(m),
                 rate: m.rate,
             })
             .collect();
-        let reduces: Vec<bool> = members.iter().map(|m| m.mode != Mode::Client).collect();
+        let reduces: Vec<bool> = members.iter().map(|m| mode(m) != Mode::Client).collect();
         let parts = cap_shares(&balance::part_sizes(len, &peers)?, &reduces, len);
         Ok(Group {
             round,
@@ -185,5 +199,20 @@ mod tests {
         )
         .unwrap();
         assert!(uncapped[8] as f64 / len as f64 > 0.3);
+    }
+
+    /// Clients alone all reduce (before, such a group failed: no reducer); with a full member
+    /// among them, they reduce nothing.
+    #[test]
+    fn a_group_of_clients_alone_reduces_all_the_same() {
+        let len = 30_000;
+        let clients: Vec<Member> = (0..3).map(|_| member(Mode::Client, 1e6)).collect();
+        let group = Group::new([0; 32], clients.clone(), len).unwrap();
+        assert_eq!(group.parts.iter().sum::<usize>(), len);
+        assert!(group.parts.iter().all(|&p| p > 0), "{:?}", group.parts);
+        let mut mixed = clients;
+        mixed.push(member(Mode::Full, 1e6));
+        let group = Group::new([0; 32], mixed, len).unwrap();
+        assert_eq!(group.parts, vec![0, 0, 0, len]);
     }
 }

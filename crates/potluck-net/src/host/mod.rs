@@ -70,6 +70,8 @@ pub struct Reachability {
     pub hole_punches: u64,
     /// Hole punches that failed.
     pub hole_punch_failures: u64,
+    /// Reachability probes of this host that a peer answered (dialed back or not).
+    pub nat_probes: u64,
 }
 
 /// Shared between the host task and its handles.
@@ -80,6 +82,7 @@ struct Status {
     relay_addrs: Mutex<Vec<Multiaddr>>,
     punched: AtomicU64,
     punch_failed: AtomicU64,
+    nat_probes: AtomicU64,
     /// Requests refused for their peer's rate, and peers banned for flooding.
     refused: AtomicU64,
     bans: AtomicU64,
@@ -227,6 +230,7 @@ impl Host {
             refused: AtomicU64::new(0),
             bans: AtomicU64::new(0),
             punch_failed: AtomicU64::new(0),
+            nat_probes: AtomicU64::new(0),
         });
         let marker = if serving {
             Some(incoming::accept(&mut streams, SERVING)?)
@@ -280,6 +284,7 @@ impl Host {
             relay_addrs: lock(&self.status.relay_addrs).clone(),
             hole_punches: self.status.punched.load(Ordering::Relaxed),
             hole_punch_failures: self.status.punch_failed.load(Ordering::Relaxed),
+            nat_probes: self.status.nat_probes.load(Ordering::Relaxed),
         }
     }
 

@@ -7,6 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::core::transport::PortUse;
 use libp2p::multiaddr::Protocol;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -56,10 +58,21 @@ pub(super) struct Task<I> {
     was_public: bool,
 }
 
-/// How long a host once found reachable goes on serving while autonat finds it unreachable:
-/// on a home link full of averaging the probes' dial-backs time out, and three peers on
-/// 10 Mbit/s links, found private 90 s into a run, stopped serving and their groups could no
-/// longer reach them. A host that really lost its reachability stops serving after this long.
+/// Whether `endpoint` is a connection this host dialed from a fresh port: autonat's dial-back
+/// when it probes a peer's reachability (every other dial reuses the listening port).
+fn is_dial_back(endpoint: &ConnectedPoint) -> bool {
+    matches!(
+        endpoint,
+        ConnectedPoint::Dialer {
+            port_use: PortUse::New,
+            ..
+        }
+    )
+}
+
+/// How long a host once found reachable goes on serving while autonat finds it unreachable: a
+/// probe's dial-back can fail for a while on a link full of averaging without the host being
+/// unreachable. A host that really lost its reachability stops serving after this long.
 pub(super) const PRIVATE_GRACE: Duration = Duration::from_secs(600);
 
 impl<I: Inbound> Task<I> {
@@ -290,6 +303,12 @@ impl<I: Inbound> Task<I> {
                 }
                 _ => self.identified(peer_id, info),
             },
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::OutboundProbe(
+                autonat::OutboundProbeEvent::Response { .. }
+                | autonat::OutboundProbeEvent::Error { peer: Some(_), .. },
+            ))) => {
+                self.status.nat_probes.fetch_add(1, Ordering::Relaxed);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged {
                 new,
                 ..
@@ -348,6 +367,15 @@ impl<I: Inbound> Task<I> {
                 num_established,
                 ..
             } => {
+                if is_dial_back(&endpoint) && num_established.get() > 1 {
+                    // Autonat's dial-back to a peer we already talk to (a fresh port; nothing
+                    // else here dials one) has done its work once it is up. Left open, it would
+                    // carry requests (spread over all of a peer's connections) and never idle
+                    // out, and a few probes later the per-peer connection limit denied the next
+                    // dial-back: autonat then found every peer of a run unreachable.
+                    tracing::debug!("closing autonat's dial-back connection to {peer_id}");
+                    self.swarm.close_connection(connection_id);
+                }
                 if let Some(gate) = &self.gate
                     && num_established.get() == 1
                 {
