@@ -24,7 +24,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 trap '"$here/slowlinks.sh" down hl 3' EXIT
 common=(--config small --data "$DATA" --target-batch-size "$TARGET" --micro-batch 16
-    --measure-links-every 60)
+)
 for rate in "${RATES[@]}"; do
     "$here/slowlinks.sh" up hl 3 "$rate"
     for mode in ${MODES:-a b c}; do

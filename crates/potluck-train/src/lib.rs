@@ -2,8 +2,8 @@
 //! ([`state`]: parameters, optimizer, epoch, samples), the inner optimizers ([`optim`]),
 //! checkpoints ([`checkpoint`]), training on one machine ([`solo`]), and training with a swarm:
 //! the collaborative optimizer ([`collab`]), the swarm's progress over the DHT ([`progress`]),
-//! state sync ([`sync`]), the spike guard ([`guard`]), metrics and reports for the monitor, and
-//! the checks of every typed record of a run ([`records`]).
+//! state sync ([`sync`]), the spike guard ([`guard`]), stalled epochs ([`stall`]), metrics and
+//! reports for the monitor, and the checks of every typed record of a run ([`records`]).
 
 pub mod charter;
 pub mod checkpoint;
@@ -15,6 +15,7 @@ pub mod progress;
 pub mod records;
 pub mod reports;
 pub mod solo;
+pub mod stall;
 pub mod state;
 pub mod sync;
 pub mod tokenizers;

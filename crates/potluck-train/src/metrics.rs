@@ -40,6 +40,10 @@ pub struct Metrics {
     /// from the swarm's; see `collab::Settings::alone_limit`).
     #[serde(default)]
     pub alone_epochs: u64,
+    /// How long the epoch it is in has run, once far past how long its epochs usually take
+    /// (seconds; [`crate::stall`]); 0: not stalled.
+    #[serde(default)]
+    pub stalled_s: u64,
     /// Live peers it sees training on data encoded with other tokenizers than its own (left
     /// out of its epochs and groups: the run is split; see `crate::tokenizers`).
     #[serde(default)]
@@ -150,6 +154,7 @@ mod tests {
             version: "0.1.0".into(),
             client: false,
             alone_epochs: 0,
+            stalled_s: 0,
             strangers: 0,
             sent: 0,
             received: 0,

@@ -171,6 +171,7 @@ async fn serve(
             version: env!("CARGO_PKG_VERSION").into(),
             client: false,
             alone_epochs: peer.alone_epochs(),
+            stalled_s: 0,
             strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
             recipe: peer.recipe(),
             sent: traffic.sent,

@@ -15,6 +15,7 @@ use potluck_model::dalle::{Dalle, TokenBatch};
 use potluck_net::host::ClientMode;
 use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::{self, Optimizer};
+use potluck_train::stall::Stall;
 use potluck_train::{checkpoint, metrics};
 use serde_json::json;
 
@@ -325,6 +326,10 @@ async fn train(
     let mut last_loss = None;
     let mut first_loss = None;
     let mut tally = Tally::default();
+    let mut stall = Stall::new(peer.epoch(), started);
+    let mut last_stall_word = None;
+    let mut alone_epochs = 0;
+    let mut epoch_loss = None;
     let mut interrupt = super::Interrupt::new()?;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
@@ -361,33 +366,25 @@ async fn train(
                     first_loss.get_or_insert(r.loss.total);
                 }
                 tally.count(&r);
-                let traffic = peer.traffic();
-                let m = metrics::Metrics {
-                    epoch: peer.epoch(),
-                    loss: (r.loss.samples > 0).then_some(r.loss.total),
-                    samples: computed,
-                    samples_per_second: computed as f64 / compute_time.as_secs_f64().max(1e-9),
-                    device: args.device.clone(),
-                    role: "trainer".into(),
-                    uptime_s: started.elapsed().as_secs(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    client: !dht.host().reachability().serving,
-                    alone_epochs: r.alone_epochs,
-                    strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
-                    recipe: peer.recipe(),
-                    sent: traffic.sent,
-                    received: traffic.received,
-                    computing: compute_time.as_secs_f64()
-                        / started.elapsed().as_secs_f64().max(1e-9),
-                    time: clock::now(),
-                };
+                alone_epochs = r.alone_epochs;
+                epoch_loss = (r.loss.samples > 0).then_some(r.loss.total);
+                let m = Stats {
+                    computed,
+                    compute_time,
+                    started,
+                    loss: epoch_loss,
+                    alone_epochs,
+                    stalled: None,
+                }
+                .metrics(&peer, &dht, &args.device);
                 publish_metrics(&dht, &keypair, &run_id, m);
                 let inner = peer
                     .inner_steps()
                     .map_or(String::new(), |(n, _)| format!(", {n} inner steps"));
                 tracing::info!(
                     "epoch {} done: {:.0} samples ({} here{inner}) in a group of {}{}, loss \
-                     {:.3}, lr {:.2e}, {:.2} s from the deadline to new parameters",
+                     {:.3}, lr {:.2e}, {:.2} s from the deadline to new parameters; sent {:.1} \
+                     MB so far",
                     r.epoch,
                     r.swarm_samples,
                     r.samples,
@@ -397,7 +394,8 @@ async fn train(
                         .map_or(String::new(), |w| format!(" ({w})")),
                     r.loss.total,
                     r.lr,
-                    r.averaging.as_secs_f64()
+                    r.averaging.as_secs_f64(),
+                    peer.traffic().sent as f64 / 1e6
                 );
             }
             Tick::Synced(report, epoch) => {
@@ -408,6 +406,37 @@ async fn train(
                 );
             }
             Tick::Waited => {}
+        }
+        stall.at(peer.epoch(), Instant::now());
+        if let Some(ran) = stall.check(Instant::now()) {
+            if stall.first_word() {
+                tracing::warn!(
+                    "epoch {} has run for {:.0} s, epochs here usually take {:.0} s: stalled \
+                     ({:.0} of the swarm's {} samples reported{}); see the other peers' logs \
+                     and the dashboard",
+                    peer.epoch(),
+                    ran.as_secs_f64(),
+                    stall.usual().unwrap_or_default().as_secs_f64(),
+                    peer.swarm_samples(),
+                    peer.target(),
+                    peer.inner_steps()
+                        .map_or(String::new(), |(n, _)| format!(", {n} inner steps here"))
+                );
+            }
+            // Said on the dashboard too: a stalled peer publishes no epoch's metrics.
+            if last_stall_word.is_none_or(|t: Instant| t.elapsed() >= STALL_WORD_EVERY) {
+                last_stall_word = Some(Instant::now());
+                let m = Stats {
+                    computed,
+                    compute_time,
+                    started,
+                    loss: epoch_loss,
+                    alone_epochs,
+                    stalled: Some(ran),
+                }
+                .metrics(&peer, &dht, &args.device);
+                publish_metrics(&dht, &keypair, &run_id, m);
+            }
         }
         view.show(&peer, started, computed, last_loss);
         if last_checkpoint.elapsed().as_secs_f64() >= args.checkpoint_minutes * 60.0 {
@@ -458,6 +487,52 @@ async fn train(
     }
     println!("checkpoint: {}", args.out.display());
     Ok(())
+}
+
+/// How often a stalled peer publishes its metrics (live on the dashboard, stalled).
+const STALL_WORD_EVERY: Duration = Duration::from_secs(30);
+
+/// What the metrics record says of this peer's work so far.
+struct Stats {
+    computed: u64,
+    compute_time: Duration,
+    started: Instant,
+    /// Its mean loss in its last epoch.
+    loss: Option<f64>,
+    alone_epochs: u64,
+    /// How long the epoch it is in has run, if stalled.
+    stalled: Option<Duration>,
+}
+
+impl Stats {
+    fn metrics(
+        &self,
+        peer: &Collab<Dalle>,
+        dht: &potluck_net::dht::Dht,
+        device: &str,
+    ) -> metrics::Metrics {
+        let traffic = peer.traffic();
+        metrics::Metrics {
+            epoch: peer.epoch(),
+            loss: self.loss,
+            samples: self.computed,
+            samples_per_second: self.computed as f64 / self.compute_time.as_secs_f64().max(1e-9),
+            device: device.to_owned(),
+            role: "trainer".into(),
+            uptime_s: self.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            client: !dht.host().reachability().serving,
+            alone_epochs: self.alone_epochs,
+            stalled_s: self.stalled.map_or(0, |d| d.as_secs().max(1)),
+            strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
+            recipe: peer.recipe(),
+            sent: traffic.sent,
+            received: traffic.received,
+            computing: self.compute_time.as_secs_f64()
+                / self.started.elapsed().as_secs_f64().max(1e-9),
+            time: clock::now(),
+        }
+    }
 }
 
 /// What a peer moved over the network for its work: `traffic: sent S MB, received R MB, B bytes

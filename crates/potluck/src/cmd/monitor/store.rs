@@ -253,6 +253,7 @@ mod tests {
                 version: "0".into(),
                 client: false,
                 alone_epochs: 0,
+                stalled_s: 0,
                 strangers: 0,
                 sent: 0,
                 received: 0,

@@ -168,6 +168,7 @@ impl Watch {
                 "version": s.metrics.version,
                 "client": s.metrics.client,
                 "alone_epochs": s.metrics.alone_epochs,
+                "stalled_s": s.metrics.stalled_s,
                 "strangers": s.metrics.strangers,
                 "sent": s.metrics.sent,
                 "received": s.metrics.received,
@@ -199,6 +200,15 @@ impl Watch {
                 .iter()
                 .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
                 .map(|s| serde_json::json!({"peer": s.peer, "epochs": s.metrics.alone_epochs}))
+                .collect::<Vec<_>>(),
+            "stalled": live
+                .iter()
+                .filter(|s| s.metrics.stalled_s > 0)
+                .map(|s| serde_json::json!({
+                    "peer": s.peer,
+                    "epoch": s.metrics.epoch,
+                    "seconds": s.metrics.stalled_s,
+                }))
                 .collect::<Vec<_>>(),
             "split": live
                 .iter()
@@ -239,6 +249,12 @@ impl Watch {
             live.iter()
                 .filter(|s| s.metrics.alone_epochs >= ALONE_WARN)
                 .count() as f64,
+        );
+        gauge(
+            "potluck_peers_stalled",
+            "Live peers whose epoch has run far longer than their epochs usually take (a round \
+             that does not close).",
+            live.iter().filter(|s| s.metrics.stalled_s > 0).count() as f64,
         );
         gauge(
             "potluck_peers_seeing_other_tokenizers",
@@ -297,6 +313,7 @@ mod tests {
             version: "0".into(),
             client: false,
             alone_epochs: 0,
+            stalled_s: 0,
             strangers: 0,
             sent: 0,
             received: 0,
@@ -358,6 +375,23 @@ mod tests {
         assert_eq!(status["alone"][0]["epochs"], 4);
         let prom = w.prometheus("r", now + 3);
         assert!(prom.contains("potluck_peers_alone{run=\"r\"} 1"), "{prom}");
+        assert!(
+            prom.contains("potluck_peers_stalled{run=\"r\"} 0"),
+            "{prom}"
+        );
+        // A peer whose epoch does not end: named with how long, and counted.
+        let stalled = Metrics {
+            stalled_s: 640,
+            ..m(2, Some(3.0), 20, now + 3)
+        };
+        w.update(vec![("b".into(), stalled)], now + 3);
+        let status = w.status("r", "join", now + 3);
+        assert_eq!(status["stalled"][0]["peer"], "b");
+        assert_eq!(status["stalled"][0]["seconds"], 640);
+        assert!(
+            w.prometheus("r", now + 3)
+                .contains("potluck_peers_stalled{run=\"r\"} 1")
+        );
         // A peer that sees peers of other tokenizers: the run is split, said so.
         let split = Metrics {
             strangers: 2,
