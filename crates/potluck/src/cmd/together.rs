@@ -410,14 +410,16 @@ async fn train(
         stall.at(peer.epoch(), Instant::now());
         if let Some(ran) = stall.check(Instant::now()) {
             if stall.first_word() {
+                let (samples, others) = peer
+                    .swarm()
+                    .map_or((0, 0), |(state, others)| (state.samples, others));
                 tracing::warn!(
                     "epoch {} has run for {:.0} s, epochs here usually take {:.0} s: stalled \
-                     ({:.0} of the swarm's {} samples reported{}); see the other peers' logs \
-                     and the dashboard",
+                     ({samples} of its {} samples reported, {others} other peers live{}); see \
+                     the other peers' logs and the dashboard",
                     peer.epoch(),
                     ran.as_secs_f64(),
                     stall.usual().unwrap_or_default().as_secs_f64(),
-                    peer.swarm_samples(),
                     peer.target(),
                     peer.inner_steps()
                         .map_or(String::new(), |(n, _)| format!(", {n} inner steps here"))
