@@ -237,21 +237,42 @@ async fn clients_and_auxiliaries(on: On) {
     let weights = [1.0, 1.0, 2.0, 5.0, 3.0];
     let inputs = buffers(n, len, 2);
     let want = reference(&inputs, &weights, &[0, 1, 2, 4]);
+    for (i, report) in everyone_gets(&peers, &g, &weights, &inputs, &want)
+        .await
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(report.weight(), 7.0, "member {i}");
+    }
+}
+
+/// An uncompressed round of every member of `g`: each gets `want`, every part complete. Their
+/// reports.
+async fn everyone_gets(
+    peers: &[Peer],
+    g: &Group,
+    weights: &[f32],
+    inputs: &[Vec<f32>],
+    want: &[f32],
+) -> Vec<Report> {
+    let n = peers.len();
     let results = round(
-        &peers,
-        &g,
-        &weights,
-        &inputs,
+        peers,
+        g,
+        weights,
+        inputs,
         &vec![settings(Codec::None); n],
-        &[true; 5],
+        &vec![true; n],
     )
     .await;
-    for (i, (buffer, report)) in results.iter().enumerate() {
-        let report = report.as_ref().unwrap();
+    let mut reports = Vec::new();
+    for (i, (buffer, report)) in results.into_iter().enumerate() {
+        let report = report.unwrap();
         assert!(report.complete(), "member {i}: {report:?}");
-        assert_eq!(report.weight(), 7.0, "member {i}");
-        assert!(max_diff(buffer, &want) <= 1e-6, "member {i}");
+        assert!(max_diff(&buffer, want) <= 1e-6, "member {i}");
+        reports.push(report);
     }
+    reports
 }
 
 /// A group of clients alone (every member found itself unreachable) still averages: each
@@ -266,20 +287,7 @@ async fn clients_alone_average_all_the_same() {
     let weights = [1.0, 2.0, 3.0];
     let inputs = buffers(n, len, 2);
     let want = reference(&inputs, &weights, &[0, 1, 2]);
-    let results = round(
-        &peers,
-        &g,
-        &weights,
-        &inputs,
-        &vec![settings(Codec::None); n],
-        &[true; 3],
-    )
-    .await;
-    for (i, (buffer, report)) in results.iter().enumerate() {
-        let report = report.as_ref().unwrap();
-        assert!(report.complete(), "member {i}: {report:?}");
-        assert!(max_diff(buffer, &want) <= 1e-6, "member {i}");
-    }
+    everyone_gets(&peers, &g, &weights, &inputs, &want).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

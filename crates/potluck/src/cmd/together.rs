@@ -321,15 +321,18 @@ async fn train(
     let limit = args.minutes.map(|m| Duration::from_secs_f64(m * 60.0));
     let mut view = View::new(args.steps, limit);
     let mut last_checkpoint = Instant::now();
-    let mut computed = 0u64;
-    let mut compute_time = Duration::ZERO;
+    let mut stats = Stats {
+        computed: 0,
+        compute_time: Duration::ZERO,
+        started,
+        loss: None,
+        alone_epochs: 0,
+    };
     let mut last_loss = None;
     let mut first_loss = None;
     let mut tally = Tally::default();
     let mut stall = Stall::new(peer.epoch(), started);
     let mut last_stall_word = None;
-    let mut alone_epochs = 0;
-    let mut epoch_loss = None;
     let mut interrupt = super::Interrupt::new()?;
     loop {
         if args.steps.is_some_and(|n| peer.epoch() >= n)
@@ -348,8 +351,8 @@ async fn train(
         match tick {
             Tick::Computed(loss) => {
                 let took = t.elapsed();
-                computed += loss.samples as u64;
-                compute_time += took;
+                stats.computed += loss.samples as u64;
+                stats.compute_time += took;
                 if let Some(batch) = last.borrow_mut().take() {
                     use potluck_core::Trainable;
                     scratch.resize(peer.params().len(), 0.0);
@@ -357,7 +360,7 @@ async fn train(
                         peer.model_mut()
                             .accumulate_gradients(&batch, &mut scratch)?;
                     }
-                    compute_time += t.elapsed() - took;
+                    stats.compute_time += t.elapsed() - took;
                 }
             }
             Tick::Epoch(r) => {
@@ -366,17 +369,9 @@ async fn train(
                     first_loss.get_or_insert(r.loss.total);
                 }
                 tally.count(&r);
-                alone_epochs = r.alone_epochs;
-                epoch_loss = (r.loss.samples > 0).then_some(r.loss.total);
-                let m = Stats {
-                    computed,
-                    compute_time,
-                    started,
-                    loss: epoch_loss,
-                    alone_epochs,
-                    stalled: None,
-                }
-                .metrics(&peer, &dht, &args.device);
+                stats.alone_epochs = r.alone_epochs;
+                stats.loss = (r.loss.samples > 0).then_some(r.loss.total);
+                let m = stats.metrics(&peer, &dht, &args.device, None);
                 publish_metrics(&dht, &keypair, &run_id, m);
                 let inner = peer
                     .inner_steps()
@@ -428,19 +423,11 @@ async fn train(
             // Said on the dashboard too: a stalled peer publishes no epoch's metrics.
             if last_stall_word.is_none_or(|t: Instant| t.elapsed() >= STALL_WORD_EVERY) {
                 last_stall_word = Some(Instant::now());
-                let m = Stats {
-                    computed,
-                    compute_time,
-                    started,
-                    loss: epoch_loss,
-                    alone_epochs,
-                    stalled: Some(ran),
-                }
-                .metrics(&peer, &dht, &args.device);
+                let m = stats.metrics(&peer, &dht, &args.device, Some(ran));
                 publish_metrics(&dht, &keypair, &run_id, m);
             }
         }
-        view.show(&peer, started, computed, last_loss);
+        view.show(&peer, started, stats.computed, last_loss);
         if last_checkpoint.elapsed().as_secs_f64() >= args.checkpoint_minutes * 60.0 {
             save(&args, &peer, &run_id, started, last_loss)?;
             last_checkpoint = Instant::now();
@@ -454,6 +441,11 @@ async fn train(
         last_loss = Some(r.loss.total);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let Stats {
+        computed,
+        compute_time,
+        ..
+    } = stats;
     let eval = fixed_loss(&data, peer.model_mut(), micro.min(64))?;
     println!(
         "loss on {} fixed samples: {:.4} (text {:.4}, image {:.4})",
@@ -494,24 +486,25 @@ async fn train(
 /// How often a stalled peer publishes its metrics (live on the dashboard, stalled).
 const STALL_WORD_EVERY: Duration = Duration::from_secs(30);
 
-/// What the metrics record says of this peer's work so far.
+/// This peer's work so far, as its metrics record says it.
 struct Stats {
+    /// Samples it computed, and the time it spent computing them.
     computed: u64,
     compute_time: Duration,
     started: Instant,
     /// Its mean loss in its last epoch.
     loss: Option<f64>,
     alone_epochs: u64,
-    /// How long the epoch it is in has run, if stalled.
-    stalled: Option<Duration>,
 }
 
 impl Stats {
+    /// Its metrics record now; `stalled`: how long its epoch has run, if stalled.
     fn metrics(
         &self,
         peer: &Collab<Dalle>,
         dht: &potluck_net::dht::Dht,
         device: &str,
+        stalled: Option<Duration>,
     ) -> metrics::Metrics {
         let traffic = peer.traffic();
         metrics::Metrics {
@@ -525,7 +518,7 @@ impl Stats {
             version: env!("CARGO_PKG_VERSION").into(),
             client: !dht.host().reachability().serving,
             alone_epochs: self.alone_epochs,
-            stalled_s: self.stalled.map_or(0, |d| d.as_secs().max(1)),
+            stalled_s: stalled.map_or(0, |d| d.as_secs().max(1)),
             strangers: (peer.strangers().len() + peer.misfits().len()) as u64,
             recipe: peer.recipe(),
             sent: traffic.sent,
