@@ -95,9 +95,18 @@ impl Peer {
         self.child.id()
     }
 
-    /// Kills it (SIGKILL).
-    pub(crate) fn kill(self) {
-        drop(self);
+    /// Kills it (SIGKILL). With `POTLUCK_TEST_LOG`, a failing test shows its log.
+    pub(crate) fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::env::var_os("POTLUCK_TEST_LOG").is_some()
+            && let Some(err) = self.stderr.take()
+        {
+            println!(
+                "--- a killed peer's log ---\n{}",
+                err.join().unwrap_or_default()
+            );
+        }
     }
 
     /// Waits for it to exit successfully (within `FINISH`, or it is killed and the test fails
@@ -122,6 +131,10 @@ impl Peer {
             .map(|t| t.join().unwrap())
             .unwrap_or_default();
         let out = self.seen.join("\n");
+        // With `POTLUCK_TEST_LOG`, a failing test shows the logs of peers that finished too.
+        if std::env::var_os("POTLUCK_TEST_LOG").is_some() {
+            println!("--- a peer's log ---\n{err}");
+        }
         let status =
             status.unwrap_or_else(|| panic!("still running after {FINISH:?}:\n{out}\n{err}"));
         assert!(status.success(), "{out}\n{err}");

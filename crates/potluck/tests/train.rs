@@ -450,6 +450,147 @@ fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
     boot.kill();
 }
 
+/// Churn in local-update mode: a peer killed in the middle of a round and a fresh one joining.
+/// The round completes for the others, who go on averaging together and hold one outer state;
+/// the newcomer downloads the outer state (parameters, outer momentum, round) and trains to
+/// the end. Each peer's closing line says in which rounds it averaged.
+#[test]
+fn in_local_update_mode_a_killed_peer_holds_no_round_back_and_a_newcomer_takes_the_outer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
+    const ROUNDS: &str = "20";
+    let start = |i: usize| {
+        let out = dir.path().join(format!("peer{i}"));
+        let extra = [
+            "--target-batch-size",
+            "32",
+            "--local-steps",
+            "4",
+            "--epochs",
+            ROUNDS,
+            "--measure-links-every",
+            "0",
+            "--initial-peers",
+            &addr,
+        ];
+        let mut peer = Peer::spawn(&strs(&peer_args("churn-local", &data, &out, &extra)));
+        let joined = peer.wait_for("run churn-local:");
+        (peer, joined)
+    };
+    // Each peer joins once the one before it has ended a round (published its metrics): two
+    // peers that join a peer stepping alone within its one round of each other are a case of
+    // their own (see docs/ARCHITECTURE.md, "Fall behind, catch up").
+    let mut peers: Vec<(Peer, String)> = Vec::new();
+    for i in 0..3 {
+        peers.push(start(i));
+        wait_for_metrics(&addr, "churn-local", i + 1);
+    }
+    // The swarm trains a few rounds; then its first peer is killed (SIGKILL) in the middle of a
+    // round (rounds are nearly all of the time) and a fresh one joins.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    peers.remove(0).0.kill();
+    let (newcomer, joined) = start(3);
+    let survivors: Vec<String> = peers.into_iter().map(|(p, _)| p.finish()).collect();
+    let newcomer = newcomer.finish();
+    let at = |out: &str, prefix: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {out}"));
+        line[prefix.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let downloaded = at(&newcomer, "downloaded the swarm's state at epoch ");
+    assert!(
+        joined.contains(&format!("at epoch {downloaded}")),
+        "{joined}"
+    );
+    assert!(
+        downloaded > 0,
+        "it joined before the first round ended:\n{newcomer}"
+    );
+    // The epochs a peer's closing line names after `word: epoch ` (none if it names none).
+    let named = |out: &str, word: &str| -> Vec<u64> {
+        out.lines()
+            .find_map(|l| l.split(&format!("{word}: epoch ")).nth(1))
+            .map(|r| {
+                r.split([';', ')'])
+                    .next()
+                    .unwrap_or_default()
+                    .split(", ")
+                    .filter(|e| *e != "…")
+                    .map(|e| e.parse().unwrap_or_else(|_| panic!("{out}")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for out in survivors.iter().chain([&newcomer]) {
+        println!(
+            "joined at {downloaded}: {}",
+            out.lines()
+                .find(|l| l.starts_with("averaged with other"))
+                .unwrap_or_default()
+        );
+        assert!(out.contains(&format!("trained to epoch {ROUNDS}")), "{out}");
+        assert!(!out.contains("not finite"), "{out}");
+    }
+    // The survivors' rounds went on without the killed peer: of the rounds from the kill on,
+    // each survivor averaged with the others in all but at most one (in 32 runs, 30 lost none
+    // and 2 lost one).
+    for out in &survivors {
+        let apart: Vec<u64> = ["alone", "missed"]
+            .iter()
+            .flat_map(|word| named(out, word))
+            .filter(|&e| e >= downloaded)
+            .collect();
+        assert!(apart.len() <= 1, "{apart:?}: {out}");
+    }
+    // And they hold the same outer parameters at the end.
+    let fixed = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("loss on "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no fixed loss in {out}"))
+    };
+    assert_eq!(fixed(&survivors[0]), fixed(&survivors[1]));
+    // The newcomer holds the outer state from the start (it downloaded it on joining, and
+    // the next state each time it missed a round). How soon it averages is not asserted: in 22
+    // runs it took part from the round it joined or within two more in 19, and in 3 in no
+    // round at all (its offer reached the others too late every round, or it stepped alone):
+    // an open problem of rounds this short (see docs/ARCHITECTURE.md, "Fall behind").
+    boot.kill();
+}
+
+/// Waits (a minute at most) until `n` peers of run `run` have published their metrics, as
+/// the DHT reached through `addr` holds them.
+fn wait_for_metrics(addr: &str, run: &str, n: usize) {
+    let key = format!("{run}/metrics");
+    let started = std::time::Instant::now();
+    loop {
+        let out = potluck(&["dht", "get", "--initial-peers", addr, &key]);
+        let got = text(&out.stdout);
+        let records = got
+            .strip_prefix(&format!("{key}: "))
+            .and_then(|r| r.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap_or(0);
+        if records >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{records} of {n} peers published metrics in a minute: {got}{}",
+            text(&out.stderr)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// A peer four times slower (`--throttle 4`: every micro-batch computed four times) gives
 /// about a quarter of the other's samples, and the fast peer does not wait for it: epochs end
 /// when the swarm has the target, whoever gathered it.

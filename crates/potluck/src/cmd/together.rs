@@ -556,6 +556,45 @@ struct Tally {
     non_finite: u64,
     rolled_back: u64,
     held_back: u64,
+    /// Epochs this peer ended, those it averaged with at least one other peer, and the first
+    /// of those.
+    epochs: u64,
+    together: u64,
+    first_together: Option<u64>,
+    /// The epochs it ended alone (a group of itself), and those whose group formed without
+    /// it (too late: it took the others' state instead of stepping).
+    alone: Apart,
+    missed: Apart,
+}
+
+/// Epochs a peer ended without averaging: how many, and the first few.
+#[derive(Debug, Default)]
+struct Apart {
+    count: u64,
+    first: Vec<u64>,
+}
+
+impl Apart {
+    /// How many epochs of each kind a peer's closing line names.
+    const NAMED: usize = 8;
+
+    fn add(&mut self, epoch: u64) {
+        self.count += 1;
+        if self.first.len() < Apart::NAMED {
+            self.first.push(epoch);
+        }
+    }
+
+    /// `word: epoch 3, 4, …`, or nothing.
+    fn note(&self, word: &str) -> Option<String> {
+        let named: Vec<String> = self.first.iter().map(u64::to_string).collect();
+        let more = if self.count > named.len() as u64 {
+            ", …"
+        } else {
+            ""
+        };
+        (self.count > 0).then(|| format!("{word}: epoch {}{more}", named.join(", ")))
+    }
 }
 
 impl Tally {
@@ -563,10 +602,33 @@ impl Tally {
         self.non_finite += u64::from(r.non_finite);
         self.rolled_back += u64::from(r.rolled_back.is_some());
         self.held_back += u64::from(r.held_back);
+        self.epochs += 1;
+        match r.group {
+            0 => self.missed.add(r.epoch),
+            1 => self.alone.add(r.epoch),
+            _ => {
+                self.together += 1;
+                self.first_together.get_or_insert(r.epoch);
+            }
+        }
     }
 
     fn lines(&self) -> Vec<String> {
-        let mut lines = Vec::new();
+        let mut notes = Vec::new();
+        if let Some(e) = self.first_together {
+            notes.push(format!("the first: epoch {e}"));
+        }
+        notes.extend(self.alone.note("alone"));
+        notes.extend(self.missed.note("missed"));
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", notes.join("; "))
+        };
+        let mut lines = vec![format!(
+            "averaged with other peers in {} of the {} epochs it ended here{notes}",
+            self.together, self.epochs,
+        )];
         if self.non_finite > 0 {
             lines.push(format!(
                 "{} steps skipped: the averaged gradient was not finite",
@@ -700,10 +762,40 @@ mod tests {
         tally.count(&report(true, false, true));
         tally.count(&report(false, false, false));
         let lines = tally.lines();
-        assert_eq!(lines.len(), 1, "{lines:?}");
-        assert!(lines[0].starts_with("1 epochs held back"), "{lines:?}");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert_eq!(
+            lines[0],
+            "averaged with other peers in 0 of the 2 epochs it ended here (alone: epoch 1, 1)"
+        );
+        let mut late = report(true, false, false);
+        late.group = 0;
+        assert!(lines[1].starts_with("1 epochs held back"), "{lines:?}");
+        let mut together = report(false, false, false);
+        together.group = 3;
+        together.epoch = 7;
+        tally.count(&together);
         tally.count(&report(true, true, false));
         let lines = tally.lines();
+        assert_eq!(
+            lines[0],
+            "averaged with other peers in 1 of the 4 epochs it ended here (the first: epoch 7; \
+             alone: epoch 1, 1, 1)"
+        );
+        tally.count(&late);
+        assert!(
+            tally.lines()[0]
+                .ends_with("(the first: epoch 7; alone: epoch 1, 1, 1; missed: epoch 1)"),
+            "{:?}",
+            tally.lines()
+        );
+        for _ in 0..super::Apart::NAMED {
+            tally.count(&report(false, false, false));
+        }
+        assert!(
+            tally.lines()[0].contains("alone: epoch 1, 1, 1, 1, 1, 1, 1, 1, …;"),
+            "{:?}",
+            tally.lines()
+        );
         assert!(
             lines
                 .iter()
