@@ -226,7 +226,7 @@ impl Measure {
 
     /// When `epoch` began here: an epoch this peer has yet to enter begins now (nothing of it
     /// counts yet), one older than those kept at the oldest kept beginning.
-    pub fn began(&self, epoch: u64, now: Time) -> Time {
+    fn began(&self, epoch: u64, now: Time) -> Time {
         if let Some(t) = self.began.get(&epoch) {
             return *t;
         }

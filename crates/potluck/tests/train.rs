@@ -540,7 +540,7 @@ fn in_local_update_mode_a_killed_peer_holds_no_round_back_and_a_newcomer_takes_t
         assert!(!out.contains("not finite"), "{out}");
     }
     // The survivors' rounds went on without the killed peer: of the rounds from the kill on,
-    // each survivor averaged with the others in all but at most one (in 42 runs, 40 lost none
+    // each survivor averaged with the others in all but at most one (in 32 runs, 30 lost none
     // and 2 lost one).
     for out in &survivors {
         let apart: Vec<u64> = ["alone", "missed"]
@@ -559,12 +559,10 @@ fn in_local_update_mode_a_killed_peer_holds_no_round_back_and_a_newcomer_takes_t
     };
     assert_eq!(fixed(&survivors[0]), fixed(&survivors[1]));
     // The newcomer holds the outer state from the start (it downloaded it on joining, and
-    // the next state each time it missed a round). How soon it averages is not asserted: in 10
-    // runs it took part from the round it joined or two rounds later. (Before a peer coming to
-    // an epoch as its deadline was at hand took that deadline or missed the round,
-    // `swarm::taken`, 3 of 22 newcomers averaged in no round: each came to the next epoch as
-    // its deadline was at hand, proposed its own a lead later, and found the group formed
-    // without it.)
+    // the next state each time it missed a round). How soon it averages is not asserted: in 22
+    // runs it took part from the round it joined or within two more in 19, and in 3 in no
+    // round at all (its offer reached the others too late every round, or it stepped alone):
+    // an open problem of rounds this short (see docs/ARCHITECTURE.md, "Fall behind").
     boot.kill();
 }
 

@@ -367,11 +367,7 @@ pub(super) async fn progress_loop(
                         .flatten()
                         .filter(|eta| *eta <= settings.lead.max(min_lead))
                         .map(|eta| deadline_after(eta.max(min_lead)));
-                    let came = Came {
-                        at: measure.began(l.epoch, now),
-                        offered: declared == Some(l.epoch),
-                    };
-                    match close(&net, &settings, l.epoch, propose, latest, came).await {
+                    match close(&net, &settings, l.epoch, propose, latest).await {
                         Ok(None) => {}
                         Ok(Some(deadline)) => {
                             tracing::debug!(
@@ -391,15 +387,9 @@ pub(super) async fn progress_loop(
                                 state.eta,
                             );
                             closing = Some((l.epoch, deadline));
-                            let round = start_round(
-                                &net,
-                                &settings,
-                                &addrs,
-                                len,
-                                l.epoch,
-                                deadline,
-                                came.offered,
-                            );
+                            let early = declared == Some(l.epoch);
+                            let round =
+                                start_round(&net, &settings, &addrs, len, l.epoch, deadline, early);
                             *lock(&pending) = Some(round);
                         }
                         Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
@@ -680,37 +670,20 @@ pub(super) fn start_round(
 /// proposal is a peer's word: one already past would make every peer too late for every
 /// epoch, one far ahead would hold every group back until then; neither is taken. `latest`
 /// is the furthest ahead an honest peer proposes.
-///
-/// A deadline at hand (too near to declare for, or passed less than a grace period ago: the
-/// others are forming their groups) is taken by a peer whose offer is out (`came.offered`,
-/// made as it came to the epoch): it joins the group its offer put it in, or learns at once
-/// that it missed the round. A peer without an offer out that came to the epoch less than a
-/// lead ago proposes none of its own: it missed the round and takes the state the round ends
-/// in. (Proposing its own a lead ahead, a newcomer in local-update mode waited a round for a
-/// group that had formed without it, came to the next epoch as that one's deadline was at
-/// hand, and did the same again: in 3 of 22 runs it never averaged; taking only deadlines
-/// still ahead, one of 10 did.) A lie of a deadline at hand costs a peer at most a lead after
-/// it came to the epoch, or one round it misses; taken, it forms the groups as the peers come
-/// to the epoch, as a lie of a deadline a declaration ahead, which every peer takes, already
-/// could.
 pub(super) async fn close(
     net: &Net,
     settings: &Settings,
     epoch: u64,
     propose: Option<Time>,
     latest: Duration,
-    came: Came,
 ) -> Result<Option<Time>, dht::Error> {
     let deadlines = progress::deadlines(&settings.scope(), epoch);
     let window = (settings.matchmaking.declare_ahead, latest);
-    let proposed: Vec<Time> = deadlines
-        .get(&net.dht)
-        .await?
-        .into_iter()
-        .map(|(_, t)| t.0)
-        .collect();
-    if let Some(taken) = taken(&proposed, clock::now(), window, came, settings) {
-        return Ok(taken);
+    let earliest = |v: Vec<(PeerId, Deadline)>| {
+        plausible(v.into_iter().map(|(_, t)| t.0), clock::now(), window)
+    };
+    if let Some(t) = earliest(deadlines.get(&net.dht).await?) {
+        return Ok(Some(t));
     }
 
     let Some(mine) = propose else {
@@ -719,50 +692,11 @@ pub(super) async fn close(
     deadlines
         .put(&net.dht, &net.keypair, &Deadline(mine), mine + 60_000)
         .await?;
-    let proposed = deadlines.get(&net.dht).await?.into_iter().map(|(_, t)| t.0);
     Ok(Some(
-        plausible(proposed, clock::now(), window)
+        earliest(deadlines.get(&net.dht).await?)
             .unwrap_or(mine)
             .min(mine),
     ))
-}
-
-/// What a peer does with the deadlines `proposed` for its epoch at `now` (see [`close`]): takes
-/// one (`Some(Some(t))`), proposes none (`Some(None)`), or may propose its own (`None`).
-fn taken(
-    proposed: &[Time],
-    now: Time,
-    window: (Duration, Duration),
-    came: Came,
-    settings: &Settings,
-) -> Option<Option<Time>> {
-    if let Some(t) = plausible(proposed.iter().copied(), now, window) {
-        return Some(Some(t));
-    }
-    let at_hand = proposed
-        .iter()
-        .copied()
-        .filter(|&t| at_hand(t, now, settings))
-        .min()?;
-    if came.offered {
-        return Some(Some(at_hand));
-    }
-    (now < came.at.saturating_add(settings.lead.as_millis() as u64)).then_some(None)
-}
-
-/// When this peer came to the epoch it closes, and whether its offer for the round is out.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Came {
-    pub(super) at: Time,
-    pub(super) offered: bool,
-}
-
-/// Whether deadline `t` is at hand at `now`: too near to declare for, or passed less than a
-/// grace period ago (its groups still forming).
-fn at_hand(t: Time, now: Time, settings: &Settings) -> bool {
-    let mm = &settings.matchmaking;
-    t < now.saturating_add(mm.declare_ahead.as_millis() as u64)
-        && t.saturating_add(mm.grace.as_millis() as u64) >= now
 }
 
 /// The earliest of `proposals` that lies in `window` after `now` (from the least time a peer
@@ -780,46 +714,6 @@ fn plausible(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A peer that comes to an epoch as its deadline is at hand takes that deadline if its
-    /// offer is out (it may be in a group), and otherwise proposes none of its own for a lead
-    /// (it missed the round); a deadline far past, or a peer long in the epoch, leaves it to
-    /// propose as before. Before, it proposed its own deadline a lead ahead in every case.
-    #[test]
-    fn a_peer_that_comes_as_the_deadline_is_at_hand_takes_it_or_misses_the_round() {
-        let settings = Settings::new("run", 256);
-        let window = (settings.matchmaking.declare_ahead, latest_lead(&settings));
-        let now: Time = 1_000_000;
-        let came = |ago: u64, offered| Came {
-            at: now - ago,
-            offered,
-        };
-        let ahead = now + 1_500;
-        assert_eq!(
-            taken(&[ahead], now, window, came(0, false), &settings),
-            Some(Some(ahead))
-        );
-        for near in [now + 200, now - 1_000] {
-            assert_eq!(
-                taken(&[near], now, window, came(100, true), &settings),
-                Some(Some(near))
-            );
-            assert_eq!(
-                taken(&[near], now, window, came(100, false), &settings),
-                Some(None)
-            );
-            // Long in the epoch: it may propose.
-            let long = settings.lead.as_millis() as u64 + 1;
-            assert_eq!(
-                taken(&[near], now, window, came(long, false), &settings),
-                None
-            );
-        }
-        // A round long closed is no round at hand.
-        let gone = now - settings.matchmaking.grace.as_millis() as u64 - 1;
-        assert_eq!(taken(&[gone], now, window, came(0, true), &settings), None);
-        assert_eq!(taken(&[], now, window, came(0, true), &settings), None);
-    }
 
     /// A peer that closed epoch 3 and moved to 4 (its round under way) keeps its last samples
     /// of 3 counted toward 3's target, as far as its measured rate allows; without them the
