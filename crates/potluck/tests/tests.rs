@@ -5,6 +5,7 @@
 mod allreduce;
 mod authority;
 mod checkpoint;
+mod churn;
 mod cli;
 mod collab;
 mod demo;

@@ -1,0 +1,250 @@
+//! End-to-end tests of swarms whose peers come and go: peers killed (SIGKILL) and fresh ones
+//! joining, every step and in local-update mode.
+
+use crate::cli::{potluck, text};
+use crate::harness::{Peer, peer_args, s, strs, tiny_data};
+
+#[test]
+fn a_swarm_keeps_training_while_peers_are_killed_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    // A bootstrap node that stays: peers come and go.
+    let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
+    const EPOCHS: &str = "30";
+    let start = |i: usize| {
+        let out = dir.path().join(format!("peer{i}"));
+        let args = [
+            "train",
+            "--run-id",
+            "churn",
+            "--config",
+            "tiny",
+            "--target-batch-size",
+            "64",
+            "--micro-batch",
+            "8",
+            "--warmup",
+            "5",
+            "--epochs",
+            EPOCHS,
+            "--state-every",
+            "5",
+            "--threads",
+            "1",
+            "--initial-peers",
+            &addr,
+            "--data",
+            s(&data),
+            "--out",
+            s(&out),
+        ];
+        let mut peer = Peer::spawn(&args);
+        peer.wait_for("run churn:");
+        peer
+    };
+    let mut live: std::collections::VecDeque<(usize, Peer)> =
+        (0..4).map(|i| (i, start(i))).collect();
+    // Every few seconds the oldest peer is killed (SIGKILL) and a fresh one joins.
+    for i in 4..7 {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        let (_, oldest) = live.pop_front().unwrap();
+        oldest.kill();
+        live.push_back((i, start(i)));
+    }
+    let mut fixed = Vec::new();
+    for (i, peer) in live {
+        let out = peer.finish();
+        assert!(out.contains(&format!("trained to epoch {EPOCHS}")), "{out}");
+        assert!(!out.contains("not finite"), "{out}");
+        if i >= 4 {
+            assert!(
+                out.contains("downloaded the swarm's state at epoch"),
+                "{out}"
+            );
+        }
+        let loss: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("loss on ")?
+                    .split(": ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no fixed loss in {out}"));
+        assert!(loss.is_finite(), "{out}");
+        fixed.push(loss);
+        // The one original peer left saw the loss fall over the run.
+        if i == 3 {
+            let line = out
+                .lines()
+                .find(|l| l.starts_with("training loss "))
+                .unwrap_or_else(|| panic!("{out}"));
+            let v: Vec<f64> = line
+                .split(' ')
+                .filter_map(|w| w.trim_end_matches(',').parse().ok())
+                .collect();
+            assert!(v.len() == 2 && v[1] < v[0], "{line}");
+        }
+    }
+    // The peers hold (nearly) the same model: their parameters were averaged at the end.
+    let (lo, hi) = fixed
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    assert!(hi - lo <= 0.01 * lo, "fixed losses {fixed:?}");
+    // Every peer published its metrics once an epoch, signed: the killed ones' records are
+    // there too (they live ten minutes).
+    let (subkeys, got) = metrics_records(&addr, "churn");
+    assert!((4..=7).contains(&subkeys), "{got}");
+    boot.kill();
+}
+
+/// Churn in local-update mode: a peer killed in the middle of a round and a fresh one joining.
+/// The round completes for the others, who go on averaging together and hold one outer state;
+/// the newcomer downloads the outer state (parameters, outer momentum, round) and trains to
+/// the end. Each peer's closing line says in which rounds it averaged.
+#[test]
+fn in_local_update_mode_a_killed_peer_holds_no_round_back_and_a_newcomer_takes_the_outer_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tiny_data(dir.path());
+    let mut boot = Peer::spawn(&["dht", "serve", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let addr = format!("/ip4/127.0.0.1{}", boot.wait_for("/ip4/127.0.0.1"));
+    const ROUNDS: &str = "20";
+    let start = |i: usize| {
+        let out = dir.path().join(format!("peer{i}"));
+        let extra = [
+            "--target-batch-size",
+            "32",
+            "--local-steps",
+            "4",
+            "--epochs",
+            ROUNDS,
+            "--measure-links-every",
+            "0",
+            "--initial-peers",
+            &addr,
+        ];
+        let mut peer = Peer::spawn(&strs(&peer_args("churn-local", &data, &out, &extra)));
+        let joined = peer.wait_for("run churn-local:");
+        (peer, joined)
+    };
+    // Each peer joins once the one before it has ended a round (published its metrics): two
+    // peers that join a peer stepping alone within its one round of each other are a case of
+    // their own (see docs/ARCHITECTURE.md, "Fall behind, catch up").
+    let mut peers: Vec<(Peer, String)> = Vec::new();
+    for i in 0..3 {
+        peers.push(start(i));
+        wait_for_metrics(&addr, "churn-local", i + 1);
+    }
+    // The swarm trains a few rounds; then its first peer is killed (SIGKILL) in the middle of a
+    // round (rounds are nearly all of the time) and a fresh one joins.
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    peers.remove(0).0.kill();
+    let (newcomer, joined) = start(3);
+    let survivors: Vec<String> = peers.into_iter().map(|(p, _)| p.finish()).collect();
+    let newcomer = newcomer.finish();
+    let at = |out: &str, prefix: &str| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} in {out}"));
+        line[prefix.len()..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"))
+    };
+    let downloaded = at(&newcomer, "downloaded the swarm's state at epoch ");
+    assert!(
+        joined.contains(&format!("at epoch {downloaded}")),
+        "{joined}"
+    );
+    assert!(
+        downloaded > 0,
+        "it joined before the first round ended:\n{newcomer}"
+    );
+    // The epochs a peer's closing line names after `word: epoch ` (none if it names none).
+    let named = |out: &str, word: &str| -> Vec<u64> {
+        out.lines()
+            .find_map(|l| l.split(&format!("{word}: epoch ")).nth(1))
+            .map(|r| {
+                r.split([';', ')'])
+                    .next()
+                    .unwrap_or_default()
+                    .split(", ")
+                    .filter(|e| *e != "…")
+                    .map(|e| e.parse().unwrap_or_else(|_| panic!("{out}")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for out in survivors.iter().chain([&newcomer]) {
+        println!(
+            "joined at {downloaded}: {}",
+            out.lines()
+                .find(|l| l.starts_with("averaged with other"))
+                .unwrap_or_default()
+        );
+        assert!(out.contains(&format!("trained to epoch {ROUNDS}")), "{out}");
+        assert!(!out.contains("not finite"), "{out}");
+    }
+    // The survivors' rounds went on without the killed peer: of the rounds from the kill on,
+    // each survivor averaged with the others in all but at most one (in 32 runs, 30 lost none
+    // and 2 lost one).
+    for out in &survivors {
+        let apart: Vec<u64> = ["alone", "missed"]
+            .iter()
+            .flat_map(|word| named(out, word))
+            .filter(|&e| e >= downloaded)
+            .collect();
+        assert!(apart.len() <= 1, "{apart:?}: {out}");
+    }
+    // And they hold the same outer parameters at the end.
+    let fixed = |out: &str| {
+        out.lines()
+            .find(|l| l.starts_with("loss on "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no fixed loss in {out}"))
+    };
+    assert_eq!(fixed(&survivors[0]), fixed(&survivors[1]));
+    // The newcomer holds the outer state from the start (it downloaded it on joining, and
+    // the next state each time it missed a round). How soon it averages is not asserted: in 22
+    // runs it took part from the round it joined or within two more in 19, and in 3 in no
+    // round at all (its offer reached the others too late every round, or it stepped alone):
+    // an open problem of rounds this short (see docs/ARCHITECTURE.md, "Fall behind").
+    boot.kill();
+}
+
+/// Waits (a minute at most) until `n` peers of run `run` have published their metrics, as
+/// the DHT reached through `addr` holds them.
+fn wait_for_metrics(addr: &str, run: &str, n: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let (records, got) = metrics_records(addr, run);
+        if records >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{records} of {n} peers published metrics in a minute: {got}"
+        );
+        // No event tells a test that a record was stored: the DHT is read again.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// How many peers' metrics records of run `run` the DHT reached through `addr` holds (0 if it
+/// holds none), and what `potluck dht get` said.
+fn metrics_records(addr: &str, run: &str) -> (usize, String) {
+    let key = format!("{run}/metrics");
+    let out = potluck(&["dht", "get", "--initial-peers", addr, &key]);
+    let got = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let records = got
+        .strip_prefix(&format!("{key}: "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (records, got)
+}
