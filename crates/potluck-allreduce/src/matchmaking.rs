@@ -269,9 +269,51 @@ impl Matchmaker<'_> {
         len: usize,
     ) -> Result<Group, Error> {
         self.declare(round, deadline, offer).await?;
-        let wait = deadline.saturating_sub(clock::now());
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        self.wait_for(round, deadline, false).await?;
         self.agree(round, deadline, len).await
+    }
+
+    /// Waits for `round`'s `deadline`; `watching`, it reads the published groups as it waits
+    /// and ends early with [`Error::Excluded`] once the others of its partition are seen in a
+    /// group formed without it. A peer that saw another deadline of the round at hand or just
+    /// past (too near to take: see the training swarm's `close`) waits for one of its own,
+    /// and learns only at it that the others averaged by theirs without it: a newcomer to a
+    /// swarm of one-second rounds came to the next round that late too, and missed every
+    /// round. What ends the wait early is what [`Matchmaker::agree`] believes at the deadline:
+    /// a proposed deadline alone changes nothing.
+    pub async fn wait_for(&self, round: u64, deadline: Time, watching: bool) -> Result<(), Error> {
+        let me = self.keypair.public().to_peer_id();
+        loop {
+            let left = deadline.saturating_sub(clock::now());
+            if !watching {
+                tokio::time::sleep(Duration::from_millis(left)).await;
+                return Ok(());
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            let offers = self.offers(round).await?;
+            let peers: Vec<PeerId> = offers.keys().copied().collect();
+            let mine = partition(round, &peers, self.settings.target)
+                .into_iter()
+                .find(|g| g.contains(&me))
+                .unwrap_or_default();
+            let published = groups_of(self.run, round).get(self.dht).await?;
+            for (leader, group) in published {
+                let Some(list) = listed(&group) else {
+                    continue;
+                };
+                if well_formed(leader, &list, self.settings.target)
+                    && shuts_out(round, &list, me, &mine, &peers, self.settings.target)
+                {
+                    let e = Error::Excluded { round, leader };
+                    tracing::info!("{e} (seen before this peer's own deadline)");
+                    return Err(e);
+                }
+            }
+            let left = deadline.saturating_sub(clock::now());
+            tokio::time::sleep(Duration::from_millis(left).min(self.settings.poll)).await;
+        }
     }
 
     /// After the deadline: partition, publish as a leader, take the published group.
@@ -379,40 +421,18 @@ impl Matchmaker<'_> {
         offers: &mut BTreeMap<PeerId, Offer>,
     ) -> Result<Option<Group>, Error> {
         let published = groups_of(self.run, round).get(self.dht).await?;
-        // The groups the offers give without this peer: what leaders that missed its offer
-        // publish.
-        let without_me: Vec<PeerId> = offers
-            .keys()
-            .filter(|p| **p != wanted.me)
-            .copied()
-            .collect();
-        let missed_me = partition(round, &without_me, self.settings.target);
+        let peers: Vec<PeerId> = offers.keys().copied().collect();
         let mut lists: Vec<(PeerId, Vec<PeerId>)> = Vec::new();
         for (leader, group) in published {
-            let Ok(list) = group
-                .members
-                .iter()
-                .map(|(id, _)| PeerId::from_bytes(id))
-                .collect::<Result<Vec<PeerId>, _>>()
-            else {
+            let Some(list) = listed(&group) else {
                 continue;
             };
-            // A leader leads its own group: first, in order, no larger than the target.
-            let ordered = list.windows(2).all(|w| w[0] < w[1]);
-            if list.first() != Some(&leader)
-                || !ordered
-                || list.len() > self.settings.target.clamp(1, MAX_GROUP)
-            {
+            if !well_formed(leader, &list, self.settings.target) {
                 continue;
             }
             if !list.contains(&wanted.me) {
-                // The others of its partition averaging without it, as the offers less its
-                // own give them (a leader can do no more than a slow network would).
-                if list
-                    .iter()
-                    .any(|p| *p != wanted.me && wanted.mine.contains(p))
-                    && missed_me.contains(&list)
-                {
+                let target = self.settings.target;
+                if shuts_out(round, &list, wanted.me, wanted.mine, &peers, target) {
                     let e = Error::Excluded { round, leader };
                     tracing::info!("{e}");
                     return Err(e);
@@ -461,6 +481,41 @@ impl Matchmaker<'_> {
             _ => Ok(None),
         }
     }
+}
+
+/// The members a published group lists, if every one is a peer id.
+fn listed(group: &Published) -> Option<Vec<PeerId>> {
+    group
+        .members
+        .iter()
+        .map(|(id, _)| PeerId::from_bytes(id).ok())
+        .collect()
+}
+
+/// Whether `leader` leads the group it published: first, in order, no larger than the target.
+fn well_formed(leader: PeerId, list: &[PeerId], target: usize) -> bool {
+    let ordered = list.windows(2).all(|w| w[0] < w[1]);
+    list.first() == Some(&leader) && ordered && list.len() <= target.clamp(1, MAX_GROUP)
+}
+
+/// Whether a published `list` of `round` is the others of `me`'s partition (`mine`) averaging
+/// without it, as the offers of `peers` less its own give them: its offer reached them too
+/// late. (A leader can do no more with such a list than a slow network would.)
+fn shuts_out(
+    round: u64,
+    list: &[PeerId],
+    me: PeerId,
+    mine: &[PeerId],
+    peers: &[PeerId],
+    target: usize,
+) -> bool {
+    if list.contains(&me) || !list.iter().any(|p| mine.contains(p)) {
+        return false;
+    }
+    let without_me: Vec<PeerId> = peers.iter().filter(|p| **p != me).copied().collect();
+    partition(round, &without_me, target)
+        .iter()
+        .any(|g| g == list)
 }
 
 /// Which published group a peer takes (see [`Matchmaker::published_group`]).

@@ -275,3 +275,36 @@ async fn a_peer_whose_offer_came_after_the_others_formed_their_group_misses_the_
         "{got:?}"
     );
 }
+
+/// A peer that saw the others' deadline at hand (too near to declare for) waits for a
+/// deadline of its own. Watching the published groups as it waits, it learns that it missed
+/// the round as soon as the others formed their group without it, long before its own
+/// deadline. Before, it learned so only at its own deadline: a newcomer to a swarm of
+/// one-second rounds then came to the next round that late too, and missed every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_watching_for_the_others_group_learns_before_its_own_deadline_that_it_missed_the_round()
+ {
+    let nodes = nodes(3).await;
+    let deadline = clock::now() + 1500;
+    let round = 8;
+    let (late, others) = nodes.split_last().unwrap();
+    let jobs = others.iter().map(|node| async move {
+        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(node)
+            .form_group(round, deadline, &offer, 100)
+            .await
+            .unwrap()
+    });
+    for g in futures::future::join_all(jobs).await {
+        assert_eq!(g.members.len(), 2);
+    }
+    let own = clock::now() + 20_000;
+    let offer = matchmaking::offer(&late.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+    mm(late).declare(round, own, &offer).await.unwrap();
+    let got = mm(late).wait_for(round, own, true).await;
+    assert!(
+        matches!(&got, Err(Error::Excluded { round: 8, .. })),
+        "{got:?}"
+    );
+    assert!(clock::now() < own, "it waited for its own deadline");
+}

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::cli::ok;
+use crate::cli::{ok, potluck, text};
 
 pub(crate) fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -189,4 +189,36 @@ pub(crate) fn peer_args(run_id: &str, data: &Path, out: &Path, extra: &[&str]) -
 
 pub(crate) fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
+}
+
+/// Waits (a minute at most) until `n` peers of run `run` have published their metrics, as
+/// the DHT reached through `addr` holds them.
+pub(crate) fn wait_for_metrics(addr: &str, run: &str, n: usize) {
+    let started = std::time::Instant::now();
+    loop {
+        let (records, got) = metrics_records(addr, run);
+        if records >= n {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{records} of {n} peers published metrics in a minute: {got}"
+        );
+        // No event tells a test that a record was stored: the DHT is read again.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// How many peers' metrics records of run `run` the DHT reached through `addr` holds (0 if it
+/// holds none), and what `potluck dht get` said.
+pub(crate) fn metrics_records(addr: &str, run: &str) -> (usize, String) {
+    let key = format!("{run}/metrics");
+    let out = potluck(&["dht", "get", "--initial-peers", addr, &key]);
+    let got = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let records = got
+        .strip_prefix(&format!("{key}: "))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (records, got)
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use crate::cli::{ok, potluck, text};
-use crate::harness::{Peer, peer_args, run, s, strs, tiny_data};
+use crate::harness::{Peer, peer_args, run, s, strs, tiny_data, wait_for_metrics};
 
 #[test]
 fn prepare_train_resume_generate_and_eval_end_to_end() {
@@ -127,7 +127,13 @@ fn training_without_solo_or_with_a_bad_preset_says_what_to_do() {
 fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
-    let (first, second) = pair(dir.path(), &data, "pair", &["--measure-links-every", "2"]);
+    let (first, second) = pair(
+        dir.path(),
+        &data,
+        "pair",
+        20,
+        &["--measure-links-every", "2"],
+    );
     // Each measured its uplink by probing the other (loopback: fast), and says what it moved.
     for out in [&first, &second] {
         assert!(figure(out, "link: ", "MB/s") > 0.0, "{out}");
@@ -154,7 +160,7 @@ fn two_peers_train_one_model_and_the_second_downloads_the_state_to_join() {
 fn two_peers_in_local_update_mode_train_one_model_and_send_a_fraction_per_sample() {
     let dir = tempfile::tempdir().unwrap();
     let data = tiny_data(dir.path());
-    let (first, _) = pair(dir.path(), &data, "local", &["--local-steps", "4"]);
+    let (first, _) = pair(dir.path(), &data, "local", 5, &["--local-steps", "4"]);
     assert!(
         first.contains("local updates: an epoch is a round of 128 samples"),
         "{first}"
@@ -209,8 +215,10 @@ fn sent_per_sample(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> f64 {
 }
 
 /// Two peers of run `run` train `tiny` for 12 epochs (the second joins through the first and
-/// downloads its state); both hold the same parameters at the end. Their outputs.
-fn pair(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> (String, String) {
+/// downloads its state); both hold the same parameters at the end. Their outputs. The first
+/// acts as a machine `slower` times slower (`--throttle`): alone, it took 50 ms an epoch, and
+/// could end all 12 before the second was up.
+fn pair(dir: &Path, data: &Path, run: &str, slower: u32, extra: &[&str]) -> (String, String) {
     let common = |out: &Path| -> Vec<String> {
         [
             "train",
@@ -242,10 +250,15 @@ fn pair(dir: &Path, data: &Path, run: &str, extra: &[&str]) -> (String, String) 
     );
     let mut args = common(&one);
     args.extend(["--listen".into(), "/ip4/127.0.0.1/tcp/0".into()]);
+    args.extend(["--throttle".into(), slower.to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut first = Peer::spawn(&args);
-    // The first peer prints where it listens before it trains.
+    // The first peer prints where it listens before it trains. The second joins once the
+    // first has ended an epoch (published its metrics), so it has a state to download: joining
+    // sooner, on a loaded machine, it came while the first was still in epoch 0, and the two
+    // trained from the same initial state with nothing to download.
     let addr = first.wait_for("listening on ");
+    wait_for_metrics(&addr, run, 1);
     let mut args = common(&two);
     args.extend(["--initial-peers".into(), addr]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

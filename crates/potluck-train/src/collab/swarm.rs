@@ -369,7 +369,7 @@ pub(super) async fn progress_loop(
                         .map(|eta| deadline_after(eta.max(min_lead)));
                     match close(&net, &settings, l.epoch, propose, latest).await {
                         Ok(None) => {}
-                        Ok(Some(deadline)) => {
+                        Ok(Some(Closed { deadline, watch })) => {
                             tracing::debug!(
                                 "epoch {}: its round's deadline is in {} ms ({}); the swarm \
                                  holds {} of {target} samples here ({} of {} live peers in \
@@ -388,8 +388,15 @@ pub(super) async fn progress_loop(
                             );
                             closing = Some((l.epoch, deadline));
                             let early = declared == Some(l.epoch);
-                            let round =
-                                start_round(&net, &settings, &addrs, len, l.epoch, deadline, early);
+                            let round = start_round(
+                                &net,
+                                &settings,
+                                &addrs,
+                                len,
+                                (l.epoch, deadline),
+                                early,
+                                watch,
+                            );
                             *lock(&pending) = Some(round);
                         }
                         Err(e) => tracing::debug!("closing epoch {}: {e}", l.epoch),
@@ -627,14 +634,16 @@ const EARLY_OFFER: Duration = Duration::from_secs(300);
 
 /// Starts forming `epoch`'s group by `deadline` in the background. With its offer out
 /// (`early`), a store too late to be seen by the deadline only fails to refresh it.
+/// `watching` (another deadline of the epoch was at hand), it learns as soon as the others
+/// formed their group without it ([`Matchmaker::wait_for`]).
 pub(super) fn start_round(
     net: &Net,
     settings: &Settings,
     addrs: &[Multiaddr],
     len: usize,
-    epoch: u64,
-    deadline: Time,
+    (epoch, deadline): (u64, Time),
     early: bool,
+    watching: bool,
 ) -> Round {
     let net = net.clone();
     let mm_settings = settings.matchmaking.clone();
@@ -647,14 +656,14 @@ pub(super) fn start_round(
             run: &run,
             settings: mm_settings,
         };
-        if !early {
-            return mm.form_group(epoch, deadline, &offer, len).await;
+        match mm.declare(epoch, deadline, &offer).await {
+            Ok(()) => {}
+            Err(e) if early => {
+                tracing::debug!("refreshing the offer for epoch {epoch}'s round: {e}");
+            }
+            Err(e) => return Err(e),
         }
-        if let Err(e) = mm.declare(epoch, deadline, &offer).await {
-            tracing::debug!("refreshing the offer for epoch {epoch}'s round: {e}");
-        }
-        let wait = deadline.saturating_sub(clock::now());
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        mm.wait_for(epoch, deadline, watching).await?;
         mm.agree(epoch, deadline, len).await
     });
     Round {
@@ -663,6 +672,15 @@ pub(super) fn start_round(
         group,
         formed: None,
     }
+}
+
+/// An epoch's round as [`close`] agreed it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Closed {
+    pub(super) deadline: Time,
+    /// Another proposal was at hand or just past ([`at_hand`]): the others may be forming
+    /// their group by it now, and this peer watches for it ([`Matchmaker::wait_for`]).
+    pub(super) watch: bool,
 }
 
 /// The deadline of `epoch`'s averaging: the earliest plausible proposal under
@@ -676,27 +694,41 @@ pub(super) async fn close(
     epoch: u64,
     propose: Option<Time>,
     latest: Duration,
-) -> Result<Option<Time>, dht::Error> {
+) -> Result<Option<Closed>, dht::Error> {
     let deadlines = progress::deadlines(&settings.scope(), epoch);
     let window = (settings.matchmaking.declare_ahead, latest);
-    let earliest = |v: Vec<(PeerId, Deadline)>| {
-        plausible(v.into_iter().map(|(_, t)| t.0), clock::now(), window)
+    let near = (
+        settings.matchmaking.grace,
+        settings.matchmaking.declare_ahead,
+    );
+    let read = |v: Vec<(PeerId, Deadline)>| {
+        let now = clock::now();
+        let times = || v.iter().map(|(_, t)| t.0);
+        (plausible(times(), now, window), at_hand(times(), now, near))
     };
-    if let Some(t) = earliest(deadlines.get(&net.dht).await?) {
-        return Ok(Some(t));
+    let (earliest, watch) = read(deadlines.get(&net.dht).await?);
+    if let Some(deadline) = earliest {
+        return Ok(Some(Closed { deadline, watch }));
     }
-
     let Some(mine) = propose else {
         return Ok(None);
     };
     deadlines
         .put(&net.dht, &net.keypair, &Deadline(mine), mine + 60_000)
         .await?;
-    Ok(Some(
-        earliest(deadlines.get(&net.dht).await?)
-            .unwrap_or(mine)
-            .min(mine),
-    ))
+    let (earliest, seen) = read(deadlines.get(&net.dht).await?);
+    Ok(Some(Closed {
+        deadline: earliest.unwrap_or(mine).min(mine),
+        watch: watch || seen,
+    }))
+}
+
+/// Whether one of `proposals` is at hand or just past at `now`: from `near.0` before it to
+/// `near.1` after (too near to declare for, see [`plausible`]).
+fn at_hand(proposals: impl Iterator<Item = Time>, now: Time, near: (Duration, Duration)) -> bool {
+    let from = now.saturating_sub(near.0.as_millis() as u64);
+    let to = now.saturating_add(near.1.as_millis() as u64);
+    proposals.into_iter().any(|t| (from..to).contains(&t))
 }
 
 /// The earliest of `proposals` that lies in `window` after `now` (from the least time a peer
@@ -775,6 +807,22 @@ mod tests {
                 "{ms} ms"
             );
         }
+    }
+
+    /// A proposal too near to declare for, or passed less than a grace period ago, is at
+    /// hand (this peer watches for the group formed by it); one further off either way is not.
+    #[test]
+    fn a_deadline_too_near_to_take_is_at_hand() {
+        let now = 1_000_000;
+        let near = (Duration::from_secs(3), Duration::from_millis(500));
+        let at = |ms: i64| (now as i64 + ms) as Time;
+        for ms in [-2_999, -1_000, 0, 499] {
+            assert!(at_hand([at(ms)].into_iter(), now, near), "{ms} ms");
+        }
+        for ms in [-3_001, 500, 2_000] {
+            assert!(!at_hand([at(ms)].into_iter(), now, near), "{ms} ms");
+        }
+        assert!(at_hand([at(2_000), at(100)].into_iter(), now, near));
     }
 
     #[test]
