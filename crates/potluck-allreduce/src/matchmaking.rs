@@ -292,13 +292,24 @@ impl Matchmaker<'_> {
             if left == 0 {
                 return Ok(());
             }
-            let offers = self.offers(round).await?;
+            // A failed read only leaves this peer waiting, as it would without watching.
+            let read = async {
+                let offers = self.offers(round).await?;
+                let published = groups_of(self.run, round).get(self.dht).await?;
+                Ok::<_, Error>((offers, published))
+            };
+            let (offers, published) = match read.await {
+                Ok(read) => read,
+                Err(e) => {
+                    tracing::debug!("round {round}: reading its groups before the deadline: {e}");
+                    Default::default()
+                }
+            };
             let peers: Vec<PeerId> = offers.keys().copied().collect();
             let mine = partition(round, &peers, self.settings.target)
                 .into_iter()
                 .find(|g| g.contains(&me))
                 .unwrap_or_default();
-            let published = groups_of(self.run, round).get(self.dht).await?;
             for (leader, group) in published {
                 let Some(list) = listed(&group) else {
                     continue;
@@ -311,8 +322,10 @@ impl Matchmaker<'_> {
                     return Err(e);
                 }
             }
+            // Every few polls: a peer that proposes deadlines at hand makes every peer watch,
+            // and on a loaded machine the reads slowed the swarm it was in.
             let left = deadline.saturating_sub(clock::now());
-            tokio::time::sleep(Duration::from_millis(left).min(self.settings.poll)).await;
+            tokio::time::sleep(Duration::from_millis(left).min(self.settings.poll * 4)).await;
         }
     }
 

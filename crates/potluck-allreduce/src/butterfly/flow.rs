@@ -10,6 +10,9 @@ use tokio::sync::watch;
 
 use potluck_core::lock;
 
+use super::{Group, Settings};
+use crate::codec;
+
 /// How many chunks a member's stream to one reducer may run ahead of its slowest stream to
 /// another (in chunks of the faster stream's part).
 pub(super) const LEAD: f64 = 4.0;
@@ -49,6 +52,23 @@ impl Pace {
             .wait_for(|s| s.iter().enumerate().all(|(k, v)| k == j || *v >= share))
             .await;
     }
+}
+
+/// The bytes a sender may send while one chunk of a part of `chunks` chunks waits on its
+/// [`Pace`]: `LEAD + 1` of that part's shares of everything it sends (at most the whole
+/// buffer, counted in f32). Each chunk of a part may take that long, at the slower end's rate,
+/// whatever its own size: with parts cut by rate, or a part of many small tensors' chunks, it
+/// is far more than one chunk's bytes (three `small` peers on 10 Mbit/s links left a sender
+/// out of a part after a 2 s wait, the allowance of a small chunk, in most rounds).
+pub(super) fn paced_bytes(group: &Group, settings: &Settings, chunks: usize) -> usize {
+    let buffer: usize = (0..group.members.len())
+        .map(|j| {
+            let r = group.range(j);
+            let count = settings.plan.chunks(r.clone(), settings.chunk).len();
+            codec::HEADER * count + 4 * r.len()
+        })
+        .sum();
+    (buffer as f64 * (LEAD + 1.0) / chunks.max(1) as f64) as usize
 }
 
 /// Paces a member's direct channels so its flows share its uplink evenly: while `n` flows
@@ -110,5 +130,50 @@ pub(super) struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.pace.set(self.j, f64::INFINITY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::Mode;
+    use crate::butterfly::Member;
+    use libp2p::PeerId;
+
+    /// A chunk of a part cut small (its reducer's rate a third of the others') may wait on the
+    /// sender's pace for the time of several of the larger parts' chunks: its allowance counts
+    /// them, not its own bytes alone. Equal parts allow `LEAD + 1` chunks of every part.
+    #[test]
+    fn a_small_parts_chunk_may_wait_for_the_larger_parts() {
+        let member = |rate| Member {
+            peer: PeerId::random(),
+            addrs: Vec::new(),
+            mode: Mode::Full,
+            rate,
+            max_weight: f64::INFINITY,
+        };
+        let settings = Settings {
+            chunk: 1000,
+            ..Settings::default()
+        };
+        let len = 30_000;
+        let equal = Group::new([0; 32], vec![member(1e6); 3], len).unwrap();
+        let per_part = settings.plan.chunks(equal.range(0), settings.chunk).len();
+        assert_eq!(per_part, 10);
+        // Three parts of 10 chunks of 4 kB and a header each, LEAD + 1 = 5 chunks of each.
+        let chunk_bytes = codec::HEADER + 4 * 1000;
+        assert_eq!(
+            paced_bytes(&equal, &settings, per_part),
+            5 * 3 * chunk_bytes
+        );
+        let uneven = Group::new([0; 32], vec![member(1e6), member(3e6), member(3e6)], len).unwrap();
+        let small = (0..3).min_by_key(|&j| uneven.range(j).len()).unwrap();
+        let chunks = settings
+            .plan
+            .chunks(uneven.range(small), settings.chunk)
+            .len();
+        assert!(chunks < per_part, "{chunks}");
+        // Many times one chunk's bytes times the group's size (the allowance before).
+        assert!(paced_bytes(&uneven, &settings, chunks) > 6 * 3 * chunk_bytes);
     }
 }

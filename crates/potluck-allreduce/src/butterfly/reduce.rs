@@ -19,7 +19,7 @@ use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host;
 use tokio::sync::{mpsc, watch};
 
-use super::flow::Flow;
+use super::flow::{Flow, paced_bytes};
 use super::inbox::{Inbox, Incoming, Registration};
 use super::round::{Counters, Round};
 use super::send::UNREACHABLE_TRIES;
@@ -231,6 +231,7 @@ pub(super) async fn reduce(
         .map(|(r, _)| r.start - range.start..r.end - range.start)
         .collect();
     let my_rate = group.members[me].rate;
+    let paced = paced_bytes(group, settings, chunks.len());
     let (arrivals_tx, mut arrivals) = mpsc::channel::<Arrival>(4 * n);
     let (finished_tx, finished_rx) = watch::channel(0usize);
     let mut writers: Vec<mpsc::Sender<Arc<Vec<u8>>>> = Vec::new();
@@ -423,7 +424,8 @@ pub(super) async fn reduce(
                         .iter()
                         .map(|r| {
                             let bytes = codec::HEADER + 4 * r.len();
-                            timing.allow(bytes, sender_rate, n).max(timing.allow(bytes, my_rate, n))
+                            let rate = sender_rate.min(my_rate);
+                            timing.allow(bytes, rate, n).max(timing.allow(paced, rate, 1))
                         })
                         .collect();
                     tokio::spawn(read_contributions(s, reader, allow, readers.clone()));

@@ -15,7 +15,7 @@ use potluck_net::frame::{read_frame, write_frame, write_message};
 use potluck_net::host;
 use tokio::sync::watch;
 
-use super::flow::LEAD;
+use super::flow::{LEAD, paced_bytes};
 use super::reduce::WATCH;
 use super::round::Round;
 use super::wire::{Ack, Hello, PROTOCOL, parse_result, read_control, result_limit};
@@ -206,6 +206,8 @@ pub(super) async fn exchange(
         .iter()
         .map(|m| m.rate)
         .fold(f64::INFINITY, f64::min);
+    // A chunk's average waits for that chunk from every sender, each paced (`flow::Pace`).
+    let paced = paced_bytes(group, settings, chunks.len());
     let write = async {
         // Owned here: when the writer stops, the reader stops waiting for its slices.
         let count_tx = count_tx;
@@ -248,7 +250,9 @@ pub(super) async fn exchange(
         let mut count_rx = count_rx;
         let mut done = 0;
         for (i, (r, _)) in chunks.iter().enumerate() {
-            let mut allow = timing.allow(result_limit(n, r.len()), slowest, n);
+            let mut allow = timing
+                .allow(result_limit(n, r.len()), slowest, n)
+                .max(timing.allow(paced, slowest, 1));
             if i == 0 {
                 allow += settings.open_timeout;
             }
