@@ -36,6 +36,9 @@ pub struct Report {
     pub tokenizers: crate::tokenizers::Id,
     /// How it trains ([`crate::collab::Settings::recipe`]): peers of another are left out.
     pub recipe: String,
+    /// A digest of its state's optimizer settings ([`crate::optim::Config::digest`]): a peer
+    /// whose settings are not those most peers report takes theirs.
+    pub optimizer: u64,
 }
 
 /// The longest recipe a report may carry.
@@ -348,6 +351,7 @@ mod tests {
                 addrs: Vec::new(),
                 tokenizers: crate::tokenizers::NONE,
                 recipe: String::new(),
+                optimizer: 0,
             },
         )
     }
@@ -504,6 +508,7 @@ mod tests {
                 addrs: Vec::new(),
                 tokenizers: crate::tokenizers::NONE,
                 recipe: String::new(),
+                optimizer: 0,
             };
             tracker.publish(&report).await.unwrap();
         }

@@ -100,6 +100,7 @@ mod tests {
             addrs: Vec::new(),
             tokenizers: crate::tokenizers::NONE,
             recipe: "every step averaged, codec auto".into(),
+            optimizer: 0,
         };
         let tracker = progress::Tracker {
             dht: &liar,

@@ -156,7 +156,7 @@ async fn a_donor_offering_another_epoch_or_other_settings_is_passed_over() {
     let want = sync::Want {
         shape: Shape::of(&fresh),
         epoch: Some(opt.steps()),
-        config: Some(*opt.config()),
+        config: sync::ConfigWanted::Exactly(*opt.config()),
         settle_ties: false,
     };
     let settings = sync::Settings::default();

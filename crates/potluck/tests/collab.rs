@@ -41,7 +41,7 @@ pub(crate) fn batch(rng: &mut ChaCha8Rng, n: usize) -> TokenBatch {
     }
 }
 
-fn optimizer(layout: &potluck_core::Layout) -> Optimizer {
+pub(crate) fn optimizer(layout: &potluck_core::Layout) -> Optimizer {
     let cfg = optim::Config {
         rule: Rule::Lamb,
         precision: Precision::F32,
@@ -55,7 +55,7 @@ fn optimizer(layout: &potluck_core::Layout) -> Optimizer {
     Optimizer::new(cfg, layout).with_threads(1)
 }
 
-fn model(params: &[f32]) -> Dalle {
+pub(crate) fn model(params: &[f32]) -> Dalle {
     let cfg = Config::tiny(TOKENS);
     let mut m = Dalle::new(cfg, potluck_model::tch::Device::Cpu).unwrap();
     m.write_params(params).unwrap();
@@ -63,8 +63,8 @@ fn model(params: &[f32]) -> Dalle {
 }
 
 const EPOCHS: u64 = 50;
-const TARGET: u64 = 128;
-const MICRO: usize = 16;
+pub(crate) const TARGET: u64 = 128;
+pub(crate) const MICRO: usize = 16;
 const PEERS: usize = 4;
 
 fn eval(m: &mut Dalle) -> f64 {
@@ -173,7 +173,7 @@ fn data_parallel(eight_bit: Option<bool>) -> f64 {
 }
 
 /// The initial parameters every run here starts from.
-fn initial() -> Vec<f32> {
+pub(crate) fn initial() -> Vec<f32> {
     potluck_model::tch::set_num_threads(1);
     potluck_model::tch::manual_seed(1);
     let cfg = Config::tiny(TOKENS);
@@ -249,7 +249,7 @@ fn logs() {
 
 /// A runtime for in-process peers, and a bootstrap node on the in-memory transport (with its
 /// addresses) that checks the run's records.
-fn runtime_and_boot() -> (tokio::runtime::Runtime, (Dht, Vec<libp2p::Multiaddr>)) {
+pub(crate) fn runtime_and_boot() -> (tokio::runtime::Runtime, (Dht, Vec<libp2p::Multiaddr>)) {
     logs();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -830,7 +830,7 @@ fn four_peers_in_local_update_mode_hold_one_state_learn_and_send_a_fraction() {
 
 /// Local-update mode's settings for the peers here: rounds of `steps` batches, inner steps
 /// of a micro-batch with the tests' optimizer.
-fn local_updates(steps: u64) -> collab::LocalUpdates {
+pub(crate) fn local_updates(steps: u64) -> collab::LocalUpdates {
     let layout = model(&initial()).layout().clone();
     collab::LocalUpdates {
         steps,

@@ -14,4 +14,5 @@ mod harness;
 mod monitor;
 mod nat;
 mod prepare;
+mod settings;
 mod train;

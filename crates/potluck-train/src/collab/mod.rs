@@ -169,6 +169,9 @@ pub struct Collab<T: Trainable> {
     /// Whether it holds the run's state (it started the swarm or joined it): from then on its
     /// optimizer settings are the run's, and no donor changes them.
     settled: bool,
+    /// The epoch at which it last tried to take the run's optimizer settings from the peers
+    /// that report them (once an epoch, as `resync_tried`).
+    adopt_tried: Option<u64>,
     /// Error feedback of a lossy codec: what the last averaging's rounding left out of this
     /// peer's gradient, sent with the next (in the step's job while one runs). None with an
     /// exact codec, or under `--robust` (its checked rounds send each part twice).
@@ -236,6 +239,7 @@ impl<T: Trainable> Collab<T> {
             rate: 0.0,
             micro: 0,
             publish: false,
+            optimizer: optimizer.config().digest(),
         });
         let (view_tx, view) = watch::channel(None);
         let pending = Pending::default();
@@ -297,6 +301,7 @@ impl<T: Trainable> Collab<T> {
             unheard: None,
             unserved: Unserved::new(),
             settled: false,
+            adopt_tried: None,
             residual: feedback.then(|| vec![0.0; n]),
             traffic: Traffic::default(),
             inner,
@@ -315,7 +320,7 @@ impl<T: Trainable> Collab<T> {
                 Some(true) => {
                     // A download that fails for want of agreeing donors (a tie, donors gone)
                     // is tried again by `tick`, as the swarm is ahead of this peer.
-                    match collab.sync().await {
+                    match collab.sync(None).await {
                         Ok(report) => collab.joined = Some(report),
                         Err(Error::Sync(e)) if !matches!(e, sync::Error::Mismatch(_)) => {
                             tracing::warn!(
@@ -533,6 +538,7 @@ impl<T: Trainable> Collab<T> {
             rate: self.rate,
             micro: self.micro_samples,
             publish,
+            optimizer: self.state.optimizer.config().digest(),
         });
     }
 
@@ -581,15 +587,24 @@ impl<T: Trainable> Collab<T> {
         let held = (self.alone_epochs > self.settings.alone_limit
             || self.unheard == Some(self.state.epoch()))
             && self.resync_tried != Some(self.state.epoch());
+        // Training with other optimizer settings than most peers report (it started the run
+        // alone with its own flags, as they did with theirs): it takes theirs, with their state
+        // (once an epoch). An aux peer without --epochs kept a learning rate that never
+        // decayed, and every averaging of the parameters pulled the trainers toward it.
+        let adopt = view.as_ref().and_then(|v| self.odd_optimizer(v));
         if self.busy.is_none()
             && let Some(v) = &view
             && ((self.round.is_none() && v.newest(&self.unserved) > self.state.epoch())
-                || (held && !v.others.is_empty() && v.newest(&self.unserved) == self.state.epoch()))
+                || (held && !v.others.is_empty() && v.newest(&self.unserved) == self.state.epoch())
+                || adopt.is_some())
         {
             if held {
                 self.resync_tried = Some(self.state.epoch());
             }
-            return match self.sync().await {
+            if adopt.is_some() {
+                self.adopt_tried = Some(self.state.epoch());
+            }
+            return match self.sync(adopt).await {
                 Ok(report) => Ok(Tick::Synced(report, self.epoch())),
                 Err(Error::Sync(e)) if !matches!(e, sync::Error::Mismatch(_)) => {
                     tracing::warn!("could not download the swarm's state, will try again: {e}");
@@ -843,6 +858,7 @@ impl<T: Trainable> Collab<T> {
             rate: 0.0,
             micro: self.micro_samples,
             publish: true,
+            optimizer: self.state.optimizer.config().digest(),
         });
     }
 }

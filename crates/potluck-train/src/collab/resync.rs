@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use potluck_core::{Loss, Trainable};
 
-use super::{Collab, Error, Guard};
+use super::{Collab, Error, Guard, View};
 use crate::sync::{self, Partial};
 
 /// Most claims remembered as not served (a bound on memory; forgotten all at once beyond it).
@@ -16,7 +16,14 @@ impl<T: Trainable> Collab<T> {
     /// majority of the other peers holds, from the donors that claim it, of that epoch and (once
     /// this peer holds the run's state) with the run's optimizer settings. A donor that offers
     /// anything else is not asked again until its claim changes.
-    pub(super) async fn sync(&mut self) -> Result<sync::Report, Error<T::Error>> {
+    ///
+    /// With `adopt`, the digest of the run's optimizer settings where this peer's are not
+    /// theirs ([`Collab::odd_optimizer`]): the state of the peers that report those settings,
+    /// whatever its settings (the donors' manifests must agree on them, and match the digest).
+    pub(super) async fn sync(
+        &mut self,
+        adopt: Option<u64>,
+    ) -> Result<sync::Report, Error<T::Error>> {
         let mut partial = Partial::default();
         let mut last = None;
         for attempt in 0..3 {
@@ -29,16 +36,24 @@ impl<T: Trainable> Collab<T> {
             let (newest, donors, settle_ties) = {
                 let view = self.view.borrow();
                 let Some(v) = view.as_ref() else { break };
-                let newest = v.newest(&self.unserved);
+                if let (0, Some(run)) = (attempt, adopt) {
+                    self.warn_of_odd_optimizer(v, run);
+                }
+                let newest = v.newest_of(&self.unserved, adopt);
                 // A tie of the donors' states waits for the peers still stepping to that
                 // epoch, who will decide it; with none, it is settled.
                 let settle = v.others.iter().all(|(_, held, _)| *held >= newest);
-                (newest, v.donors(newest, &self.unserved), settle)
+                (newest, v.donors(newest, &self.unserved, adopt), settle)
+            };
+            let config = match adopt {
+                Some(digest) => sync::ConfigWanted::Digest(digest),
+                None if self.settled => sync::ConfigWanted::Exactly(*self.state.optimizer.config()),
+                None => sync::ConfigWanted::Any,
             };
             let want = sync::Want {
                 shape: sync::Shape::of(&self.state.optimizer),
                 epoch: Some(newest),
-                config: self.settled.then(|| *self.state.optimizer.config()),
+                config,
                 settle_ties,
             };
             match sync::download(
@@ -56,7 +71,15 @@ impl<T: Trainable> Collab<T> {
                     self.distrust(report.unlike.iter().map(claimed));
                     let outvoted = "served a state unlike most donors'";
                     self.distrust(report.outvoted.iter().map(|p| (*p, newest, outvoted)));
+                    let before = *self.state.optimizer.config();
                     self.state = Arc::new(snapshot.into_state(&self.state.optimizer)?);
+                    let now = self.state.optimizer.config();
+                    if *now != before {
+                        tracing::warn!(
+                            "now trains with the run's optimizer settings ({now:?}) in place of \
+                             its own ({before:?})"
+                        );
+                    }
                     self.guard
                         .get_or_insert_with(|| Guard::new(self.settings.spike))
                         .restart(&self.state);
@@ -100,6 +123,35 @@ impl<T: Trainable> Collab<T> {
             }
         }
         Err(last.unwrap_or(sync::Error::NoDonors).into())
+    }
+
+    /// The digest of the run's optimizer settings ([`View::run_optimizer`]) if this peer
+    /// holds the run's state but trains with other settings and has not tried to take the
+    /// run's at this epoch; None under a charter (its settings are the run's whatever peers
+    /// report) and while it joins (the state it downloads brings the run's).
+    pub(super) fn odd_optimizer(&self, view: &View) -> Option<u64> {
+        if !self.settled || self.settings.chartered || self.adopt_tried == Some(self.state.epoch())
+        {
+            return None;
+        }
+        let mine = self.state.optimizer.config().digest();
+        let run = view.run_optimizer(mine);
+        (run != mine).then_some(run)
+    }
+
+    /// Warns that this peer trains with other optimizer settings than the run's (of digest
+    /// `run`), as `view` shows them.
+    fn warn_of_odd_optimizer(&self, view: &View, run: u64) {
+        let mine = self.state.optimizer.config().digest();
+        let peers = view.optimizers.values().filter(|&&d| d == run).count();
+        let same = view.optimizers.values().filter(|&&d| d == mine).count() + 1;
+        tracing::warn!(
+            "this peer trains with other optimizer settings ({mine:016x}: {:?}) than the run's \
+             ({run:016x}, reported by {peers} peers against {same} with this peer's): it takes \
+             the run's, with their state (every peer of a run must pass the same --lr, \
+             --warmup, --epochs…)",
+            self.state.optimizer.config()
+        );
     }
 
     /// Remembers `claims` (a peer, the epoch it said it holds, and what it served instead) as

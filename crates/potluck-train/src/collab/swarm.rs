@@ -31,6 +31,8 @@ pub(super) struct Local {
     pub(super) micro: u64,
     /// Whether it holds the swarm's state (only then it reports, and serves).
     pub(super) publish: bool,
+    /// The digest of its state's optimizer settings ([`crate::optim::Config::digest`]).
+    pub(super) optimizer: u64,
 }
 
 /// What the progress task learned of the swarm.
@@ -55,6 +57,8 @@ pub(super) struct View {
     /// Live peers of this peer's tokenizers that train by another recipe
     /// ([`Settings::recipe`]), and theirs: left out as strangers are.
     pub(super) misfits: Vec<(PeerId, String)>,
+    /// The digest of the optimizer settings each of `others` reports.
+    pub(super) optimizers: HashMap<PeerId, u64>,
 }
 
 /// Reports seen, by peer and epoch.
@@ -111,22 +115,63 @@ impl View {
     /// itself the only donor), leaving out the claims in `unserved` (a peer and the epoch it
     /// claimed but could not serve).
     pub(super) fn newest(&self, unserved: &Unserved) -> u64 {
+        self.newest_of(unserved, None)
+    }
+
+    /// [`View::newest`] of the peers that report the optimizer settings of digest `optimizer`
+    /// (None: of all).
+    pub(super) fn newest_of(&self, unserved: &Unserved, optimizer: Option<u64>) -> u64 {
         progress::majority(
             self.others
                 .iter()
-                .filter(|(_, h, d)| unserved.get(&d.peer) != Some(h))
+                .filter(|(_, h, d)| unserved.get(&d.peer) != Some(h) && self.of(d, optimizer))
                 .map(|(_, h, _)| *h),
         )
     }
 
-    /// The donors of the state at `epoch` (those that claim to hold it, less `unserved`).
-    pub(super) fn donors(&self, epoch: u64, unserved: &Unserved) -> Vec<Donor> {
+    /// The donors of the state at `epoch` (those that claim to hold it, less `unserved`) that
+    /// report the optimizer settings of digest `optimizer` (None: any).
+    pub(super) fn donors(
+        &self,
+        epoch: u64,
+        unserved: &Unserved,
+        optimizer: Option<u64>,
+    ) -> Vec<Donor> {
         self.others
             .iter()
-            .filter(|(_, h, d)| *h == epoch && unserved.get(&d.peer) != Some(h))
+            .filter(|(_, h, d)| {
+                *h == epoch && unserved.get(&d.peer) != Some(h) && self.of(d, optimizer)
+            })
             .map(|(_, _, d)| d.clone())
             .collect()
     }
+
+    /// Whether `donor` reports the optimizer settings of digest `optimizer` (None: any).
+    fn of(&self, donor: &Donor, optimizer: Option<u64>) -> bool {
+        optimizer.is_none_or(|o| self.optimizers.get(&donor.peer) == Some(&o))
+    }
+
+    /// The optimizer settings of the run, by digest: those most live peers report, this peer
+    /// (training with `mine`) among them; of equally many, the smallest digest, so that every
+    /// peer that sees the same reports picks the same.
+    pub(super) fn run_optimizer(&self, mine: u64) -> u64 {
+        most_reported(self.optimizers.values().copied().chain([mine]))
+    }
+}
+
+/// The digest most of `digests` are; of equally many, the smallest (0 if there are none).
+/// Every peer that counts the same reports picks the same; a tie is two sides of equal
+/// numbers, where no honest majority decides (a liar beside one honest peer wins half of
+/// them, as it is believed in everything else of two).
+fn most_reported(digests: impl Iterator<Item = u64>) -> u64 {
+    let mut counts: HashMap<u64, usize> = HashMap::new();
+    for d in digests {
+        *counts.entry(d).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by_key(|&(d, n)| (n, std::cmp::Reverse(d)))
+        .map_or(0, |(d, _)| d)
 }
 
 /// An averaging round under way: its group forming in the background.
@@ -231,6 +276,7 @@ pub(super) async fn progress_loop(
                 addrs: wire_addrs.clone(),
                 tokenizers: settings.tokenizers,
                 recipe: recipe.clone(),
+                optimizer: l.optimizer,
             };
             if let Err(e) = tracker.publish(&report).await {
                 tracing::debug!("publishing progress: {e}");
@@ -293,9 +339,15 @@ pub(super) async fn progress_loop(
                 let misfits = leave_out_misfits(&mut reports, &recipe, now, ttl);
                 warn_of_misfits(&mut warned_misfits, &misfits, &recipe);
                 remember(&mut reported, &reports, l.epoch);
+                let live = |r: &progress::Report| r.time + ttl.as_millis() as u64 >= now;
+                let optimizers: HashMap<PeerId, u64> = reports
+                    .iter()
+                    .filter(|(_, r)| live(r))
+                    .map(|(peer, r)| (*peer, r.optimizer))
+                    .collect();
                 let others: Vec<(u64, u64, Donor)> = reports
                     .iter()
-                    .filter(|(_, r)| r.time + ttl.as_millis() as u64 >= now)
+                    .filter(|(_, r)| live(r))
                     .map(|(peer, r)| {
                         let addrs = r
                             .addrs
@@ -314,6 +366,7 @@ pub(super) async fn progress_loop(
                     addrs: Vec::new(),
                     tokenizers: settings.tokenizers,
                     recipe: recipe.clone(),
+                    optimizer: l.optimizer,
                 };
                 let target = settings.target_batch;
                 // The others' claims count only as far as this peer measures them.
@@ -416,6 +469,7 @@ pub(super) async fn progress_loop(
                     ttl,
                     strangers,
                     misfits,
+                    optimizers,
                 };
                 if view.send(Some(v)).is_err() {
                     return;
@@ -747,6 +801,19 @@ fn plausible(
 mod tests {
     use super::*;
 
+    /// The run's optimizer settings are those most peers report, whoever counts them; a tie
+    /// goes to the same side for every peer.
+    #[test]
+    fn the_run_s_optimizer_settings_are_those_most_peers_report() {
+        assert_eq!(most_reported([7, 9, 9].into_iter()), 9);
+        assert_eq!(most_reported([9, 7, 9].into_iter()), 9);
+        // One against one: the smaller, seen from either side.
+        assert_eq!(most_reported([9, 7].into_iter()), 7);
+        assert_eq!(most_reported([7, 9].into_iter()), 7);
+        assert_eq!(most_reported([5, 5, 9, 9, 3].into_iter()), 5);
+        assert_eq!(most_reported(std::iter::empty()), 0);
+    }
+
     /// A peer that closed epoch 3 and moved to 4 (its round under way) keeps its last samples
     /// of 3 counted toward 3's target, as far as its measured rate allows; without them the
     /// two peers still in 3 would compute its share again before they saw the target.
@@ -763,6 +830,7 @@ mod tests {
             addrs: Vec::new(),
             tokenizers: crate::tokenizers::NONE,
             recipe: String::new(),
+            optimizer: 0,
         };
         let mut measure = progress::Measure::default();
         measure.begin(3, now - 60_000);

@@ -97,6 +97,17 @@ impl Config {
         ))
     }
 
+    /// A short digest of these settings (the first 8 bytes of the SHA-256 of their postcard
+    /// encoding): what a peer's progress report says it trains with, so that peers can tell
+    /// whether they share the run's settings without sending them.
+    pub fn digest(&self) -> u64 {
+        use sha2::{Digest, Sha256};
+        // A Config of plain numbers and enums always encodes.
+        let bytes = postcard::to_allocvec(self).unwrap_or_default();
+        let hash = Sha256::digest(&bytes);
+        u64::from_le_bytes(hash[..8].try_into().unwrap_or_default())
+    }
+
     /// The outer optimizer of local-update mode, as DiLoCo's: Nesterov momentum `momentum`,
     /// a constant rate `lr`, on the change of the parameters averaged over a round, its state
     /// in `f32` (it is stepped once a round, and every peer must hold the same).

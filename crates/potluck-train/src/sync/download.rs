@@ -44,9 +44,8 @@ pub struct Donor {
 pub struct Want {
     pub shape: Shape,
     pub epoch: Option<u64>,
-    /// Fixed once a peer holds the run's state: only a newcomer takes the settings, from the
-    /// manifest most donors agree on.
-    pub config: Option<optim::Config>,
+    /// The optimizer settings it takes.
+    pub config: ConfigWanted,
     /// No more donors of the epoch are coming (every other peer holds it or a newer one): a
     /// tie of the donors' states is settled by the first donor's rather than waited out
     /// ([`Error::Tied`]). Two honest donors can hold different states (a part of the gradient
@@ -61,7 +60,7 @@ impl Want {
         Want {
             shape,
             epoch: None,
-            config: None,
+            config: ConfigWanted::Any,
             settle_ties: false,
         }
     }
@@ -78,16 +77,32 @@ impl Want {
                 manifest.epoch
             ));
         }
-        if let Some(config) = &self.config
-            && manifest.config != *config
-        {
+        let other = match self.config {
+            ConfigWanted::Any => false,
+            ConfigWanted::Exactly(config) => manifest.config != config,
+            ConfigWanted::Digest(digest) => manifest.config.digest() != digest,
+        };
+        if other {
             return Some(format!(
                 "it offered other optimizer settings than the run's ({:?} against {:?})",
-                manifest.config, config
+                manifest.config, self.config
             ));
         }
         None
     }
+}
+
+/// The optimizer settings a downloader takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ConfigWanted {
+    /// Those the manifest most donors agree on names: a newcomer's, which has no settings of
+    /// the run yet.
+    Any,
+    /// These: a peer that holds the run's state, whose settings no donor changes.
+    Exactly(optim::Config),
+    /// Those of this digest ([`optim::Config::digest`]): a peer that found its settings were
+    /// not those most peers report, taking theirs.
+    Digest(u64),
 }
 
 /// Chunks received so far, kept across attempts: their bytes are already in place in the

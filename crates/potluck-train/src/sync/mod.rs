@@ -20,7 +20,7 @@ pub(crate) mod serve;
 mod snapshot;
 mod wire;
 
-pub use download::{Donor, Partial, Report, Settings, Want, download};
+pub use download::{ConfigWanted, Donor, Partial, Report, Settings, Want, download};
 pub use serve::{Serving, Shelf, serve};
 pub use snapshot::Snapshot;
 pub use wire::{
