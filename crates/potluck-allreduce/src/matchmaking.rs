@@ -252,7 +252,19 @@ impl Matchmaker<'_> {
         if left_ms < self.settings.declare_ahead.as_millis() as i64 {
             return Err(Error::TooLate { round, left_ms });
         }
-        let expiration = deadline + 60_000;
+        self.declare_until(round, deadline + 60_000, offer).await
+    }
+
+    /// Stores this peer's offer for `round` until `expiration` (wall-clock ms), the round's
+    /// deadline not known yet: an offer its peer refreshes while it lives, so that a peer gone
+    /// before the deadline is in no group. (An offer that outlived its peer by minutes put it
+    /// in the group of the round it died in, and its part of the values went unaveraged.)
+    pub async fn declare_until(
+        &self,
+        round: u64,
+        expiration: Time,
+        offer: &Offer,
+    ) -> Result<(), Error> {
         offers_of(self.run, round)
             .put(self.dht, self.keypair, offer, expiration)
             .await?;

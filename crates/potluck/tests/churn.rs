@@ -1,6 +1,15 @@
 //! End-to-end tests of swarms whose peers come and go: peers killed (SIGKILL) and fresh ones
 //! joining, every step and in local-update mode.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use potluck_train::collab::{self, Collab, Net};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::collab::{MICRO, batch, initial, local_updates, model, runtime_and_boot};
 use crate::harness::{Peer, metrics_records, peer_args, s, strs, tiny_data, wait_for_metrics};
 
 #[test]
@@ -228,4 +237,101 @@ fn in_local_update_mode_a_killed_peer_holds_no_round_back_and_a_newcomer_takes_t
         "the newcomer averaged in few of its rounds: {line}\n{newcomer}"
     );
     boot.kill();
+}
+
+/// A peer's offer for its epoch's round goes out as the epoch begins, before anyone knows the
+/// round's deadline; it lives only as long as its peer refreshes it. Three peers in local-update
+/// mode in a round that does not end; once all three offers are out, one peer stops (as if
+/// killed): its offer lapses while the two others' stay, so the round's group will not name it.
+/// (An early offer lived five minutes: a peer killed mid-round was put in the round's group,
+/// and its part of the values went unaveraged.)
+#[test]
+fn an_offer_lapses_once_its_peer_is_gone() {
+    let init = initial();
+    let (runtime, boot) = runtime_and_boot();
+    let mut settings = collab::Settings::in_process("lapse", 1 << 40);
+    settings.local = Some(local_updates(2));
+    let scope = settings.scope();
+    let peers: Vec<_> = (0..3)
+        .map(|i| {
+            let (handle, init, boot) = (runtime.handle().clone(), init.clone(), boot.1.clone());
+            let settings = settings.clone();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
+                handle.block_on(async move {
+                    let net = Net::start_memory(&boot).await.unwrap();
+                    let m = model(&init);
+                    let opt = potluck_train::optim::Optimizer::new(
+                        potluck_train::optim::Config::outer(0.7, 0.9),
+                        m.layout(),
+                    );
+                    let mut peer = Collab::join(m, opt, net, settings).await.unwrap();
+                    tx.send(peer.peer_id()).unwrap();
+                    let mut rng = ChaCha8Rng::seed_from_u64(700 + i);
+                    let mut next = |n: usize| Ok(batch(&mut rng, MICRO.min(n)));
+                    while !flag.load(Ordering::SeqCst) {
+                        peer.tick(&mut next).await.unwrap();
+                    }
+                    assert_eq!(peer.epoch(), 0, "the round ended");
+                })
+            });
+            (rx.recv().unwrap(), stop, thread)
+        })
+        .collect();
+    let ids: Vec<libp2p::PeerId> = peers.iter().map(|(id, _, _)| *id).collect();
+    let (dht, keypair) = runtime.block_on(async {
+        let net = Net::start_memory(&boot.1).await.unwrap();
+        (net.dht.clone(), net.keypair.clone())
+    });
+    let offers = || {
+        runtime.block_on(async {
+            let mm = potluck_allreduce::matchmaking::Matchmaker {
+                dht: &dht,
+                keypair: &keypair,
+                run: &scope,
+                settings: Default::default(),
+            };
+            mm.offers(0).await.unwrap_or_default()
+        })
+    };
+    let started = Instant::now();
+    while !ids.iter().all(|id| offers().contains_key(id)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the three offers never were out: {:?} of {ids:?}",
+            offers().keys().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let [gone, stay @ ..] = &peers[..] else {
+        unreachable!()
+    };
+    gone.1.store(true, Ordering::SeqCst);
+    let stopped = Instant::now();
+    loop {
+        let now = offers();
+        assert!(
+            stay.iter().all(|(id, _, _)| now.contains_key(id)),
+            "a live peer's offer lapsed: {:?}",
+            now.keys().collect::<Vec<_>>()
+        );
+        if !now.contains_key(&gone.0) {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_secs(60),
+            "the stopped peer's offer outlived it by a minute"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "the stopped peer's offer lapsed {:?} after it stopped",
+        stopped.elapsed()
+    );
+    for (_, stop, thread) in peers {
+        stop.store(true, Ordering::SeqCst);
+        thread.join().unwrap();
+    }
 }

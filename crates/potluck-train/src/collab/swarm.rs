@@ -245,8 +245,11 @@ pub(super) async fn progress_loop(
     };
     let wire_addrs: Vec<Vec<u8>> = addrs.iter().map(|a| a.to_vec()).collect();
     let mut closing: Option<(u64, Time)> = None;
-    // The epoch whose round this peer declared its offer for as it entered the epoch.
+    // The epoch whose round this peer declared its offer for as it entered the epoch, when it
+    // last refreshed it, and the store under way.
     let mut declared: Option<u64> = None;
+    let mut refreshed = Instant::now();
+    let mut refreshing: Option<tokio::task::JoinHandle<()>> = None;
     let rush = settings.attack == Some(Attack::Rush);
     // How long this peer's DHT reads take (a moving average): on a loaded machine they take
     // hundreds of milliseconds, and a deadline must leave room for them.
@@ -289,9 +292,18 @@ pub(super) async fn progress_loop(
         // nothing: it steps its epochs without a round, and an offer it left behind for an
         // epoch put a newcomer that came to that epoch in a group with a peer long gone (it
         // waited out the open timeout and averaged nothing).
+        // Until the round's deadline is known the offer lives `early_offer(ttl)`, refreshed
+        // every `ttl` (one store at a time): a peer that dies mid-epoch drops out of the
+        // round by its deadline.
         let with_others = last_others.is_some_and(|t| t.elapsed() < 2 * ttl);
-        if l.publish && with_others && declared != Some(l.epoch) {
+        let round_set = closing.is_some_and(|(e, _)| e == l.epoch);
+        let due = declared != Some(l.epoch)
+            || (!round_set
+                && refreshed.elapsed() >= ttl
+                && refreshing.as_ref().is_none_or(|r| r.is_finished()));
+        if l.publish && with_others && due {
             declared = Some(l.epoch);
+            refreshed = Instant::now();
             let offer = matchmaking::offer(&addrs, settings.mode, net.link.rate_or(settings.rate));
             let (net, mm, run, epoch) = (
                 net.clone(),
@@ -299,18 +311,19 @@ pub(super) async fn progress_loop(
                 settings.scope(),
                 l.epoch,
             );
-            tokio::spawn(async move {
+            let store = tokio::spawn(async move {
                 let mm = Matchmaker {
                     dht: &net.dht,
                     keypair: &net.keypair,
                     run: &run,
                     settings: mm,
                 };
-                let until = clock::now() + EARLY_OFFER.as_millis() as u64;
-                if let Err(e) = mm.declare(epoch, until, &offer).await {
+                let until = clock::now() + early_offer(ttl).as_millis() as u64;
+                if let Err(e) = mm.declare_until(epoch, until, &offer).await {
                     tracing::debug!("declaring for epoch {epoch}'s round early: {e}");
                 }
             });
+            refreshing = Some(store);
         }
         // Members this peer's reducer banned and donors it caught lying since the last
         // report: told to the swarm (both checked, so both marks are taken).
@@ -682,9 +695,13 @@ fn latest_lead(settings: &Settings) -> Duration {
     settings.lead.max(min_lead(settings, MAX_SLACK)) + settings.report_every
 }
 
-/// How long an offer declared as its epoch begins lives past then (the deadline is not known
-/// yet; an offer lives a minute past its deadline once the round starts).
-const EARLY_OFFER: Duration = Duration::from_secs(300);
+/// How long an offer declared before its round's deadline is known lives past its last
+/// refresh (every report lifetime `ttl`): five lifetimes, so that four refreshes in a row may
+/// be slow (a store on a link full of the last averaging takes seconds) before it lapses. Once
+/// the round starts, an offer lives a minute past the deadline.
+fn early_offer(ttl: Duration) -> Duration {
+    ttl * 5
+}
 
 /// Starts forming `epoch`'s group by `deadline` in the background. With its offer out
 /// (`early`), a store too late to be seen by the deadline only fails to refresh it.
