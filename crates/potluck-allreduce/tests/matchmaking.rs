@@ -253,16 +253,7 @@ async fn a_peer_whose_offer_came_after_the_others_formed_their_group_misses_the_
         .iter()
         .filter(|n| n.dht.peer_id() != late.dht.peer_id())
         .collect();
-    let jobs = others.iter().map(|node| async move {
-        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
-        mm(node)
-            .form_group(round, deadline, &offer, 100)
-            .await
-            .unwrap()
-    });
-    for g in futures::future::join_all(jobs).await {
-        assert_eq!(g.members.len(), 3);
-    }
+    form_without(&others, round, deadline).await;
     // Its offer is stored only now, and it agrees at once.
     let offer = matchmaking::offer(&late.dht.addrs().await.unwrap(), Mode::Full, 1e7);
     mm(late)
@@ -288,16 +279,7 @@ async fn a_peer_watching_for_the_others_group_learns_before_its_own_deadline_tha
     let deadline = clock::now() + 1500;
     let round = 8;
     let (late, others) = nodes.split_last().unwrap();
-    let jobs = others.iter().map(|node| async move {
-        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
-        mm(node)
-            .form_group(round, deadline, &offer, 100)
-            .await
-            .unwrap()
-    });
-    for g in futures::future::join_all(jobs).await {
-        assert_eq!(g.members.len(), 2);
-    }
+    form_without(&others.iter().collect::<Vec<_>>(), round, deadline).await;
     let own = clock::now() + 20_000;
     let offer = matchmaking::offer(&late.dht.addrs().await.unwrap(), Mode::Full, 1e7);
     mm(late).declare(round, own, &offer).await.unwrap();
@@ -307,4 +289,19 @@ async fn a_peer_watching_for_the_others_group_learns_before_its_own_deadline_tha
         "{got:?}"
     );
     assert!(clock::now() < own, "it waited for its own deadline");
+}
+
+/// `others` form their group of `round` by `deadline` (all of them in it), before a late peer
+/// declares.
+async fn form_without(others: &[&Node], round: u64, deadline: clock::Time) {
+    let jobs = others.iter().map(|node| async move {
+        let offer = matchmaking::offer(&node.dht.addrs().await.unwrap(), Mode::Full, 1e7);
+        mm(node)
+            .form_group(round, deadline, &offer, 100)
+            .await
+            .unwrap()
+    });
+    for g in futures::future::join_all(jobs).await {
+        assert_eq!(g.members.len(), others.len());
+    }
 }
