@@ -10,7 +10,8 @@
 #
 # DATA is a `prepare --dataset shapes` directory. EPOCHS (default 10) epochs for (a) and (b),
 # ROUNDS (default 4) rounds of H (default 32) batches of TARGET (default 96) samples for (c).
-# MODES (default "a b c") picks the ways. Every peer's log is OUT/RATE-MODE/peerI.log.
+# MODES (default "a b c") picks the ways; FIRST adds flags to peer 0 alone (FIRST="--throttle
+# 4": an uneven peer). Every peer's log is OUT/RATE-MODE/peerI.log.
 set -euo pipefail
 OUT=${1:?output directory}
 DATA=${2:?prepared shapes data}

@@ -9,7 +9,8 @@
 #   NETNS=sl scripts/swarm.sh runs/slow 4 -- ...   (after scripts/slowlinks.sh up sl 4 100mbit)
 #
 # Every peer's output goes to OUT/peerI.log; their checkpoints to OUT/peerI. POTLUCK names the
-# binary (default target/release/potluck); PROMPTS=0 skips the score.
+# binary (default target/release/potluck); PROMPTS=0 skips the score; FIRST adds flags to the
+# first peer alone (e.g. FIRST="--throttle 4": an uneven peer).
 set -euo pipefail
 OUT=${1:?output directory}
 N=${2:?peers}
@@ -25,8 +26,9 @@ host() { if [ -n "$NETNS" ]; then echo "10.98.0.$(($1 + 1))"; else echo 127.0.0.
 
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+read -r -a first <<<"${FIRST:-}"
 in_ns 0 "$BIN" train --run-id "$RUN" --threads "$THREADS" --out "$OUT/peer0" \
-    --listen "/ip4/$(host 0)/tcp/0" "$@" >"$OUT/peer0.log" 2>&1 &
+    --listen "/ip4/$(host 0)/tcp/0" "$@" "${first[@]}" >"$OUT/peer0.log" 2>&1 &
 pids+=($!)
 addr=""
 for _ in $(seq 600); do

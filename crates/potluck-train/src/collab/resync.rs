@@ -6,7 +6,7 @@ use std::sync::Arc;
 use potluck_core::{Loss, Trainable};
 
 use super::{Collab, Error, Guard, View};
-use crate::sync::{self, Partial};
+use crate::sync::{self, Partial, Snapshot};
 
 /// Most claims remembered as not served (a bound on memory; forgotten all at once beyond it).
 const MAX_UNSERVED: usize = 1024;
@@ -24,7 +24,10 @@ impl<T: Trainable> Collab<T> {
         &mut self,
         adopt: Option<u64>,
     ) -> Result<sync::Report, Error<T::Error>> {
-        let mut partial = Partial::default();
+        // Chunks of its own state the donors' holds alike are not downloaded (a run's peers
+        // start from the same parameters).
+        let own = Snapshot::of(Arc::clone(&self.state), self.settings.chunk_bytes);
+        let mut partial = Partial::with_own(own);
         let mut last = None;
         for attempt in 0..3 {
             if attempt > 0 {
@@ -95,11 +98,14 @@ impl<T: Trainable> Collab<T> {
                     // Back in line with the swarm.
                     self.alone_epochs = 0;
                     tracing::info!(
-                        "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} donors)",
+                        "downloaded the swarm's state at epoch {} ({} MB in {:.1} s from {} \
+                         donors; {} of {} chunks held alike here)",
                         self.state.epoch(),
                         report.bytes / 1_000_000,
                         report.elapsed.as_secs_f64(),
-                        report.per_donor.iter().filter(|&&n| n > 0).count()
+                        report.per_donor.iter().filter(|&&n| n > 0).count(),
+                        report.own.0,
+                        report.own.1
                     );
                     self.shelve();
                     self.report(true);

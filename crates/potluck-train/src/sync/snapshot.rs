@@ -182,6 +182,17 @@ impl Snapshot {
         })
     }
 
+    /// The chunks' hashes if this state is of `epoch`, cut in chunks of `chunk` bytes and of
+    /// `shape` (else None, and nothing is hashed).
+    pub(super) fn manifest_if(
+        &self,
+        epoch: u64,
+        chunk: usize,
+        shape: Shape,
+    ) -> Option<&[[u8; 32]]> {
+        (self.epoch == epoch && self.chunk == chunk && self.shape == shape).then(|| self.hashes())
+    }
+
     /// The manifest (hashes computed on first use).
     pub fn manifest(&self) -> Manifest {
         Manifest {

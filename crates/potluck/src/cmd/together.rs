@@ -151,6 +151,20 @@ impl Default for SwarmArgs {
     }
 }
 
+/// The line a peer prints for a state it downloaded (at `epoch`): its bytes and time, and the
+/// chunks it held alike and did not download.
+fn downloaded(epoch: u64, r: &potluck_train::sync::Report) -> String {
+    let own = match r.own {
+        (0, _) => String::new(),
+        (own, all) => format!(" ({own} of {all} chunks held alike here)"),
+    };
+    format!(
+        "downloaded the swarm's state at epoch {epoch}: {:.1} MB in {:.1} s{own}",
+        r.bytes as f64 / 1e6,
+        r.elapsed.as_secs_f64()
+    )
+}
+
 /// The collaborative optimizer's settings for a run; in local-update mode, `inner` is the
 /// inner optimizer's and `micro` the default inner batch.
 pub(crate) fn collab_settings(
@@ -271,12 +285,7 @@ async fn train(
         .await
         .map_err(|e| join_failed(e, &run_id, &swarm.net, &data))?;
     if let Some(r) = peer.joined() {
-        println!(
-            "downloaded the swarm's state at epoch {}: {:.1} MB in {:.1} s",
-            peer.epoch(),
-            r.bytes as f64 / 1e6,
-            r.elapsed.as_secs_f64()
-        );
+        println!("{}", downloaded(peer.epoch(), r));
     }
     println!(
         "run {run_id}: {} ({} unique parameters), target batch {} samples, at epoch {}",
@@ -393,13 +402,7 @@ async fn train(
                     peer.traffic().sent as f64 / 1e6
                 );
             }
-            Tick::Synced(report, epoch) => {
-                println!(
-                    "downloaded the swarm's state at epoch {epoch}: {:.1} MB in {:.1} s",
-                    report.bytes as f64 / 1e6,
-                    report.elapsed.as_secs_f64()
-                );
-            }
+            Tick::Synced(report, epoch) => println!("{}", downloaded(epoch, &report)),
             Tick::Waited => {}
         }
         stall.at(peer.epoch(), Instant::now());
