@@ -591,17 +591,20 @@ impl<T: Trainable> Collab<T> {
         // alone with its own flags, as they did with theirs): it takes theirs, with their state
         // (once an epoch). An aux peer without --epochs kept a learning rate that never
         // decayed, and every averaging of the parameters pulled the trainers toward it.
+        // Any download it makes meanwhile takes the run's settings too (asking for its own, it
+        // would pass over every donor of the run's and name it a liar).
         let adopt = view.as_ref().and_then(|v| self.odd_optimizer(v));
+        let adopt_now = adopt.is_some() && self.adopt_tried != Some(self.state.epoch());
         if self.busy.is_none()
             && let Some(v) = &view
             && ((self.round.is_none() && v.newest(&self.unserved) > self.state.epoch())
                 || (held && !v.others.is_empty() && v.newest(&self.unserved) == self.state.epoch())
-                || adopt.is_some())
+                || adopt_now)
         {
             if held {
                 self.resync_tried = Some(self.state.epoch());
             }
-            if adopt.is_some() {
+            if adopt_now {
                 self.adopt_tried = Some(self.state.epoch());
             }
             return match self.sync(adopt).await {

@@ -132,12 +132,11 @@ impl<T: Trainable> Collab<T> {
     }
 
     /// The digest of the run's optimizer settings ([`View::run_optimizer`]) if this peer
-    /// holds the run's state but trains with other settings and has not tried to take the
-    /// run's at this epoch; None under a charter (its settings are the run's whatever peers
-    /// report) and while it joins (the state it downloads brings the run's).
+    /// holds the run's state but trains with other settings; None under a charter (its
+    /// settings are the run's whatever peers report) and while it joins (the state it
+    /// downloads brings the run's).
     pub(super) fn odd_optimizer(&self, view: &View) -> Option<u64> {
-        if !self.settled || self.settings.chartered || self.adopt_tried == Some(self.state.epoch())
-        {
+        if !self.settled || self.settings.chartered {
             return None;
         }
         let mine = self.state.optimizer.config().digest();
