@@ -257,17 +257,22 @@ pub(crate) fn runtime_and_boot() -> (tokio::runtime::Runtime, (Dht, Vec<libp2p::
         .build()
         .unwrap();
     let boot = runtime.block_on(async {
-        let dht = Dht::start_memory_with(
-            Keypair::generate_ed25519(),
-            dht::Config::default(),
-            potluck_train::records::validators(),
-        )
-        .await
-        .unwrap();
+        let dht = run_node().await;
         let addrs = dht.addrs().await.unwrap();
         (dht, addrs)
     });
     (runtime, boot)
+}
+
+/// A DHT node on the in-memory transport that checks the run's records (a bootstrap node).
+pub(crate) async fn run_node() -> Dht {
+    Dht::start_memory_with(
+        Keypair::generate_ed25519(),
+        dht::Config::default(),
+        potluck_train::records::validators(),
+    )
+    .await
+    .unwrap()
 }
 
 /// [`swarm_of`] for `epochs` epochs.

@@ -6,14 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use libp2p::identity::Keypair;
-use potluck_net::dht::{self, Dht};
 use potluck_train::collab::{self, Collab, Net, Tick};
 use potluck_train::optim::{self, Optimizer};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::collab::{MICRO, TARGET, batch, initial, model, optimizer, runtime_and_boot};
+use crate::collab::{MICRO, TARGET, batch, initial, model, optimizer, run_node, runtime_and_boot};
 
 /// Two peers start a run with one learning rate; a third, with another, starts on a DHT of
 /// its own (it sees no one, so it settles its own settings, as an aux peer started with the
@@ -53,13 +51,7 @@ fn a_peer_that_started_with_other_optimizer_settings_takes_the_runs() {
         .collect();
     let (odd, adopted_at, group) = runtime.block_on(async {
         // A DHT of its own: it meets the others' only when told their bootstrap node.
-        let own = Dht::start_memory_with(
-            Keypair::generate_ed25519(),
-            dht::Config::default(),
-            potluck_train::records::validators(),
-        )
-        .await
-        .unwrap();
+        let own = run_node().await;
         let net = Net::start_memory(&own.addrs().await.unwrap())
             .await
             .unwrap();
