@@ -15,7 +15,7 @@ use std::time::Duration;
 use potluck_allreduce::matchmaking::{MAX_RATE, MIN_RATE};
 use tokio::sync::watch;
 
-use super::swarm::View;
+use super::view::View;
 use super::{Net, Settings};
 
 /// The time a probe aims at: the last of its growing transfers takes at least a quarter of it,

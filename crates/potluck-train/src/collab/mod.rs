@@ -52,6 +52,7 @@ mod outcome;
 mod resync;
 mod settings;
 mod swarm;
+mod view;
 
 pub use attack::Attack;
 use attack::Attacker;
@@ -59,7 +60,8 @@ use job::{Job, Stepped};
 pub use links::Link;
 pub use outcome::{Alone, EpochReport, Tick, Traffic};
 pub use settings::{ALONE_WARN, Compression, LocalUpdates, Net, SMALL_TENSOR, Settings};
-use swarm::{Local, Pending, Round, Unserved, View, formed, progress_loop};
+use swarm::{Local, Pending, Round, formed, progress_loop};
+use view::{Unserved, View};
 
 /// Errors that stop training.
 #[derive(Debug, thiserror::Error)]
