@@ -113,3 +113,104 @@ fn eight_dht_serve_processes_see_each_others_records_and_a_restarted_one_is_foun
         assert!(get(&again, &format!("run.k{i}")).contains(&format!("\"v{i}\"")));
     }
 }
+
+/// A node that stops answering without a word (SIGSTOP: its connections stay open, as those
+/// of a peer whose machine froze or whose QUIC connection outlives it) holds no store or get
+/// of the others back past its patience (three of its round trips; 0.25 s here): the lookups
+/// ask the next peers in its place and end without it. Before, every store (which waits for
+/// all of the k closest) and every get it was among the nearest of waited out its request's
+/// deadline (2 s at least), and a swarm that lost a peer over QUIC read its own progress too
+/// late to see itself. Its requests still run to their end: it leaves the others' tables.
+#[test]
+fn a_node_that_stops_answering_holds_no_lookup_back_and_leaves_the_tables() {
+    use std::time::{Duration, Instant};
+
+    use futures::future::join_all;
+    use libp2p::identity::Keypair;
+    use potluck_net::dht::record::Validators;
+    use potluck_net::dht::store::Entry;
+    use potluck_net::dht::{self, Dht};
+    use potluck_net::host::{self, ClientMode, Transports};
+
+    let dir = tempfile::tempdir().unwrap();
+    let frozen = serve(&dir.path().join("frozen.key"), "/ip4/127.0.0.1/tcp/0", None);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let boot = [frozen.addr.parse().unwrap()];
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let mut config = host::Config::new(Keypair::generate_ed25519(), Transports::Network);
+            config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+            config.client_mode = ClientMode::Off;
+            let dht_config = dht::Config {
+                client_mode: ClientMode::Off,
+                ..dht::Config::default()
+            };
+            let node = Dht::start(config, dht_config, Validators::default())
+                .await
+                .unwrap();
+            node.bootstrap(&boot).await.unwrap();
+            nodes.push(node);
+        }
+        // Each node holds the two others and the node about to freeze.
+        let joined = Instant::now();
+        while nodes.iter().any(|n| n.routing_len() < nodes.len()) {
+            join_all(nodes.iter().map(|n| n.bootstrap(&boot))).await;
+            assert!(
+                joined.elapsed() < Duration::from_secs(30),
+                "the nodes never all knew one another"
+            );
+        }
+        // SAFETY: kill(2) on our own child; SIGSTOP leaves its sockets open and unread.
+        assert_eq!(
+            unsafe { libc::kill(frozen.child.id() as i32, libc::SIGSTOP) },
+            0
+        );
+        let expiration = potluck_core::clock::now() + 600_000;
+        let mut slowest = Duration::ZERO;
+        for (i, node) in nodes.iter().enumerate() {
+            let key = format!("run.frozen{i}");
+            let started = Instant::now();
+            let stored = node
+                .store(key.as_bytes(), None, b"v".to_vec(), expiration)
+                .await
+                .unwrap();
+            assert!(stored >= nodes.len(), "{key} stored on {stored} nodes");
+            slowest = slowest.max(started.elapsed());
+            let reader = &nodes[(i + 1) % nodes.len()];
+            let started = Instant::now();
+            let got = reader.get(key.as_bytes()).await.unwrap();
+            assert!(matches!(got, Some(Entry::Value(_))), "{key} not found");
+            slowest = slowest.max(started.elapsed());
+        }
+        assert!(
+            slowest < Duration::from_millis(1500),
+            "a lookup waited {slowest:?} for the frozen node (its requests' deadline: 2 s)"
+        );
+        // Its requests ran out and failed: it leaves the table of every node that asked it
+        // three times, though the others' answers name it still.
+        let frozen_at = Instant::now();
+        let mut round = 0;
+        while nodes.iter().any(|n| n.routing_len() >= nodes.len()) {
+            for (i, node) in nodes.iter().enumerate() {
+                let _ = node.get(format!("run.frozen{i}-{round}").as_bytes()).await;
+            }
+            round += 1;
+            assert!(
+                frozen_at.elapsed() < Duration::from_secs(60),
+                "the frozen node is still in a table a minute on: {:?}",
+                nodes.iter().map(Dht::routing_len).collect::<Vec<_>>()
+            );
+        }
+        eprintln!(
+            "slowest store or get beside a frozen node: {slowest:?}; out of every table in {:?}",
+            frozen_at.elapsed()
+        );
+    });
+    // SAFETY: as above; the node is killed when dropped.
+    unsafe { libc::kill(frozen.child.id() as i32, libc::SIGCONT) };
+}

@@ -183,6 +183,16 @@ impl Dht {
     /// An iterative lookup of `target`: queries the closest known peers α at a time, moving
     /// towards the k closest that answer; with `key`, asks for its value and merges every
     /// answer.
+    ///
+    /// A peer that has not answered within its patience ([`Rtts::patience`]: a few of its
+    /// round trips) is stalled: it frees its slot for the next candidate and no longer holds
+    /// the lookup back; its answer still counts if it comes while the lookup runs. A peer
+    /// gone without a word (killed, its link cut, or a QUIC connection whose peer vanished)
+    /// answers nothing until the request's deadline: every get and store near it waited that
+    /// long, two seconds or more, and a swarm of five peers that lost one read each other's
+    /// progress too late to see one another. Each request runs to its end on its own, so a
+    /// peer that never answers is counted as failed (and banned after a few) even when the
+    /// lookup finished without it.
     async fn lookup(&self, target: Id, ask: Ask<'_>) -> Found {
         let key = match ask {
             Ask::Value(key) => Some(key),
@@ -192,8 +202,12 @@ impl Dht {
         #[derive(PartialEq)]
         enum State {
             New,
-            Asked,
-            Answered { had_value: bool },
+            /// Asked, and by when it is stalled.
+            Asked(Instant),
+            Stalled,
+            Answered {
+                had_value: bool,
+            },
             Failed,
         }
         let mut candidates: BTreeMap<Id, (Contact, State)> = BTreeMap::new();
@@ -204,10 +218,10 @@ impl Dht {
         let mut in_flight = FuturesUnordered::new();
         let (started, mut asked) = (Instant::now(), 0usize);
         loop {
-            // The k closest that have not failed: done when all of them answered.
+            // The k closest that have not failed (or stalled): done when all of them answered.
             let live: Vec<&Id> = candidates
                 .iter()
-                .filter(|(_, (_, s))| *s != State::Failed)
+                .filter(|(_, (_, s))| !matches!(s, State::Failed | State::Stalled))
                 .take(cfg.k)
                 .map(|(d, _)| d)
                 .collect();
@@ -227,17 +241,29 @@ impl Dht {
                 Some(_) => converged && found.entry.is_some(),
                 None => converged,
             };
-            if all_answered || done || (waiting.is_empty() && in_flight.is_empty()) {
+            let active = candidates
+                .values()
+                .filter(|(_, s)| matches!(s, State::Asked(_)))
+                .count();
+            // Nothing left to ask and no answer due: the stalled are waited for only while
+            // the lookup has nothing to show (all peers may be slow, not gone).
+            let shown = match ask {
+                Ask::Value(_) => found.entry.is_some(),
+                Ask::Store(_) => !found.stored.is_empty(),
+                Ask::Nodes => candidates
+                    .values()
+                    .any(|(_, s)| matches!(s, State::Answered { .. })),
+            };
+            let idle = waiting.is_empty() && active == 0;
+            if all_answered || done || (idle && (in_flight.is_empty() || shown)) {
                 break;
             }
-            for d in waiting
-                .into_iter()
-                .take(cfg.alpha.saturating_sub(in_flight.len()))
-            {
+            for d in waiting.into_iter().take(cfg.alpha.saturating_sub(active)) {
                 let Some((contact, state)) = candidates.get_mut(&d) else {
                     continue;
                 };
-                *state = State::Asked;
+                let patience = lock(&self.shared.rtts).patience(&contact.peer);
+                *state = State::Asked(Instant::now() + patience);
                 asked += 1;
                 let (peer, addrs) = (contact.peer, contact.addrs.clone());
                 let body = match ask {
@@ -249,9 +275,36 @@ impl Dht {
                     },
                 };
                 let this = self.clone();
-                in_flight.push(async move { (d, this.call(peer, addrs, body).await) });
+                let call = tokio::spawn(async move { this.call(peer, addrs, body).await });
+                in_flight.push(async move {
+                    let result = call.await.map_err(|e| host::Error::Rpc {
+                        peer,
+                        reason: e.to_string(),
+                    });
+                    (d, result.and_then(|r| r))
+                });
             }
-            let Some((d, result)) = in_flight.next().await else {
+            // The next answer, or the moment the first peer asked runs out of patience.
+            let stalls = candidates.values().filter_map(|(_, s)| match s {
+                State::Asked(by) => Some(*by),
+                _ => None,
+            });
+            let next = match stalls.min() {
+                Some(by) => match tokio::time::timeout_at(by.into(), in_flight.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let now = Instant::now();
+                        for (_, state) in candidates.values_mut() {
+                            if matches!(state, State::Asked(by) if *by <= now) {
+                                *state = State::Stalled;
+                            }
+                        }
+                        continue;
+                    }
+                },
+                None => in_flight.next().await,
+            };
+            let Some((d, result)) = next else {
                 break;
             };
             let Some((contact, state)) = candidates.get_mut(&d) else {
@@ -344,7 +397,9 @@ impl Dht {
                     }
                     found.closest.push(contact);
                 }
-                State::New | State::Asked => found.closest.push(contact),
+                State::New | State::Asked(_) => found.closest.push(contact),
+                // Asked already (a store's request to it is still on its way).
+                State::Stalled => {}
             }
         }
         found

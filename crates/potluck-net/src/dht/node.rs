@@ -88,6 +88,16 @@ impl Rtts {
         *e = 0.8 * *e + 0.2 * s;
     }
 
+    /// How long a lookup waits for `peer` before it asks the next candidate in its place
+    /// (the request goes on): three round trips plus slack, within [0.25 s, 2 s]; 1 s for an
+    /// unknown peer.
+    pub(super) fn patience(&self, peer: &PeerId) -> Duration {
+        match self.0.get(peer) {
+            Some(&rtt) => Duration::from_secs_f64((3.0 * rtt + 0.1).clamp(0.25, 2.0)),
+            None => Duration::from_secs(1),
+        }
+    }
+
     /// Four round trips plus slack, within [2 s, 10 s] (a busy peer answers late, not never);
     /// 5 s for an unknown peer.
     pub(super) fn deadline(&self, peer: &PeerId) -> Duration {

@@ -114,20 +114,29 @@ impl Table {
     /// stay. Returns whether `peer` is in the table now.
     pub fn seen(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
         self.banned.remove(&peer);
-        self.insert(peer, addrs, now)
+        self.insert(peer, addrs, now, true)
     }
 
     /// Records that another node named `peer` at `addrs` (hearsay): a peer evicted for failing
     /// is not taken back on others' word until its ban ends (dead peers linger in others'
-    /// tables). Returns whether `peer` is in the table now.
+    /// tables). Nor does hearsay clear the failures of a contact this node holds: every
+    /// answer of the others named a peer gone without a word, and it was never evicted.
+    /// Returns whether `peer` is in the table now.
     pub fn heard(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
         if self.is_banned(&peer, now) {
             return false;
         }
-        self.insert(peer, addrs, now)
+        self.insert(peer, addrs, now, false)
     }
 
-    fn insert(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) -> bool {
+    /// Puts `peer` in its bucket, or (`firsthand`: it answered) refreshes its contact.
+    fn insert(
+        &mut self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        now: Instant,
+        firsthand: bool,
+    ) -> bool {
         let id = peer_id(&peer);
         let Some(b) = bucket_of(&self.local, &id) else {
             return false;
@@ -135,6 +144,9 @@ impl Table {
         self.touched[b] = now;
         let bucket = &mut self.buckets[b];
         if let Some(pos) = bucket.iter().position(|c| c.peer == peer) {
+            if !firsthand {
+                return true;
+            }
             let mut c = bucket.remove(pos);
             c.last_seen = now;
             c.failures = 0;
@@ -306,6 +318,23 @@ mod tests {
         assert!(!t.heard(slow, addr(), now), "others' word is not enough");
         assert!(t.seen(slow, addr(), now), "its own answer is");
         assert!(t.heard(slow, addr(), now), "and clears the ban");
+    }
+
+    #[test]
+    fn others_naming_a_failing_peer_do_not_clear_its_failures() {
+        let now = Instant::now();
+        let mut t = Table::new(id_of(b"me"), 20, Duration::from_secs(60));
+        let gone = PeerId::random();
+        assert!(t.seen(gone, addr(), now));
+        for _ in 0..MAX_FAILURES {
+            t.failed(&gone, now);
+            // Every other node's answer names it still (their tables lag).
+            assert!(t.heard(gone, addr(), now) || t.addrs(&gone).is_none());
+        }
+        assert!(
+            t.addrs(&gone).is_none(),
+            "hearsay kept a failing peer in the table"
+        );
     }
 
     #[test]
