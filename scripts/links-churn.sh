@@ -31,11 +31,12 @@ trap 'kill -9 "${pid[@]}" 2>/dev/null || true; "$here/slowlinks.sh" down lc 4' E
 flags=(train --run-id "$RUN" --config small --data "$DATA" --target-batch-size "$TARGET"
     --micro-batch 16 --codec auto --local-steps "$H" --delayed-updates --epochs "$ROUNDS"
     --threads 1)
-# The address peer I printed (in namespace lcI at 10.98.0.(I+1)).
+# The QUIC address peer I printed (in namespace lcI at 10.98.0.(I+1)); every peer listens on
+# TCP and QUIC, as train does by default.
 address() {
     local a=""
     for _ in $(seq 600); do
-        a=$(grep -o "/ip4/10.98.0.$(($1 + 1))/tcp/[0-9]*/p2p/[A-Za-z0-9]*" "$OUT/peer$1.log" |
+        a=$(grep -o "/ip4/10.98.0.$(($1 + 1))/udp/[0-9]*/quic-v1/p2p/[A-Za-z0-9]*" "$OUT/peer$1.log" |
             head -1 || true)
         [ -n "$a" ] && break
         sleep 0.1
@@ -45,7 +46,8 @@ address() {
 }
 start() {
     ip netns exec "lc$1" "$BIN" "${flags[@]}" --out "$OUT/peer$1" \
-        --listen "/ip4/10.98.0.$(($1 + 1))/tcp/0" "${@:2}" >"$OUT/peer$1.log" 2>&1 &
+        --listen "/ip4/10.98.0.$(($1 + 1))/tcp/0" --listen "/ip4/10.98.0.$(($1 + 1))/udp/0/quic-v1" \
+        "${@:2}" >"$OUT/peer$1.log" 2>&1 &
     pid[$1]=$!
 }
 started=$(date +%s)

@@ -27,19 +27,23 @@ host() { if [ -n "$NETNS" ]; then echo "10.98.0.$(($1 + 1))"; else echo 127.0.0.
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 read -r -a first <<<"${FIRST:-}"
+# Every peer listens on TCP and QUIC, as train does by default, and the others join through
+# peer 0's QUIC address; TRANSPORT=tcp: on TCP alone.
+transport() { if [ "${TRANSPORT:-quic}" = tcp ]; then echo "tcp/[0-9]*"; else echo "udp/[0-9]*/quic-v1"; fi; }
+listen() { echo "--listen=/ip4/$(host "$1")/tcp/0"; [ "${TRANSPORT:-quic}" = tcp ] || echo "--listen=/ip4/$(host "$1")/udp/0/quic-v1"; }
 in_ns 0 "$BIN" train --run-id "$RUN" --threads "$THREADS" --out "$OUT/peer0" \
-    --listen "/ip4/$(host 0)/tcp/0" "$@" "${first[@]}" >"$OUT/peer0.log" 2>&1 &
+    $(listen 0) "$@" "${first[@]}" >"$OUT/peer0.log" 2>&1 &
 pids+=($!)
 addr=""
 for _ in $(seq 600); do
-    addr=$(grep -o "/ip4/$(host 0)/tcp/[0-9]*/p2p/[A-Za-z0-9]*" "$OUT/peer0.log" | head -1 || true)
+    addr=$(grep -o "/ip4/$(host 0)/$(transport)/p2p/[A-Za-z0-9]*" "$OUT/peer0.log" | head -1 || true)
     [ -n "$addr" ] && break
     sleep 0.1
 done
 [ -n "$addr" ] || { cat "$OUT/peer0.log"; echo "peer 0 printed no address" >&2; exit 1; }
 for i in $(seq 1 $((N - 1))); do
     in_ns "$i" "$BIN" train --run-id "$RUN" --threads "$THREADS" --out "$OUT/peer$i" \
-        --listen "/ip4/$(host "$i")/tcp/0" --initial-peers "$addr" "$@" \
+        $(listen "$i") --initial-peers "$addr" "$@" \
         >"$OUT/peer$i.log" 2>&1 &
     pids+=($!)
 done

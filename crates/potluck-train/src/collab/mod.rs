@@ -639,7 +639,10 @@ impl<T: Trainable> Collab<T> {
                 return self.finish_epoch().await;
             }
         }
-        let alone = view.as_ref().is_none_or(|v| v.alone);
+        // Alone only once the swarm was read and held no one else: a newcomer whose first read
+        // of the swarm's progress was slow (a lookup waiting on a peer gone without a word)
+        // stepped alone through every epoch of the run, seen by no one.
+        let alone = view.as_ref().is_some_and(|v| v.alone);
         if alone && self.round.is_none() && self.samples >= self.settings.target_batch {
             return self.finish_epoch().await;
         }

@@ -20,10 +20,14 @@ use potluck_train::charter::Charter;
 use potluck_train::optim::{self, Optimizer};
 use potluck_train::{metrics, tokenizers};
 
-/// Where a `dht serve` node listens unless told: every interface, a free TCP port and a free
-/// QUIC one (a peer whose TCP is blocked or slow to connect may still reach it over UDP). A
-/// training peer listens on the first alone unless told: with QUIC too, newcomers of two
-/// loopback swarms in the tests did not find the swarm they joined (not understood yet).
+/// Where a peer listens unless told: every interface, a free TCP port and a free QUIC one (a
+/// peer whose TCP is blocked or slow to connect may still reach it over UDP). Over QUIC each
+/// stream is its own: on a 10 Mbit/s link full of averaging, a DHT request over TCP waited
+/// behind megabytes queued on the same connection, peers read one another's progress too late
+/// and fell out of their rounds (docs/BENCHMARKS.md). QUIC was taken back once, when newcomers
+/// of the churn tests trained alone: a peer killed behind a QUIC connection answers nothing
+/// (UDP has no reset), and every lookup near it waited out its requests' deadline, until the
+/// lookups stopped waiting for a peer past its patience (`dht::lookup`).
 pub(crate) const LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"];
 
 /// Where a peer is on the network and how it joins.
@@ -33,8 +37,8 @@ pub(crate) struct NetArgs {
     /// separate with commas). The first peer of a run needs none.
     #[arg(long, value_delimiter = ',')]
     pub(crate) initial_peers: Vec<String>,
-    /// Addresses to listen on [default: every interface, a free TCP port; add e.g.
-    /// /ip4/0.0.0.0/udp/0/quic-v1 for QUIC].
+    /// Addresses to listen on [default: every interface, a free TCP port and a free QUIC one:
+    /// /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1].
     #[arg(long)]
     pub(crate) listen: Vec<String>,
     /// Identity file: created if missing, so the peer keeps its id across restarts.
@@ -161,7 +165,7 @@ pub(crate) async fn start_dht(
     };
     let gate = args.auth.gate(run, &keypair)?;
     let listen = if args.listen.is_empty() {
-        vec![LISTEN[0].to_owned()]
+        LISTEN.map(str::to_owned).to_vec()
     } else {
         args.listen.clone()
     };
