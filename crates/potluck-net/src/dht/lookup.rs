@@ -254,8 +254,13 @@ impl Dht {
                     .values()
                     .any(|(_, s)| matches!(s, State::Answered { .. })),
             };
+            // Every live peer answered (or nothing is left to ask) while stalled ones are still
+            // out: the lookup ends only if it has something to show. A get whose live peers
+            // all answered without the value, the holders being stalled on a loaded machine,
+            // came back empty, and a newcomer that read the swarm so took itself for alone.
             let idle = waiting.is_empty() && active == 0;
-            if all_answered || done || (idle && (in_flight.is_empty() || shown)) {
+            let settled = shown || in_flight.is_empty();
+            if done || ((all_answered || idle) && settled) {
                 break;
             }
             for d in waiting.into_iter().take(cfg.alpha.saturating_sub(active)) {
