@@ -174,31 +174,45 @@ pub(super) async fn listen(
     addrs: &[Multiaddr],
 ) -> Result<Vec<Multiaddr>, Error> {
     let mut listening = Vec::new();
+    // Each listener, until it reports its first address. One on every interface reports one
+    // address per interface: counting addresses, the two of a TCP listener on 0.0.0.0 stood
+    // for both listeners, and a peer printed no QUIC address.
+    let mut pending = std::collections::HashMap::new();
     for addr in addrs {
-        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+        let id = swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
             addr: addr.clone(),
             reason: e.to_string(),
         })?;
+        pending.insert(id, addr.clone());
     }
+    let failed =
+        |pending: &std::collections::HashMap<_, Multiaddr>, id, reason: String| Error::Listen {
+            addr: pending
+                .get(&id)
+                .or_else(|| pending.values().next())
+                .cloned()
+                .unwrap_or_else(Multiaddr::empty),
+            reason,
+        };
     // Wait for the listeners to come up (or fail), so callers can print real addresses.
-    while listening.len() < addrs.len() {
+    while let Some(&any) = pending.keys().next() {
         match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
-            Ok(SwarmEvent::NewListenAddr { address, .. }) => listening.push(address),
-            Ok(SwarmEvent::ListenerError { error, .. })
-            | Ok(SwarmEvent::ListenerClosed {
-                reason: Err(error), ..
+            Ok(SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
             }) => {
-                return Err(Error::Listen {
-                    addr: addrs[listening.len()].clone(),
-                    reason: error.to_string(),
-                });
+                pending.remove(&listener_id);
+                listening.push(address);
             }
+            Ok(SwarmEvent::ListenerError { listener_id, error })
+            | Ok(SwarmEvent::ListenerClosed {
+                listener_id,
+                reason: Err(error),
+                ..
+            }) => return Err(failed(&pending, listener_id, error.to_string())),
             Ok(_) => {}
             Err(_) => {
-                return Err(Error::Listen {
-                    addr: addrs[listening.len()].clone(),
-                    reason: "no listener came up in 10 s".into(),
-                });
+                return Err(failed(&pending, any, "no listener came up in 10 s".into()));
             }
         }
     }

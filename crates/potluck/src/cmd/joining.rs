@@ -20,14 +20,14 @@ use potluck_train::charter::Charter;
 use potluck_train::optim::{self, Optimizer};
 use potluck_train::{metrics, tokenizers};
 
-/// Where a peer listens unless told: every interface, a free TCP port and a free QUIC one (a
-/// peer whose TCP is blocked or slow to connect may still reach it over UDP). Over QUIC each
-/// stream is its own: on a 10 Mbit/s link full of averaging, a DHT request over TCP waited
-/// behind megabytes queued on the same connection, peers read one another's progress too late
-/// and fell out of their rounds (docs/BENCHMARKS.md). QUIC was taken back once, when newcomers
-/// of the churn tests trained alone: a peer killed behind a QUIC connection answers nothing
-/// (UDP has no reset), and every lookup near it waited out its requests' deadline, until the
-/// lookups stopped waiting for a peer past its patience (`dht::lookup`).
+/// Where a `dht serve` node listens unless told: every interface, a free TCP port and a free
+/// QUIC one (a peer whose TCP is blocked or slow to connect may still reach it over UDP). A
+/// training peer listens on the first alone unless told, though over QUIC each stream is its
+/// own (on a 10 Mbit/s link full of averaging a DHT request over TCP waited behind megabytes
+/// queued on the same connection: docs/BENCHMARKS.md). With QUIC by default, two of 299 tests
+/// failed once in a full run: a `prepare --from-run` whose stream to the peer serving the
+/// tokenizers was cancelled ("oneshot canceled", not understood yet), and a peer that printed
+/// no QUIC address (fixed: `host::swarm::listen` waits for every listener).
 pub(crate) const LISTEN: [&str; 2] = ["/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"];
 
 /// Where a peer is on the network and how it joins.
@@ -37,8 +37,8 @@ pub(crate) struct NetArgs {
     /// separate with commas). The first peer of a run needs none.
     #[arg(long, value_delimiter = ',')]
     pub(crate) initial_peers: Vec<String>,
-    /// Addresses to listen on [default: every interface, a free TCP port and a free QUIC one:
-    /// /ip4/0.0.0.0/tcp/0 and /ip4/0.0.0.0/udp/0/quic-v1].
+    /// Addresses to listen on [default: every interface, a free TCP port; add e.g.
+    /// /ip4/0.0.0.0/udp/0/quic-v1 for QUIC, which slow links need: docs/BENCHMARKS.md].
     #[arg(long)]
     pub(crate) listen: Vec<String>,
     /// Identity file: created if missing, so the peer keeps its id across restarts.
@@ -165,7 +165,7 @@ pub(crate) async fn start_dht(
     };
     let gate = args.auth.gate(run, &keypair)?;
     let listen = if args.listen.is_empty() {
-        LISTEN.map(str::to_owned).to_vec()
+        vec![LISTEN[0].to_owned()]
     } else {
         args.listen.clone()
     };
